@@ -87,6 +87,7 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         slider = page.locator('.widget-slider:has(label:text-is("threshold"))').last
         slider.scroll_into_view_if_needed()
         page.screenshot(path=str(shots / 'exit_trends_before.png'))
+        page.locator('.jp-OutputArea-output:has(.widget-slider)').last.screenshot(path=str(shots / 'exit_trends_app_default.png'))
         # type a new threshold into the slider's readout (an editable field), as a user can; then drag back with the keyboard
         readout = slider.locator('.widget-readout')
         # no sample exits early at the current threshold -> go to 1 (every sample exits at once); else -> 0 (no exits)

@@ -20,7 +20,7 @@ def render(nb_path=root / 'nbs' / 'index.ipynb') -> str:
         src = c.source.strip()
         if c.cell_type == 'markdown':
             src = re.sub(r'^> (.*)$', r'> \1', src, flags=re.M)
-            out.append(src)
+            out.append(src.replace('](images/', '](nbs/images/'))     # README sits at the root, the notebook in nbs/
         elif c.cell_type == 'code':
             if src.startswith('#| hide') or src.startswith('#|hide') or not src: continue
             lines = [l for l in src.splitlines() if not l.startswith('#|')]
