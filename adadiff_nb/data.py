@@ -1,5 +1,6 @@
-"""Image data sets in $[-1, 1]$: the offline CIFAR-10 subset, the slice embedded in the repo,
-and torchvision-backed CIFAR-10 / MNIST / CelebA 64 (U-ViT's crop) / image folders.
+"""Training and reference images for every model here, as $[-1, 1]$ tensors: the offline CIFAR-10 subset, the slice
+embedded in the repo (so the package works without any download), and torchvision-backed CIFAR-10 / MNIST /
+CelebA 64 (U-ViT's crop) / image folders, all behind `get_dataset`.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/data.html.md"""
 
@@ -53,7 +54,7 @@ class RandomHFlip:
 
     def __repr__(self): return f'RandomHFlip(p={self.p})'
 
-# %% ../nbs/01a_data.ipynb #e9a6ec77
+# %% ../nbs/01a_data.ipynb #952ec3a1
 def avg_downsample(x: torch.Tensor, size: int) -> torch.Tensor:
     "Average-pool square images (..., H, H) down to (..., size, size); H must be an integer multiple of `size`."
     h, w = x.shape[-2:]
@@ -61,18 +62,20 @@ def avg_downsample(x: torch.Tensor, size: int) -> torch.Tensor:
     if size == h: return x
     if size <= 0 or size > h or h % size:
         raise ValueError(f"cannot downsample {h}x{h} to {size}x{size} by average pooling: "
-                         f"{h} is not an integer multiple of {size} (valid sizes: {[s for s in range(1, h + 1) if h % s == 0]})")
+                         f"{h} is not an integer multiple of {size} "
+                         f"(valid sizes: {[s for s in range(1, h + 1) if h % s == 0]})")
     lead = x.shape[:-3]
     y = F.avg_pool2d(x.reshape(-1, *x.shape[-3:]).float(), kernel_size=h // size)
     return y.reshape(*lead, *y.shape[-3:])
 
+# %% ../nbs/01a_data.ipynb #009cd96a
 class AvgPoolResize:
     "Transform: `avg_downsample` a (C, H, H) tensor to `size` (no-op when `size` is None)."
     def __init__(self, size: int | None = None): self.size = size
     def __call__(self, x): return x if self.size is None else avg_downsample(x, self.size)
     def __repr__(self): return f'AvgPoolResize({self.size})'
 
-# %% ../nbs/01a_data.ipynb #13562b34
+# %% ../nbs/01a_data.ipynb #5422c247
 class ToPM1:
     "Transform: PIL image / uint8 array or tensor (C, H, W) to float32 in [-1, 1]; `channels=3` repeats grayscale."
     def __init__(self, channels: int | None = None): self.channels = channels
@@ -87,6 +90,7 @@ class ToPM1:
         return x
     def __repr__(self): return f'ToPM1(channels={self.channels})'
 
+# %% ../nbs/01a_data.ipynb #18b2c1f3
 class FixedCrop:
     "Transform: crop a PIL image / tensor to the box with top-left corner (`top`, `left`) and the given size."
     def __init__(self, top: int, left: int, height: int, width: int):
@@ -94,23 +98,26 @@ class FixedCrop:
     def __call__(self, img):
         from torchvision.transforms.functional import crop
         return crop(img, self.top, self.left, self.height, self.width)
-    def __repr__(self): return f'FixedCrop(top={self.top}, left={self.left}, height={self.height}, width={self.width})'
+    def __repr__(self):
+        return f'FixedCrop(top={self.top}, left={self.left}, height={self.height}, width={self.width})'
 
+# %% ../nbs/01a_data.ipynb #0b18179c
 class SquareCenterCrop:
     "Transform: center-crop a PIL image / tensor to a square with the side of its shorter edge."
     def __call__(self, img):
         from torchvision.transforms.functional import center_crop, get_image_size
         return center_crop(img, min(get_image_size(img)))
 
-# %% ../nbs/01a_data.ipynb #5ed25c33
+# %% ../nbs/01a_data.ipynb #b1470c7e
 class ArrayImageDataset(Dataset):
-    "In-memory (image, label) data set from uint8 NCHW pixels; images in [-1, 1], optionally flipped and avg-pooled to `size`."
+    "In-memory (image, label) data set from uint8 NCHW pixels; images in [-1, 1], optionally flipped and avg-pooled."
     def __init__(self, x_uint8, y=None, flip: bool = False, size: int | None = None,
                  generator: torch.Generator | None = None, classes=None):
         x = x_uint8 if isinstance(x_uint8, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x_uint8))
         if x.dtype != torch.uint8: raise ValueError(f"expected uint8 pixels, got {x.dtype}")
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            hint = ' (looks like NHWC: transpose to NCHW with x.transpose(0, 3, 1, 2))' if x.ndim == 4 and x.shape[-1] in (1, 3) else ''
+            nhwc = x.ndim == 4 and x.shape[-1] in (1, 3)
+            hint = ' (looks like NHWC: transpose to NCHW with x.transpose(0, 3, 1, 2))' if nhwc else ''
             raise ValueError(f"expected NCHW pixels with 1 or 3 channels, got shape {tuple(x.shape)}{hint}")
         if size is not None: avg_downsample(torch.zeros(1, *x.shape[-2:]), size)   # validate the factor now
         if y is not None:
@@ -162,7 +169,7 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
-# %% ../nbs/01a_data.ipynb #030423e8
+# %% ../nbs/01a_data.ipynb #5dd84682
 def _npz_candidates(path=None, repo=None) -> list[tuple[str, Path]]:
     "The (origin, path) pairs `resolve_cifar10_npz` tries, in order."
     fix = lambda p: (p / 'cifar10_partial.npz' if p.is_dir() else p)
@@ -172,6 +179,7 @@ def _npz_candidates(path=None, repo=None) -> list[tuple[str, Path]]:
     return [('shared data', repo / '..' / 'shared' / 'data' / 'cifar10_partial.npz'),
             ('embedded slice', repo / 'data' / 'cifar10_slice.npz')]
 
+# %% ../nbs/01a_data.ipynb #8e8deb04
 def resolve_cifar10_npz(path=None, repo=None) -> Path:
     "Path of the CIFAR-10 npz to use: `path`, else $ADADIFF_CIFAR10_NPZ, else ../shared/data, else the embedded slice."
     cands = _npz_candidates(path, repo)
@@ -184,7 +192,7 @@ def resolve_cifar10_npz(path=None, repo=None) -> Path:
         f"(the shared file lives in <repo>/../shared/data/; the embedded slice <repo>/data/cifar10_slice.npz "
         f"can be recreated with make_cifar10_slice).")
 
-# %% ../nbs/01a_data.ipynb #3cae43be
+# %% ../nbs/01a_data.ipynb #2df9bad9
 def read_cifar10_npz(path, splits=('train', 'test')) -> dict[str, np.ndarray]:
     "Read and validate the arrays of `splits` from a CIFAR-10 npz (keys train_x/train_y/test_x/test_y)."
     path = Path(path)
@@ -201,7 +209,8 @@ def read_cifar10_npz(path, splits=('train', 'test')) -> dict[str, np.ndarray]:
         if missing: raise ValueError(f"{path} lacks the keys {missing} (has {f.files}); expected {list(_NPZ_KEYS)}")
         for s in splits:
             try: x, y = f[f'{s}_x'], f[f'{s}_y']
-            except Exception as e: raise ValueError(f"{path}: cannot read '{s}' arrays ({type(e).__name__}: {e})") from e
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read '{s}' arrays ({type(e).__name__}: {e})") from e
             if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (3, 32, 32):
                 raise ValueError(f"{path}: {s}_x must be uint8 of shape (N, 3, 32, 32), got {x.dtype} {x.shape}")
             if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
@@ -212,6 +221,7 @@ def read_cifar10_npz(path, splits=('train', 'test')) -> dict[str, np.ndarray]:
         if 'source_sha256' in f.files: out['source_sha256'] = str(f['source_sha256'])
     return out
 
+# %% ../nbs/01a_data.ipynb #c5b76bfb
 def load_cifar10_partial(path=None, split: str = 'train', flip: bool = False, size: int | None = None,
                          generator: torch.Generator | None = None) -> ArrayImageDataset:
     "The offline CIFAR-10 npz (see `resolve_cifar10_npz`) as an `ArrayImageDataset` of `split` ('train' or 'test')."
@@ -220,7 +230,7 @@ def load_cifar10_partial(path=None, split: str = 'train', flip: bool = False, si
     return ArrayImageDataset(d[f'{split}_x'], d[f'{split}_y'], flip=flip, size=size, generator=generator,
                              classes=CIFAR10_CLASSES)
 
-# %% ../nbs/01a_data.ipynb #6a46b7ed
+# %% ../nbs/01a_data.ipynb #7f5c3876
 def _balanced_idx(y: np.ndarray, n: int, n_classes: int = 10) -> np.ndarray:
     "Sorted indices of the first ~n/n_classes items of each class (remainder to the lowest classes)."
     per = [n // n_classes + (c < n % n_classes) for c in range(n_classes)]
@@ -231,6 +241,7 @@ def _balanced_idx(y: np.ndarray, n: int, n_classes: int = 10) -> np.ndarray:
         idx.append(ic[:k])
     return np.sort(np.concatenate(idx))
 
+# %% ../nbs/01a_data.ipynb #24c4de26
 def make_cifar10_slice(src, dst, n_train: int = 1000, n_test: int = 200) -> Path:
     "Write a class-balanced slice (`n_train` train, `n_test` test images) of the CIFAR-10 npz `src` to `dst`."
     src, dst = Path(src), Path(dst)
@@ -242,6 +253,7 @@ def make_cifar10_slice(src, dst, n_train: int = 1000, n_test: int = 200) -> Path
                         source_sha256=np.array(file_sha256(src)))
     return dst
 
+# %% ../nbs/01a_data.ipynb #7f80ace7
 def load_default_data(split: str = 'train', flip: bool = False, size: int | None = None,
                       generator: torch.Generator | None = None) -> ArrayImageDataset:
     "The CIFAR-10 slice embedded in the repo (`<repo>/data/cifar10_slice.npz`): works without ../shared."
@@ -251,22 +263,24 @@ def load_default_data(split: str = 'train', flip: bool = False, size: int | None
                                 f"make_cifar10_slice('<repo>/../shared/data/cifar10_partial.npz', '{p}')")
     return load_cifar10_partial(p, split=split, flip=flip, size=size, generator=generator)
 
-# %% ../nbs/01a_data.ipynb #bbe0fd52
+# %% ../nbs/01a_data.ipynb #618e42b1
 DATASET_NAMES = ('cifar10', 'cifar10_partial', 'cifar10_slice', 'mnist', 'celeba64')
 DATA_ROOT_ENV = 'ADADIFF_DATA_ROOT'
-CELEBA_CROP = dict(top=121 - 64, left=89 - 64, height=128, width=128)   # U-ViT: 128x128 box centered on (row 121, col 89)
+CELEBA_CROP = dict(top=121 - 64, left=89 - 64, height=128, width=128)   # U-ViT: 128x128 box centered on (121, 89)
 
 def default_data_root(name: str) -> Path:
     "Where `get_dataset` keeps `name`: $ADADIFF_DATA_ROOT/<name>, else ~/.cache/adadiff_nb/datasets/<name>."
     base = os.environ.get(DATA_ROOT_ENV)
     return (Path(base).expanduser() if base else Path.home() / '.cache' / 'adadiff_nb' / 'datasets') / name
 
+# %% ../nbs/01a_data.ipynb #8190bedb
 def _online(host: str, port: int = 443, timeout: float = 3.) -> bool:
     "Whether a TCP connection to `host` opens within `timeout` seconds."
     try:
         with socket.create_connection((host, port), timeout=timeout): return True
     except OSError: return False
 
+# %% ../nbs/01a_data.ipynb #851ad54f
 _HOWTO = {
     'cifar10': ('www.cs.toronto.edu',
                 "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there, so that "
@@ -290,11 +304,13 @@ def _tv_dataset(name: str, root: Path, download, build):
     if download is False:
         raise FileNotFoundError(f"{name} not found or incomplete ({err}), and download=False. {where}") from err
     if download is None and not _online(host):
-        raise FileNotFoundError(f"{name} not found or incomplete and {host} is unreachable (offline?). {where}") from err
+        raise FileNotFoundError(f"{name} not found or incomplete and {host} is unreachable (offline?). "
+                                f"{where}") from err
     try: return build(True)
     except Exception as e:
         raise RuntimeError(f"downloading {name} into {root} failed ({type(e).__name__}: {e}). {where}") from e
 
+# %% ../nbs/01a_data.ipynb #2990a2f3
 class _Labeled(Dataset):
     "Wrap a data set of (image, target): return (image, int(target)), or (image, 0) when unlabeled."
     def __init__(self, ds, unlabeled: bool = False): self.ds, self.unlabeled = ds, unlabeled
@@ -304,6 +320,7 @@ class _Labeled(Dataset):
         return x, (0 if self.unlabeled or y is None else int(y))
     def __repr__(self): return f'{type(self).__name__}({self.ds!r})'
 
+# %% ../nbs/01a_data.ipynb #1abc14d3
 class _ImageFiles(Dataset):
     "A flat list of image files: (transform(image), 0)."
     def __init__(self, files, transform): self.files, self.transform = list(files), transform
@@ -312,7 +329,7 @@ class _ImageFiles(Dataset):
         from PIL import Image
         with Image.open(self.files[i]) as im: return self.transform(im.convert('RGB')), 0
 
-# %% ../nbs/01a_data.ipynb #df241534
+# %% ../nbs/01a_data.ipynb #63a1b59c
 def _pil_pipeline(pre: list, flip: bool, generator, channels=None):
     "Compose PIL-level ops `pre`, `ToPM1(channels)` and an optional `RandomHFlip`."
     from torchvision import transforms as T
@@ -323,20 +340,22 @@ def celeba64_transform(img_size: int = 64, flip: bool = True, generator: torch.G
     from torchvision import transforms as T
     return _pil_pipeline([FixedCrop(**CELEBA_CROP), T.Resize(img_size)], flip, generator)
 
+# %% ../nbs/01a_data.ipynb #82255611
 def image_folder_transform(img_size: int | None = None, flip: bool = True, generator: torch.Generator | None = None):
-    "Images of any size to RGB squares in [-1, 1]: resize the shorter side to `img_size` and center-crop (native side if None)."
+    "Images to RGB squares in [-1, 1]: resize the shorter side to `img_size` and center-crop (native side if None)."
     from torchvision import transforms as T
     pre = [SquareCenterCrop()] if img_size is None else [T.Resize(img_size), T.CenterCrop(img_size)]
     return _pil_pipeline(pre, flip, generator)
 
-def mnist_transform(img_size: int | None = 32, rgb: bool = False, generator: torch.Generator | None = None, flip: bool = False):
+def mnist_transform(img_size: int | None = 32, rgb: bool = False, generator: torch.Generator | None = None,
+                    flip: bool = False):
     "MNIST 28x28 to [-1, 1]: zero-pad to 32 (default), resize to other sizes; `rgb` repeats to 3 channels."
     from torchvision import transforms as T
     img_size = img_size or 32
     pre = [] if img_size == 28 else [T.Pad(2)] if img_size == 32 else [T.Resize(img_size)]
     return _pil_pipeline(pre, flip, generator, channels=3 if rgb else None)
 
-# %% ../nbs/01a_data.ipynb #7e3ffa06
+# %% ../nbs/01a_data.ipynb #7d202fdb
 def get_dataset(name_or_path, root=None, split: str = 'train', img_size: int | None = None, flip: bool = True,
                 download: bool | None = None, rgb: bool = False, generator: torch.Generator | None = None) -> Dataset:
     "Data set of (image in [-1, 1] of shape (C, S, S), int label) by name (see `DATASET_NAMES`) or image-folder path."
@@ -347,13 +366,15 @@ def get_dataset(name_or_path, root=None, split: str = 'train', img_size: int | N
         return load_cifar10_partial(p, split, flip and split == 'train', img_size, generator)
     if s not in DATASET_NAMES:
         if os.sep in s or s.startswith(('.', '~')): raise FileNotFoundError(f"no such image folder: {p}")
-        raise ValueError(f"unknown data set {s!r}: valid names are {list(DATASET_NAMES)}, or a path to a folder of images")
+        raise ValueError(f"unknown data set {s!r}: valid names are {list(DATASET_NAMES)}, "
+                         f"or a path to a folder of images")
     splits = ('train', 'valid', 'val', 'test', 'all') if s == 'celeba64' else ('train', 'test')
     if split not in splits: raise ValueError(f"split for {s} must be one of {list(splits)}, got {split!r}")
     flip = flip and split == 'train'
     if s == 'cifar10_partial': return load_cifar10_partial(root, split, flip, img_size, generator)
     if s == 'cifar10_slice':
-        return load_cifar10_partial(root or repo_root() / 'data' / 'cifar10_slice.npz', split, flip, img_size, generator)
+        path = root or repo_root() / 'data' / 'cifar10_slice.npz'
+        return load_cifar10_partial(path, split, flip, img_size, generator)
     root = Path(root).expanduser() if root is not None else default_data_root(s)
     from torchvision import datasets, transforms as T
     if s == 'cifar10':
@@ -370,6 +391,7 @@ def get_dataset(name_or_path, root=None, split: str = 'train', img_size: int | N
     build = lambda dl: datasets.CelebA(str(root), split=sp, target_type=[], transform=tf, download=dl)
     return _Labeled(_tv_dataset(s, root, download, build), unlabeled=True)
 
+# %% ../nbs/01a_data.ipynb #b7732eb7
 def _folder_dataset(path: Path, img_size, flip, generator) -> Dataset:
     "ImageFolder when `path` has class sub-folders with images, else a flat list of its image files."
     from torchvision import datasets
@@ -379,5 +401,6 @@ def _folder_dataset(path: Path, img_size, flip, generator) -> Dataset:
     subdirs = [d for d in sorted(path.iterdir()) if d.is_dir() and any(is_img(f) for f in d.rglob('*'))]
     if subdirs: return _Labeled(datasets.ImageFolder(str(path), transform=tf))
     files = sorted(f for f in path.iterdir() if is_img(f))
-    if not files: raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {path} or its sub-folders")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {path} or its sub-folders")
     return _ImageFiles(files, tf)

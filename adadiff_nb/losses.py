@@ -1,6 +1,6 @@
-"""The joint training objective of AdaDiff/DeeDiff (Sections 3.2-3.4): the diffusion loss, the
-uncertainty-estimation loss, the uncertainty-aware layer-wise loss and, optionally, the
-reproduction blog's unweighted layer-wise loss.
+"""The training objective of AdaDiff/DeeDiff early-exit models (Sections 3.2-3.4): the diffusion loss, the
+uncertainty-estimation loss that teaches each exit to predict its own error, the uncertainty-aware layer-wise
+loss that trains the exits, and optionally the reproduction blog's unweighted layer-wise loss.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/losses.html.md"""
 
@@ -13,7 +13,7 @@ import torch
 # %% auto #0
 __all__ = ['REDUCTIONS', 'LAYER_REDUCE', 'l_simple', 'uncertainty_target', 'l_u', 'l_ual', 'l_layer', 'adadiff_loss']
 
-# %% ../nbs/02d_losses.ipynb #2345b8d9
+# %% ../nbs/02d_losses.ipynb #d1690fa1
 REDUCTIONS = ('per_pixel', 'per_sample')
 LAYER_REDUCE = ('sum', 'mean')
 
@@ -22,8 +22,10 @@ def _check_choice(name, v, options):
 
 def _check_exits(exits, eps):
     if exits.ndim != eps.ndim + 1 or exits.shape[1:] != eps.shape:
-        raise ValueError(f"exits must have shape (L, *eps.shape) = (L, {', '.join(map(str, eps.shape))}), got {tuple(exits.shape)}")
+        raise ValueError(f"exits must have shape (L, *eps.shape) = (L, {', '.join(map(str, eps.shape))}), "
+                         f"got {tuple(exits.shape)}")
 
+# %% ../nbs/02d_losses.ipynb #84467017
 def _reduce_layers(per, layer_reduce):
     "(L, B) per exit and sample -> scalar: sum or mean over exits, mean over the batch."
     _check_choice('layer_reduce', layer_reduce, LAYER_REDUCE)
@@ -33,55 +35,65 @@ def _pixel_mean(v, keep: int):
     "Mean over all dims after the first `keep` ones."
     return v.flatten(keep).mean(-1)
 
+# %% ../nbs/02d_losses.ipynb #bfbbcdff
 def l_simple(eps_pred, eps, reduction: str = 'mean'):
-    "Eq. 5: squared error of the final noise prediction, mean over pixels; batch mean (`'mean'`) or per sample (`'none'`)."
-    if eps_pred.shape != eps.shape: raise ValueError(f"eps_pred {tuple(eps_pred.shape)} and eps {tuple(eps.shape)} differ in shape")
+    "Eq. 5: squared error of the final noise prediction (pixel mean); batch mean (`'mean'`) or per sample (`'none'`)."
+    if eps_pred.shape != eps.shape:
+        raise ValueError(f"eps_pred {tuple(eps_pred.shape)} and eps {tuple(eps.shape)} differ in shape")
     _check_choice('reduction', reduction, ('mean', 'none', *REDUCTIONS))
     per = _pixel_mean((eps_pred - eps).pow(2), 1)
     return per if reduction == 'none' else per.mean()
 
+# %% ../nbs/02d_losses.ipynb #fb1b4d04
 def uncertainty_target(exit_out, eps):
     "Eq. 8 with F = tanh: pseudo ground-truth uncertainty tanh(|g_i - eps|), elementwise and detached."
     return torch.tanh((exit_out - eps).abs()).detach()
 
+# %% ../nbs/02d_losses.ipynb #7d54e59b
 def l_u(u, u_hat, layer_reduce: str = 'sum'):
     """Eq. 9: sum over exits of ||u_i - u_hat_i||^2 (mean over pixels), mean over the batch. Per-pixel: `u`, `u_hat`
     (L, B, C, H, W) maps; per-sample: (L, B)."""
-    if u.shape != u_hat.shape: raise ValueError(f"u {tuple(u.shape)} and its target u_hat {tuple(u_hat.shape)} differ in shape")
+    if u.shape != u_hat.shape:
+        raise ValueError(f"u {tuple(u.shape)} and its target u_hat {tuple(u_hat.shape)} differ in shape")
     if u.ndim < 2: raise ValueError(f"u must be (L, B) or (L, B, C, H, W), got {tuple(u.shape)}")
     d2 = (u - u_hat).pow(2)
     return _reduce_layers(_pixel_mean(d2, 2) if d2.ndim > 2 else d2, layer_reduce)
 
+# %% ../nbs/02d_losses.ipynb #41ce255d
 def l_ual(exits, eps, u, layer_reduce: str = 'sum', detach_u: bool = False, normalize: bool = False):
-    """Eq. 11: sum over exits of (1 - u_i) * ||g_i - eps||^2, mean over the batch. `u` (L, B, C, H, W) weights each pixel,
-    `u` (L, B) each sample. `detach_u`: constant weights (no gradient into the UEMs); `normalize`: weights divided by their
-    sum over exits (the official code's weighted mean)."""
+    """Eq. 11: sum over exits of (1 - u_i) * ||g_i - eps||^2, mean over the batch. `u` (L, B, C, H, W) weights each
+    pixel, `u` (L, B) each sample. `detach_u`: constant weights (no gradient into the UEMs); `normalize`: weights
+    divided by their sum over exits (the official code's weighted mean)."""
     _check_exits(exits, eps)
     if u.shape not in (exits.shape, exits.shape[:2]):
-        raise ValueError(f"u must have shape {tuple(exits.shape[:2])} (per sample) or {tuple(exits.shape)} (per pixel), got {tuple(u.shape)}")
+        raise ValueError(f"u must have shape {tuple(exits.shape[:2])} (per sample) or {tuple(exits.shape)} "
+                         f"(per pixel), got {tuple(u.shape)}")
     w = 1 - (u.detach() if detach_u else u)
     if normalize: w = w / w.sum(0, keepdim=True).clamp_min(1e-8)
     err2 = (exits - eps).pow(2)
     per = _pixel_mean(w * err2, 2) if u.ndim > 2 else w * _pixel_mean(err2, 2)
     return _reduce_layers(per, layer_reduce)
 
+# %% ../nbs/02d_losses.ipynb #821187d9
 def l_layer(exits, eps, layer_reduce: str = 'sum'):
     "Eq. 10 (the blog's 4th term): unweighted layer-wise loss, sum over exits of ||g_i - eps||^2, mean over the batch."
     _check_exits(exits, eps)
     return _reduce_layers(_pixel_mean((exits - eps).pow(2), 2), layer_reduce)
 
-# %% ../nbs/02d_losses.ipynb #92c094c6
+# %% ../nbs/02d_losses.ipynb #79d0ad6a
 def adadiff_loss(out: dict, eps, lam: float = 1., beta: float = 1., gamma: float = 0., reduction: str = 'per_pixel',
                  layer_reduce: str = 'sum', detach_u: bool = False, normalize_ual: bool = False,
                  target_reduce: str = 'mean') -> dict:
     """Joint loss (Eq. 12, + the blog's Eq. 10): L_simple + lam*L_u + beta*L_UAL + gamma*L_n from the dict of
-    `EarlyExitUViT.forward_train`. Returns 'loss' (differentiable) and detached 0-d tensors 'l_simple', 'l_u', 'l_ual',
-    'l_layer', 'u_mean', 'u_target_mean' for logging. `reduction`: 'per_pixel' (default; 'mean' is an alias) or 'per_sample';
-    `target_reduce`: how the per-sample target aggregates the u_hat map."""
-    if reduction == 'mean': reduction = 'per_pixel'                             # alias: the elementwise mean-square default
-    _check_choice('reduction', reduction, REDUCTIONS); _check_choice('target_reduce', target_reduce, ('mean', 'max'))
+    `EarlyExitUViT.forward_train`. Returns 'loss' (differentiable) and detached 0-d tensors 'l_simple', 'l_u',
+    'l_ual', 'l_layer', 'u_mean', 'u_target_mean' for logging. `reduction`: 'per_pixel' (default; 'mean' is an
+    alias) or 'per_sample'; `target_reduce`: how the per-sample target aggregates the u_hat map."""
+    if reduction == 'mean': reduction = 'per_pixel'            # alias: the elementwise mean-square default
+    _check_choice('reduction', reduction, REDUCTIONS)
+    _check_choice('target_reduce', target_reduce, ('mean', 'max'))
     for k in ('eps', 'exits', 'u_map', 'u'):
-        if k not in out: raise KeyError(f"adadiff_loss needs the dict of forward_train with key {k!r}; got keys {sorted(out)}")
+        if k not in out:
+            raise KeyError(f"adadiff_loss needs the dict of forward_train with key {k!r}; got keys {sorted(out)}")
     exits = out['exits']
     _check_exits(exits, eps)
     u_hat = uncertainty_target(exits, eps)                                      # (L, B, C, H, W)

@@ -115,7 +115,7 @@ def test_random_inception_shape_and_label(random_inception):
 
 
 def test_pipeline_matches_pytorch_fid(tmp_path, random_inception):
-    "Folder of PNGs -> our activations/statistics == pytorch-fid's get_activations/statistics on the same files and weights."
+    "Folder of PNGs -> our activations/statistics == pytorch-fid's get_activations/statistics, same files and weights."
     g = torch.Generator().manual_seed(7)
     imgs = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1            # 3 images, batches of 2: a partial last batch
     M.save_images_to_dir(imgs, tmp_path)
@@ -129,11 +129,12 @@ def test_pipeline_matches_pytorch_fid(tmp_path, random_inception):
     ref = fid_score.get_activations(files, ref_net, batch_size=2, dims=2048, device='cpu', num_workers=0)
 
     ours_dir = M.compute_activations(tmp_path, random_inception, batch_size=2)
-    ours_mem = M.compute_activations(imgs, random_inception, batch_size=3)    # in-memory floats, quantised like the PNGs
+    ours_mem = M.compute_activations(imgs, random_inception, batch_size=3)    # in-memory floats, quantised like PNGs
     np.testing.assert_allclose(ours_dir, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours_mem, ref, rtol=1e-5, atol=1e-6)
 
-    mu_ref, s_ref = fid_score.calculate_activation_statistics(files, ref_net, batch_size=2, dims=2048, device='cpu', num_workers=0)
+    mu_ref, s_ref = fid_score.calculate_activation_statistics(files, ref_net, batch_size=2, dims=2048, device='cpu',
+                                                              num_workers=0)
     mu, s = M.compute_stats(tmp_path, random_inception, batch_size=2)
     np.testing.assert_allclose(mu, mu_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-6)

@@ -36,7 +36,8 @@ def official_shapes(img=32, p=2, C=3, D=512, depth=12, mlp=4, num_classes=-1, qk
     s.update(block('mid_block'))
     for i in range(depth // 2):
         s.update(block(f'out_blocks.{i}', skip=True))
-    s.update({'norm.weight': (D,), 'norm.bias': (D,), 'decoder_pred.weight': (p * p * C, D), 'decoder_pred.bias': (p * p * C,)})
+    s.update({'norm.weight': (D,), 'norm.bias': (D,), 'decoder_pred.weight': (p * p * C, D),
+              'decoder_pred.bias': (p * p * C,)})
     if conv:
         s.update({'final_layer.weight': (C, C, 3, 3), 'final_layer.bias': (C,)})
     return s
@@ -44,7 +45,8 @@ def official_shapes(img=32, p=2, C=3, D=512, depth=12, mlp=4, num_classes=-1, qk
 
 def random_state(shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v, generator=g) * (0.05 if len(v) > 1 else 0.2) + (1.0 if k.endswith('norm1.weight') or k.endswith('norm2.weight') or k == 'norm.weight' else 0.0)
+    is_norm_weight = lambda k: k.endswith('norm1.weight') or k.endswith('norm2.weight') or k == 'norm.weight'
+    return {k: torch.randn(v, generator=g) * (0.05 if len(v) > 1 else 0.2) + (1.0 if is_norm_weight(k) else 0.0)
             for k, v in shapes.items()}
 
 
