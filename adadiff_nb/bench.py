@@ -591,10 +591,6 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-def _in_ipython() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError: return False
-
-if __name__ == '__main__' and not _in_ipython(): sys.exit(main())
+# %% ../nbs/07_bench.ipynb #5e0a1c37
+if __name__ == '__main__':
+    sys.exit(main())

@@ -108,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
               f"  EMA model:   {res['final_ema']}\n  log: {res['log']}", flush=True)
     return 0
 
-def _in_ipython() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError: return False
-
-if __name__ == '__main__' and not _in_ipython(): sys.exit(main())
+# %% ../nbs/04b_train_cli.ipynb #b2d94f61
+if __name__ == '__main__':
+    sys.exit(main())
