@@ -198,8 +198,9 @@ def small_model_config(config: dict, target_gflops: float | None = None, layer_r
         cands, key=lambda c: (abs(full_eval_flops(uvit_flops(c)) / 1e9 - target_gflops), -c['depth'], -c['embed_dim'])
     )
 
-# %% ../nbs/06_baselines.ipynb #7f026e03
-def _mse_per_sample(a, b): return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+# %% ../nbs/06_baselines.ipynb #3f9485d6
+def _mse_per_sample(a, b):
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 def diffusion_loss(model, x_t, model_t, eps, t, step) -> dict:
     "L_simple of a plain model (or the sample of an early-exit output)."
@@ -207,6 +208,7 @@ def diffusion_loss(model, x_t, model_t, eps, t, step) -> dict:
     l = _mse_per_sample(getattr(out, 'sample', out), eps).mean()
     return dict(loss=l)
 
+# %% ../nbs/06_baselines.ipynb #ef0212e9
 def adadiff_train_loss(lam: float = 1., beta: float = 1., gamma: float = 0., **kw) -> Callable:
     "AdaDiff's joint loss (Eq. 12) as a `finetune` loss function."
     from adadiff_nb.losses import adadiff_loss
@@ -215,6 +217,7 @@ def adadiff_train_loss(lam: float = 1., beta: float = 1., gamma: float = 0., **k
         return adadiff_loss({k: v.float() for k, v in out.items()}, eps, lam=lam, beta=beta, gamma=gamma, **kw)
     return f
 
+# %% ../nbs/06_baselines.ipynb #c11e6dec
 def ase_time_weight(t, w0: float = 0.1) -> torch.Tensor:
     "ASE's time-dependent coefficient lambda(t) = w0 + (1 - w0) t for continuous time t in (0, 1]."
     return w0 + (1. - w0) * torch.as_tensor(t).float()
@@ -227,6 +230,7 @@ def ase_train_loss(reweight_steps: int = 10**9, w0: float = 0.1) -> Callable:
         return dict(loss=(w * per).mean(), l_simple=per.detach().mean())
     return f
 
+# %% ../nbs/06_baselines.ipynb #bc92e3f1
 def berxit_train_loss(alternate: bool = True, lte_weight: float = 1.) -> Callable:
     "BERxiT: alternating full / layer-wise losses plus the LTE predictor's regression on the real exit errors."
     from adadiff_nb.losses import uncertainty_target, l_layer
@@ -241,6 +245,7 @@ def berxit_train_loss(alternate: bool = True, lte_weight: float = 1.) -> Callabl
         return dict(loss=main + lte_weight * lte, l_simple=ls.detach(), l_layer=ll.detach(), l_lte=lte.detach())
     return f
 
+# %% ../nbs/06_baselines.ipynb #01aa875f
 def calm_train_loss() -> Callable:
     "CALM: layer losses weighted by depth, sum_i i * l_i / sum_i i (exits 1..L-1 and the final output)."
     def f(model, x_t, model_t, eps, t, step):

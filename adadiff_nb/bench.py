@@ -29,79 +29,29 @@ from .baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusio
 __all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'comparison_config', 'load_backbone', 'build_methods',
            'run_comparison', 'format_table', 'table1_markdown', 'make_figures', 'build_parser', 'main']
 
-# %% ../nbs/07_bench.ipynb #a78bf4ef
+# %% ../nbs/07_bench.ipynb #6e72a5e8
 ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
 DYNAMIC = ('adadiff', 'berxit', 'calm')
-METHOD_LABELS = {
-    'full': 'U-ViT (full)',
-    'adadiff_full': 'AdaDiff, no early exit',
-    'adadiff': 'AdaDiff',
-    'ase': 'Static EE (ASE)',
-    'ase_paper': 'Static EE (ASE, paper schedule)',
-    'berxit': 'BERxiT',
-    'calm': 'CALM',
-    'static': 'Static exit (one layer)',
-    'small': 'Small model (scratch)',
-}
+METHOD_LABELS = {'full': 'U-ViT (full)', 'adadiff_full': 'AdaDiff, no early exit', 'adadiff': 'AdaDiff',
+                 'ase': 'Static EE (ASE)', 'ase_paper': 'Static EE (ASE, paper schedule)', 'berxit': 'BERxiT',
+                 'calm': 'CALM', 'static': 'Static exit (one layer)', 'small': 'Small model (scratch)'}
 
-_BASE = dict(
-    data='cifar10_partial',
-    schedule='linear',
-    sampler='ddim',
-    sampler_opts={},
-    target_reduction=0.4,
-    tol=0.015,
-    calib_max_iter=5,
-    seed=0,
-    lr=2e-4,
-    weight_decay=0.0,
-    methods=list(ALL_METHODS),
-    sweep_targets=[],
-    adadiff_checkpoint=None,
-    proxy='trained',
-    ase_buckets=5,
-    ase_reweight_frac=0.5,
-    ref_split='test',
-    ase_paper_schedule='D6',
-)
+# %% ../nbs/07_bench.ipynb #c13a9fe9
+_BASE = dict(data='cifar10_partial', schedule='linear', sampler='ddim', sampler_opts={}, target_reduction=0.4,
+             tol=0.015, calib_max_iter=5, seed=0, lr=2e-4, weight_decay=0.0, methods=list(ALL_METHODS),
+             sweep_targets=[], adadiff_checkpoint=None, proxy='trained', ase_buckets=5, ase_reweight_frac=0.5,
+             ref_split='test', ase_paper_schedule='D6')
 COMPARISONS: dict = {
-    'tiny': dict(
-        _BASE,
-        backbone=None,
-        backbone_preset='uvit_tiny',
-        backbone_steps=150,
-        backbone_lr=2e-3,
-        img_size=8,
-        finetune_steps=8,
-        small_steps=40,
-        batch_size=16,
-        n=32,
-        batch=16,
-        steps=10,
-        calib_n=16,
-        tol=0.03,
-        calib_max_iter=4,
-        lr=1e-3,
-        proxy='auto',
-        sweep_targets=[0.2],
-        description='uvit_tiny (8x8 CIFAR-10) trained for 150 steps inside the command; a smoke test of the pipeline',
-    ),
-    'cifar16_cpu': dict(
-        _BASE,
-        backbone='runs/cpu16_backbone/final_ema',
-        img_size=16,
-        finetune_steps=150,
-        small_steps=300,
-        methods=[m for m in ALL_METHODS if m != 'ase_paper'],
-        sweep_targets=[0.25],
-        batch_size=32,
-        n=256,
-        batch=64,
-        steps=50,
-        calib_n=32,
-        calib_max_iter=6,
-        description='uvit_cpu16 backbone (16x16 CIFAR-10 offline subset), every method fine-tuned on one CPU core',
-    ),
+    'tiny': dict(_BASE, backbone=None, backbone_preset='uvit_tiny', backbone_steps=150, backbone_lr=2e-3, img_size=8,
+                 finetune_steps=8, small_steps=40, batch_size=16, n=32, batch=16, steps=10, calib_n=16, tol=0.03,
+                 calib_max_iter=4, lr=1e-3, proxy='auto', sweep_targets=[0.2],
+                 description='uvit_tiny (8x8 CIFAR-10) trained for 150 steps inside the command; a smoke test of the '
+                             'pipeline'),
+    'cifar16_cpu': dict(_BASE, backbone='runs/cpu16_backbone/final_ema', img_size=16, finetune_steps=150,
+                        small_steps=300, methods=[m for m in ALL_METHODS if m != 'ase_paper'], sweep_targets=[0.25],
+                        batch_size=32, n=256, batch=64, steps=50, calib_n=32, calib_max_iter=6,
+                        description='uvit_cpu16 backbone (16x16 CIFAR-10 offline subset), every method fine-tuned on '
+                                    'one CPU core'),
 }
 
 # %% ../nbs/07_bench.ipynb #cc3e5f73

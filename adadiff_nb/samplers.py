@@ -151,64 +151,45 @@ def _as_value_schedule(v, kind: str):
         f"{kind}={v!r} is not understood; pass a number, a callable model_time -> (B,) or a list over timestep buckets"
     )
 
-# %% ../nbs/02b_samplers.ipynb #118e8fe6
+# %% ../nbs/02b_samplers.ipynb #216bc45c
+def _check_denoiser_args(model, threshold, static_schedule):
+    "Clear errors for an `EarlyExitDenoiser` that cannot work: wrapped twice, both exit rules, or no exits."
+    if isinstance(model, EarlyExitDenoiser):
+        raise ValueError("the model is already an EarlyExitDenoiser; give the threshold / exit schedule in one "
+                         "place only")
+    if threshold is not None and static_schedule is not None:
+        raise ValueError("pass either threshold (dynamic exits) or static_schedule / exit_layers (static exits), "
+                         "not both")
+    if (threshold is not None or static_schedule is not None) and not is_early_exit_model(model):
+        what = f"threshold={threshold!r}" if threshold is not None else f"exit_layers={static_schedule!r}"
+        raise ValueError(f"{what} was given but {_describe(model)} is not an early-exit model (it has no exits or "
+                         "uncertainty modules); drop the threshold to sample the full model, or load an early-exit "
+                         "(AdaDiff, arch 'adadiff') checkpoint")
+
+def _check_schedule_fits(schedule, num_layers):
+    "A static exit schedule may not name an exit past the model's last layer."
+    if num_layers is None or not isinstance(schedule, (int, TimestepSchedule)):
+        return
+    mx = schedule if isinstance(schedule, int) else int(schedule.values.max())
+    if mx > num_layers:
+        L = num_layers
+        raise ValueError(f"exit index {mx} exceeds the model's {L} layers; exits are 0..{L} ({L} = full model)")
+
+# %% ../nbs/02b_samplers.ipynb #900d4682
 class EarlyExitDenoiser:
     """Call an early-exit model as model(x, model_time, **extra) with a per-step threshold or static exit schedule
     evaluated into (B,) tensors."""
     def __init__(self, model, threshold=None, static_schedule=None):
-        if isinstance(model, EarlyExitDenoiser):
-            raise ValueError(
-                "the model is already an EarlyExitDenoiser; give the threshold / exit schedule in one place only"
-            )
-        if threshold is not None and static_schedule is not None:
-            raise ValueError(
-                "pass either threshold (dynamic exits) or static_schedule / exit_layers (static exits), not both"
-            )
-        if (threshold is not None or static_schedule is not None) and not is_early_exit_model(model):
-            what = f"threshold={threshold!r}" if threshold is not None else f"exit_layers={static_schedule!r}"
-            raise ValueError(f"{what} was given but {_describe(model)} is not an early-exit model (it has no exits or "
-                             "uncertainty modules); drop the threshold to sample the full model, or load an early-exit "
-                             "(AdaDiff, arch 'adadiff') checkpoint")
+        _check_denoiser_args(model, threshold, static_schedule)
         self.model = model
         self.threshold = _as_value_schedule(threshold, 'threshold')
         self.static_schedule = _as_value_schedule(static_schedule, 'exit_layers')
-        L = getattr(model, 'num_layers', None)
-        if L is not None and isinstance(self.static_schedule, (int, TimestepSchedule)):
-            mx = (
-                self.static_schedule
-                if isinstance(self.static_schedule, int)
-                else int(self.static_schedule.values.max())
-            )
-            if mx > L:
-                raise ValueError(f"exit index {mx} exceeds the model's {L} layers; exits are 0..{L} ({L} = full model)")
+        _check_schedule_fits(self.static_schedule, getattr(model, 'num_layers', None))
 
     def __getattr__(self, name):                                                  # num_layers, num_exits, arch, ...
         model = self.__dict__.get('model')
         if model is None: raise AttributeError(name)
         return getattr(model, name)
-
-    def thresholds(self, model_time: torch.Tensor):
-        "The threshold the model gets for these model times: a float, or a validated (B,) float tensor."
-        th = self.threshold
-        if th is None or isinstance(th, float): return th
-        v = torch.as_tensor(th(model_time), dtype=torch.float32, device=model_time.device)
-        if v.ndim == 0: v = v.expand(model_time.shape[0])
-        if v.shape != model_time.shape:
-            raise ValueError(
-                f"a threshold schedule must return shape () or (B,) = {tuple(model_time.shape)}, got {tuple(v.shape)}"
-            )
-        return check_threshold(v)
-
-    def exit_layers(self, model_time: torch.Tensor):
-        "The static exit indices for these model times: None or a (B,) long tensor."
-        ex = self.static_schedule
-        if ex is None: return None
-        v = torch.full_like(model_time, ex, dtype=torch.long) if isinstance(ex, int) else \
-            torch.as_tensor(ex(model_time), device=model_time.device)
-        if v.is_floating_point(): v = v.round()
-        v = v.long()
-        if v.ndim == 0: v = v.expand(model_time.shape[0])
-        return v
 
     def __call__(self, x, model_time, **extra):
         th, ex = self.thresholds(model_time), self.exit_layers(model_time)
@@ -219,6 +200,32 @@ class EarlyExitDenoiser:
     def __repr__(self):
         return (f'EarlyExitDenoiser({_describe(self.model)}, threshold={self.threshold!r}, '
                 f'static_schedule={self.static_schedule!r})')
+
+# %% ../nbs/02b_samplers.ipynb #aa00584d
+def _thresholds(self, model_time: torch.Tensor):
+    "The threshold the model gets for these model times: a float, or a validated (B,) float tensor."
+    th = self.threshold
+    if th is None or isinstance(th, float): return th
+    v = torch.as_tensor(th(model_time), dtype=torch.float32, device=model_time.device)
+    if v.ndim == 0: v = v.expand(model_time.shape[0])
+    if v.shape != model_time.shape:
+        raise ValueError(
+            f"a threshold schedule must return shape () or (B,) = {tuple(model_time.shape)}, got {tuple(v.shape)}"
+        )
+    return check_threshold(v)
+
+def _exit_layers(self, model_time: torch.Tensor):
+    "The static exit indices for these model times: None or a (B,) long tensor."
+    ex = self.static_schedule
+    if ex is None: return None
+    v = torch.full_like(model_time, ex, dtype=torch.long) if isinstance(ex, int) else \
+        torch.as_tensor(ex(model_time), device=model_time.device)
+    if v.is_floating_point(): v = v.round()
+    v = v.long()
+    if v.ndim == 0: v = v.expand(model_time.shape[0])
+    return v
+
+EarlyExitDenoiser.thresholds, EarlyExitDenoiser.exit_layers = _thresholds, _exit_layers
 
 # %% ../nbs/02b_samplers.ipynb #9a9988eb
 def make_denoiser(model, threshold=None, exit_layers=None):

@@ -158,7 +158,7 @@ def unflatten_state(tensors: dict, skeleton):
         return o
     return rec(skeleton)
 
-# %% ../nbs/04_train.ipynb #35d5b140
+# %% ../nbs/04_train.ipynb #fb811119
 def save_optimizer(opt_state: dict, path) -> Path:
     "Save an optimizer `state_dict()` as safetensors (tensors) + JSON skeleton in the file's metadata."
     tensors, skel = flatten_state(opt_state, 'opt')
@@ -172,6 +172,7 @@ def load_optimizer(path) -> dict:
     skel = meta['skeleton'] if not isinstance(meta['skeleton'], str) else json.loads(meta['skeleton'])
     return unflatten_state(load_weights(path), skel)
 
+# %% ../nbs/04_train.ipynb #48f9ab58
 def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.cpu().numpy().tobytes()).decode()
 def _unb64(s: str) -> torch.Tensor: return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
