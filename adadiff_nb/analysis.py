@@ -226,27 +226,22 @@ def format_table(headers, rows) -> str:
     def line(vals): return '  '.join(str(v).rjust(w[j]) for j, v in enumerate(vals))
     return '\n'.join([line(headers), line(['-' * x for x in w])] + [line(c) for c in cells])
 
-# %% ../nbs/03a_analysis.ipynb #2384b19c
-_TABLES: dict = {}                                                    # result kind -> table function
-
-def _table(kind: str):
-    "Register the decorated function as `summary_table`'s table for results of `kind`."
-    def deco(fn):
-        _TABLES[kind] = fn
-        return fn
-    return deco
+# %% ../nbs/03a_analysis.ipynb #0c6748b3
+_TABLE_FUNCS = dict(layer_mse='_layer_mse_table', loss_by_timestep='_loss_table', score_snr='_snr_table',
+                    tradeoff='_tradeoff_table', uem_reliability='_uem_table')   # result kind -> its table, defined below
 
 # %% ../nbs/03a_analysis.ipynb #2cce377d
 def _rows_idx(K: int, max_rows: int | None):
     if not max_rows or K <= max_rows: return np.arange(K)
     return np.unique(np.linspace(0, K - 1, max_rows).round().astype(int))
 
-# %% ../nbs/03a_analysis.ipynb #5ce32af7
+# %% ../nbs/03a_analysis.ipynb #7927973a
 def summary_table(res: dict, max_rows: int | None = 12) -> str:
     "A short text table of any result of this module (long per-timestep tables are subsampled to `max_rows` rows)."
     kind = res.get('kind')
-    if kind not in _TABLES: raise ValueError(f"not a result of adadiff_nb.analysis (kind {kind!r})")
-    return _TABLES[kind](res, max_rows)
+    if kind not in _TABLE_FUNCS:
+        raise ValueError(f"not a result of adadiff_nb.analysis (kind {kind!r}); kinds: {sorted(_TABLE_FUNCS)}")
+    return globals()[_TABLE_FUNCS[kind]](res, max_rows)
 
 # %% ../nbs/03a_analysis.ipynb #1456f238
 def layer_mse_by_timestep(model, data=None, schedule=None, timesteps=10, n: int = 64, batch: int = 64,
@@ -289,8 +284,7 @@ def layer_mse_figure(res: dict):
     return _layout(fig, f"Exit outputs vs the final output and the noise ({res['n']} images, "
                         f"{len(res['t'])} timesteps)")
 
-# %% ../nbs/03a_analysis.ipynb #696f000a
-@_table('layer_mse')
+# %% ../nbs/03a_analysis.ipynb #5dfcdccd
 def _layer_mse_table(res, max_rows):
     return format_table(['exit', 'MSE vs final', 'MSE vs noise'],
                         [(i, res['mse_vs_final_avg'][i], res['mse_vs_noise_avg'][i]) for i in res['exits']])
@@ -351,8 +345,7 @@ def loss_by_timestep_figure(res: dict):
     fig.update_yaxes(title_text='MSE', row=1, col=1)
     return _layout(fig, f"Training loss per timestep ({res['n']} images per timestep)")
 
-# %% ../nbs/03a_analysis.ipynb #a517b9cd
-@_table('loss_by_timestep')
+# %% ../nbs/03a_analysis.ipynb #3f90e2f6
 def _loss_table(res, max_rows):
     keys = [k for k in ('l_u', 'l_ual', 'loss') if k in res['terms']]
     return format_table(['timestep', 'L_simple', '+-sem', *keys],
@@ -452,8 +445,7 @@ def score_snr_figure(*results: dict, names=None, show_schedule: bool = True):
     fig.update_yaxes(title_text='ln SNR')
     return _layout(fig, 'Log-SNR of the score across t')
 
-# %% ../nbs/03a_analysis.ipynb #2f43d14c
-@_table('score_snr')
+# %% ../nbs/03a_analysis.ipynb #9a877447
 def _snr_table(res, max_rows):
     col = 'collapsed' in res
     return format_table(['t', 'timestep', 'ln SNR', 'signal', 'noise'] + (['collapsed'] if col else []),
@@ -548,8 +540,7 @@ def tradeoff_figure(res: dict):
     return _layout(fig, f"Threshold trade-off ({res['sampler']}, {res['steps']} steps, {res['n']} images; "
                         "labels: threshold)")
 
-# %% ../nbs/03a_analysis.ipynb #629ac3c1
-@_table('tradeoff')
+# %% ../nbs/03a_analysis.ipynb #9eb8c384
 def _tradeoff_table(res, max_rows):
     fd = 'proxy_fd' in res
     rows = [(t, res['layer_ratio'][i], res['avg_layers'][i], res['gflops'][i], res['psnr_vs_full'][i],
@@ -664,8 +655,7 @@ def uem_reliability_figure(res: dict, layers=None):
     fig.update_xaxes(title_text='exit', row=1, col=2)
     return _layout(fig, f"UEM reliability ({res['n']} images x {len(res['t'])} timesteps)")
 
-# %% ../nbs/03a_analysis.ipynb #e37f169a
-@_table('uem_reliability')
+# %% ../nbs/03a_analysis.ipynb #a16c6306
 def _uem_table(res, max_rows):
     pp = res.get('pixel_pearson')
     head = ['exit', 'mean u', 'mean target', 'pearson', 'spearman', 'MAE', 'ECE']
