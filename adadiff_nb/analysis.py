@@ -227,8 +227,9 @@ def format_table(headers, rows) -> str:
     return '\n'.join([line(headers), line(['-' * x for x in w])] + [line(c) for c in cells])
 
 # %% ../nbs/03a_analysis.ipynb #0c6748b3
+# result kind -> the function (defined further down) that tables it
 _TABLE_FUNCS = dict(layer_mse='_layer_mse_table', loss_by_timestep='_loss_table', score_snr='_snr_table',
-                    tradeoff='_tradeoff_table', uem_reliability='_uem_table')   # result kind -> its table, defined below
+                    tradeoff='_tradeoff_table', uem_reliability='_uem_table')
 
 # %% ../nbs/03a_analysis.ipynb #2cce377d
 def _rows_idx(K: int, max_rows: int | None):
