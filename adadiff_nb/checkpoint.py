@@ -170,6 +170,8 @@ ARCHS: dict = {
     'ase': 'adadiff_nb.baselines:StaticDropUViT',
     'berxit': 'adadiff_nb.baselines:BERxiTUViT',
     'calm': 'adadiff_nb.baselines:CALMUViT',
+    'dit': 'adadiff_nb.dit:DiT',
+    'adadiff_official': 'adadiff_nb.official_adadiff:OfficialAdaDiffUViT',
 }
 _USER_ARCHS: dict = {}
 

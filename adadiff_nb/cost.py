@@ -20,8 +20,9 @@ from fastcore.basics import patch
 from .diffusion import time_bucket
 
 # %% auto #0
-__all__ = ['uvit_block_flops', 'uvit_flops', 'full_eval_flops', 'uem_flops', 'layer_costs', 'eval_flops', 'forward_flops',
-           'count_flops', 'check_flops', 'sync', 'Timing', 'time_fn', 'throughput', 'speedup', 'CostMeter']
+__all__ = ['uvit_block_flops', 'uvit_flops', 'full_eval_flops', 'dit_flops', 'backbone_flops', 'uem_flops', 'layer_costs',
+           'eval_flops', 'forward_flops', 'count_flops', 'check_flops', 'sync', 'Timing', 'time_fn', 'throughput',
+           'speedup', 'CostMeter']
 
 # %% ../nbs/02c_cost.ipynb #1c99739c
 def uvit_block_flops(N: int, D: int, hidden: int, skip: bool = False) -> dict:
@@ -57,7 +58,22 @@ def full_eval_flops(costs: dict) -> float:
     "FLOPs of one full-model evaluation (no UEMs): embed + all blocks + the final head."
     return float(costs['embed'] + sum(costs['blocks']) + costs['head'])
 
-# %% ../nbs/02c_cost.ipynb #b25615a4
+# %% ../nbs/02c_cost.ipynb #7f1ce36b
+def dit_flops(config: dict) -> dict:
+    "Analytic per-image FLOPs of one DiT evaluation by component, with the keys of `uvit_flops` (no skips)."
+    S, p, C, D = config['input_size'], config['patch_size'], config['in_channels'], config['hidden_size']
+    P, hidden = (S // p) ** 2, int(D * config.get('mlp_ratio', 4.))
+    c_out = 2 * C if config.get('learn_sigma', True) else C
+    block = dict(uvit_block_flops(P, D, hidden), adaln=2 * D * 6 * D)
+    head = 2 * D * 2 * D + 2 * P * D * p * p * c_out
+    return dict(embed=2 * P * C * p * p * D + 2 * (256 * D + D * D), blocks=[sum(block.values())] * config['depth'],
+                head=head, skip=[0] * config['depth'], block_parts=[dict(block)] * config['depth'], exit_head=head)
+
+def backbone_flops(backbone) -> dict:
+    "`dit_flops` or `uvit_flops` of a backbone, by its architecture."
+    return dit_flops(backbone.config) if getattr(backbone, 'arch', None) == 'dit' else uvit_flops(backbone.config)
+
+# %% ../nbs/02c_cost.ipynb #8391b89e
 def uem_flops(ee_config: dict, bb_config: dict) -> tuple[int, int]:
     "(per-sample, per-call) FLOPs of one UEM evaluation of an `EarlyExitUViT` config."
     d = _dims(bb_config)
@@ -74,7 +90,7 @@ def layer_costs(model) -> dict:
     `flop_costs()`)."""
     if callable(getattr(model, 'flop_costs', None)): return model.flop_costs()
     bb = getattr(model, 'backbone', model)
-    c = uvit_flops(bb.config)
+    c = backbone_flops(bb)
     if model is bb: return dict(c, uem=0, uem_call=0)
     ee = getattr(model, 'config', {}) or {}
     u, u_call = uem_flops(ee, bb.config)

@@ -58,6 +58,8 @@ def _call(model, x, S: _Sched, t: float, extra: dict):
     mt = S.s.model_time(torch.full((x.shape[0],), t, dtype=torch.float64)).to(device=x.device, dtype=_time_dtype(x))
     out = model(x, mt, **extra)
     eps = getattr(out, 'sample', out)
+    if eps.shape[1] == 2 * x.shape[1]:
+        eps = eps[:, :x.shape[1]]                  # learned-sigma models (DiT) give [eps, variance]: use the eps half
     info = out.info() if callable(getattr(out, 'info', None)) else None
     return eps, info, mt
 

@@ -13,18 +13,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
-DYNAMIC = {'adadiff', 'berxit', 'calm'}          # archs that take an early-exit threshold
+DYNAMIC = {'adadiff', 'berxit', 'calm', 'adadiff_official'}          # archs that take an early-exit threshold
 
 
 def _models() -> dict:
     from adadiff_nb.uvit import UViT, create_uvit
     from adadiff_nb.early_exit import create_early_exit
     from adadiff_nb.baselines import StaticDropUViT, BERxiTUViT, CALMUViT
+    from adadiff_nb.dit import DiT
+    from adadiff_nb.official_adadiff import OfficialAdaDiffUViT
     torch.manual_seed(0)
     bb = dict(create_uvit('uvit_tiny').config)
     return dict(uvit=UViT(**bb), adadiff=create_early_exit('adadiff_tiny'),
                 ase=StaticDropUViT(backbone=bb, schedule='D1'), berxit=BERxiTUViT(backbone=bb),
-                calm=CALMUViT(backbone=bb))
+                calm=CALMUViT(backbone=bb),
+                dit=DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=10),                                          # learned sigma, as officially
+                adadiff_official=OfficialAdaDiffUViT(**bb))
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +84,7 @@ def test_loaded_models_match_the_saved_ones(saved):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize('name', ['uvit', 'adadiff', 'ase', 'berxit', 'calm'])
+@pytest.mark.parametrize('name', ['uvit', 'adadiff', 'ase', 'berxit', 'calm', 'dit', 'adadiff_official'])
 def test_adadiff_sample_cli_round_trip(saved, name, tmp_path):
     out = tmp_path / 'out'
     cmd = [str(BIN / 'adadiff-sample'), '--checkpoint', str(saved[name]), '--steps', '2', '--n', '2', '--out', str(out),
@@ -95,8 +100,8 @@ def test_adadiff_sample_cli_round_trip(saved, name, tmp_path):
 
 def test_unknown_arch_names_the_known_ones(tmp_path):
     from adadiff_nb.checkpoint import CheckpointError, load_model, save_safetensors
-    rec = {'adadiff_nb': dict(arch='dit', config={})}
+    rec = {'adadiff_nb': dict(arch='mystery', config={})}
     save_safetensors({'w': torch.zeros(1)}, tmp_path / 'model.safetensors', rec)
-    known = r"unknown architecture 'dit'.*'adadiff', 'ase', 'berxit', 'calm', 'uvit'"
+    known = r"unknown architecture 'mystery'.*'adadiff', 'adadiff_official', 'ase', 'berxit', 'calm', 'dit', 'uvit'"
     with pytest.raises(CheckpointError, match=known):
         load_model(tmp_path)
