@@ -25,10 +25,10 @@ def calibrate(model, x, t, target_ratio: float, iters: int = 60) -> float:
     def ratio(tau):
         below = torch.cat([u < tau, torch.ones(B, 1, dtype=torch.bool)], 1)
         return below.float().argmax(1).sum().item() / (B * L)                    # exit = first exit with u < tau
-    lo, hi = 0., 1.                                                               # ratio(0) = 1 >= target >= ratio(1) = 0
+    lo, hi = 0.0, 1.0  # ratio(0) = 1 >= target >= ratio(1) = 0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if ratio(mid) > target_ratio: lo = mid
+        if ratio(mid) > target_ratio:lo = mid
         else: hi = mid
     return hi
 
@@ -37,7 +37,9 @@ def timeit(fn, repeats: int, warmup: int):
     for _ in range(warmup): fn()
     ts = []
     for _ in range(repeats):
-        a = time.perf_counter(); fn(); ts.append(time.perf_counter() - a)
+        a = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - a)
     return ts
 
 
@@ -52,7 +54,9 @@ def main(argv=None):
     p.add_argument('--exit-head', default='per_layer', choices=['per_layer', 'shared'])
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--skip', type=float, default=0.4, help='target fraction of block evaluations skipped')
-    p.add_argument('--threads', type=int, default=1, help='torch.set_num_threads (1: stable timings on a shared machine)')
+    p.add_argument(
+        '--threads', type=int, default=1, help='torch.set_num_threads (1: stable timings on a shared machine)'
+    )
     p.add_argument('--repeats', type=int, default=9)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--seed', type=int, default=0)
@@ -87,16 +91,22 @@ def main(argv=None):
     t_full, t_ee, t_ee0 = [], [], []
     for _ in range(a.repeats):                                                    # interleaved: drift hits all alike
         for f, ts in ((run_full, t_full), (run_ee, t_ee), (run_ee0, t_ee0)):
-            s = time.perf_counter(); f(); ts.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - s)
     mf, me, me0 = statistics.median(t_full), statistics.median(t_ee), statistics.median(t_ee0)
     ideal, measured = 1. / lr, mf / me
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {a.preset} embed_dim={a.embed_dim} depth={a.depth} ({L} blocks), uem={a.uem}/{a.uem_params}, "
-          f"exit_head={a.exit_head}, {n_params / 1e6:.2f}M params; batch {a.batch} of {bb.in_chans}x{bb.img_size}x{bb.img_size}, "
-          f"random timesteps; torch {torch.__version__}, {a.threads} threads")
+    print(
+        f"model: {a.preset} embed_dim={a.embed_dim} depth={a.depth} ({L} blocks), uem={a.uem}/{a.uem_params}, "
+        f"exit_head={a.exit_head}, {n_params / 1e6:.2f}M params; "
+        f"batch {a.batch} of {bb.in_chans}x{bb.img_size}x{bb.img_size}, "
+        f"random timesteps; torch {torch.__version__}, {a.threads} threads"
+    )
     print(f"threshold {tau:.6f} (calibrated for {a.skip:.0%} skipped); exits per layer 0..{L}: {hist}")
-    print(f"layer_ratio            {lr:.4f}  ({out.layers_run}/{out.layers_total} block evaluations, {1 - lr:.1%} skipped)")
+    print(f"layer_ratio            {lr:.4f}  ({out.layers_run}/{out.layers_total} block evaluations, "
+          f"{1 - lr:.1%} skipped)")
     print(f"full backbone          {mf * 1e3:8.1f} ms  (median of {a.repeats}; min {min(t_full) * 1e3:.1f})")
     print(f"early exit, tau=0      {me0 * 1e3:8.1f} ms  (all UEMs, no exits: overhead {me0 / mf - 1:+.1%})")
     print(f"early exit, tau={tau:.4f} {me * 1e3:8.1f} ms  (median of {a.repeats}; min {min(t_ee) * 1e3:.1f})")

@@ -9,7 +9,9 @@ METHODS = ['full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'cal
 
 
 def _bench(args, timeout=300):
-    return subprocess.run([PY, '-m', 'adadiff_nb.bench', *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, '-m', 'adadiff_nb.bench', *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_tiny_comparison_writes_every_row(tmp_path):

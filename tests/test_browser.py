@@ -11,8 +11,17 @@ pw = pytest.importorskip('playwright.sync_api', reason='playwright is not instal
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='Debian chromium is not installed (apt-get install chromium)')
 
-CHROME_ARGS = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-               '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
+CHROME_ARGS = [
+    '--headless=new',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--disable-dev-shm-usage',
+]
 
 
 def _free_port():
@@ -32,10 +41,26 @@ def lab(tmp_path_factory):
                JUPYTERLAB_WORKSPACES_DIR=str(home / 'ws'), JUPYTERLAB_SETTINGS_DIR=str(home / 'settings'),
                OMP_NUM_THREADS='1')
     log = open(home / 'lab.log', 'w')
-    proc = subprocess.Popen([sys.executable, '-m', 'jupyter', 'lab', '--no-browser', '--allow-root', '--ip=127.0.0.1', f'--port={port}',
-                             f'--IdentityProvider.token={token}', '--ServerApp.disable_check_xsrf=True',
-                             '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate'],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            '-m',
+            'jupyter',
+            'lab',
+            '--no-browser',
+            '--allow-root',
+            '--ip=127.0.0.1',
+            f'--port={port}',
+            f'--IdentityProvider.token={token}',
+            '--ServerApp.disable_check_xsrf=True',
+            '--LabApp.news_url=',
+            '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate',
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -75,7 +100,9 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         page = browser.new_page(viewport={'width': 1400, 'height': 1800})
         page.goto(f'{url}/lab/tree/nbs/03_exit_trends.ipynb?token={token}', timeout=120_000)
         page.wait_for_selector('.jp-Notebook', timeout=120_000)
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"], .jp-Toolbar-kernelStatus', timeout=120_000)
+        page.wait_for_selector(
+            '.jp-Notebook-ExecutionIndicator[data-status="idle"], .jp-Toolbar-kernelStatus', timeout=120_000
+        )
         time.sleep(2)
         # Run > Run All Cells
         page.get_by_role('menuitem', name='Run').first.click()
@@ -87,8 +114,11 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         slider = page.locator('.widget-slider:has(label:text-is("threshold"))').last
         slider.scroll_into_view_if_needed()
         page.screenshot(path=str(shots / 'exit_trends_before.png'))
-        page.locator('.jp-OutputArea-output:has(.widget-slider)').last.screenshot(path=str(shots / 'exit_trends_app_default.png'))
-        # type a new threshold into the slider's readout (an editable field), as a user can; then drag back with the keyboard
+        page.locator('.jp-OutputArea-output:has(.widget-slider)').last.screenshot(
+            path=str(shots / 'exit_trends_app_default.png')
+        )
+        # type a new threshold into the slider's readout (an editable field), as a user can; then drag back with
+        # the keyboard
         readout = slider.locator('.widget-readout')
         # no sample exits early at the current threshold -> go to 1 (every sample exits at once); else -> 0 (no exits)
         new_val = 1.0 if all(v == before['y'][0] for v in before['y']) and before['y'][0] > 0 else 0.0
@@ -97,8 +127,11 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         page.keyboard.press('Control+A')
         page.keyboard.type(f'{new_val}')
         page.keyboard.press('Enter')
-        page.wait_for_function(f'(() => {{ const r = ({EXIT_Y})(); return r && r.y.length && JSON.stringify(r.y) !== window.__exit_before; }})()',
-                               timeout=120_000)
+        page.wait_for_function(
+            f'(() => {{ const r = ({EXIT_Y})(); '
+            f'return r && r.y.length && JSON.stringify(r.y) !== window.__exit_before; }})()',
+            timeout=120_000,
+        )
         time.sleep(1)
         after = page.evaluate(EXIT_Y)
         assert after['y'] != before['y'] and after['title'] != before['title']

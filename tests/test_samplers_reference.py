@@ -57,7 +57,9 @@ def test_dpm_solver_pp_2m_many_steps_matches_diffusers(xT):
     # 111 steps: no lower-order final step (>= 15 steps); 999 / 111 is an integer, so the grids coincide
     ref = run_diffusers(diffusers.DPMSolverMultistepScheduler(**CFG, algorithm_type='dpmsolver++', solver_order=2,
                                                               final_sigmas_type='sigma_min'), xT, 111)
-    torch.testing.assert_close(sample_dpm_solver_pp_2m(dummy, xT, LIN, 111, skip_type='time_uniform'), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        sample_dpm_solver_pp_2m(dummy, xT, LIN, 111, skip_type='time_uniform'), ref, atol=1e-4, rtol=0
+    )
 
 
 def _cli():

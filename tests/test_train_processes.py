@@ -22,7 +22,8 @@ def _run(args, timeout=180, **kw):
 
 def _free_port():
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
@@ -58,10 +59,16 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     for key in ('loss', 'l_simple', 'l_u', 'l_ual'):
         xa, xb = torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b])
         assert torch.allclose(xa, xb, rtol=1e-6, atol=1e-7), (key, (xa - xb).abs().max())
-    wa, wb = load_weights(ref_out / 'final' / 'model.safetensors'), load_weights(run_out / 'final' / 'model.safetensors')
+    wa, wb = load_weights(ref_out / 'final' / 'model.safetensors'), load_weights(
+        run_out / 'final' / 'model.safetensors'
+    )
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     rec = json.loads((run_out / 'final' / 'config.json').read_text())
-    assert rec['schedule'] == {'name': 'linear'} and rec['training']['steps'] == steps and '--resume' in rec['training']['command']
+    assert (
+        rec['schedule'] == {'name': 'linear'}
+        and rec['training']['steps'] == steps
+        and '--resume' in rec['training']['command']
+    )
 
 
 def test_two_cpu_processes_stay_in_sync(tmp_path):

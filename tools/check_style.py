@@ -1,6 +1,7 @@
 """House-style report for the notebooks (and the exported library): ';'-joined statements, lines over 120
 characters, export cells that are too long or hold many definitions, test cells far from what they test, and
-functions over 80 lines in `adadiff_nb/`. Usage: python tools/check_style.py [NOTEBOOK ...] [--strict]
+functions over 80 lines in `adadiff_nb/`; the scripts in tests/, tools/ and bench/ are held to the same `;` and
+line-length limits. Usage: python tools/check_style.py [NOTEBOOK ...] [--strict]
 (no notebook: all of nbs/). --strict exits 1 when a hard limit is broken (';', > 120 characters, a function over
 80 lines)."""
 import ast, io, json, statistics, sys, tokenize
@@ -37,10 +38,16 @@ def notebook_report(nb_path: Path) -> dict:
     sizes = [len(s.splitlines()) for _, s in export]
     semi = sum(len(semicolons(s)) for _, s in code)
     long_ = sum(len(l) > 120 for _, s in code for l in s.splitlines())
-    return dict(export_cells=len(export), median_export_lines=statistics.median(sizes) if sizes else 0,
-                export_cells_over_50=sum(n > 50 for n in sizes), export_cells_5_defs=sum(n_defs(s) >= 5 for _, s in export),
-                tests_after_last_export=sum(i > last_export for i, _ in tests) if export else 0, test_cells=len(tests),
-                semicolons=semi, long_lines=long_)
+    return dict(
+        export_cells=len(export),
+        median_export_lines=statistics.median(sizes) if sizes else 0,
+        export_cells_over_50=sum(n > 50 for n in sizes),
+        export_cells_5_defs=sum(n_defs(s) >= 5 for _, s in export),
+        tests_after_last_export=sum(i > last_export for i, _ in tests) if export else 0,
+        test_cells=len(tests),
+        semicolons=semi,
+        long_lines=long_,
+    )
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -51,6 +58,12 @@ def main(argv=None) -> int:
         r = notebook_report(nb)
         bad += r['semicolons'] + r['long_lines']
         print(f"{nb.name:32s} " + ' '.join(f'{k}={v}' for k, v in r.items()))
+    for p in sorted(f for d in ('tests', 'tools', 'bench') for f in (root / d).glob('*.py')):
+        src = p.read_text()
+        n_semi, n_long = len(semicolons(src)), sum(len(l) > 120 for l in src.splitlines())
+        if n_semi or n_long:
+            print(f"{p.relative_to(root)}: semicolons={n_semi} long_lines={n_long}")
+        bad += n_semi + n_long
     longf = [(n, name, p.name) for p in sorted((root / 'adadiff_nb').glob('*.py')) if p.name != '_modidx.py'
              for n, name in long_functions(p)]
     for n, name, f in longf: print(f"function over 80 lines: {f}:{name} ({n} lines)")

@@ -14,7 +14,9 @@ root = Path(__file__).resolve().parent.parent
 
 def render(nb_path=root / 'nbs' / 'index.ipynb') -> str:
     nb = nbformat.read(nb_path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}
+    ).execute()
     out = []
     for c in nb.cells:
         src = c.source.strip()
@@ -27,7 +29,7 @@ def render(nb_path=root / 'nbs' / 'index.ipynb') -> str:
             out.append('```python\n' + '\n'.join(lines) + '\n```')
             texts = []
             for o in c.get('outputs', []):
-                if o.output_type == 'stream' and o.get('name') == 'stdout': texts.append(o.text.rstrip())
+                if o.output_type == 'stream' and o.get('name') == 'stdout':texts.append(o.text.rstrip())
                 elif 'data' in o and 'text/plain' in o['data']: texts.append(o['data']['text/plain'].rstrip())
             if texts: out.append('    ' + '\n'.join(texts).replace('\n', '\n    '))
     head = '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n'
@@ -39,7 +41,9 @@ if __name__ == '__main__':
     readme = root / 'README.md'
     if '--check' in sys.argv:
         if not readme.exists() or readme.read_text() != text:
-            print('README.md is out of date: run `python tools/make_readme.py`'); sys.exit(1)
+            print('README.md is out of date: run `python tools/make_readme.py`')
+            sys.exit(1)
         print('README.md is up to date')
     else:
-        readme.write_text(text); print(f'wrote {readme}')
+        readme.write_text(text)
+        print(f'wrote {readme}')
