@@ -227,4 +227,5 @@ def time_bucket(model_time, buckets: int, t_max: float = 1000.) -> torch.Tensor:
     if int(buckets) < 1: raise ValueError(f"buckets must be >= 1, got {buckets}")
     if not t_max > 0: raise ValueError(f"t_max must be > 0 (the largest model time), got {t_max}")
     t = torch.as_tensor(model_time).reshape(-1)
-    return (t.double() * int(buckets) / float(t_max)).floor().long().clamp_(0, int(buckets) - 1)
+    t = t.double() if t.device.type != 'mps' else t.float()                # MPS has no float64
+    return (t * int(buckets) / float(t_max)).floor().long().clamp_(0, int(buckets) - 1)

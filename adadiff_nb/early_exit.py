@@ -338,14 +338,14 @@ def from_backbone(cls, uvit: UViT, heads_from_backbone: bool = True, **ee_cfg) -
 
 EarlyExitUViT.init_weights, EarlyExitUViT.from_backbone = init_weights, classmethod(from_backbone)
 
-# %% ../nbs/02_early_exit.ipynb #f78b478a
+# %% ../nbs/02_early_exit.ipynb #b1c37c8d
 def exit_output(self, i: int, h, state: BlockState | None = None) -> torch.Tensor:
-    "g_i(h): exit i's head (the backbone's own head at exit L, with exit_head='shared' or after the skip fusions)."
+    """g_i(h): exit i's head (the backbone's own head at exit L, with exit_head='shared' or after the skip fusions).
+    With exit_head='skip_fusion' the skips are popped from `state`: pass a state of its own (`select` / `copy`)."""
     bb = self.backbone
     if self.exit_head_mode == 'skip_fusion' and i < self.num_layers:
         if i < self.first_exit:
             raise ValueError(f"exit {i} lies before the first exit ({self.first_exit}) of exit_head='skip_fusion'")
-        state = state.copy()
         for j in range(i, self.num_layers):
             h = bb.run_block(j, h, state, fuse_only=True)
         return bb.decode(h, state)
@@ -391,7 +391,7 @@ def _check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
 
 EarlyExitUViT._check_exit_layers = _check_exit_layers
 
-# %% ../nbs/02_early_exit.ipynb #91519964
+# %% ../nbs/02_early_exit.ipynb #dd75f9c6
 @dataclass
 class _Plan:
     "How one forward exits: mode 'full' / 'threshold' / 'static', per-row tensors, exit counts (static)."
@@ -410,7 +410,8 @@ def _plan(self, x, timesteps, threshold, exit_layers) -> _Plan:
         exit_layers = crit.exit_layers(timesteps)
     B, dev = x.shape[0], x.device
     if threshold is not None:
-        return _Plan('threshold', dict(crit.context(timesteps), tau=_tau(threshold, B, dev)))
+        tau = _tau(threshold, B, dev)
+        return _Plan('threshold', dict(crit.context(timesteps), tau=tau, always=tau >= 1))
     if exit_layers is None:
         return _Plan('full')
     ex = self._check_exit_layers(exit_layers, B, dev)
@@ -464,7 +465,7 @@ class _Results:
         return EarlyExitOutput(sample=self.sample, exit_layer=self.exit_layer, uncertainty=self.unc,
                                layers_run=layers_run, layers_total=self.B * self.L, uncertainty_map=self.umap)
 
-# %% ../nbs/02_early_exit.ipynb #bfac04d8
+# %% ../nbs/02_early_exit.ipynb #ca8b476c
 def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool):
     "Exit mask, number of exiting rows and their uncertainty maps at exit i."
     if plan.mode == 'static':
@@ -472,8 +473,7 @@ def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: b
         return (run.per_row['exit'] == i) if n_exit else None, n_exit, None
     u, umap = self.uem.uncertainty(i, self.backbone, run.h, run.per_row, run.prev, want_map=want_map)
     res.unc[run.rows, i] = u.detach().float()
-    tau = run.per_row['tau']
-    m = (u < tau) | (tau >= 1)
+    m = (u < run.per_row['tau']) | run.per_row['always']
     if want_map and umap is None:
         umap = self._as_map(u)
     return m, int(m.sum()), umap                                                # the one host sync of this exit
@@ -484,7 +484,8 @@ def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_ma
     if not n_exit:
         return len(run.rows)
     idx_exit, idx_keep = run.split(m, n_exit)
-    res.emit(run.rows[idx_exit], self.exit_output(i, run.h[idx_exit], run.state.select(idx_exit)), i,
+    state = None if self.exit_head_mode == 'per_layer' else run.state.select(idx_exit)   # per-layer heads need none
+    res.emit(run.rows[idx_exit], self.exit_output(i, run.h[idx_exit], state), i,
              None if umap is None else umap[idx_exit])
     if len(idx_keep):
         run.keep(idx_keep)
@@ -518,7 +519,7 @@ def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return
 
 EarlyExitUViT.forward = forward
 
-# %% ../nbs/02_early_exit.ipynb #8beba50a
+# %% ../nbs/02_early_exit.ipynb #5cf6dbdf
 def forward_train(self, x, timesteps, y=None) -> dict:
     """All exits on the full batch: 'eps' (B,C,H,W) final output, 'exits' (L,B,C,H,W) g_i for i < L,
     'u_map' (L,B,C,H,W) per-pixel uncertainties, 'u' (L,B) aggregated uncertainties."""
@@ -527,7 +528,7 @@ def forward_train(self, x, timesteps, y=None) -> dict:
     ctx, prev = self.uem.context(timesteps), None
     exits, umaps, us = [], [], []
     for i in range(self.num_layers):
-        exits.append(self.exit_output(i, h, state))
+        exits.append(self.exit_output(i, h, state.copy() if self.exit_head_mode == 'skip_fusion' else state))
         hu = h.detach() if self.uem_detach else h
         u, umap = self.uem.uncertainty(i, bb, hu, ctx, prev, want_map=True)
         us.append(u)
