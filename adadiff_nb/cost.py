@@ -121,7 +121,16 @@ def _n_uem(info: dict):
     u = info.get('uncertainty')
     return None if u is None else (~torch.isnan(u)).sum(1)
 
-# %% ../nbs/02c_cost.ipynb #9ab31d2b
+# %% ../nbs/02c_cost.ipynb #bdfdbe8f
+def _info_flops(costs: dict, info: dict) -> tuple:
+    "(per-sample FLOPs (B,), total incl. per-call terms) of one early-exit evaluation (its `info()` dict)."
+    n = _n_uem(info)
+    calls = 0
+    if n is not None and costs.get('uem_call'):
+        calls = int((~torch.isnan(info['uncertainty'])).any(0).sum())        # exits evaluated for >= 1 row
+    per = eval_flops(costs, info['exit_layer'], n)
+    return per, float(per.sum()) + calls * costs.get('uem_call', 0)
+
 def forward_flops(model, out, batch: int | None = None) -> dict:
     """Analytic FLOPs of one forward whose output is `out` (an `EarlyExitOutput`, its `info()` dict, or a plain tensor
     for a full forward of `batch` rows): {'per_sample': (B,) float64, 'total': float incl. per-call terms}."""
@@ -129,13 +138,8 @@ def forward_flops(model, out, batch: int | None = None) -> dict:
     info = out.info() if callable(getattr(out, 'info', None)) else out
     L = len(costs['blocks'])
     if isinstance(info, dict):
-        e = info['exit_layer']
-        n = _n_uem(info)
-        per = eval_flops(costs, e, n)
-        calls = 0
-        if n is not None and costs.get('uem_call'):
-            calls = int((~torch.isnan(info['uncertainty'])).any(0).sum())        # exits evaluated for >= 1 row
-        return dict(per_sample=per, total=float(per.sum()) + calls * costs.get('uem_call', 0))
+        per, total = _info_flops(costs, info)
+        return dict(per_sample=per, total=total)
     B = batch if batch is not None else out.shape[0]
     per = eval_flops(costs, torch.full((B,), L))
     return dict(per_sample=per, total=float(per.sum()))
@@ -235,16 +239,7 @@ def speedup(layer_ratio: float, seconds_full: float, seconds: float, gflops_full
     if gflops_full is not None and gflops: d['gflops_speedup'] = gflops_full / gflops
     return d
 
-# %% ../nbs/02c_cost.ipynb #9f84714c
-def _info_flops(costs: dict, info: dict) -> float:
-    "FLOPs of one early-exit evaluation (its `info()` dict), per-call terms included: what `forward_flops` totals."
-    n = _n_uem(info)
-    calls = 0
-    if n is not None and costs.get('uem_call'):
-        calls = int((~torch.isnan(info['uncertainty'])).any(0).sum())        # exits evaluated for >= 1 row
-    return float(eval_flops(costs, info['exit_layer'], n).sum()) + calls * costs.get('uem_call', 0)
-
-# %% ../nbs/02c_cost.ipynb #b848c927
+# %% ../nbs/02c_cost.ipynb #e19fc7d6
 class CostMeter:
     "Sampler callback: layers run vs possible, analytic FLOPs, exit layers per step and per-bucket layer ratios."
     def __init__(self, model, buckets: int = 10, max_time: float = 1000.):
@@ -269,7 +264,7 @@ class CostMeter:
         if info is None: e, run, total, fl = torch.full((B,), self.L), B * self.L, B * self.L, B * self.full
         else:
             e, run, total = info['exit_layer'].cpu(), int(info['layers_run']), int(info['layers_total'])
-            fl = _info_flops(self.costs, info)
+            fl = _info_flops(self.costs, info)[1]
         self.layers_run, self.layers_total = self.layers_run + run, self.layers_total + total
         self.flops, self.flops_full, self.evals = self.flops + fl, self.flops_full + B * self.full, self.evals + B
         self.exit_hist += np.bincount(e.long().numpy(), minlength=self.L + 1)[: self.L + 1]
