@@ -22,7 +22,8 @@ from .samplers import get_sampler, make_denoiser
 from .cost import CostMeter, sync
 
 # %% auto #0
-__all__ = ['schedule_for', 'images_uint8', 'save_grid', 'SampleRun', 'check_sampler_opts', 'sample_batches']
+__all__ = ['schedule_for', 'images_uint8', 'save_grid', 'SampleRun', 'model_num_classes', 'model_image_shape', 'model_device',
+           'check_sampler_opts', 'sample_batches']
 
 # %% ../nbs/02f_sampling.ipynb #bc7c5e9c
 def _schedule_spec(spec) -> tuple:
@@ -60,7 +61,7 @@ def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
     img.save(buf, format='PNG')
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
-# %% ../nbs/02f_sampling.ipynb #be17dfd1
+# %% ../nbs/02f_sampling.ipynb #0d4bc7f1
 @dataclass
 class SampleRun:
     "The result of `sample_batches`."
@@ -71,15 +72,22 @@ class SampleRun:
     labels: torch.Tensor | None = None        # (n,) class labels of a class-conditional model
     batch_seconds: list = field(default_factory=list)   # wall time of each batch
 
-def _num_classes(model) -> int:
+def model_num_classes(model) -> int:
+    "Number of classes of a (wrapped) backbone; -1 (or 0) for an unconditional one."
     bb = getattr(model, 'backbone', model)
     return int(getattr(bb, 'num_classes', -1) or -1)
 
-def _image_shape(model) -> tuple:
+def model_image_shape(model) -> tuple:
+    "(C, H, W) of the images a (wrapped) backbone denoises."
     bb = getattr(model, 'backbone', model)
-    return (bb.in_chans, bb.img_size, bb.img_size)
+    try:
+        return int(bb.in_chans), int(bb.img_size), int(bb.img_size)
+    except AttributeError:
+        raise TypeError(f"{type(model).__name__} does not say its image shape (no in_chans / img_size); "
+                        "pass a U-ViT, a DiT or an early-exit model") from None
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    "Device of the model's parameters (CPU for a model without any)."
     p = next(iter(model.parameters()), None) if callable(getattr(model, 'parameters', None)) else None
     return p.device if p is not None else torch.device('cpu')
 
@@ -141,7 +149,7 @@ def _run_batch(fn, denoiser, x, schedule, steps, y, g, callback, progress, opts,
     sync(dev)
     return out, time.perf_counter() - t0
 
-# %% ../nbs/02f_sampling.ipynb #766809ca
+# %% ../nbs/02f_sampling.ipynb #725b85d9
 @torch.no_grad()
 def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_size: int = 16, *, threshold=None,
                    exit_layers=None, seed: int = 0, x_T: torch.Tensor | None = None, schedule=None, device=None,
@@ -150,8 +158,8 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
     "Sample `n` images (or the rows of `x_T`) in batches with an optional exit rule; see above for the noise."
     fn, opts = get_sampler(sampler), check_sampler_opts(sampler, sampler_opts)
     n = _check_run_args(n, batch_size, x_T, labels)
-    dev = torch.device(device) if device is not None else _model_device(model)
-    sch, K, shape = schedule_for(model, schedule), _num_classes(model), _image_shape(model)
+    dev = torch.device(device) if device is not None else model_device(model)
+    sch, K, shape = schedule_for(model, schedule), model_num_classes(model), model_image_shape(model)
     denoiser = make_denoiser(model, threshold, exit_layers)
     m = _make_meter(model, meter)
     cb = _step_callback(m, callback)
