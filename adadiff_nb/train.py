@@ -27,9 +27,9 @@ from . import data as _data
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'DataStream', 'EMA', 'WarmupLR', 'flatten_state', 'unflatten_state', 'save_optimizer', 'load_optimizer',
            'rng_state', 'set_rng_state', 'TrainState', 'read_train_checkpoint', 'list_checkpoints', 'checkpoint_dir',
-           'prune_checkpoints', 'latest_checkpoint', 'NonFiniteLossError', 'StepConfig', 'train_step', 'finetune',
-           'MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
+           'prune_checkpoints', 'latest_checkpoint', 'NonFiniteLossError', 'StepConfig', 'drop_labels', 'train_step',
+           'finetune', 'MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig',
+           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
 
 # %% ../nbs/04_train.ipynb #d7c751e3
 from .train_config import (MODES, LOGGERS, PRECISIONS, SECTIONS, TRAIN_PRESETS, ConfigError, ModelConfig,
@@ -298,7 +298,7 @@ def latest_checkpoint(out) -> dict | None:
         except (CheckpointError, FileNotFoundError) as e: warnings.warn(f"skipping damaged checkpoint {p}: {e}")
     return None
 
-# %% ../nbs/04_train.ipynb #08d0a6e4
+# %% ../nbs/04_train.ipynb #f72c3ec2
 class NonFiniteLossError(FloatingPointError, RuntimeError):
     "Training produced a NaN/inf loss or gradient."
 
@@ -314,6 +314,8 @@ class StepConfig:
     forward: nn.Module | None = None   # what loss_fn calls (a DDP wrapper); default: state.model
     accelerator: object = None      # an Accelerate Accelerator, or None (plain PyTorch)
     params: list | None = None      # parameters to clip; default: the optimizer's
+    p_uncond: float = 0.            # label dropout: probability that a label becomes `null_class` (guidance training)
+    null_class: int | None = None   # the model's unconditional label (required when p_uncond > 0)
 
 # %% ../nbs/04_train.ipynb #cefafbaa
 def _backward_clip(loss, state: TrainState, cfg: StepConfig) -> torch.Tensor:
@@ -337,7 +339,18 @@ def _check_finite(terms: dict, gn: torch.Tensor, step: int, acc=None):
         raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {vals}, grad_norm={gn.item()}; "
                                  "training stopped before the optimizer step.")
 
-# %% ../nbs/04_train.ipynb #58671bea
+# %% ../nbs/04_train.ipynb #6e8cdd51
+def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int | None, generator=None) -> torch.Tensor:
+    "Labels `y` (B,) with each replaced by `null_class` with probability `p_uncond` (drawn from `generator`)."
+    if not p_uncond:
+        return y
+    if null_class is None:
+        raise ValueError(f"p_uncond={p_uncond} drops labels to the null class, but the model has none: build a U-ViT "
+                         "with num_classes = classes + 1 and null_class=True, or a DiT with class_dropout_prob > 0")
+    drop = torch.rand(y.shape[0], generator=generator) < p_uncond
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+# %% ../nbs/04_train.ipynb #b23881d3
 def train_step(state: TrainState, batch: tuple, cfg: StepConfig) -> dict:
     "One AdamW step on `batch` (x0, y): noise, loss, backward, clip, NaN check, step, EMA. Advances `state`."
     lr = state.lr_rule(state.step)
@@ -348,7 +361,7 @@ def train_step(state: TrainState, batch: tuple, cfg: StepConfig) -> dict:
     eps = torch.randn(x0.shape, generator=state.noise)
     x0, eps, t = x0.to(dev), eps.to(dev), t.to(dev)
     x_t = sch.q_sample(x0, t, eps)
-    extra = dict(y=y.to(dev)) if cfg.labels else {}
+    extra = dict(y=drop_labels(y, cfg.p_uncond, cfg.null_class, state.noise).to(dev)) if cfg.labels else {}
     model = cfg.forward if cfg.forward is not None else state.model
     terms = cfg.loss_fn(model, x_t, sch.model_time(t).float(), eps, t, state.step, **extra)
     state.optimizer.zero_grad(set_to_none=True)

@@ -62,7 +62,7 @@ class DataConfig:
     flip: bool = _f(True, 'random horizontal flips (drawn from the data-order generator)')
     batch_size: int = _f(128, 'global batch size (all processes together)', _POS)
 
-# %% ../nbs/04_config.ipynb #3d6d587a
+# %% ../nbs/04_config.ipynb #b536ca35
 @dataclass
 class OptimConfig:
     "AdamW with linear warm-up, gradient clipping and the EMA of the weights."
@@ -88,6 +88,9 @@ class LossConfig:
                         _one_of(REDUCTIONS))
     layer_reduce: str = _f('sum', "'sum' over exits (the equations) | 'mean'", _one_of(LAYER_REDUCE))
     loss_kw: dict = _f({}, 'more adadiff_loss options: detach_u, normalize_ual, target_reduce')
+    p_uncond: float = _f(0.0, 'label dropout for classifier-free guidance: probability that a label is replaced by '
+                         "the null class (0.1 as U-ViT and DiT; needs a model with a null class)",
+                         ('a probability in [0, 1)', lambda v: isinstance(v, (int, float)) and 0 <= v < 1))
 
 # %% ../nbs/04_config.ipynb #a46031ad
 @dataclass
@@ -158,13 +161,14 @@ def _validate_relations(cfg: TrainConfig):
         bad = [k for k in m.exit_kw if k not in EE_OPTIONS]
         need(not bad, f"unknown exit_kw {bad}; valid early-exit options: {list(EE_OPTIONS)}")
 
-# %% ../nbs/04_config.ipynb #92bab239
+# %% ../nbs/04_config.ipynb #f87a352e
 _TINY = dict(model='uvit_tiny', data='cifar10_partial', img_size=8, batch_size=16, steps=20, lr=1e-3, weight_decay=0.0,
              betas=(0.9, 0.999), warmup_steps=5, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=10, keep_ckpts=2,
              sample_every=0, sample_n=16, sample_steps=10, seed=0, out='runs/tiny_cifar8', mode='scratch')
 _CPU16 = dict(model='uvit_cpu16', data='cifar10_partial', img_size=16, batch_size=64, lr=7e-4, weight_decay=0.03,
               betas=(0.9, 0.999), warmup_steps=300, grad_clip=1.0, ema_decay=0.999, log_every=50, ckpt_every=1000,
               sample_every=2000, sample_steps=50, schedule='linear')
+_CPU16C = {**_CPU16, 'model_kw': {'num_classes': 11, 'null_class': True}, 'p_uncond': 0.1}   # 10 classes + null
 _S2 = dict(model='uvit_s2_cifar10', data='cifar10', schedule='vpsde', sample_every=5000)
 TRAIN_PRESETS: dict = {
     'tiny_cifar8': _TINY,
@@ -172,6 +176,9 @@ TRAIN_PRESETS: dict = {
     'cpu16_backbone': {**_CPU16, 'mode': 'backbone', 'steps': 3_000, 'out': 'runs/cpu16_backbone'},
     'cpu16_adadiff': {**_CPU16, 'mode': 'finetune', 'init': 'runs/cpu16_backbone/final', 'steps': 1_500, 'lr': 2e-4,
                       'warmup_steps': 200, 'out': 'runs/cpu16_adadiff'},
+    'cpu16c_backbone': {**_CPU16C, 'mode': 'backbone', 'steps': 3_000, 'out': 'runs/cpu16c_backbone'},
+    'cpu16c_adadiff': {**_CPU16C, 'mode': 'finetune', 'init': 'runs/cpu16c_backbone/final', 'steps': 1_500,
+                       'lr': 2e-4, 'warmup_steps': 200, 'out': 'runs/cpu16c_adadiff'},
     'cpu16_frozen': {**_CPU16, 'mode': 'frozen', 'init': 'runs/cpu16_backbone/final', 'steps': 3_000, 'lr': 5e-4,
                      'warmup_steps': 100, 'out': 'runs/cpu16_frozen'},
     'uvit_s2_cifar10_backbone': dict(**_S2, mode='backbone', steps=500_000, ckpt_every=50_000,

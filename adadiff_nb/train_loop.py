@@ -300,7 +300,7 @@ def _build_data(cfg: TrainConfig, bb, rank: int, world: int) -> tuple[DataStream
                           f"the model expects {(C, S, S)}")
     return DataStream(ds, d.batch_size, cfg.run.seed, d.flip, rank, world), _data_info(cfg, ds)
 
-# %% ../nbs/04a_train_loop.ipynb #02ed71db
+# %% ../nbs/04a_train_loop.ipynb #e0423057
 @dataclass
 class _Run:
     cfg: TrainConfig
@@ -337,8 +337,12 @@ def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
         raise TrainInputError(str(e)) from e
     fwd, state.optimizer = acc.prepare(_Forward(model, early), state.optimizer)
     y_needed = getattr(bb, 'num_classes', -1) > 0
+    if cfg.loss.p_uncond and getattr(bb, 'null_class', None) is None:
+        raise TrainInputError(f"p_uncond={cfg.loss.p_uncond} needs a class-conditional model with a null class; "
+                              "for a U-ViT set model_kw num_classes = classes + 1 and null_class=True")
     step_cfg = StepConfig(get_schedule(cfg.loss.schedule), LoopLoss(cfg.loss, early), cfg.optim.grad_clip,
-                          cfg.optim.ema_every, acc.device, y_needed, fwd, acc, params)
+                          cfg.optim.ema_every, acc.device, y_needed, fwd, acc, params, cfg.loss.p_uncond,
+                          getattr(bb, 'null_class', None))
     run = _Run(cfg, acc, state, step_cfg, Path(cfg.run.out).expanduser(), data_info, command,
                resumed=ck['path'] if ck is not None else None, last_ckpt=ck['path'] if ck is not None else None)
     if run.main: _announce(run, arch, loaded)
@@ -368,7 +372,7 @@ def _announce(run: _Run, arch: str, loaded: str | None):
     (run.out / 'samples').mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.out / 'config.json', cfg.to_dict())
 
-# %% ../nbs/04a_train_loop.ipynb #ca5cabef
+# %% ../nbs/04a_train_loop.ipynb #5acabbbe
 def _checkpoint(run: _Run):
     "Save the run's `TrainState` as out/ckpt/step_N (process 0) after checking the processes agree."
     from accelerate.utils import gather_object
@@ -398,7 +402,7 @@ def _sample_grid(run: _Run) -> Path:
     if run.sample_model is None: run.sample_model = copy.deepcopy(run.state.model).eval()
     run.state.ema.copy_to(run.sample_model)
     n = cfg.run.sample_n
-    y = (torch.arange(n, device=dev) % bb.num_classes) if run.step_cfg.labels else None
+    y = (torch.arange(n, device=dev) % bb.num_labels) if run.step_cfg.labels else None
     imgs = sample_images(run.sample_model, run.step_cfg.schedule, n, (bb.in_chans, bb.img_size, bb.img_size),
                          cfg.run.sample_steps, cfg.run.seed, dev, y)
     return save_grid(imgs, run.out / 'samples' / f'step_{run.state.step:08d}.png')

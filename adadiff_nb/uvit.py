@@ -18,8 +18,8 @@ import einops
 
 # %% auto #0
 __all__ = ['PRESETS', 'timestep_embedding', 'patchify', 'unpatchify', 'Attention', 'Mlp', 'PatchEmbed', 'Block', 'BlockState',
-           'UViT', 'init_weights', 'check_input', 'embed', 'run_block', 'decode', 'patch_tokens', 'forward',
-           'uvit_s2_cifar10', 'uvit_s4_celeba64', 'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_tiny',
+           'UViT', 'init_weights', 'label_error', 'check_input', 'embed', 'run_block', 'decode', 'patch_tokens',
+           'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64', 'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_tiny',
            'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
 
 # %% ../nbs/01_uvit.ipynb #f9cde968
@@ -131,8 +131,11 @@ class BlockState:
         rows = [idx if r is None else r[idx] for r in self.rows]
         return BlockState(list(self.skips), rows, None if self.cond is None else self.cond[idx])
 
-# %% ../nbs/01_uvit.ipynb #39e7b05f
-def _check_uvit_args(img_size, patch_size, depth):
+# %% ../nbs/01_uvit.ipynb #0123e336
+def _check_uvit_args(img_size, patch_size, depth, num_classes=-1, null_class=False):
+    if null_class and num_classes < 2:
+        raise ValueError(f"null_class=True needs num_classes >= 2 (the real classes + the null class), "
+                         f"got num_classes={num_classes}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}; "
                          "pick a patch size that divides the image side")
@@ -143,17 +146,19 @@ def _check_uvit_args(img_size, patch_size, depth):
 def _time_mlp(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
 
-# %% ../nbs/01_uvit.ipynb #161146b3
+# %% ../nbs/01_uvit.ipynb #83602041
 class UViT(nn.Module):
     "U-ViT (Bao et al. 2023): tokens [(class), time, patches] -> in-blocks -> mid-block -> out-blocks -> image."
     arch = 'uvit'
     def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4.,
-                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True):
+                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True, null_class=False):
         super().__init__()
-        _check_uvit_args(img_size, patch_size, depth)
+        _check_uvit_args(img_size, patch_size, depth, num_classes, null_class)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=skip)
+        if null_class:
+            self.config['null_class'] = True                # only when set: older configs stay byte-identical
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -182,6 +187,16 @@ class UViT(nn.Module):
         "The blocks in execution order (in-blocks, mid-block, out-blocks)."
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
+    @property
+    def null_class(self) -> int | None:
+        "Label of the unconditional (null) class: the last label when built with `null_class=True`, as U-ViT does."
+        return self.num_classes - 1 if self.config.get('null_class') else None
+
+    @property
+    def num_labels(self) -> int:
+        "Number of real class labels (the null class not counted); 0 for an unconditional model."
+        return max(self.num_classes, 0) - int(self.null_class is not None)
+
 # %% ../nbs/01_uvit.ipynb #f02828a6
 def init_weights(self):
     "All weight init in one place: truncated-normal(0.02) linears and pos_embed, zero biases, unit LayerNorms."
@@ -197,7 +212,24 @@ def init_weights(self):
 
 UViT.init_weights = init_weights
 
-# %% ../nbs/01_uvit.ipynb #9d9742d1
+# %% ../nbs/01_uvit.ipynb #24f3d5f6
+def label_error(y, B: int, num_classes: int, null_class: int | None = None) -> str | None:
+    "Why labels `y` do not fit a model with `num_classes` label rows (0: unconditional), or None when they do."
+    if y is None:
+        return None
+    if num_classes <= 0:
+        return "class labels y were given but the model is unconditional (it has no classes); pass y=None"
+    if not torch.is_tensor(y) or y.ndim != 1 or y.shape[0] != B or y.is_floating_point() or y.dtype == torch.bool:
+        what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        return f"labels y must be an integer tensor of shape (B,) = ({B},), got {what}"
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        real = num_classes - (null_class is not None)
+        null = f" (or {null_class}, the null class)" if null_class is not None else ""
+        return (f"class labels must lie in [0, {real}){null}; got values in [{int(y.min())}, {int(y.max())}]; "
+                f"the model has {real} classes")
+    return None
+
+# %% ../nbs/01_uvit.ipynb #9885954e
 def _shape_error(self, x, timesteps, y=None) -> str | None:
     C, S = self.in_chans, self.img_size
     if x.ndim != 4:
@@ -209,9 +241,10 @@ def _shape_error(self, x, timesteps, y=None) -> str | None:
         return f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with img_size={S}"
     if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
         return f"timesteps must have shape (B,) = ({x.shape[0]},), got {tuple(timesteps.shape)}"
-    if y is not None and self.num_classes <= 0:
-        return "class labels y were given but the model is unconditional (num_classes <= 0); pass y=None"
-    return None
+    if y is None and self.num_classes > 0 and self.null_class is None:
+        return (f"class labels y are required: the model is class-conditional ({self.num_classes} classes) and has "
+                "no null class; pass y, or build it with null_class=True to allow unconditional calls")
+    return label_error(y, x.shape[0], max(self.num_classes, 0), self.null_class)
 
 def check_input(self, x, timesteps, y=None):
     "Raise a clear error when `x`, `timesteps` or `y` do not fit this model."
@@ -221,13 +254,14 @@ def check_input(self, x, timesteps, y=None):
 
 UViT.check_input = check_input
 
-# %% ../nbs/01_uvit.ipynb #6b5feed8
+# %% ../nbs/01_uvit.ipynb #32a22a46
 def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
     "Check the input; tokens [(class), time, patches] + pos_embed before the first block, and a fresh `BlockState`."
     self.check_input(x, timesteps, y)
     x = self.patch_embed(x)                                                  # (B, L, D)
     tok = [self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)]  # (B, 1, D)
-    if y is not None:
+    if self.num_classes > 0:                                                # y=None: the null class
+        y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long) if y is None else y
         tok.append(self.label_emb(y).unsqueeze(1))
     return torch.cat([*tok[::-1], x], dim=1) + self.pos_embed, BlockState()  # label token first, as officially
 
@@ -276,13 +310,14 @@ UViT.embed, UViT.run_block, UViT.decode, UViT.patch_tokens, UViT.forward = (
     forward,
 )
 
-# %% ../nbs/01_uvit.ipynb #e158e611
+# %% ../nbs/01_uvit.ipynb #2350b9d7
 _S2 = dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False)
 _S4 = dict(img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False)
 _M4 = dict(img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4, qkv_bias=False,
            mlp_time_embed=False, num_classes=1000)
 _L2 = dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4,
-           qkv_bias=False, mlp_time_embed=False, num_classes=1001)
+           qkv_bias=False, mlp_time_embed=False, num_classes=1001,
+           null_class=True)
 
 def uvit_s2_cifar10(**kw):
     "U-ViT-S/2 for CIFAR-10 32x32 (44.2M params; U-ViT paper FID 3.11)."
