@@ -17,9 +17,10 @@ import torch
 from .checkpoint import asset_path, load_model, save_model
 
 # %% auto #0
-__all__ = ['DEFAULT_RECIPE', 'DEFAULT_MODEL_ENV', 'default_model_dir', 'load_default', 'default_threshold', 'export_default']
+__all__ = ['DEFAULT_RECIPE', 'DEFAULT_MODEL_ENV', 'COND_RECIPE', 'EMBEDDED_MODELS', 'default_model_dir', 'load_default',
+           'default_threshold', 'export_default']
 
-# %% ../nbs/02a_default_model.ipynb #5c3bbeb2
+# %% ../nbs/02a_default_model.ipynb #7ed7b47b
 DEFAULT_RECIPE = [
     "OMP_NUM_THREADS=1 adadiff-train --config cpu16_backbone --steps 3000 --sample-every 1000 --ckpt-every 500 "
     "--out runs/cpu16_backbone",
@@ -29,28 +30,46 @@ DEFAULT_RECIPE = [
     "export_default('runs/cpu16_adadiff', use_ema=False, default_threshold=0.075)\"",
 ]
 DEFAULT_MODEL_ENV = 'ADADIFF_DEFAULT_MODEL'
+COND_RECIPE = [
+    "OMP_NUM_THREADS=1 adadiff-train --config cpu16c_backbone --steps 3000 --sample-every 1000 --ckpt-every 500 "
+    "--out runs/cpu16c_backbone",
+    "OMP_NUM_THREADS=1 adadiff-train --config cpu16c_adadiff --init runs/cpu16c_backbone/final --steps 1500 "
+    "--sample-every 500 --ckpt-every 500 --out runs/cpu16c_adadiff",
+    "python -c \"from adadiff_nb.default_model import export_default; "
+    "export_default('runs/cpu16c_adadiff', name='cifar10_cond', use_ema=False, default_threshold=0.075)\"",
+]
+EMBEDDED_MODELS = {'default': ('default_model', DEFAULT_RECIPE), 'cifar10_cond': ('cifar10_cond_model', COND_RECIPE)}
 
-# %% ../nbs/02a_default_model.ipynb #2091487e
-def default_model_dir(check: bool = False) -> Path:
-    "Directory of the embedded default model: `$ADADIFF_DEFAULT_MODEL`, else the package's `assets/default_model`."
-    p = Path(os.environ.get(DEFAULT_MODEL_ENV) or asset_path('default_model'))
+# %% ../nbs/02a_default_model.ipynb #55012819
+def _embedded(name: str) -> tuple:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; choose one of {list(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name]
+
+def default_model_dir(check: bool = False, name: str = 'default') -> Path:
+    """Directory of embedded model `name`: the package's `assets/<dir>` (for 'default', `$ADADIFF_DEFAULT_MODEL`
+    first)."""
+    sub, recipe = _embedded(name)
+    env = os.environ.get(DEFAULT_MODEL_ENV) if name == 'default' else None
+    p = Path(env or asset_path(sub))
     if check and not (p / 'model.safetensors').exists():
-        raise FileNotFoundError(f"the embedded default model is missing: no {p / 'model.safetensors'}. Reinstall the "
-                                f"package, set {DEFAULT_MODEL_ENV} to a model directory, or rebuild it with:\n  "
-                                + "\n  ".join(DEFAULT_RECIPE))
+        hint = f"set {DEFAULT_MODEL_ENV} to a model directory, " if name == 'default' else ''
+        raise FileNotFoundError(f"the embedded {name} model is missing: no {p / 'model.safetensors'}. Reinstall the "
+                                f"package, {hint}or rebuild it with:\n  " + "\n  ".join(recipe))
     return p
 
-def load_default(device: str | torch.device | None = None) -> torch.nn.Module:
-    "The embedded default early-exit model (float32, eval mode) on `device` (default: CUDA when available, else CPU)."
+def load_default(device: str | torch.device | None = None, name: str = 'default') -> torch.nn.Module:
+    """Embedded model `name` ('default': unconditional; 'cifar10_cond': class-conditional with a null class), float32,
+    eval mode, on `device` (default: CUDA when available, else CPU)."""
     if device is None: device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return load_model(default_model_dir(check=True), map_location=device).eval()
+    return load_model(default_model_dir(check=True, name=name), map_location=device).eval()
 
-def default_threshold(model=None) -> float:
-    "The documented early-exit threshold of the default model (stored in its record)."
-    rec = getattr(model, 'record', None) or json.loads((default_model_dir(check=True) / 'config.json').read_text())
+def default_threshold(model=None, name: str = 'default') -> float:
+    "The documented early-exit threshold of an embedded model (stored in its record)."
+    rec = getattr(model, 'record', None) or json.loads((default_model_dir(True, name) / 'config.json').read_text())
     return float(rec.get('default_threshold', 0.1))
 
-# %% ../nbs/02a_default_model.ipynb #03d889f5
+# %% ../nbs/02a_default_model.ipynb #ce6fbc73
 def _run_step(run_dir: Path) -> int | None:
     "The step of the newest readable training checkpoint `run_dir/ckpt/step_*/state.json`, or None."
     cks = sorted((p for p in (run_dir / 'ckpt').glob('step_*') if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
@@ -59,7 +78,7 @@ def _run_step(run_dir: Path) -> int | None:
         except (OSError, ValueError, KeyError, TypeError): continue
     return None
 
-def _export_extras(rec: dict, run_dir: Path) -> dict:
+def _export_extras(rec: dict, run_dir: Path, recipe: list = DEFAULT_RECIPE) -> dict:
     "The record entries of the exported model beyond arch/config/library_version."
     extra = {k: v for k, v in rec.items() if k not in ('arch', 'config', 'library_version')}
     init = (rec.get('training') or {}).get('init')
@@ -67,22 +86,22 @@ def _export_extras(rec: dict, run_dir: Path) -> dict:
         extra['backbone_training'] = json.loads((Path(init) / 'config.json').read_text()).get('training')
     step = _run_step(run_dir)
     if step is not None: extra['source_step'] = step
-    extra['recipe'] = DEFAULT_RECIPE
+    extra['recipe'] = recipe
     extra['source_run'] = str(run_dir)
     return extra
 
-# %% ../nbs/02a_default_model.ipynb #d7d3c552
+# %% ../nbs/02a_default_model.ipynb #f6d3ff3c
 def export_default(run_dir, dst=None, use_ema: bool = True, dtype=torch.float16, default_threshold: float | None = None,
-                   max_mb: float = 8.) -> Path:
-    "Write the final (EMA) model of training run `run_dir` to `dst` (default: the embedded location) in fp16 + recipe."
-    run_dir = Path(run_dir)
+                   max_mb: float = 8., name: str = 'default') -> Path:
+    "Write the final (EMA) model of run `run_dir` to `dst` (default: embedded model `name`'s place) in fp16 + recipe."
+    run_dir, recipe = Path(run_dir), _embedded(name)[1]
     src = run_dir / ('final_ema' if use_ema else 'final')
     if not src.exists():
-        raise FileNotFoundError(f'no trained model at {src}; run the recipe first:\n  ' + '\n  '.join(DEFAULT_RECIPE))
+        raise FileNotFoundError(f'no trained model at {src}; run the recipe first:\n  ' + '\n  '.join(recipe))
     model = load_model(src)
-    extra = _export_extras(dict(getattr(model, 'record', {})), run_dir)
+    extra = _export_extras(dict(getattr(model, 'record', {})), run_dir, recipe)
     if default_threshold is not None: extra['default_threshold'] = float(default_threshold)
-    dst = Path(dst) if dst is not None else default_model_dir()
+    dst = Path(dst) if dst is not None else default_model_dir(name=name)
     save_model(model, dst, dtype=dtype, **extra)
     mb = (dst / 'model.safetensors').stat().st_size / 2 ** 20
     if mb > max_mb:

@@ -40,11 +40,12 @@ def _parse_value(name: str, s: str):
         raise ConfigError(f"invalid value {s!r} for {name} ({ann}): {e}") from None
     return s
 
-# %% ../nbs/04b_train_cli.ipynb #467ef7d5
+# %% ../nbs/04b_train_cli.ipynb #5838e04d
 def build_parser() -> argparse.ArgumentParser:
     "The `adadiff-train` argument parser: run options and one option per config field (help from the field)."
     epilog = f"presets: {', '.join(TRAIN_PRESETS)}\nexit status: 0 ok, 2 bad input, 3 non-finite loss"
-    p = argparse.ArgumentParser(prog='adadiff-train', description='Train U-ViT backbones and AdaDiff early-exit models',
+    desc = 'Train U-ViT / DiT backbones and AdaDiff early-exit models (class-conditional: --p-uncond)'
+    p = argparse.ArgumentParser(prog='adadiff-train', description=desc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument('--config', '-c', default=None, help='training preset name or .json/.toml config file')
     p.add_argument('--resume', nargs='?', const=True, default=False, metavar='CKPT',

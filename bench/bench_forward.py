@@ -13,8 +13,9 @@ efficiency = measured / ideal.
     python bench/bench_forward.py [--threads 1] [--batch 64] [--skip 0.4] [--repeats 9]
 """
 from __future__ import annotations
-import argparse, statistics, time
+import argparse
 import torch
+from adadiff_nb.bench import time_interleaved
 from adadiff_nb.early_exit import create_early_exit, layer_ratio
 
 
@@ -31,16 +32,6 @@ def calibrate(model, x, t, target_ratio: float, iters: int = 60) -> float:
         if ratio(mid) > target_ratio:lo = mid
         else: hi = mid
     return hi
-
-
-def timeit(fn, repeats: int, warmup: int):
-    for _ in range(warmup): fn()
-    ts = []
-    for _ in range(repeats):
-        a = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - a)
-    return ts
 
 
 def main(argv=None):
@@ -86,15 +77,9 @@ def main(argv=None):
     def run_ee0():
         with torch.inference_mode(): model(x, t, threshold=0.)
 
-    for f in (run_full, run_ee, run_ee0):
-        for _ in range(a.warmup): f()
-    t_full, t_ee, t_ee0 = [], [], []
-    for _ in range(a.repeats):                                                    # interleaved: drift hits all alike
-        for f, ts in ((run_full, t_full), (run_ee, t_ee), (run_ee0, t_ee0)):
-            s = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - s)
-    mf, me, me0 = statistics.median(t_full), statistics.median(t_ee), statistics.median(t_ee0)
+    tm = time_interleaved(dict(full=run_full, ee=run_ee, ee0=run_ee0), a.repeats, a.warmup)  # drift hits all alike
+    t_full, t_ee = tm['full'].times, tm['ee'].times
+    mf, me, me0 = tm['full'].median, tm['ee'].median, tm['ee0'].median
     ideal, measured = 1. / lr, mf / me
 
     n_params = sum(p.numel() for p in model.parameters())
