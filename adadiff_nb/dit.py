@@ -18,7 +18,7 @@ from .checkpoint import _unwrap, load_state_dict_checked, load_weights
 # %% auto #0
 __all__ = ['DIT_PRESETS', 'sincos_pos_embed_2d', 'modulate', 'TimestepEmbedder', 'LabelEmbedder', 'TanhMlp', 'DiTBlock',
            'FinalLayer', 'DiT', 'initialize_weights', 'check_input', 'embed', 'run_block', 'decode', 'patch_tokens',
-           'forward', 'create_dit', 'load_official_dit']
+           'forward', 'create_dit', 'official_dit_state', 'load_official_dit']
 
 # %% ../nbs/01c_dit.ipynb #0bc42950
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ def create_dit(name: str, **kw) -> DiT:
     return DIT_PRESETS[name](**kw)
 
 # %% ../nbs/01c_dit.ipynb #05f6d3ca
-def _official_dit_state(path, map_location) -> dict:
+def official_dit_state(path, map_location) -> dict:
     "The state dict of an official DiT file, preferring the 'ema' weights of a training checkpoint."
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -301,5 +301,5 @@ def _official_dit_state(path, map_location) -> dict:
 def load_official_dit(path, name: str = 'DiT-XL/2', map_location='cpu', **kw) -> DiT:
     "Build preset `name` (keyword arguments override it) and load an official DiT `.pt` strictly; in eval mode."
     model = create_dit(name, **kw)
-    sd = _official_dit_state(path, map_location)
+    sd = official_dit_state(path, map_location)
     return load_state_dict_checked(model, sd, source=f"{path} (loaded as preset {name!r})").eval()

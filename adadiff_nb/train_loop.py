@@ -20,7 +20,7 @@ import torch.nn as nn
 import adadiff_nb
 from .diffusion import get_schedule
 from .uvit import UViT, create_uvit, count_params
-from .dit import DiT, create_dit, _official_dit_state
+from .dit import DiT, create_dit, official_dit_state
 from .checkpoint import (atomic_write, atomic_write_json, save_model, load_weights, load_state_dict_checked,
                          read_safetensors_metadata, CheckpointError, sha256_file)
 from .samplers import sample_ddim
@@ -116,7 +116,7 @@ def load_init(model: nn.Module, path, source: str | None = None) -> str:
     f = p / 'model.safetensors' if p.is_dir() else p
     backbone = getattr(model, 'backbone', None)
     official_dit = isinstance(backbone if backbone is not None else model, DiT) and f.suffix != '.safetensors'
-    sd = _official_dit_state(f, 'cpu') if official_dit else load_weights(f)
+    sd = official_dit_state(f, 'cpu') if official_dit else load_weights(f)
     prefixed = any(k.startswith('backbone.') for k in sd)
     if backbone is None and prefixed:                              # plain backbone from an early-exit checkpoint
         sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
