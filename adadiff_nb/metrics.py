@@ -35,9 +35,9 @@ __all__ = ['IMG_EXTS', 'FID_WEIGHTS_FILE', 'FID_WEIGHTS_ENV', 'FID_FEATURES', 'F
            'compute_activations', 'stats_from_activations', 'save_stats', 'load_stats', 'feature_name', 'compute_stats',
            'compute_reference_stats', 'frechet_distance', 'FIDWeightsNotFoundError', 'fid_weights_candidates',
            'build_pytorch_fid_inception', 'FIDInception', 'fid_inception', 'feature_fd', 'fid', 'fid_from_dirs',
-           'polynomial_kernel', 'mmd2_unbiased', 'kid_from_activations', 'kid', 'ProxyClassifier', 'proxy_accuracy',
-           'train_proxy_classifier', 'default_proxy_path', 'save_proxy_classifier', 'load_proxy_classifier',
-           'train_default_proxy', 'proxy_fd', 'mse', 'psnr']
+           'polynomial_kernel', 'mmd2_unbiased', 'kid_from_activations', 'kid', 'ProxyClassifier', 'proxy_predictions',
+           'proxy_accuracy', 'train_proxy_classifier', 'default_proxy_path', 'save_proxy_classifier',
+           'load_proxy_classifier', 'train_default_proxy', 'proxy_fd', 'mse', 'psnr']
 
 # %% ../nbs/02e_metrics.ipynb #2edd90ab
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.pgm', '.ppm')
@@ -561,15 +561,18 @@ def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
     rows, cols = oy[:, None] + torch.arange(H), ox[:, None] + torch.arange(W)
     return xp[torch.arange(B)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
-# %% ../nbs/02e_metrics.ipynb #dfca5330
+# %% ../nbs/02e_metrics.ipynb #4e89fb2a
 @torch.no_grad()
+def proxy_predictions(model: nn.Module, x_uint8, batch_size: int = 500) -> torch.Tensor:
+    "Top-1 classes (N,) of `model` on uint8 images (N, 3, H, W)."
+    model.eval()
+    x = _as_tensor(x_uint8)
+    return torch.cat([model(x[i:i + batch_size].float() / 255.).argmax(1) for i in range(0, len(x), batch_size)])
+
 def proxy_accuracy(model: nn.Module, x_uint8, y, batch_size: int = 500) -> float:
     "Top-1 accuracy of `model` on uint8 images (N, 3, H, W) with labels `y`."
-    model.eval()
-    x, y = _as_tensor(x_uint8), torch.as_tensor(np.asarray(y)).long()
-    correct = sum((model(x[i:i + batch_size].float() / 255.).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    return correct / len(x)
+    y = torch.as_tensor(np.asarray(y)).long()
+    return int((proxy_predictions(model, x_uint8, batch_size) == y).sum()) / len(y)
 
 def _proxy_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     "SGD with Nesterov momentum; weight decay on weight matrices and kernels only."
