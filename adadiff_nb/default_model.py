@@ -20,7 +20,7 @@ from .checkpoint import asset_path, load_model, save_model
 __all__ = ['DEFAULT_RECIPE', 'DEFAULT_MODEL_ENV', 'COND_RECIPE', 'EMBEDDED_MODELS', 'default_model_dir', 'load_default',
            'default_threshold', 'export_default']
 
-# %% ../nbs/02a_default_model.ipynb #7ed7b47b
+# %% ../nbs/02a_default_model.ipynb #b8eb8990
 DEFAULT_RECIPE = [
     "OMP_NUM_THREADS=1 adadiff-train --config cpu16_backbone --steps 3000 --sample-every 1000 --ckpt-every 500 "
     "--out runs/cpu16_backbone",
@@ -36,7 +36,7 @@ COND_RECIPE = [
     "OMP_NUM_THREADS=1 adadiff-train --config cpu16c_adadiff --init runs/cpu16c_backbone/final --steps 1500 "
     "--sample-every 500 --ckpt-every 500 --out runs/cpu16c_adadiff",
     "python -c \"from adadiff_nb.default_model import export_default; "
-    "export_default('runs/cpu16c_adadiff', name='cifar10_cond', use_ema=False, default_threshold=0.075)\"",
+    "export_default('runs/cpu16c_adadiff', name='cifar10_cond', use_ema=False, default_threshold=0.07)\"",
 ]
 EMBEDDED_MODELS = {'default': ('default_model', DEFAULT_RECIPE), 'cifar10_cond': ('cifar10_cond_model', COND_RECIPE)}
 

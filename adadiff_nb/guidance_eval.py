@@ -56,10 +56,11 @@ def _reference(model, clf, reference):
     ref = reference if torch.is_tensor(reference) else analysis_data(model, reference, None, split='test')[0]
     return ref, compute_activations(ref, clf)
 
-# %% ../nbs/07a_guidance.ipynb #c23cb5d0
+# %% ../nbs/07a_guidance.ipynb #646a9e3d
 def compare_guidance_policies(model, thresholds=(0., .02, .05, .1, .2, .3, .5), guidance_scale: float = 3.,
                               n: int = 64, batch_size: int = 64, steps: int = 20, sampler: str = 'ddim', seed: int = 0,
-                              reference=None, proxy=None, labels=None, progress: bool = False) -> dict:
+                              reference=None, proxy=None, labels=None, sampler_opts: dict | None = None,
+                              progress: bool = False) -> dict:
     """Per guidance policy ('joint', 'independent') and threshold: layer_ratio (all rows), gflops, speedup, proxy_fd,
     proxy_kid (vs `reference`, default the CIFAR-10 test slice), accuracy (for the requested `labels`, default the
     classes cycled) and psnr_vs_full (vs the full model's guided samples, same noise), with the per-image `correct`
@@ -75,7 +76,8 @@ def compare_guidance_policies(model, thresholds=(0., .02, .05, .1, .2, .3, .5), 
     by, full = {}, None
     for policy in GUIDANCE_POLICIES:
         r = tradeoff_curve(model, thresholds, sampler, steps, n, seed, batch=batch_size, proxy=clf, reference=ref,
-                           progress=progress, labels=y, guidance_scale=s, guidance_policy=policy, return_samples=True)
+                           progress=progress, labels=y, guidance_scale=s, guidance_policy=policy, return_samples=True,
+                           sampler_opts=sampler_opts)
         qs = [_quality(x, y, clf, ref_acts, acc_ok) for x in r['samples']]
         by[policy] = dict({k: r[k] for k in ('layer_ratio', 'gflops', 'speedup', 'proxy_fd', 'psnr_vs_full')},
                           **{k: np.array([q[k] for q in qs]) for k in ('proxy_kid', 'accuracy', 'correct')},
@@ -86,6 +88,7 @@ def compare_guidance_policies(model, thresholds=(0., .02, .05, .1, .2, .3, .5), 
                         **_quality(r['full']['samples'], y, clf, ref_acts, acc_ok))
     return dict(kind='guidance_policies', threshold=r['threshold'], policies=list(GUIDANCE_POLICIES), by_policy=by,
                 full=full, guidance_scale=s, labels=y.numpy(), n=n, steps=steps, sampler=r['sampler'], seed=seed,
+                sampler_opts=dict(sampler_opts or {}),
                 num_layers=r['num_layers'], n_reference=len(ref))
 
 # %% ../nbs/07a_guidance.ipynb #2d3f4762

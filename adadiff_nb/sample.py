@@ -31,22 +31,23 @@ __all__ = ['NAMED_CHECKPOINTS', 'resolve_checkpoint', 'load_sampling_model', 'pa
 from .cost import uvit_flops, layer_costs, eval_flops, full_eval_flops   # the one FLOP model of the project
 _all_ = ['uvit_flops', 'layer_costs', 'eval_flops', 'full_eval_flops']
 
-# %% ../nbs/05_sample_cli.ipynb #5b9e8935
+# %% ../nbs/05_sample_cli.ipynb #485329dc
 NAMED_CHECKPOINTS: dict = (
     {}
 )  # name -> path (or a callable returning one); 'default' may later point at the embedded model
 
 def resolve_checkpoint(name) -> Path:
-    "Path of a checkpoint named on the command line: a name registered in `NAMED_CHECKPOINTS`, 'default', or a path."
+    """Path of a checkpoint named on the command line: a name registered in `NAMED_CHECKPOINTS`, an embedded model
+    ('default', 'cifar10_cond'), or a path."""
     key = str(name)
     if key in NAMED_CHECKPOINTS:
         p = NAMED_CHECKPOINTS[key]
         p = Path(p() if callable(p) else p)
         if not p.exists(): raise FileNotFoundError(f"checkpoint {key!r} points at {p}, which does not exist")
         return p
-    if key == 'default':
-        from adadiff_nb.default_model import default_model_dir
-        return default_model_dir(check=True)
+    from adadiff_nb.default_model import EMBEDDED_MODELS, default_model_dir
+    if key in EMBEDDED_MODELS:
+        return default_model_dir(check=True, name=key)
     p = Path(key).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -229,7 +230,7 @@ def _add_label_args(p: argparse.ArgumentParser):
     p.add_argument('--guidance-policy', default='joint', help=f"how a guided sample's conditional and unconditional "
                    f"rows exit: {' or '.join(GUIDANCE_POLICIES)} (together / each on its own; default joint)")
 
-# %% ../nbs/05_sample_cli.ipynb #9875fc14
+# %% ../nbs/05_sample_cli.ipynb #26e6a61e
 def build_parser() -> argparse.ArgumentParser:
     "The `adadiff-sample` argument parser."
     p = argparse.ArgumentParser(prog='adadiff-sample', description="Sample a saved (early-exit) diffusion model; "
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         '--checkpoint',
         required=True,
-        help="save_model directory or .safetensors file ('default': the embedded model, when shipped)",
+        help="save_model directory or .safetensors file, or an embedded model: 'default' (unconditional) or "
+             "'cifar10_cond' (class-conditional, for --class / --guidance-scale)",
     )
     p.add_argument(
         '--sampler', default='dpm_solver_pp_2m', help=f"one of {', '.join(sorted(SAMPLERS))} (default dpm_solver_pp_2m)"

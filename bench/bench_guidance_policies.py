@@ -8,7 +8,7 @@ accuracy for the requested classes and the PSNR to the full model's guided sampl
 policies' quality at common layer ratios (`adadiff_nb.guidance_eval`). A paired bootstrap over images gives 95%
 intervals for the PSNR and accuracy differences at equal ratio. Written to `--out` (JSON) and printed.
 
-    OMP_NUM_THREADS=1 python bench/bench_guidance_policies.py --out results/cifar16_cond_guidance.json
+    OMP_NUM_THREADS=1 python bench/bench_guidance_policies.py --clip-denoised --out results/cifar16_cond_guidance.json
 """
 from __future__ import annotations
 import argparse, shlex, sys, time
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--steps', type=int, default=20)
     p.add_argument('--sampler', default='ddim')
+    p.add_argument('--clip-denoised', action='store_true', help='clip the predicted x0 to [-1, 1] (DDPM / DDIM)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     p.add_argument('--out', default=None, help='write the results as JSON here')
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
         taus = [float(v) for v in a.thresholds.split(',') if v.strip()]
         model = load_default('cpu', name=a.model) if a.model in EMBEDDED_MODELS else load_model(a.model).eval()
         res = compare_guidance_policies(model, taus, a.guidance_scale, n=a.n, batch_size=a.batch, steps=a.steps,
-                                        sampler=a.sampler, seed=a.seed, progress=True)
+                                        sampler=a.sampler, seed=a.seed, progress=True,
+                                        sampler_opts=dict(clip_denoised=True) if a.clip_denoised else None)
         eq = policy_curves_at_equal_ratio(res)
         boot = {m: bootstrap_equal_ratio(res, m, n_boot=2000, seed=a.seed) for m in ('psnr_vs_full', 'accuracy')}
     except (ValueError, FileNotFoundError) as e:

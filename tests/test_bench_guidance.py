@@ -26,11 +26,12 @@ def test_writes_both_policies_and_intervals(tmp_path):
     save_model(model, tmp_path / 'm')
     out = tmp_path / 'g.json'
     rc = _script().main(['--model', str(tmp_path / 'm'), '--thresholds', '0,0.5,1', '--n', '6', '--batch', '3',
-                         '--steps', '2', '--threads', '1', '--out', str(out)])
+                         '--steps', '2', '--threads', '1', '--clip-denoised', '--out', str(out)])
     assert rc == 0
     d = json.loads(out.read_text())
     r = d['result']
     assert r['policies'] == ['joint', 'independent'] and r['n'] == 6 and r['guidance_scale'] == 3.
+    assert r['sampler_opts'] == {'clip_denoised': True}
     for p in r['policies']:
         assert np.asarray(r['by_policy'][p]['psnr_images'], dtype=float).shape == (3, 6)
         assert r['by_policy'][p]['layer_ratio'][0] == 1.0 and r['by_policy'][p]['layer_ratio'][2] == 0.0

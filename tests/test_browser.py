@@ -86,8 +86,8 @@ EXIT_Y = """() => {
   const plots = [...document.querySelectorAll('.jp-OutputArea .js-plotly-plot')]
       .filter(p => p.layout && p.layout.title && String(p.layout.title.text || '').startsWith('Exit layer per step'));
   if (!plots.length) return null;
-  const tr = plots[plots.length - 1].data.find(d => d.name === 'mean exit layer');
-  return tr ? {title: plots[plots.length - 1].layout.title.text, y: Array.from(tr.y)} : null;
+  const tr = plots[0].data.find(d => d.name === 'mean exit layer');      // the first app: the default model's
+  return tr ? {title: plots[0].layout.title.text, y: Array.from(tr.y)} : null;
 }"""
 
 
@@ -111,10 +111,10 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         page.wait_for_function(f'({EXIT_Y})() !== null && ({EXIT_Y})().title.includes("threshold")', timeout=300_000)
         before = page.evaluate(EXIT_Y)
         assert before['y'], before
-        slider = page.locator('.widget-slider:has(label:text-is("threshold"))').last
+        slider = page.locator('.widget-slider:has(label:text-is("threshold"))').first
         slider.scroll_into_view_if_needed()
         page.screenshot(path=str(shots / 'exit_trends_before.png'))
-        page.locator('.jp-OutputArea-output:has(.widget-slider)').last.screenshot(
+        page.locator('.jp-OutputArea-output:has(.widget-slider)').first.screenshot(
             path=str(shots / 'exit_trends_app_default.png')
         )
         # type a new threshold into the slider's readout (an editable field), as a user can; then drag back with
@@ -136,7 +136,13 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
         after = page.evaluate(EXIT_Y)
         assert after['y'] != before['y'] and after['title'] != before['title']
         page.screenshot(path=str(shots / 'exit_trends_after.png'))
-        app = page.locator('.jp-OutputArea-output:has(.widget-slider)').last
+        # the class-conditional model's app: a class selector and a guidance slider
+        cond = page.locator('.jp-OutputArea-output:has(.widget-dropdown:has(label:text-is("class")))').first
+        cond.wait_for(timeout=300_000)
+        assert cond.locator('.widget-slider:has(label:text-is("guidance"))').count() == 1
+        cond.scroll_into_view_if_needed()
+        cond.screenshot(path=str(shots / 'exit_trends_app_cond.png'))
+        app = page.locator('.jp-OutputArea-output:has(.widget-slider)').first
         app.scroll_into_view_if_needed()
         app.screenshot(path=str(shots / 'exit_trends_app.png'))
         browser.close()
