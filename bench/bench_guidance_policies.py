@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     if a.out:
         cmd = ' '.join(['python bench/bench_guidance_policies.py', *map(shlex.quote, argv)])
         env = dict(torch=torch.__version__, threads=torch.get_num_threads())
+        per_image = ('psnr_images', 'correct')                             # summarised by the bootstrap; large
+        res = dict(res, by_policy={p: {k: v for k, v in d.items() if k not in per_image}
+                                   for p, d in res['by_policy'].items()},
+                   full={k: v for k, v in res['full'].items() if k not in per_image})
         atomic_write_json(a.out, jsonable(dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'), model=a.model,
                                                result=res, equal_ratio=eq, bootstrap=boot, environment=env,
                                                seconds=round(time.time() - t0, 1))))

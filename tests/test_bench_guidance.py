@@ -33,7 +33,7 @@ def test_writes_both_policies_and_intervals(tmp_path):
     assert r['policies'] == ['joint', 'independent'] and r['n'] == 6 and r['guidance_scale'] == 3.
     assert r['sampler_opts'] == {'clip_denoised': True}
     for p in r['policies']:
-        assert np.asarray(r['by_policy'][p]['psnr_images'], dtype=float).shape == (3, 6)
+        assert len(r['by_policy'][p]['psnr_vs_full']) == 3 and 'psnr_images' not in r['by_policy'][p]
         assert r['by_policy'][p]['layer_ratio'][0] == 1.0 and r['by_policy'][p]['layer_ratio'][2] == 0.0
     b = d['bootstrap']['psnr_vs_full']
     assert len(b['layer_ratio']) == len(b['mean']) == len(b['lo']) == len(b['hi']) >= 1
