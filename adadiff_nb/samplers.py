@@ -285,14 +285,14 @@ def _combine(out, s: float, B: int, C: int) -> GuidedOutput:
     info = out.info() if callable(getattr(out, 'info', None)) else {}
     return GuidedOutput(eps, dict(info, guided=True, rows=2 * B))
 
-# %% ../nbs/02b_samplers.ipynb #e506c7ed
+# %% ../nbs/02b_samplers.ipynb #653243e3
 class GuidedDenoiser:
     """Classifier-free guidance around a denoiser: `(x, model_time, y=..., **extra)` evaluates the rows [cond; uncond]
     in one model call and returns eps_u + s (eps_c - eps_u) with the inner call's 2B-row `info()` (`guided=True`)."""
     def __init__(self, model, guidance_scale, policy: str = 'joint'):
         self.scale, self.policy = check_guidance_scale(guidance_scale), check_guidance_policy(policy)
         _check_guidable(model, self.scale)
-        self.model = model
+        self.model, self._checked = model, None
 
     __getattr__ = EarlyExitDenoiser.__getattr__                              # num_layers, null_class, arch, ...
 
@@ -308,8 +308,10 @@ class GuidedDenoiser:
         if y is None:
             raise ValueError(f"guidance_scale={s:g} needs class labels y (B,) for the conditional rows; pass "
                              "extra_args=dict(y=labels, ...), or guidance_scale=0 for unconditional samples")
-        err = label_error(y, B, self.num_labels + 1, self.null_class)
-        if err: raise ValueError(err)
+        if y is not self._checked:                                      # a sampler passes the same labels each step
+            err = label_error(y, B, self.num_labels + 1, self.null_class)
+            if err: raise ValueError(err)
+            self._checked = y
         two = lambda v: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and v.shape[0] == B else v
         extra = {k: two(v) for k, v in extra.items()}
         if self._joint(extra): extra['exit_groups'] = torch.arange(B, device=x.device).repeat(2)

@@ -212,7 +212,7 @@ def init_weights(self):
 
 UViT.init_weights = init_weights
 
-# %% ../nbs/01_uvit.ipynb #24f3d5f6
+# %% ../nbs/01_uvit.ipynb #bb38d848
 def label_error(y, B: int, num_classes: int, null_class: int | None = None) -> str | None:
     "Why labels `y` do not fit a model with `num_classes` label rows (0: unconditional), or None when they do."
     if y is None:
@@ -222,7 +222,7 @@ def label_error(y, B: int, num_classes: int, null_class: int | None = None) -> s
     if not torch.is_tensor(y) or y.ndim != 1 or y.shape[0] != B or y.is_floating_point() or y.dtype == torch.bool:
         what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
         return f"labels y must be an integer tensor of shape (B,) = ({B},), got {what}"
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if y.numel() and not bool(((y >= 0) & (y < num_classes)).all()):             # one host sync when all is well
         real = num_classes - (null_class is not None)
         null = f" (or {null_class}, the null class)" if null_class is not None else ""
         return (f"class labels must lie in [0, {real}){null}; got values in [{int(y.min())}, {int(y.max())}]; "
