@@ -20,10 +20,10 @@ from .dit import DiT, DIT_PRESETS, FinalLayer, create_dit
 
 # %% auto #0
 __all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EE_OPTIONS', 'BACKBONES',
-           'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead', 'ExitCriterion', 'LinearUEM', 'AttentionUEM',
-           'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT', 'init_weights', 'from_backbone',
-           'exit_output', 'forward', 'forward_train', 'is_early_exit_model', 'create_early_exit',
-           'static_exit_schedule', 'StaticSchedule']
+           'BACKBONE_PROTOCOL', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead', 'ExitCriterion',
+           'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT', 'init_weights',
+           'from_backbone', 'wrap', 'exit_output', 'forward', 'forward_train', 'is_early_exit_model',
+           'create_early_exit', 'static_exit_schedule', 'StaticSchedule']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -288,7 +288,7 @@ def _choice(name, value, options):
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(options)}")
     return value
 
-# %% ../nbs/02_early_exit.ipynb #2e9aa9a3
+# %% ../nbs/02_early_exit.ipynb #8e2024ad
 def _build_backbone(backbone, backbone_kw, arch: str = 'uvit') -> UViT | DiT:
     "The backbone (`arch` 'uvit' or 'dit') from a config dict, flat keyword arguments overriding/extending it."
     _choice('backbone_arch', arch, BACKBONES)
@@ -300,6 +300,19 @@ def _build_backbone(backbone, backbone_kw, arch: str = 'uvit') -> UViT | DiT:
         raise TypeError(f"unknown EarlyExitUViT argument(s) {bad}; early-exit options are {list(EE_OPTIONS)}, "
                         f"backbone ({BACKBONES[arch].__name__}) options are {list(_ARGS[arch])}")
     return BACKBONES[arch](**{**(backbone or {}), **backbone_kw})
+
+BACKBONE_PROTOCOL = ('arch', 'config', 'num_layers', 'embed_dim', 'patch_size', 'in_chans', 'img_size', 'null_class',
+                     'num_labels', 'check_input', 'embed', 'run_block', 'decode')
+
+def _protocol_backbone(bb: nn.Module, backbone_kw: dict) -> nn.Module:
+    "An existing backbone object (held by reference), checked against the backbone protocol."
+    missing = [a for a in BACKBONE_PROTOCOL if not hasattr(bb, a)]
+    if missing:
+        raise TypeError(f"a {type(bb).__name__} does not follow the backbone protocol: it lacks {missing}; see "
+                        "`BACKBONE_PROTOCOL` (adapters for diffusers models are in adadiff_nb.pipelines)")
+    if backbone_kw:
+        raise TypeError(f"backbone arguments {sorted(backbone_kw)} cannot apply to an existing backbone object")
+    return bb
 
 def _check_ee_config(c: dict, bb):
     for k, opts in (('exit_head', EXIT_HEADS), ('uem', UEM_KINDS), ('uem_params', UEM_PARAMS),
@@ -328,18 +341,30 @@ def build_uem(bb: UViT, c: dict) -> ExitCriterion:
                            num_heads=c['uem_heads'], norm=c['uem_norm'])
     return uem.setup(c['uem_params'], K, c['uem_time_max'], c['uem_time_dim'], c['uem_reduce'])
 
-# %% ../nbs/02_early_exit.ipynb #218ab8d1
+# %% ../nbs/02_early_exit.ipynb #34842f72
+def _head_class(bb) -> type:
+    if bb.arch not in EXIT_HEAD_CLASSES:
+        raise ValueError(f"no exit head is known for a backbone of arch {bb.arch!r} (known: {sorted(EXIT_HEAD_CLASSES)})"
+                         "; pass head_class= (a module class with for_backbone, copy_from, reset_parameters, needs_state)")
+    return EXIT_HEAD_CLASSES[bb.arch]
+
+# %% ../nbs/02_early_exit.ipynb #22c7896f
 class EarlyExitUViT(nn.Module):
     "U-ViT with exit heads and an exit criterion at exits 0..L-1 for dynamic (threshold) or static exits."
     arch = 'adadiff'
-    def __init__(self, backbone: dict | None = None, exit_head: str = 'per_layer', uem: str = 'linear',
+    def __init__(self, backbone: dict | nn.Module | None = None, exit_head: str = 'per_layer', uem: str = 'linear',
                  uem_params: str = 'per_layer', uem_time_buckets: int = 10, uem_time_max: float = 1000.,
                  uem_time_dim: int | None = None, uem_reduce: str = 'mean', uem_norm: bool = True,
                  uem_detach: bool = True, uem_heads: int = 1, uem_init_bias: float = 0., uem_cond: str | None = None,
-                 backbone_arch: str = 'uvit', criterion: ExitCriterion | None = None, **backbone_kw):
+                 backbone_arch: str = 'uvit', criterion: ExitCriterion | None = None, head_class: type | None = None,
+                 **backbone_kw):
         super().__init__()
-        self.backbone = bb = _build_backbone(backbone, backbone_kw, backbone_arch)
-        uem_cond = uem_cond or ('backbone' if backbone_arch == 'dit' else 'time')
+        if isinstance(backbone, nn.Module):
+            self.backbone = bb = _protocol_backbone(backbone, backbone_kw)
+            backbone_arch = bb.arch
+        else:
+            self.backbone = bb = _build_backbone(backbone, backbone_kw, backbone_arch)
+        uem_cond = uem_cond or ('time' if backbone_arch == 'uvit' else 'backbone')
         c = dict(backbone=dict(bb.config), exit_head=exit_head, uem=uem, uem_params=uem_params,
                  uem_time_buckets=int(uem_time_buckets), uem_time_max=float(uem_time_max),
                  uem_time_dim=int(uem_time_dim or bb.embed_dim), uem_reduce=uem_reduce, uem_norm=bool(uem_norm),
@@ -354,7 +379,8 @@ class EarlyExitUViT(nn.Module):
         self.exit_head_mode, self.uem_kind, self.uem_cond = exit_head, uem, uem_cond
         self.uem_detach, self.uem_init_bias = c['uem_detach'], c['uem_init_bias']
         n_heads = bb.num_layers if exit_head == 'per_layer' else 0
-        self.exit_heads = nn.ModuleList([EXIT_HEAD_CLASSES[bb.arch].for_backbone(bb) for _ in range(n_heads)])
+        head_class = head_class or _head_class(bb)
+        self.exit_heads = nn.ModuleList([head_class.for_backbone(bb) for _ in range(n_heads)])
         self.uem = criterion if criterion is not None else build_uem(bb, c)
         self.init_weights()
 
@@ -386,7 +412,7 @@ class EarlyExitUViT(nn.Module):
         "The backbone's number of real class labels (0: unconditional)."
         return self.backbone.num_labels
 
-# %% ../nbs/02_early_exit.ipynb #6bd0bd5f
+# %% ../nbs/02_early_exit.ipynb #b72ec53c
 def init_weights(self, heads_from_backbone: bool = False):
     "All init of the early-exit parts in one place (the backbone inits itself): exit heads and the criterion."
     for head in self.exit_heads:
@@ -404,7 +430,18 @@ def from_backbone(cls, uvit: UViT | DiT, heads_from_backbone: bool = True, **ee_
     p = next(uvit.parameters())
     return m.to(device=p.device, dtype=p.dtype).train(uvit.training)
 
+def wrap(cls, bb: nn.Module, head_class: type | None = None, heads_from_backbone: bool = True,
+         **ee_cfg) -> 'EarlyExitUViT':
+    """An early-exit model around an existing backbone object `bb` that follows `BACKBONE_PROTOCOL`, held by reference
+    (no weights are copied: training the heads leaves `bb` shared). Per-layer heads are `head_class` modules (default:
+    the one of `bb.arch`), started as copies of the backbone's own head."""
+    m = cls(backbone=bb, head_class=head_class, **ee_cfg)
+    m.init_weights(heads_from_backbone=heads_from_backbone)
+    p = next(bb.parameters())
+    return m.to(device=p.device, dtype=p.dtype).train(bb.training)
+
 EarlyExitUViT.init_weights, EarlyExitUViT.from_backbone = init_weights, classmethod(from_backbone)
+EarlyExitUViT.wrap = classmethod(wrap)
 
 # %% ../nbs/02_early_exit.ipynb #27e306eb
 def exit_output(self, i: int, h, state: BlockState | None = None) -> torch.Tensor:
