@@ -249,7 +249,7 @@ def speedup(layer_ratio: float, seconds_full: float, seconds: float, gflops_full
     if gflops_full is not None and gflops: d['gflops_speedup'] = gflops_full / gflops
     return d
 
-# %% ../nbs/02c_cost.ipynb #db9967d6
+# %% ../nbs/02c_cost.ipynb #ce18a299
 class CostMeter:
     "Sampler callback: layers run vs possible, analytic FLOPs, exit layers per step and per-bucket layer ratios."
     def __init__(self, model, buckets: int = 10, max_time: float = 1000.):
@@ -263,6 +263,7 @@ class CostMeter:
     def reset(self):
         "Forget everything counted so far."
         self.layers_run = self.layers_total = 0
+        self.forwards = self.host_syncs = self.rows_computed = 0               # early-exit forwards, their reads
         self.flops = self.flops_full = 0.
         self.evals = self.image_evals = 0                                       # row- and image-evaluations
         self.guided = False                                                     # any guided evaluation seen
@@ -278,6 +279,9 @@ class CostMeter:
             e, run, total, fl = torch.full((R,), self.L), R * self.L, R * self.L, R * self.full
         else:
             e, run, total = info['exit_layer'].cpu(), int(info['layers_run']), int(info['layers_total'])
+            self.forwards += 1
+            self.host_syncs += int(info.get('host_syncs', 0))
+            self.rows_computed += int(info.get('rows_computed', run))
             R, fl = len(e), _info_flops(self.costs, info)[1]
         self.guided = self.guided or bool(info and info.get('guided'))
         self.layers_run, self.layers_total = self.layers_run + run, self.layers_total + total
@@ -299,7 +303,15 @@ class CostMeter:
     @property
     def layer_ratio(self) -> float: return self.layers_run / max(self.layers_total, 1)
 
-# %% ../nbs/02c_cost.ipynb #0ae56047
+# %% ../nbs/02c_cost.ipynb #17a7f030
+@patch
+def sync_summary(self: CostMeter) -> dict:
+    """Host syncs per early-exit forward (device-to-host reads the exits waited for) and the share of row-block
+    evaluations computed, masked and padding rows included (`compute_ratio` >= `layer_ratio`)."""
+    f = self.forwards
+    return dict(host_syncs_per_forward=self.host_syncs / f if f else None,
+                compute_ratio=self.rows_computed / max(self.layers_total, 1) if f else None)
+
 @patch
 def summary(self: CostMeter, n_images: int | None = None) -> dict:
     """JSON-ready statistics; GFLOPs per evaluation (mean over row evaluations) and per image (sum over a sampling
@@ -318,4 +330,5 @@ def summary(self: CostMeter, n_images: int | None = None) -> dict:
                 gflops_per_image=self.flops / n / 1e9 if n else None,
                 gflops_full_per_image=self.flops_full / n / 1e9 if n else None,
                 layer_ratio_by_bucket=[None if math.isnan(v) else float(v) for v in br],
-                exit_histogram=self.exit_hist.tolist(), flops_counting='analytic (matmuls + convs, x2)')
+                exit_histogram=self.exit_hist.tolist(), flops_counting='analytic (matmuls + convs, x2)',
+                **self.sync_summary())

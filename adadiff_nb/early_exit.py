@@ -20,10 +20,11 @@ from .dit import DiT, DIT_PRESETS, FinalLayer, create_dit
 
 # %% auto #0
 __all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EE_OPTIONS', 'BACKBONES',
-           'BACKBONE_PROTOCOL', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead', 'ExitCriterion',
-           'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT', 'init_weights',
-           'from_backbone', 'wrap', 'exit_output', 'forward', 'forward_train', 'is_early_exit_model',
-           'create_early_exit', 'static_exit_schedule', 'StaticSchedule']
+           'BACKBONE_PROTOCOL', 'EXIT_SYNC', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
+           'ExitCriterion', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT',
+           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'auto_sync_interval', 'sync_interval',
+           'set_exit_sync', 'block_modules', 'pow2_buckets', 'forward', 'forward_train', 'is_early_exit_model',
+           'create_early_exit', 'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -239,16 +240,25 @@ def _attention_uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
 
 LinearUEM.uncertainty, AttentionUEM.uncertainty = _linear_uncertainty, _attention_uncertainty
 
-# %% ../nbs/02_early_exit.ipynb #6bb07362
+# %% ../nbs/02_early_exit.ipynb #407f48dd
 @dataclass
 class EarlyExitOutput:
     "Result of `EarlyExitUViT.forward`. Exit `L` (= `layers_total // B`) means the sample ran the full model."
     sample: torch.Tensor                          # (B, C, H, W) noise prediction
     exit_layer: torch.Tensor                      # (B,) long, exit index 0..L
     uncertainty: torch.Tensor                     # (B, L) float32, u_i where evaluated, NaN elsewhere
-    layers_run: int                               # block evaluations actually run, summed over samples
     layers_total: int                             # B * L
     uncertainty_map: Optional[torch.Tensor] = None  # (B, C, H, W) UEM map at the exit (NaN for exit L), if requested
+    host_syncs: int = 0                           # device -> host reads the forward waited for
+    rows_computed: int = 0                        # row-block evaluations computed (>= layers_run: masked, padding)
+    known_layers_run: Optional[int] = field(default=None, repr=False)
+
+    @property
+    def layers_run(self) -> int:
+        "Block evaluations the exits allow, summed over samples (= the sum of exit layers; read when first asked)."
+        if self.known_layers_run is None:
+            self.known_layers_run = int(self.exit_layer.sum())
+        return self.known_layers_run
 
     @property
     def layer_ratio(self) -> float: return self.layers_run / max(self.layers_total, 1)
@@ -256,7 +266,8 @@ class EarlyExitOutput:
     def info(self) -> dict:
         "Exit statistics for sampler callbacks: all fields but `sample` (given as `eps`), plus `layer_ratio`."
         d = dict(exit_layer=self.exit_layer, uncertainty=self.uncertainty, layers_run=self.layers_run,
-                 layers_total=self.layers_total, layer_ratio=self.layer_ratio)
+                 layers_total=self.layers_total, layer_ratio=self.layer_ratio, host_syncs=self.host_syncs,
+                 rows_computed=self.rows_computed)
         if self.uncertainty_map is not None: d['uncertainty_map'] = self.uncertainty_map
         return d
 
@@ -341,14 +352,15 @@ def build_uem(bb: UViT, c: dict) -> ExitCriterion:
                            num_heads=c['uem_heads'], norm=c['uem_norm'])
     return uem.setup(c['uem_params'], K, c['uem_time_max'], c['uem_time_dim'], c['uem_reduce'])
 
-# %% ../nbs/02_early_exit.ipynb #34842f72
+# %% ../nbs/02_early_exit.ipynb #5ba0b7b6
 def _head_class(bb) -> type:
     if bb.arch not in EXIT_HEAD_CLASSES:
-        raise ValueError(f"no exit head is known for a backbone of arch {bb.arch!r} (known: {sorted(EXIT_HEAD_CLASSES)})"
-                         "; pass head_class= (a module class with for_backbone, copy_from, reset_parameters, needs_state)")
+        raise ValueError(f"no exit head is known for a backbone of arch {bb.arch!r} (known: "
+                         f"{sorted(EXIT_HEAD_CLASSES)}); pass head_class= (a module class with for_backbone, "
+                         "copy_from, reset_parameters, needs_state)")
     return EXIT_HEAD_CLASSES[bb.arch]
 
-# %% ../nbs/02_early_exit.ipynb #22c7896f
+# %% ../nbs/02_early_exit.ipynb #5315742f
 class EarlyExitUViT(nn.Module):
     "U-ViT with exit heads and an exit criterion at exits 0..L-1 for dynamic (threshold) or static exits."
     arch = 'adadiff'
@@ -382,6 +394,7 @@ class EarlyExitUViT(nn.Module):
         head_class = head_class or _head_class(bb)
         self.exit_heads = nn.ModuleList([head_class.for_backbone(bb) for _ in range(n_heads)])
         self.uem = criterion if criterion is not None else build_uem(bb, c)
+        self.exit_sync, self._buckets = 'auto', None                          # runtime settings, not config
         self.init_weights()
 
     @property
@@ -465,7 +478,7 @@ def _as_map(self, u) -> torch.Tensor:
 
 EarlyExitUViT.exit_output, EarlyExitUViT._as_map = exit_output, _as_map
 
-# %% ../nbs/02_early_exit.ipynb #381fa78f
+# %% ../nbs/02_early_exit.ipynb #76e4f2f5
 def _tau(threshold, B: int, device) -> torch.Tensor:
     "The per-row thresholds (B,) of a scalar or tensor `threshold`, checked."
     if isinstance(threshold, (list, tuple)) or hasattr(threshold, '__array__') and not torch.is_tensor(threshold):
@@ -489,20 +502,29 @@ def _check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
         e = e.expand(B)
     if e.shape != (B,):
         raise ValueError(f"exit_layers must have shape (B,) = ({B},), got {tuple(e.shape)}")
-    if B and (int(e.min()) < lo or int(e.max()) > L):
-        raise ValueError(f"exit_layers must lie in [{lo}, {L}] ({lo} = the first exit, {L} = full model); "
-                         f"got values in [{int(e.min())}, {int(e.max())}]")
     return e
 
-EarlyExitUViT._check_exit_layers = _check_exit_layers
+def _static_counts(self, e: torch.Tensor) -> list[int]:
+    "How many rows leave at each exit 0..L, with the range check: one host sync."
+    lo, L = self.first_exit, self.num_layers
+    if not len(e):
+        return [0] * (L + 1)
+    v = torch.cat([e.min()[None], e.max()[None], torch.bincount(e.clamp(0, L), minlength=L + 1)]).tolist()
+    if v[0] < lo or v[1] > L:
+        raise ValueError(f"exit_layers must lie in [{lo}, {L}] ({lo} = the first exit, {L} = full model); "
+                         f"got values in [{v[0]}, {v[1]}]")
+    return v[2:]
 
-# %% ../nbs/02_early_exit.ipynb #7189a916
+EarlyExitUViT._check_exit_layers, EarlyExitUViT._static_counts = _check_exit_layers, _static_counts
+
+# %% ../nbs/02_early_exit.ipynb #961c6416
 @dataclass
 class _Plan:
     "How one forward exits: mode 'full' / 'threshold' / 'static', per-row tensors, exit counts (static)."
     mode: str
     per_row: dict = field(default_factory=dict)
     counts: list | None = None
+    syncs: int = 0                # host syncs spent checking the inputs
 
 def _check_groups(groups, B: int, device) -> torch.Tensor:
     "Exit groups (B,) long in [0, B): rows sharing a value leave together (the guidance policy 'joint')."
@@ -530,92 +552,194 @@ def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan
         per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
         if exit_groups is not None:
             per_row['group'] = _check_groups(exit_groups, B, dev)
-        return _Plan('threshold', per_row)
+        return _Plan('threshold', per_row, syncs=torch.is_tensor(threshold) + (exit_groups is not None))
     if exit_layers is None:
         return _Plan('full')
     ex = self._check_exit_layers(exit_layers, B, dev)
-    return _Plan('static', dict(exit=ex), torch.bincount(ex, minlength=self.num_layers + 1).tolist())
+    return _Plan('static', dict(exit=ex), self._static_counts(ex), syncs=1)
 
 EarlyExitUViT._plan = _plan
 
-# %% ../nbs/02_early_exit.ipynb #71047d71
+# %% ../nbs/02_early_exit.ipynb #038efd72
 @dataclass
 class _Running:
-    "The rows of one early-exit forward that are still running, and everything that must stay aligned with them."
-    rows: torch.Tensor            # original index of each running row
+    "The rows of one early-exit forward still in the batch, and everything that must stay aligned with them."
+    rows: torch.Tensor            # original index of each row (B: a padding row)
     h: torch.Tensor               # their hidden tokens
     state: BlockState             # their skip stack / conditioning
     per_row: dict                 # criterion context, thresholds 'tau' or static exits 'exit'
+    live: torch.Tensor            # (n,) bool: not exited yet (exited rows stay masked until a compaction)
+    n_live: Optional[int]         # how many are live, when known on the host (None after a masked exit)
     prev: Optional[torch.Tensor] = None   # tokens before the last block (criteria with needs_prev)
+    syncs: int = 0                # host synchronisations so far
+    exact: bool = True            # every row computed so far was live (no masked rows, no padding)
 
-    def split(self, m: torch.Tensor, n_exit: int):
-        "Positions (leaving, staying) for exit mask `m` with `n_exit` True entries, order kept."
-        perm = torch.argsort((~m).to(torch.uint8), stable=True)
-        return perm[:n_exit], perm[n_exit:]
+    def read(self, *counts: torch.Tensor) -> list:
+        "Device scalars -> Python ints in one transfer: one host sync."
+        self.syncs += 1
+        return torch.stack(counts).tolist()
+
+    def order(self, m: torch.Tensor) -> torch.Tensor:
+        "Positions: rows leaving (`m`), then live rows staying, then exited or padding rows; order kept in each."
+        return torch.argsort((~m).to(torch.uint8) + (~self.live).to(torch.uint8), stable=True)
 
     def keep(self, idx: torch.Tensor):
-        "Keep only the running rows at positions `idx`."
+        "Keep only the rows at positions `idx`."
         self.rows, self.h, self.state = self.rows[idx], self.h[idx], self.state.select(idx)
         self.per_row = {k: v[idx] for k, v in self.per_row.items()}
+        self.live = self.live[idx]
         self.prev = None if self.prev is None else self.prev[idx]
 
-# %% ../nbs/02_early_exit.ipynb #802a63f6
+    def pad(self, n: int, B: int):
+        "Pad to n rows with dead copies of the first row (original index B) so compiled blocks see bucketed shapes."
+        k = n - len(self.rows)
+        if k > 0:
+            self.keep(torch.cat([torch.arange(len(self.rows)), torch.zeros(k, dtype=torch.long)]).to(self.h.device))
+            self.rows[-k:], self.live[-k:], self.exact = B, False, False
+            if 'group' in self.per_row:
+                self.per_row['group'][-k:] = B
+
+# %% ../nbs/02_early_exit.ipynb #a531faca
 class _Results:
-    "Outputs, exit layers, uncertainties and maps of one forward, filled in as rows exit."
+    "Outputs, exit layers, uncertainties and maps of one forward, filled in as rows exit (row B: padding's)."
     def __init__(self, B: int, L: int, device, map_shape=None):
         self.B, self.L, self.sample = B, L, None
-        self.exit_layer = torch.full((B,), L, dtype=torch.long, device=device)
-        self.unc = torch.full((B, L), float('nan'), device=device)
-        self.umap = None if map_shape is None else torch.full((B, *map_shape), float('nan'), device=device)
+        self.exit_layer = torch.full((B + 1,), L, dtype=torch.long, device=device)
+        self.unc = torch.full((B + 1, L), float('nan'), device=device)
+        self.umap = None if map_shape is None else torch.full((B + 1, *map_shape), float('nan'), device=device)
+
+    def _buffer(self, out):
+        if self.sample is None:
+            self.sample = out.new_empty((self.B + 1, *out.shape[1:]))
 
     def emit(self, rows, out, i: int, umap=None):
         "Rows `rows` (original indices) leave at exit i with outputs `out` (and their uncertainty maps)."
         if self.sample is None and i == self.L and len(rows) == self.B:
             self.sample = out                                                  # nobody exited early
             return
-        if self.sample is None:
-            self.sample = out.new_empty((self.B, *out.shape[1:]))
+        self._buffer(out)
         self.sample.index_copy_(0, rows, out)
         self.exit_layer.index_fill_(0, rows, i)
         if umap is not None and self.umap is not None:
             self.umap.index_copy_(0, rows, umap.detach().float())
 
-    def output(self, layers_run: int) -> EarlyExitOutput:
-        return EarlyExitOutput(sample=self.sample, exit_layer=self.exit_layer, uncertainty=self.unc,
-                               layers_run=layers_run, layers_total=self.B * self.L, uncertainty_map=self.umap)
+    def emit_masked(self, rows, m, out, i: int, umap=None):
+        "The rows at positions `m` leave at exit i; `out` holds every row's output (no host sync)."
+        self._buffer(out)
+        mm = m.view(-1, *[1] * (out.ndim - 1))
+        self.sample[rows] = torch.where(mm, out, self.sample[rows])
+        self.exit_layer[rows] = torch.where(m, i, self.exit_layer[rows])
+        if umap is not None and self.umap is not None:
+            self.umap[rows] = torch.where(mm, umap.detach().float(), self.umap[rows])
 
-# %% ../nbs/02_early_exit.ipynb #dd1db814
+    def output(self, run: _Running, plan_syncs: int, rows_computed: int) -> EarlyExitOutput:
+        "The forward's result; `layers_run` is `rows_computed` when no row ran masked or padded, else read lazily."
+        B, um = self.B, self.umap
+        return EarlyExitOutput(sample=self.sample[:B], exit_layer=self.exit_layer[:B], uncertainty=self.unc[:B],
+                               layers_total=B * self.L, uncertainty_map=None if um is None else um[:B],
+                               host_syncs=run.syncs + plan_syncs, rows_computed=rows_computed,
+                               known_layers_run=rows_computed if run.exact else None)
+
+# %% ../nbs/02_early_exit.ipynb #2183fcf2
+EXIT_SYNC = ('auto', 'every')
+
+def auto_sync_interval(device_type: str, batch: int) -> int:
+    """Exit points per host sync chosen by `exit_sync='auto'`. On a CPU a read costs no queue drain but compaction
+    costs index copies, so small batches compact at every exit point; on an accelerator a read stalls the queue."""
+    if batch <= 1:
+        return 1
+    if device_type == 'cpu':
+        return 1 if batch < 32 else 2
+    return 4
+
+def sync_interval(self, batch: int, device) -> int:
+    "Exit points per host sync for a forward of `batch` rows on `device` (see `set_exit_sync`)."
+    pol = self.exit_sync
+    if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
+        return 1
+    return auto_sync_interval(torch.device(device).type, batch) if pol == 'auto' else pol
+
+def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
+    "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
+    ok = policy in EXIT_SYNC if isinstance(policy, str) else isinstance(policy, int) and not isinstance(policy, bool)
+    if not ok or isinstance(policy, int) and policy < 1:
+        raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every' or an int k >= 1 (exit points "
+                         "per host sync)")
+    self.exit_sync = policy
+    return self
+
+EarlyExitUViT.sync_interval, EarlyExitUViT.set_exit_sync = sync_interval, set_exit_sync
+
+# %% ../nbs/02_early_exit.ipynb #332257f8
+def block_modules(bb) -> list:
+    "The backbone's transformer blocks in run order (U-ViT: in, mid, out; DiT: `blocks`; adapters: their own)."
+    if hasattr(bb, 'block_modules'):
+        return list(bb.block_modules())
+    if hasattr(bb, 'in_blocks'):
+        return [*bb.in_blocks, bb.mid_block, *bb.out_blocks]
+    return list(bb.blocks)
+
+def pow2_buckets(max_batch: int) -> tuple:
+    "1, 2, 4, ... up to `max_batch` (included when it is not a power of two)."
+    return tuple(sorted({2 ** k for k in range(max(int(max_batch), 1).bit_length()) if 2 ** k <= max_batch}
+                        | {int(max_batch)}))
+
+def _bucket(self, n: int) -> int:
+    "Rows a batch with n live rows is padded to: the smallest bucket >= n (n itself without buckets)."
+    return next((b for b in self._buckets if b >= n), n) if self._buckets and n else n
+
+EarlyExitUViT._bucket = _bucket
+
+# %% ../nbs/02_early_exit.ipynb #63c8d67d
 def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool):
-    "Exit mask, number of exiting rows and their uncertainty maps at exit i."
+    "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
     if plan.mode == 'static':
-        n_exit = plan.counts[i]
-        return (run.per_row['exit'] == i) if n_exit else None, n_exit, None
+        return (run.per_row['exit'] == i) & run.live, None
     u, umap = self.uem.uncertainty(i, self.backbone, run.h, run.per_row, run.prev, want_map=want_map)
-    res.unc[run.rows, i] = u.detach().float()
+    u = u.detach().float()
+    res.unc[run.rows, i] = u if run.n_live == len(run.rows) else torch.where(run.live, u, float('nan'))
     m = (u < run.per_row['tau']) | run.per_row['always']
     if 'group' in run.per_row:                                                 # 'joint': a group leaves together
         g = run.per_row['group']
-        m = torch.zeros(res.B, device=m.device).index_add_(0, g, (~m).float())[g] == 0
+        m = torch.zeros(res.B + 1, device=m.device).index_add_(0, g, (~m).float())[g] == 0
     if want_map and umap is None:
         umap = self._as_map(u)
-    return m, int(m.sum()), umap                                                # the one host sync of this exit
+    return m & run.live, umap
 
-def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool) -> int:
-    "Emit the rows that leave at exit i; returns how many rows keep running."
-    m, n_exit, umap = self._decide(i, run, res, plan, want_map)
-    if not n_exit:
-        return len(run.rows)
-    idx_exit, idx_keep = run.split(m, n_exit)
-    state = run.state.select(idx_exit) if self._head_needs_state else None    # U-ViT's per-layer heads need none
-    res.emit(run.rows[idx_exit], self.exit_output(i, run.h[idx_exit], state), i,
-             None if umap is None else umap[idx_exit])
-    if len(idx_keep):
-        run.keep(idx_keep)
-    return len(idx_keep)
+def _emit_masked(self, i: int, run: _Running, res: _Results, m, umap):
+    "Masked exit: the rows of `m` leave with their head's output but stay in the batch (dead) until a compaction."
+    res.emit_masked(run.rows, m, self.exit_output(i, run.h, run.state if self._head_needs_state else None), i, umap)
+    run.live, run.n_live, run.exact = run.live & ~m, None, False
 
-EarlyExitUViT._decide, EarlyExitUViT._exit_point = _decide, _exit_point
+EarlyExitUViT._decide, EarlyExitUViT._emit_masked = _decide, _emit_masked
 
-# %% ../nbs/02_early_exit.ipynb #27ae5c81
+# %% ../nbs/02_early_exit.ipynb #d62e1ae6
+def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool, sync: bool = True):
+    """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are known)
+    the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
+    m, umap = self._decide(i, run, res, plan, want_map)
+    if plan.mode == 'static':
+        n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]
+    elif sync:
+        n_exit, n_keep = run.read(m.sum(), (run.live & ~m).sum())
+    else:
+        self._emit_masked(i, run, res, m, umap)
+        return None
+    if n_exit or self._bucket(n_keep) < len(run.rows):
+        perm = run.order(m)
+        if n_exit:
+            idx = perm[:n_exit]
+            state = run.state.select(idx) if self._head_needs_state else None    # U-ViT's per-layer heads need none
+            res.emit(run.rows[idx], self.exit_output(i, run.h[idx], state), i, None if umap is None else umap[idx])
+        if n_keep:
+            run.keep(perm[n_exit:n_exit + n_keep])
+            run.pad(self._bucket(n_keep), res.B)
+    run.n_live = n_keep
+    return n_keep
+
+EarlyExitUViT._exit_point = _exit_point
+
+# %% ../nbs/02_early_exit.ipynb #fe2e8c77
 def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
     "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
     if self.uem_cond == 'backbone' and 'temb' in ctx:
@@ -623,6 +747,15 @@ def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
     return ctx
 
 EarlyExitUViT._uem_cond = _uem_cond
+
+def _finish(self, run: _Running, res: _Results, plan: _Plan, rows_computed: int) -> EarlyExitOutput:
+    "The final head on the rows still running; the output."
+    out = self.backbone.decode(run.h, run.state)
+    if run.n_live == len(run.rows):
+        res.emit(run.rows, out, self.num_layers)
+    else:
+        res.emit_masked(run.rows, run.live, out, self.num_layers)
+    return res.output(run, plan.syncs, rows_computed)
 
 def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return_maps: bool = False,
             exit_groups=None):
@@ -634,23 +767,22 @@ def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return
     bb.check_input(x, timesteps, y)
     plan = self._plan(x, timesteps, threshold, exit_layers, exit_groups)
     B, L = x.shape[0], self.num_layers
-    map_shape = (bb.in_chans, bb.img_size, bb.img_size) if return_maps else None
-    res = _Results(B, L, x.device, map_shape)
+    res = _Results(B, L, x.device, (bb.in_chans, bb.img_size, bb.img_size) if return_maps else None)
     h, state = bb.embed(x, timesteps, y)
     self._uem_cond(state, plan.per_row)
-    run = _Running(torch.arange(B, device=x.device), h, state, plan.per_row)
-    layers_run, want_map = 0, return_maps and plan.mode == 'threshold'
+    run = _Running(torch.arange(B, device=x.device), h, state, plan.per_row, torch.ones(B, dtype=torch.bool,
+                   device=x.device), B)
+    rows_computed, want_map, every = 0, return_maps and plan.mode == 'threshold', self.sync_interval(B, x.device)
     for i in range(L):
-        if plan.mode != 'full' and self._exit_point(i, run, res, plan, want_map) == 0:
-            return res.output(layers_run)
-        layers_run += len(run.rows)
+        if plan.mode != 'full' and self._exit_point(i, run, res, plan, want_map, (i + 1) % every == 0) == 0:
+            return res.output(run, plan.syncs, rows_computed)
+        rows_computed += len(run.rows)
         if self.uem.needs_prev:
             run.prev = run.h
         run.h = bb.run_block(i, run.h, run.state)
-    res.emit(run.rows, bb.decode(run.h, run.state), L)
-    return res.output(layers_run)
+    return self._finish(run, res, plan, rows_computed)
 
-EarlyExitUViT.forward = forward
+EarlyExitUViT._finish, EarlyExitUViT.forward = _finish, forward
 
 # %% ../nbs/02_early_exit.ipynb #a5553570
 def forward_train(self, x, timesteps, y=None) -> dict:
@@ -759,3 +891,30 @@ class StaticSchedule(ExitCriterion):
 
     def extra_repr(self) -> str:
         return f"schedule={list(self.schedule)}, t_max={self.t_max:g}, offset={self.offset}"
+
+# %% ../nbs/02_early_exit.ipynb #269211bf
+def _check_buckets(buckets, max_batch) -> tuple:
+    b = pow2_buckets(max_batch) if isinstance(buckets, str) and buckets == 'pow2' else tuple(buckets)
+    if not b or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in b):
+        raise ValueError(f"buckets must be 'pow2' or a sequence of positive ints (batch sizes), got {buckets!r}")
+    return tuple(sorted(set(b)))
+
+def compile_exits(self, buckets='pow2', max_batch: int = 256, **compile_kw) -> 'EarlyExitUViT':
+    """Compile the backbone's blocks with `torch.compile(dynamic=False, **compile_kw)` in place and pad running rows
+    to `buckets` ('pow2': powers of two up to `max_batch`, or a sequence of batch sizes). Returns the model."""
+    self._buckets = _check_buckets(buckets, max_batch)
+    need = 2 * (len(self._buckets) + 2)                       # shapes x block variants (U-ViT: with / without skip)
+    if torch._dynamo.config.recompile_limit < need:
+        torch._dynamo.config.recompile_limit = need
+    for blk in block_modules(self.backbone):
+        blk.compile(**{'dynamic': False, **compile_kw})
+    return self
+
+def uncompile_exits(self) -> 'EarlyExitUViT':
+    "Back to eager blocks and unpadded batches."
+    for blk in block_modules(self.backbone):
+        blk._compiled_call_impl = None
+    self._buckets = None
+    return self
+
+EarlyExitUViT.compile_exits, EarlyExitUViT.uncompile_exits = compile_exits, uncompile_exits
