@@ -22,9 +22,9 @@ from .dit import DiT, DIT_PRESETS, FinalLayer, create_dit
 __all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EE_OPTIONS', 'BACKBONES',
            'BACKBONE_PROTOCOL', 'EXIT_SYNC', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
            'ExitCriterion', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT',
-           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'auto_sync_interval', 'sync_interval',
-           'set_exit_sync', 'block_modules', 'pow2_buckets', 'forward', 'forward_train', 'is_early_exit_model',
-           'create_early_exit', 'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
+           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'sync_points', 'set_exit_sync', 'block_modules',
+           'pow2_buckets', 'forward', 'forward_train', 'is_early_exit_model', 'create_early_exit',
+           'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -360,7 +360,7 @@ def _head_class(bb) -> type:
                          "copy_from, reset_parameters, needs_state)")
     return EXIT_HEAD_CLASSES[bb.arch]
 
-# %% ../nbs/02_early_exit.ipynb #5315742f
+# %% ../nbs/02_early_exit.ipynb #bb0c22ed
 class EarlyExitUViT(nn.Module):
     "U-ViT with exit heads and an exit criterion at exits 0..L-1 for dynamic (threshold) or static exits."
     arch = 'adadiff'
@@ -394,7 +394,7 @@ class EarlyExitUViT(nn.Module):
         head_class = head_class or _head_class(bb)
         self.exit_heads = nn.ModuleList([head_class.for_backbone(bb) for _ in range(n_heads)])
         self.uem = criterion if criterion is not None else build_uem(bb, c)
-        self.exit_sync, self._buckets = 'auto', None                          # runtime settings, not config
+        self.exit_sync, self._sync_plan, self._buckets = 'auto', {}, None     # runtime settings, not config
         self.init_weights()
 
     @property
@@ -517,7 +517,7 @@ def _static_counts(self, e: torch.Tensor) -> list[int]:
 
 EarlyExitUViT._check_exit_layers, EarlyExitUViT._static_counts = _check_exit_layers, _static_counts
 
-# %% ../nbs/02_early_exit.ipynb #961c6416
+# %% ../nbs/02_early_exit.ipynb #623fe8a8
 @dataclass
 class _Plan:
     "How one forward exits: mode 'full' / 'threshold' / 'static', per-row tensors, exit counts (static)."
@@ -525,6 +525,7 @@ class _Plan:
     per_row: dict = field(default_factory=dict)
     counts: list | None = None
     syncs: int = 0                # host syncs spent checking the inputs
+    sync_key: tuple = ()          # (batch, scalar threshold or None): what 'auto' remembers sync points by
 
 def _check_groups(groups, B: int, device) -> torch.Tensor:
     "Exit groups (B,) long in [0, B): rows sharing a value leave together (the guidance policy 'joint')."
@@ -550,9 +551,11 @@ def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan
     if threshold is not None:
         tau = _tau(threshold, B, dev)
         per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
+        per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
         if exit_groups is not None:
             per_row['group'] = _check_groups(exit_groups, B, dev)
-        return _Plan('threshold', per_row, syncs=torch.is_tensor(threshold) + (exit_groups is not None))
+        key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
+        return _Plan('threshold', per_row, syncs=torch.is_tensor(threshold) + (exit_groups is not None), sync_key=key)
     if exit_layers is None:
         return _Plan('full')
     ex = self._check_exit_layers(exit_layers, B, dev)
@@ -560,7 +563,7 @@ def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan
 
 EarlyExitUViT._plan = _plan
 
-# %% ../nbs/02_early_exit.ipynb #038efd72
+# %% ../nbs/02_early_exit.ipynb #ffbe94e7
 @dataclass
 class _Running:
     "The rows of one early-exit forward still in the batch, and everything that must stay aligned with them."
@@ -573,15 +576,13 @@ class _Running:
     prev: Optional[torch.Tensor] = None   # tokens before the last block (criteria with needs_prev)
     syncs: int = 0                # host synchronisations so far
     exact: bool = True            # every row computed so far was live (no masked rows, no padding)
+    seen: set = field(default_factory=set)   # exit points where rows left (known on the host)
+    pending: list = field(default_factory=list)   # deferred exits since the last read: (i, h_i, mask, umap)
 
     def read(self, *counts: torch.Tensor) -> list:
         "Device scalars -> Python ints in one transfer: one host sync."
         self.syncs += 1
-        return torch.stack(counts).tolist()
-
-    def order(self, m: torch.Tensor) -> torch.Tensor:
-        "Positions: rows leaving (`m`), then live rows staying, then exited or padding rows; order kept in each."
-        return torch.argsort((~m).to(torch.uint8) + (~self.live).to(torch.uint8), stable=True)
+        return [int(counts[0])] if len(counts) == 1 else torch.stack(counts).tolist()
 
     def keep(self, idx: torch.Tensor):
         "Keep only the rows at positions `idx`."
@@ -599,7 +600,7 @@ class _Running:
             if 'group' in self.per_row:
                 self.per_row['group'][-k:] = B
 
-# %% ../nbs/02_early_exit.ipynb #a531faca
+# %% ../nbs/02_early_exit.ipynb #aa486435
 class _Results:
     "Outputs, exit layers, uncertainties and maps of one forward, filled in as rows exit (row B: padding's)."
     def __init__(self, B: int, L: int, device, map_shape=None):
@@ -623,15 +624,6 @@ class _Results:
         if umap is not None and self.umap is not None:
             self.umap.index_copy_(0, rows, umap.detach().float())
 
-    def emit_masked(self, rows, m, out, i: int, umap=None):
-        "The rows at positions `m` leave at exit i; `out` holds every row's output (no host sync)."
-        self._buffer(out)
-        mm = m.view(-1, *[1] * (out.ndim - 1))
-        self.sample[rows] = torch.where(mm, out, self.sample[rows])
-        self.exit_layer[rows] = torch.where(m, i, self.exit_layer[rows])
-        if umap is not None and self.umap is not None:
-            self.umap[rows] = torch.where(mm, umap.detach().float(), self.umap[rows])
-
     def output(self, run: _Running, plan_syncs: int, rows_computed: int) -> EarlyExitOutput:
         "The forward's result; `layers_run` is `rows_computed` when no row ran masked or padded, else read lazily."
         B, um = self.B, self.umap
@@ -640,24 +632,22 @@ class _Results:
                                host_syncs=run.syncs + plan_syncs, rows_computed=rows_computed,
                                known_layers_run=rows_computed if run.exact else None)
 
-# %% ../nbs/02_early_exit.ipynb #2183fcf2
+# %% ../nbs/02_early_exit.ipynb #c45cb9c2
 EXIT_SYNC = ('auto', 'every')
 
-def auto_sync_interval(device_type: str, batch: int) -> int:
-    """Exit points per host sync chosen by `exit_sync='auto'`. On a CPU a read costs no queue drain but compaction
-    costs index copies, so small batches compact at every exit point; on an accelerator a read stalls the queue."""
-    if batch <= 1:
-        return 1
-    if device_type == 'cpu':
-        return 1 if batch < 32 else 2
-    return 4
-
-def sync_interval(self, batch: int, device) -> int:
-    "Exit points per host sync for a forward of `batch` rows on `device` (see `set_exit_sync`)."
-    pol = self.exit_sync
+def sync_points(self, batch: int, threshold=None) -> frozenset:
+    "Exit points at which a forward of `batch` rows at a scalar `threshold` reads its exit counts (`set_exit_sync`)."
+    L, pol = self.num_layers, self.exit_sync
     if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
-        return 1
-    return auto_sync_interval(torch.device(device).type, batch) if pol == 'auto' else pol
+        return frozenset(range(L))
+    if pol != 'auto':
+        return frozenset(i for i in range(L) if (i + 1) % pol == 0)
+    return self._sync_plan.get((batch, threshold), frozenset(range(L)))
+
+def _remember(self, run, plan):
+    "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
+    if plan.mode == 'threshold' and self.exit_sync == 'auto':
+        self._sync_plan[plan.sync_key] = frozenset(run.seen | {self.num_layers - 1})
 
 def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
     "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
@@ -665,10 +655,10 @@ def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
     if not ok or isinstance(policy, int) and policy < 1:
         raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every' or an int k >= 1 (exit points "
                          "per host sync)")
-    self.exit_sync = policy
+    self.exit_sync, self._sync_plan = policy, {}
     return self
 
-EarlyExitUViT.sync_interval, EarlyExitUViT.set_exit_sync = sync_interval, set_exit_sync
+EarlyExitUViT.sync_points, EarlyExitUViT._remember, EarlyExitUViT.set_exit_sync = sync_points, _remember, set_exit_sync
 
 # %% ../nbs/02_early_exit.ipynb #332257f8
 def block_modules(bb) -> list:
@@ -690,56 +680,69 @@ def _bucket(self, n: int) -> int:
 
 EarlyExitUViT._bucket = _bucket
 
-# %% ../nbs/02_early_exit.ipynb #63c8d67d
+# %% ../nbs/02_early_exit.ipynb #8f9c6cf1
 def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool):
     "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
     if plan.mode == 'static':
         return (run.per_row['exit'] == i) & run.live, None
     u, umap = self.uem.uncertainty(i, self.backbone, run.h, run.per_row, run.prev, want_map=want_map)
-    u = u.detach().float()
-    res.unc[run.rows, i] = u if run.n_live == len(run.rows) else torch.where(run.live, u, float('nan'))
-    m = (u < run.per_row['tau']) | run.per_row['always']
+    u, clean = u.detach().float(), run.n_live == len(run.rows)                 # clean: every row is live
+    res.unc[run.rows, i] = u if clean else torch.where(run.live, u, float('nan'))
+    m = u < run.per_row['tau_exit']
     if 'group' in run.per_row:                                                 # 'joint': a group leaves together
         g = run.per_row['group']
         m = torch.zeros(res.B + 1, device=m.device).index_add_(0, g, (~m).float())[g] == 0
     if want_map and umap is None:
         umap = self._as_map(u)
-    return m & run.live, umap
+    return (m if clean else m & run.live), umap
 
-def _emit_masked(self, i: int, run: _Running, res: _Results, m, umap):
-    "Masked exit: the rows of `m` leave with their head's output but stay in the batch (dead) until a compaction."
-    res.emit_masked(run.rows, m, self.exit_output(i, run.h, run.state if self._head_needs_state else None), i, umap)
-    run.live, run.n_live, run.exact = run.live & ~m, None, False
+def _emit(self, i: int, run: _Running, res: _Results, h, m, n: int, umap=None):
+    "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
+    idx = torch.argsort((~m).to(torch.uint8), stable=True)[:n]
+    state = run.state.select(idx) if self._head_needs_state else None          # U-ViT's per-layer heads need none
+    res.emit(run.rows[idx], self.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
 
-EarlyExitUViT._decide, EarlyExitUViT._emit_masked = _decide, _emit_masked
+def _resolve(self, run: _Running, res: _Results, counts: list):
+    "Give the deferred exits their heads, now that their `counts` are read (one per pending exit)."
+    for (j, h, m, umap), n in zip(run.pending, counts):
+        if n:
+            self._emit(j, run, res, h, m, n, umap)
+            run.seen.add(j)
+    run.pending = []
 
-# %% ../nbs/02_early_exit.ipynb #d62e1ae6
+EarlyExitUViT._decide, EarlyExitUViT._emit, EarlyExitUViT._resolve = _decide, _emit, _resolve
+
+# %% ../nbs/02_early_exit.ipynb #7e63bfdf
 def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool, sync: bool = True):
     """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are known)
     the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
     m, umap = self._decide(i, run, res, plan, want_map)
     if plan.mode == 'static':
         n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]
+    elif sync and run.n_live == len(run.rows):                                # nothing deferred or dead
+        n_exit = run.read(m.sum())[0]
+        n_keep = run.n_live - n_exit
     elif sync:
-        n_exit, n_keep = run.read(m.sum(), (run.live & ~m).sum())
-    else:
-        self._emit_masked(i, run, res, m, umap)
+        n_exit, n_keep, *deferred = run.read(m.sum(), (run.live & ~m).sum(), *(d[2].sum() for d in run.pending))
+        self._resolve(run, res, deferred)
+    else:                                                                      # deferred: no host sync
+        run.pending.append((i, run.h, m, umap))
+        run.live, run.n_live, run.exact = run.live & ~m, None, False
         return None
-    if n_exit or self._bucket(n_keep) < len(run.rows):
-        perm = run.order(m)
-        if n_exit:
-            idx = perm[:n_exit]
-            state = run.state.select(idx) if self._head_needs_state else None    # U-ViT's per-layer heads need none
-            res.emit(run.rows[idx], self.exit_output(i, run.h[idx], state), i, None if umap is None else umap[idx])
-        if n_keep:
-            run.keep(perm[n_exit:n_exit + n_keep])
-            run.pad(self._bucket(n_keep), res.B)
+    if n_exit:
+        self._emit(i, run, res, run.h, m, n_exit, umap)
+        run.seen.add(i)
+        run.live = run.live & ~m
+    if n_keep and self._bucket(n_keep) < len(run.rows):                      # compact (and pad to the bucket)
+        run.keep(torch.argsort((~run.live).to(torch.uint8), stable=True)[:n_keep])
+        run.pad(self._bucket(n_keep), res.B)
     run.n_live = n_keep
+    run.exact = run.exact and n_keep == len(run.rows)
     return n_keep
 
 EarlyExitUViT._exit_point = _exit_point
 
-# %% ../nbs/02_early_exit.ipynb #fe2e8c77
+# %% ../nbs/02_early_exit.ipynb #c18f9d55
 def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
     "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
     if self.uem_cond == 'backbone' and 'temb' in ctx:
@@ -750,11 +753,17 @@ EarlyExitUViT._uem_cond = _uem_cond
 
 def _finish(self, run: _Running, res: _Results, plan: _Plan, rows_computed: int) -> EarlyExitOutput:
     "The final head on the rows still running; the output."
-    out = self.backbone.decode(run.h, run.state)
-    if run.n_live == len(run.rows):
-        res.emit(run.rows, out, self.num_layers)
-    else:
-        res.emit_masked(run.rows, run.live, out, self.num_layers)
+    if run.pending or run.n_live is None:                                    # deferred exits since the last read
+        run.n_live, *deferred = run.read(run.live.sum(), *(d[2].sum() for d in run.pending))
+        self._resolve(run, res, deferred)
+    if run.n_live:
+        out = self.backbone.decode(run.h, run.state)
+        if run.n_live == len(run.rows):
+            res.emit(run.rows, out, self.num_layers)
+        else:                                                                  # drop dead and padding rows
+            idx = torch.argsort((~run.live).to(torch.uint8), stable=True)[:run.n_live]
+            res.emit(run.rows[idx], out[idx], self.num_layers)
+    self._remember(run, plan)
     return res.output(run, plan.syncs, rows_computed)
 
 def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return_maps: bool = False,
@@ -772,9 +781,11 @@ def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return
     self._uem_cond(state, plan.per_row)
     run = _Running(torch.arange(B, device=x.device), h, state, plan.per_row, torch.ones(B, dtype=torch.bool,
                    device=x.device), B)
-    rows_computed, want_map, every = 0, return_maps and plan.mode == 'threshold', self.sync_interval(B, x.device)
+    rows_computed, want_map = 0, return_maps and plan.mode == 'threshold'
+    points = self.sync_points(*plan.sync_key) if plan.mode == 'threshold' else ()
     for i in range(L):
-        if plan.mode != 'full' and self._exit_point(i, run, res, plan, want_map, (i + 1) % every == 0) == 0:
+        if plan.mode != 'full' and self._exit_point(i, run, res, plan, want_map, i in points) == 0:
+            self._remember(run, plan)
             return res.output(run, plan.syncs, rows_computed)
         rows_computed += len(run.rows)
         if self.uem.needs_prev:
