@@ -18,8 +18,9 @@ import einops
 
 # %% auto #0
 __all__ = ['PRESETS', 'timestep_embedding', 'patchify', 'unpatchify', 'Attention', 'Mlp', 'PatchEmbed', 'Block', 'BlockState',
-           'UViT', 'init_weights', 'label_error', 'check_input', 'embed', 'run_block', 'decode', 'patch_tokens',
-           'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64', 'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_tiny',
+           'extra_tokens', 'UViT', 'init_weights', 'label_error', 'context_error', 'check_input', 'embed', 'run_block',
+           'decode', 'patch_tokens', 'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64', 'uvit_m4_imagenet64',
+           'uvit_l2_imagenet256', 'uvit_h2_imagenet256', 'uvit_s2_mscoco', 'uvit_s2_deep_mscoco', 'uvit_tiny',
            'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
 
 # %% ../nbs/01_uvit.ipynb #f9cde968
@@ -131,8 +132,15 @@ class BlockState:
         rows = [idx if r is None else r[idx] for r in self.rows]
         return BlockState(list(self.skips), rows, None if self.cond is None else self.cond[idx])
 
-# %% ../nbs/01_uvit.ipynb #0123e336
-def _check_uvit_args(img_size, patch_size, depth, num_classes=-1, null_class=False):
+# %% ../nbs/01_uvit.ipynb #bb99fd8a
+def _check_uvit_args(img_size, patch_size, depth, num_classes=-1, null_class=False, clip_dim=None,
+                     num_clip_token=77):
+    if clip_dim is not None and (num_classes > 0 or null_class):
+        raise ValueError(f"a U-ViT is conditioned on class labels (num_classes) or on a text context (clip_dim), not "
+                         f"both; got num_classes={num_classes}, null_class={null_class}, clip_dim={clip_dim}")
+    if clip_dim is not None and (clip_dim < 1 or num_clip_token < 1):
+        raise ValueError(f"clip_dim and num_clip_token must be >= 1 (the text context is (B, num_clip_token, "
+                         f"clip_dim)), got clip_dim={clip_dim}, num_clip_token={num_clip_token}")
     if null_class and num_classes < 2:
         raise ValueError(f"null_class=True needs num_classes >= 2 (the real classes + the null class), "
                          f"got num_classes={num_classes}")
@@ -146,19 +154,30 @@ def _check_uvit_args(img_size, patch_size, depth, num_classes=-1, null_class=Fal
 def _time_mlp(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
 
-# %% ../nbs/01_uvit.ipynb #83602041
+# %% ../nbs/01_uvit.ipynb #f673d46c
+def extra_tokens(config: dict) -> int:
+    "Number of tokens before the patches for a U-ViT `config`: time, plus class (num_classes > 0) or text context."
+    n_ctx = config.get('num_clip_token', 77) if config.get('clip_dim') else 0
+    return 1 + int(config.get('num_classes', -1) > 0) + n_ctx
+
+# %% ../nbs/01_uvit.ipynb #1dbbbe00
 class UViT(nn.Module):
-    "U-ViT (Bao et al. 2023): tokens [(class), time, patches] -> in-blocks -> mid-block -> out-blocks -> image."
+    """U-ViT (Bao et al. 2023): tokens [(class), time, (text context), patches] -> in-blocks -> mid-block ->
+    out-blocks -> image. `clip_dim`: the text-to-image model (`libs/uvit_t2i.py`), conditioned on a
+    (B, num_clip_token, clip_dim) context."""
     arch = 'uvit'
     def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4.,
-                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True, null_class=False):
+                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True, null_class=False,
+                 clip_dim=None, num_clip_token=77):
         super().__init__()
-        _check_uvit_args(img_size, patch_size, depth, num_classes, null_class)
+        _check_uvit_args(img_size, patch_size, depth, num_classes, null_class, clip_dim, num_clip_token)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=skip)
         if null_class:
             self.config['null_class'] = True                # only when set: older configs stay byte-identical
+        if clip_dim is not None:
+            self.config.update(clip_dim=clip_dim, num_clip_token=num_clip_token)
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -166,7 +185,10 @@ class UViT(nn.Module):
         self.time_embed = _time_mlp(embed_dim) if mlp_time_embed else nn.Identity()
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
-        self.extras = 2 if num_classes > 0 else 1
+        self.clip_dim = clip_dim
+        if clip_dim is not None:
+            self.context_embed = nn.Linear(clip_dim, embed_dim)
+        self.extras = extra_tokens(self.config)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
         mk = lambda skip_: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=skip_)
         self.in_blocks = nn.ModuleList([mk(False) for _ in range(depth // 2)])
@@ -187,15 +209,21 @@ class UViT(nn.Module):
         "The blocks in execution order (in-blocks, mid-block, out-blocks)."
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
-    @property
-    def null_class(self) -> int | None:
-        "Label of the unconditional (null) class: the last label when built with `null_class=True`, as U-ViT does."
-        return self.num_classes - 1 if self.config.get('null_class') else None
+# %% ../nbs/01_uvit.ipynb #b7419ec8
+def _null_class(self) -> int | None:
+    "Label of the unconditional (null) class: the last label when built with `null_class=True`, as U-ViT does."
+    return self.num_classes - 1 if self.config.get('null_class') else None
 
-    @property
-    def num_labels(self) -> int:
-        "Number of real class labels (the null class not counted); 0 for an unconditional model."
-        return max(self.num_classes, 0) - int(self.null_class is not None)
+def _num_labels(self) -> int:
+    "Number of real class labels (the null class not counted); 0 for an unconditional or text-to-image model."
+    return max(self.num_classes, 0) - int(self.null_class is not None)
+
+def _context_shape(self) -> tuple[int, int] | None:
+    "(num_clip_token, clip_dim) of the text context `y` a text-to-image model takes; None for other models."
+    return None if self.clip_dim is None else (self.config['num_clip_token'], self.clip_dim)
+
+UViT.null_class, UViT.num_labels = property(_null_class), property(_num_labels)
+UViT.context_shape = property(_context_shape)
 
 # %% ../nbs/01_uvit.ipynb #f02828a6
 def init_weights(self):
@@ -229,7 +257,30 @@ def label_error(y, B: int, num_classes: int, null_class: int | None = None) -> s
                 f"the model has {real} classes")
     return None
 
-# %% ../nbs/01_uvit.ipynb #9885954e
+# %% ../nbs/01_uvit.ipynb #a21f94fc
+def context_error(y, B: int, context_shape: tuple[int, int] | None) -> str | None:
+    "Why `y` is not a fitting (B, N, D) text context for a model with `context_shape` (None: not text-conditioned)."
+    if context_shape is None:
+        if torch.is_tensor(y) and y.is_floating_point() and y.ndim == 3:
+            return (f"y looks like a text context of shape {tuple(y.shape)}, but this model is not text-conditioned; "
+                    "pass class labels (B,) or None, or use a text-to-image U-ViT (clip_dim=..., e.g. uvit_s2_mscoco)")
+        return None
+    N, D = context_shape
+    want = f"(B, {N}, {D}) = ({B}, {N}, {D})"
+    if y is None:
+        return (f"this text-to-image model needs a context y of shape {want}: the CLIP features of the prompts "
+                "(TextEncoder.encode); for the unconditional branch pass the empty prompt's context "
+                "(TextEncoder.empty_context)")
+    if not torch.is_tensor(y) or not y.is_floating_point():
+        what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        return (f"class labels (or another non-float y: {what}) were given to a text-to-image model; it takes a float "
+                f"text context of shape {want} (TextEncoder.encode(prompts))")
+    if tuple(y.shape) != (B, N, D):
+        return (f"text context y must have shape {want}, got {tuple(y.shape)}; encode one prompt per sample with a "
+                f"text encoder of width {D} and max_length {N}")
+    return None
+
+# %% ../nbs/01_uvit.ipynb #633baa86
 def _shape_error(self, x, timesteps, y=None) -> str | None:
     C, S = self.in_chans, self.img_size
     if x.ndim != 4:
@@ -241,6 +292,9 @@ def _shape_error(self, x, timesteps, y=None) -> str | None:
         return f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with img_size={S}"
     if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
         return f"timesteps must have shape (B,) = ({x.shape[0]},), got {tuple(timesteps.shape)}"
+    msg = context_error(y, x.shape[0], self.context_shape)
+    if msg or self.context_shape is not None:
+        return msg
     if y is None and self.num_classes > 0 and self.null_class is None:
         return (f"class labels y are required: the model is class-conditional ({self.num_classes} classes) and has "
                 "no null class; pass y, or build it with null_class=True to allow unconditional calls")
@@ -254,16 +308,19 @@ def check_input(self, x, timesteps, y=None):
 
 UViT.check_input = check_input
 
-# %% ../nbs/01_uvit.ipynb #32a22a46
+# %% ../nbs/01_uvit.ipynb #8903b8fb
 def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
-    "Check the input; tokens [(class), time, patches] + pos_embed before the first block, and a fresh `BlockState`."
+    """Check the input; tokens [(class), time, (context), patches] + pos_embed before the first block (the official
+    orders), and a fresh `BlockState`."""
     self.check_input(x, timesteps, y)
     x = self.patch_embed(x)                                                  # (B, L, D)
     tok = [self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)]  # (B, 1, D)
-    if self.num_classes > 0:                                                # y=None: the null class
+    if self.clip_dim is not None:                                           # text context after the time token
+        tok.append(self.context_embed(y.to(self.context_embed.weight.dtype)))
+    elif self.num_classes > 0:                                              # label token first; y=None: null class
         y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long) if y is None else y
-        tok.append(self.label_emb(y).unsqueeze(1))
-    return torch.cat([*tok[::-1], x], dim=1) + self.pos_embed, BlockState()  # label token first, as officially
+        tok.insert(0, self.label_emb(y).unsqueeze(1))
+    return torch.cat([*tok, x], dim=1) + self.pos_embed, BlockState()
 
 UViT.embed = embed
 
@@ -286,14 +343,14 @@ def run_block(self, i: int, h: torch.Tensor, state: BlockState, fuse_only: bool 
 
 UViT.run_block = run_block
 
-# %% ../nbs/01_uvit.ipynb #53dba985
+# %% ../nbs/01_uvit.ipynb #79b085f4
 def decode(self, h: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
     "Final head: norm -> decoder_pred -> drop extra tokens -> unpatchify -> 3x3 conv. (B, C, H, W)."
     h = self.decoder_pred(self.norm(h))                                      # (B, N, p*p*C)
     return self.final_layer(unpatchify(h[:, self.extras:, :], self.in_chans))
 
 def patch_tokens(self, h: torch.Tensor) -> torch.Tensor:
-    "The image tokens of `h` (B, N, D), without the time and class tokens."
+    "The image tokens of `h` (B, N, D), without the extra (time, class, context) tokens."
     return h[:, self.extras:]
 
 def forward(self, x, timesteps, y=None):
@@ -310,7 +367,7 @@ UViT.embed, UViT.run_block, UViT.decode, UViT.patch_tokens, UViT.forward = (
     forward,
 )
 
-# %% ../nbs/01_uvit.ipynb #2350b9d7
+# %% ../nbs/01_uvit.ipynb #80225c30
 _S2 = dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False)
 _S4 = dict(img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False)
 _M4 = dict(img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4, qkv_bias=False,
@@ -335,6 +392,23 @@ def uvit_l2_imagenet256(**kw):
     "U-ViT-L/2 on 32x32x4 Stable-Diffusion latents of ImageNet 256 (official `imagenet256_uvit_large`)."
     return UViT(**{**_L2, **kw})
 
+# %% ../nbs/01_uvit.ipynb #c6466656
+_H2 = {**_L2, **dict(embed_dim=1152, depth=28, conv=False)}
+_COCO_S2 = dict(img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
+                qkv_bias=False, mlp_time_embed=False, clip_dim=768, num_clip_token=77)
+
+def uvit_h2_imagenet256(**kw):
+    "U-ViT-H/2 on 32x32x4 Stable-Diffusion latents of ImageNet 256 (official `imagenet256_uvit_huge`: no final conv)."
+    return UViT(**{**_H2, **kw})
+
+def uvit_s2_mscoco(**kw):
+    "Text-to-image U-ViT-S/2 on 32x32x4 latents of MS-COCO 256, CLIP ViT-L/14 context (official `mscoco_uvit_small`)."
+    return UViT(**{**_COCO_S2, **kw})
+
+def uvit_s2_deep_mscoco(**kw):
+    "U-ViT-S/2 (Deep) for MS-COCO: `mscoco_uvit_small` with depth=16 (17 blocks), the official deep checkpoint."
+    return UViT(**{**_COCO_S2, 'depth': 16, **kw})
+
 # %% ../nbs/01_uvit.ipynb #9ce9d062
 def uvit_tiny(**kw):
     "Tiny CPU model for tests: 8x8 images, patch 2, dim 32, 5 blocks."
@@ -348,10 +422,12 @@ def uvit_cpu32(**kw):
     "Small CPU model for 32x32 CIFAR: patch 4, dim 192, 9 blocks."
     return UViT(**{**dict(img_size=32, patch_size=4, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4), **kw})
 
-# %% ../nbs/01_uvit.ipynb #6d2939a9
+# %% ../nbs/01_uvit.ipynb #596801fb
 PRESETS = dict(uvit_s2_cifar10=uvit_s2_cifar10, uvit_s4_celeba64=uvit_s4_celeba64,
                uvit_m4_imagenet64=uvit_m4_imagenet64, uvit_l2_imagenet256=uvit_l2_imagenet256,
-               uvit_tiny=uvit_tiny, uvit_cpu16=uvit_cpu16, uvit_cpu32=uvit_cpu32)
+               uvit_tiny=uvit_tiny, uvit_cpu16=uvit_cpu16, uvit_cpu32=uvit_cpu32,
+               uvit_h2_imagenet256=uvit_h2_imagenet256, uvit_s2_mscoco=uvit_s2_mscoco,
+               uvit_s2_deep_mscoco=uvit_s2_deep_mscoco)
 
 def create_uvit(name: str, **kw) -> UViT:
     "Build a U-ViT preset by name (see `PRESETS`); keyword arguments override the preset's."
