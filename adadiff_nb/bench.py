@@ -760,7 +760,7 @@ def threshold_for_skip(model, x, t, y=None, skip: float = .45, iters: int = 16) 
         lo, hi = (mid, hi) if red < skip else (lo, mid)
     return best
 
-# %% ../nbs/07_bench.ipynb #d10117c8
+# %% ../nbs/07_bench.ipynb #62ef4370
 def _under(dtype, device, fn):
     "`fn` run under autocast to `dtype` (None: as is) on `device`."
     if dtype is None:
@@ -769,6 +769,19 @@ def _under(dtype, device, fn):
         with torch.autocast(torch.device(device).type, dtype=dtype):
             return fn()
     return run
+
+def _settle(fns: dict, rounds: int = 6) -> int:
+    """Call every function in turns until a whole round compiles nothing new (dynamo's graph count stays put), so
+    that no timed call of a compiled model pays for a compilation; returns the number of graphs."""
+    from torch._dynamo.utils import counters
+    seen = -1
+    for _ in range(rounds):
+        if counters['stats']['unique_graphs'] == seen:
+            break
+        seen = counters['stats']['unique_graphs']
+        for f in fns.values():
+            f()
+    return counters['stats']['unique_graphs']
 
 def _with_sync(model, policy, fn):
     "`fn` run with the model's host-sync policy set to `policy`."
@@ -791,7 +804,7 @@ def _exit_fns(model, x, t, skips, rules, sync_policies, g) -> dict:
                                                  f'threshold/{pol}', s)
     return fns
 
-# %% ../nbs/07_bench.ipynb #d68838c9
+# %% ../nbs/07_bench.ipynb #c2b79f03
 def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
     "One row of a benchmark group: measured vs ideal speed-up of one early-exit call against the plain backbone."
     measured, ideal = full_s / sec, 1 / max(out.layer_ratio, 1e-9)
@@ -817,13 +830,14 @@ def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str
     try:
         fns = dict(full=_under(dt, dev, lambda: bb(x, t)), **{k: _under(dt, dev, f) for k, (f, _, _) in ex.items()})
         outs = {k: fns[k]() for k in ex}
+        graphs = _settle(fns) if compiled else None
         tm = time_interleaved(fns, repeats, warmup, dev)
         mem = {k: peak_memory(f, dev) for k, f in fns.items()}
     finally:
         model.exit_sync = policy
         if compiled:
             model.uncompile_exits()
-    base = dict(batch=batch, precision=precision, mode='compiled' if compiled else 'eager')
+    base = dict(batch=batch, precision=precision, mode='compiled' if compiled else 'eager', compiled_graphs=graphs)
     return [dict(base, **_group_row(k, r, s, outs[k], tm[k].median, tm['full'].median,
                                     dict(full=mem['full'], exits=mem[k]))) for k, (_, r, s) in ex.items()]
 

@@ -23,10 +23,10 @@ from safetensors.torch import load_file as _st_load, save as _st_save_bytes
 from .uvit import UViT, create_uvit
 
 # %% auto #0
-__all__ = ['ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file', 'CheckpointError', 'load_weights',
-           'read_safetensors_metadata', 'check_state_dict', 'load_state_dict_checked', 'load_official_uvit',
-           'asset_path', 'register_arch', 'known_archs', 'resolve_arch', 'model_record', 'build_model', 'save_model',
-           'load_model']
+__all__ = ['OFFICIAL_UVIT_SCHEDULES', 'ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file',
+           'CheckpointError', 'load_weights', 'read_safetensors_metadata', 'check_state_dict',
+           'load_state_dict_checked', 'load_official_uvit', 'asset_path', 'register_arch', 'known_archs',
+           'resolve_arch', 'model_record', 'build_model', 'save_model', 'load_model']
 
 # %% ../nbs/01b_checkpoint.ipynb #adb368d8
 def _umask() -> int:
@@ -150,11 +150,21 @@ def load_state_dict_checked(model: nn.Module, sd: dict, source: str = 'checkpoin
     model.load_state_dict(sd, strict=strict)
     return model
 
-# %% ../nbs/01b_checkpoint.ipynb #b9a80ad6
+# %% ../nbs/01b_checkpoint.ipynb #75baafed
+# the noise schedule each official U-ViT checkpoint was trained with: its pixel-space models use the continuous VP-SDE
+# (U-ViT's train.py), its latent ones Stable Diffusion's discrete scaled-linear betas (train_ldm*.py)
+OFFICIAL_UVIT_SCHEDULES = dict(uvit_s2_cifar10='vpsde', uvit_s4_celeba64='vpsde', uvit_m4_imagenet64='vpsde',
+                               uvit_l2_imagenet256='sd', uvit_h2_imagenet256='sd', uvit_s2_mscoco='sd',
+                               uvit_s2_deep_mscoco='sd')
+
 def load_official_uvit(path, preset: str = 'uvit_s2_cifar10', map_location='cpu', **preset_kw) -> UViT:
-    "Build the U-ViT `preset` and load an official U-ViT `.pth` (or any state-dict file) with strict key/shape checks."
+    """Build the U-ViT `preset` and load an official U-ViT `.pth` (or any state-dict file) with strict key/shape checks;
+    `model.record['schedule']` names the schedule it was trained with (`OFFICIAL_UVIT_SCHEDULES`), for the samplers."""
     model = create_uvit(preset, **preset_kw)
-    return load_state_dict_checked(model, load_weights(path, map_location), source=str(path)).eval()
+    load_state_dict_checked(model, load_weights(path, map_location), source=str(path))
+    model.record = dict(arch='uvit', config=dict(model.config), official=str(path),
+                        schedule=OFFICIAL_UVIT_SCHEDULES.get(preset, 'linear'))
+    return model.eval()
 
 # %% ../nbs/01b_checkpoint.ipynb #83c911d1
 def asset_path(*parts: str) -> Path:

@@ -15,7 +15,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'append_dims', 'NoiseSchedule', 'VPSDE', 'DiscreteSchedule', 'linear_schedule', 'cosine_schedule',
-           'eps_to_x0', 'x0_to_eps', 'v_to_eps', 'v_to_x0', 'eps_x0_to_v', 'to_eps', 'get_schedule', 'time_bucket']
+           'sd_schedule', 'eps_to_x0', 'x0_to_eps', 'v_to_eps', 'v_to_x0', 'eps_x0_to_v', 'to_eps', 'get_schedule',
+           'time_bucket']
 
 # %% ../nbs/00_diffusion.ipynb #8abdc621
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -153,7 +154,7 @@ def model_time(self: DiscreteSchedule, t):
     "Network input for continuous t: the (fractional) index n scaled to a 1000-step range."
     return (_as_t(t) - 1. / self.num_timesteps) * 1000.
 
-# %% ../nbs/00_diffusion.ipynb #73ec58d3
+# %% ../nbs/00_diffusion.ipynb #4479dae2
 def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteSchedule:
     "DDPM's linear beta schedule (Ho et al. 2020): betas linearly spaced from `beta_start` to `beta_end`."
     return DiscreteSchedule(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
@@ -163,6 +164,11 @@ def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float
     f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     betas = [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta) for i in range(num_timesteps)]
     return DiscreteSchedule(torch.tensor(betas, dtype=torch.float64))
+
+def sd_schedule(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteSchedule:
+    """Stable Diffusion's "scaled linear" schedule, which U-ViT's latent models (ImageNet-256, MS-COCO) and DiT's
+    autoencoder latents are trained with: sqrt(beta) linearly spaced from sqrt(`beta_start`) to sqrt(`beta_end`)."""
+    return DiscreteSchedule(torch.linspace(beta_start ** .5, beta_end ** .5, num_timesteps, dtype=torch.float64) ** 2)
 
 # %% ../nbs/00_diffusion.ipynb #823cdd1d
 @patch
@@ -208,11 +214,12 @@ def to_eps(pred, x_t, alpha, sigma, pred_type: str = 'eps'):
     if pred_type == 'v': return v_to_eps(x_t, pred, alpha, sigma)
     raise ValueError(f"unknown prediction type {pred_type!r}; use 'eps', 'x0' or 'v'")
 
-# %% ../nbs/00_diffusion.ipynb #92824938
+# %% ../nbs/00_diffusion.ipynb #145353f0
 SCHEDULES = {
     'linear': linear_schedule,   # discrete DDPM, betas 1e-4..0.02, T=1000
     'cosine': cosine_schedule,   # discrete, Nichol & Dhariwal
     'vpsde': VPSDE,              # continuous, U-ViT's CIFAR-10 / CelebA schedule
+    'sd': sd_schedule,           # discrete, Stable Diffusion's scaled linear: U-ViT's latent models
 }
 
 def get_schedule(name: str | NoiseSchedule = 'linear', **kwargs) -> NoiseSchedule:

@@ -632,7 +632,7 @@ class _Results:
                                host_syncs=run.syncs + plan_syncs, rows_computed=rows_computed,
                                known_layers_run=rows_computed if run.exact else None)
 
-# %% ../nbs/02_early_exit.ipynb #c45cb9c2
+# %% ../nbs/02_early_exit.ipynb #6293968f
 EXIT_SYNC = ('auto', 'every')
 
 def sync_points(self, batch: int, threshold=None) -> frozenset:
@@ -647,7 +647,10 @@ def sync_points(self, batch: int, threshold=None) -> frozenset:
 def _remember(self, run, plan):
     "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
     if plan.mode == 'threshold' and self.exit_sync == 'auto':
+        self._sync_plan.pop(plan.sync_key, None)
         self._sync_plan[plan.sync_key] = frozenset(run.seen | {self.num_layers - 1})
+        while len(self._sync_plan) > 64:                                       # thresholds dragged in an app
+            self._sync_plan.pop(next(iter(self._sync_plan)))
 
 def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
     "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
@@ -712,10 +715,12 @@ def _resolve(self, run: _Running, res: _Results, counts: list):
 
 EarlyExitUViT._decide, EarlyExitUViT._emit, EarlyExitUViT._resolve = _decide, _emit, _resolve
 
-# %% ../nbs/02_early_exit.ipynb #7e63bfdf
+# %% ../nbs/02_early_exit.ipynb #12a06947
 def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool, sync: bool = True):
     """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are known)
     the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
+    if plan.mode == 'static' and not plan.counts[i]:                         # nobody leaves here: nothing to do
+        return run.n_live
     m, umap = self._decide(i, run, res, plan, want_map)
     if plan.mode == 'static':
         n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]

@@ -40,11 +40,12 @@ def _parse_value(name: str, s: str):
         raise ConfigError(f"invalid value {s!r} for {name} ({ann}): {e}") from None
     return s
 
-# %% ../nbs/04b_train_cli.ipynb #5838e04d
+# %% ../nbs/04b_train_cli.ipynb #e86d8c63
 def build_parser() -> argparse.ArgumentParser:
     "The `adadiff-train` argument parser: run options and one option per config field (help from the field)."
     epilog = f"presets: {', '.join(TRAIN_PRESETS)}\nexit status: 0 ok, 2 bad input, 3 non-finite loss"
-    desc = 'Train U-ViT / DiT backbones and AdaDiff early-exit models (class-conditional: --p-uncond)'
+    desc = ('Train U-ViT / DiT backbones and AdaDiff early-exit models (class-conditional: --p-uncond; latent '
+            'diffusion: --data CACHE.safetensors from adadiff-latents; text-to-image: also --text-features)')
     p = argparse.ArgumentParser(prog='adadiff-train', description=desc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument('--config', '-c', default=None, help='training preset name or .json/.toml config file')
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true',
                    help='start fresh even if --out holds checkpoints (deletes them)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config field')
+    p.add_argument('--diffusers-model', default=None, metavar='PATH',
+                   help='train exit heads + UEMs on the frozen transformer of this diffusers pipeline (or transformer) '
+                        'directory; --data is then an image folder or a latent cache (.safetensors with latents)')
     for sec, cls in SECTIONS.items():
         g = p.add_argument_group(f'{sec}: {cls.__doc__} (dicts and tuples as JSON, None as "none")')
         for f in fields(cls):
@@ -86,7 +90,20 @@ def config_from_args(args) -> tuple[TrainConfig, bool | str]:
         if cks: base = json.loads((cks[-1] / 'state.json').read_text())['config']
     return load_train_config(base if base is not None else args.config, **ov), resume
 
-# %% ../nbs/04b_train_cli.ipynb #05d895fd
+# %% ../nbs/04b_train_cli.ipynb #4c19fb14
+def _train_diffusers(args, cfg: TrainConfig, command: str) -> int:
+    "The `--diffusers-model` run: heads on the frozen transformer; prints where the adapter went."
+    from adadiff_nb.train_diffusers import train_diffusers
+    if args.resume:
+        raise TrainInputError("--resume is not supported with --diffusers-model (head training is short: start again)")
+    res = train_diffusers(args.diffusers_model, cfg, command=command)
+    losses = ', '.join(f'{k}={_fmt(v)}' for k, v in res['losses'].items() if k not in ('step', 'lr'))
+    ratios = ', '.join(f'{k:g}: {v:.3f}' for k, v in res['layer_ratio'].items())
+    print(f"adadiff-train: done at step {res['step']}: {losses}\n  exit heads: {res['heads']}\n"
+          f"  layer ratio by threshold: {ratios}\n  log: {res['log']}", flush=True)
+    return 0
+
+# %% ../nbs/04b_train_cli.ipynb #cd04ed1d
 def main(argv: list[str] | None = None) -> int:
     "The `adadiff-train` command; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.overwrite and not resume:
             for sub in ('ckpt', 'logs'): shutil.rmtree(Path(cfg.run.out) / sub, ignore_errors=True)
         command = ' '.join(['adadiff-train'] + [shlex.quote(a) for a in argv])
+        if args.diffusers_model: return _train_diffusers(args, cfg, command)
         res = train(cfg, resume=resume, overwrite=args.overwrite, command=command)
     except (ConfigError, TrainInputError) as e:
         print(f"adadiff-train: error: {e}", file=sys.stderr)

@@ -19,7 +19,8 @@ from .losses import REDUCTIONS, LAYER_REDUCE
 
 # %% auto #0
 __all__ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'load_train_config']
+           'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache',
+           'load_train_config']
 
 # %% ../nbs/04_config.ipynb #2fa0b212
 MODES = ('scratch', 'backbone', 'finetune', 'frozen')
@@ -41,7 +42,7 @@ def _f(default, help: str, check: tuple | None = None):
     kw = dict(default_factory=lambda: copy.deepcopy(default)) if isinstance(default, dict) else dict(default=default)
     return field(**kw, metadata=dict(help=help, check=check))
 
-# %% ../nbs/04_config.ipynb #81ea8868
+# %% ../nbs/04_config.ipynb #ccebccba
 @dataclass
 class ModelConfig:
     "What to train: the backbone, its early-exit options and where its weights start."
@@ -59,15 +60,23 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     "The training images and how they are batched."
-    data: str = _f('cifar10_partial', 'data set name (adadiff_nb.data.DATASET_NAMES) or a path (.npz, image folder)')
+    data: str = _f('cifar10_partial', 'data set name (adadiff_nb.data.DATASET_NAMES), a path (.npz, image folder) '
+                   'or a latent cache (.safetensors written by adadiff-latents): latent diffusion')
     data_root: str | None = _f(None, "where named data sets live (default: adadiff_nb.data's default root)")
     split: str = _f('train', 'data split to train on')
     img_size: int | None = _f(None, "None: the model's img_size", ('a positive integer or None', lambda v: v is None
                                                                      or _POS[1](v)))
-    flip: bool = _f(True, 'random horizontal flips (drawn from the data-order generator)')
+    flip: bool = _f(True, 'random horizontal flips (drawn from the data-order generator); a latent cache: draw its '
+                    'mirrored variant at random')
     batch_size: int = _f(128, 'global batch size (all processes together)', _POS)
+    text_features: str | None = _f(None, 'text-to-image: the text-feature cache (adadiff-text-features) of the latent '
+                                   "cache's images, in the same order")
+    empty_context: str | None = _f(None, "text-to-image with p_uncond > 0: the empty prompt's context that dropped "
+                                   'contexts become: a text-feature cache of the one prompt "" or a CLIP folder')
+    vae: str | None = _f(None, 'latent data: the autoencoder folder the cache was made with (checked against it, '
+                         'decodes sample grids, recorded in latent.json)')
 
-# %% ../nbs/04_config.ipynb #b536ca35
+# %% ../nbs/04_config.ipynb #0b5f96d8
 @dataclass
 class OptimConfig:
     "AdamW with linear warm-up, gradient clipping and the EMA of the weights."
@@ -85,7 +94,8 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     "The diffusion schedule and the joint loss (AdaDiff Eq. 12)."
-    schedule: str = _f('linear', "'linear' (discrete, T=1000) | 'cosine' | 'vpsde' (U-ViT's continuous)")
+    schedule: str = _f('linear', "'linear' (discrete, T=1000) | 'cosine' | 'vpsde' (U-ViT's continuous) | 'sd' "
+                       "(Stable Diffusion's scaled linear: U-ViT's latent models)")
     lam: float = _f(1.0, 'weight of L_u (uncertainty estimation)')
     beta: float = _f(1.0, 'weight of L_UAL (uncertainty-aware layer-wise)')
     gamma: float = _f(0.0, 'weight of the unweighted layer-wise loss (DeeDiff blog)')
@@ -154,7 +164,7 @@ class TrainConfig:
         _validate_relations(self)
         return self
 
-# %% ../nbs/04_config.ipynb #20d2b316
+# %% ../nbs/04_config.ipynb #b75693a5
 def _validate_relations(cfg: TrainConfig):
     "The checks that need more than one field or another module."
     m = cfg.model
@@ -174,8 +184,23 @@ def _validate_relations(cfg: TrainConfig):
         from adadiff_nb.early_exit import EE_OPTIONS
         bad = [k for k in m.exit_kw if k not in EE_OPTIONS]
         need(not bad, f"unknown exit_kw {bad}; valid early-exit options: {list(EE_OPTIONS)}")
+    _validate_latent(cfg.data)
 
-# %% ../nbs/04_config.ipynb #5b488bc8
+def is_latent_cache(data) -> bool:
+    "Does `data` name a latent cache (a .safetensors file written by `adadiff-latents`) rather than images?"
+    return str(data).endswith('.safetensors')
+
+def _validate_latent(d: DataConfig):
+    "text_features, empty_context and vae go with a latent cache (and empty_context with text_features)."
+    extra = [k for k in ('text_features', 'empty_context', 'vae') if getattr(d, k) is not None]
+    if extra and not is_latent_cache(d.data):
+        raise ConfigError(f"{', '.join(extra)} need latent data, but data={d.data!r} is not a latent cache: pass "
+                          "--data CACHE.safetensors written by adadiff-latents")
+    if d.empty_context is not None and d.text_features is None:
+        raise ConfigError("empty_context is the unconditional context of text-to-image training: pass text_features "
+                          "too (--text-features FILE from adadiff-text-features), or drop empty_context")
+
+# %% ../nbs/04_config.ipynb #957bee2f
 _TINY = dict(model='uvit_tiny', data='cifar10_partial', img_size=8, batch_size=16, steps=20, lr=1e-3, weight_decay=0.0,
              betas=(0.9, 0.999), warmup_steps=5, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=10, keep_ckpts=2,
              sample_every=0, sample_n=16, sample_steps=10, seed=0, out='runs/tiny_cifar8', mode='scratch')
@@ -186,6 +211,14 @@ _CPU16C = {**_CPU16, 'model_kw': {'num_classes': 11, 'null_class': True}, 'p_unc
 _DIT8 = {**_TINY, 'model': 'DiT-S/2', 'p_uncond': 0.1, 'out': 'runs/tiny_dit8',     # 10 classes + null (DiT's 10)
          'model_kw': dict(input_size=8, in_channels=3, hidden_size=32, depth=4, num_heads=4, num_classes=10)}
 _S2 = dict(model='uvit_s2_cifar10', data='cifar10', schedule='vpsde', sample_every=5000)
+_TINY_LAT = {**_TINY, 'data': 'runs/latents/tiny_latents.safetensors', 'p_uncond': 0.1, 'out': 'runs/tiny_latent_c',
+             'model_kw': dict(in_chans=4, num_classes=11, null_class=True)}
+_TINY_T2I = {**_TINY_LAT, 'out': 'runs/tiny_t2i', 'model_kw': dict(in_chans=4, clip_dim=16, num_clip_token=8),
+             'text_features': 'runs/latents/tiny_text.safetensors',
+             'empty_context': 'runs/latents/tiny_empty.safetensors'}
+_LDM = dict(mode='finetune', lr=2e-4, weight_decay=0.03, warmup_steps=1000, steps=100_000, ema_decay=0.9999,
+            schedule='sd', img_size=32, log_every=100, ckpt_every=10_000, sample_every=10_000, sample_steps=50)
+_IN256 = {**_LDM, 'data': 'latents/imagenet256_train.safetensors', 'batch_size': 1024, 'betas': (0.99, 0.99)}
 TRAIN_PRESETS: dict = {
     'tiny_cifar8': _TINY,
     'tiny_cifar8_backbone': {**_TINY, 'mode': 'backbone', 'out': 'runs/tiny_cifar8_backbone'},
@@ -202,6 +235,16 @@ TRAIN_PRESETS: dict = {
                                      out='runs/uvit_s2_cifar10_backbone'),
     'uvit_s2_cifar10_adadiff': dict(**_S2, mode='finetune', init='cifar10_uvit_small.pth', steps=100_000,
                                     warmup_steps=1000, ckpt_every=10_000, out='runs/uvit_s2_cifar10_adadiff'),
+    'tiny_latent_c': _TINY_LAT,
+    'tiny_t2i': _TINY_T2I,
+    'imagenet256_uvit_l2': {**_IN256, 'model': 'uvit_l2_imagenet256', 'init': 'imagenet256_uvit_large.pth',
+                            'p_uncond': 0.15, 'out': 'runs/imagenet256_uvit_l2_adadiff'},
+    'imagenet256_uvit_h2': {**_IN256, 'model': 'uvit_h2_imagenet256', 'init': 'imagenet256_uvit_huge.pth',
+                            'p_uncond': 0.1, 'out': 'runs/imagenet256_uvit_h2_adadiff'},
+    'mscoco_uvit_s2': {**_LDM, 'model': 'uvit_s2_mscoco', 'init': 'mscoco_uvit_small.pth', 'batch_size': 256,
+                       'betas': (0.9, 0.9), 'p_uncond': 0.1, 'data': 'latents/mscoco256_train.safetensors',
+                       'text_features': 'latents/mscoco256_train_text.safetensors',
+                       'empty_context': 'latents/empty_context.safetensors', 'out': 'runs/mscoco_uvit_s2_adadiff'},
 }
 
 # %% ../nbs/04_config.ipynb #eea150a8

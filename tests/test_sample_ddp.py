@@ -16,7 +16,9 @@ ENV = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'L
 ENV.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
 ARGS = ['--sampler', 'ddpm', '--steps', '3', '--threshold', '0.5', '--num-images', '5', '--batch', '2', '--seed', '4',
         '--quiet', '--compare-full']
-TIMING = {'wall_s', 'wall_full_s', 'images_per_s', 'speedup', 'processes', 'shards'}
+# timings, and how each process ran its exits (host syncs and rows computed follow the host-sync plan it learned)
+TIMING = {'wall_s', 'wall_full_s', 'images_per_s', 'speedup', 'processes', 'shards', 'host_syncs_per_forward',
+          'compute_ratio'}
 
 
 def _sample(args, launcher=(), timeout=240):
