@@ -31,7 +31,8 @@ __all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'BENCH_ARCH
            'build_methods', 'run_comparison', 'format_table', 'table1_markdown', 'make_figures', 'build_parser', 'main',
            'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init', 'build_bench_dit',
            'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table', 'build_bench_model',
-           'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table']
+           'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table',
+           'add_timing_args', 'write_bench_json']
 
 # %% ../nbs/07_bench.ipynb #6e72a5e8
 ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
@@ -703,15 +704,18 @@ def bench_dit_exits(preset: str = 'DiT-S/2', input_size: int = 16, in_channels: 
                 skip_fraction_requested=skip_fraction, seed=seed, environment=dict(_environment(), device=str(device)),
                 params=sum(p.numel() for p in model.backbone.parameters()), **res)
 
-# %% ../nbs/07_bench.ipynb #4c64e620
+# %% ../nbs/07_bench.ipynb #e8bbc891
+def _mem_mb(mem: dict, digits: int = 1) -> str:
+    "'plain/exits' peak MB of a run's `peak_memory_bytes`, '-' where it could not be measured."
+    return '-' if mem['full'] is None else f"{mem['full'] / 2**20:.{digits}f}/{mem['exits'] / 2**20:.{digits}f}"
+
 def exit_bench_table(runs: list) -> str:
     "The runs of `bench_dit_exits` as a small fixed-width table (what bench/bench_dit_exits.py prints)."
     head = (f"{'run':10s} {'rows':>5s} {'skipped':>8s} {'full ms':>9s} {'exits ms':>9s} {'measured':>9s} "
             f"{'ideal L':>8s} {'ideal F':>8s} {'ideal P':>8s} {'eff. L':>7s} {'eff. F':>7s} {'peak MB':>13s}")
     lines = [head, '-' * len(head)]
     for r in runs:
-        mem = r['peak_memory_bytes']
-        m = '-' if mem['full'] is None else f"{mem['full'] / 2**20:.1f}/{mem['exits'] / 2**20:.1f}"
+        m = _mem_mb(r['peak_memory_bytes'])
         lines.append(f"{'guided' if r['guidance'] else 'plain':10s} {r['rows']:5d} {r['layer_reduction']:8.1%} "
                      f"{r['seconds']['full'] * 1e3:9.1f} {r['seconds']['exits'] * 1e3:9.1f} "
                      f"{r['measured_speedup']:8.3f}x {r['ideal_speedup']:7.3f}x {r['ideal_speedup_flops']:7.3f}x "
@@ -804,7 +808,7 @@ def _exit_fns(model, x, t, skips, rules, sync_policies, g) -> dict:
                                                  f'threshold/{pol}', s)
     return fns
 
-# %% ../nbs/07_bench.ipynb #c2b79f03
+# %% ../nbs/07_bench.ipynb #70e3672b
 def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
     "One row of a benchmark group: measured vs ideal speed-up of one early-exit call against the plain backbone."
     measured, ideal = full_s / sec, 1 / max(out.layer_ratio, 1e-9)
@@ -816,17 +820,17 @@ def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
 @torch.inference_mode()
 def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str = 'fp32', compiled: bool = False,
                      rules=('static',), sync_policies=('auto',), repeats: int = 5, warmup: int = 2, seed: int = 0,
-                     device='cpu') -> list:
+                     device='cpu', buckets='pow2') -> list:
     """The plain backbone and the early-exit model at every skip level on one batch, timed in turns: rows of
-    measured and ideal speed-up, host syncs and peak memory. `compiled`: `compile_exits` first (the backbone's
-    blocks are compiled for the plain runs too)."""
+    measured and ideal speed-up, host syncs and peak memory. `compiled`: `compile_exits(buckets)` first (the
+    backbone's blocks are compiled for the plain runs too)."""
     bb, dev, g = model.backbone, torch.device(device), torch.Generator().manual_seed(seed)
     x = torch.randn(batch, bb.in_chans, bb.img_size, bb.img_size, generator=g).to(dev)
     t = (torch.rand(batch, generator=g) * 999.).to(dev)
     dt, policy = check_precision(precision, dev), model.exit_sync
     ex = _exit_fns(model, x, t, skips, rules, sync_policies, g)
     if compiled:
-        model.compile_exits(max_batch=batch)
+        model.compile_exits(buckets, max_batch=batch)
     try:
         fns = dict(full=_under(dt, dev, lambda: bb(x, t)), **{k: _under(dt, dev, f) for k, (f, _, _) in ex.items()})
         outs = {k: fns[k]() for k in ex}
@@ -837,15 +841,16 @@ def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str
         model.exit_sync = policy
         if compiled:
             model.uncompile_exits()
-    base = dict(batch=batch, precision=precision, mode='compiled' if compiled else 'eager', compiled_graphs=graphs)
+    base = dict(batch=batch, precision=precision, mode=f'compiled/{buckets}' if compiled else 'eager',
+                compiled_graphs=graphs)
     return [dict(base, **_group_row(k, r, s, outs[k], tm[k].median, tm['full'].median,
                                     dict(full=mem['full'], exits=mem[k]))) for k, (_, r, s) in ex.items()]
 
-# %% ../nbs/07_bench.ipynb #771156a1
+# %% ../nbs/07_bench.ipynb #0849ddf4
 def bench_exit_grid(archs=('U-ViT-S/2', 'DiT-XL/2'), batches=(1, 16, 64), skips=(0., .25, .45, .6),
                     precisions=('fp32', 'bf16'), modes=('eager', 'compiled'), rules=('static',),
                     sync_policies=('auto',), reduced: bool = False, repeats: int = 5, warmup: int = 2, seed: int = 0,
-                    device='cpu', log=print) -> dict:
+                    device='cpu', log=print, buckets='pow2') -> dict:
     "`bench_exit_group` over models x batch sizes x modes x precisions; every ratio from within one group."
     runs = []
     for arch in archs:
@@ -855,22 +860,21 @@ def bench_exit_grid(archs=('U-ViT-S/2', 'DiT-XL/2'), batches=(1, 16, 64), skips=
                 for prec in precisions:
                     t0 = time.time()
                     rows = bench_exit_group(model, batch, skips, prec, mode == 'compiled', rules, sync_policies,
-                                            repeats, warmup, seed, device)
+                                            repeats, warmup, seed, device, buckets)
                     runs += [dict(arch=arch, reduced=reduced, **r) for r in rows]
                     log(f"{arch} batch {batch} {mode} {prec}: {time.time() - t0:.0f}s")
     return dict(runs=runs, environment=dict(_environment(), device=str(device)),
                 models={a: dict(build_bench_model(a, reduced, seed).backbone.config) for a in archs})
 
-# %% ../nbs/07_bench.ipynb #243b28a3
+# %% ../nbs/07_bench.ipynb #f430014f
 def exit_grid_table(runs: list) -> str:
     "The rows of `bench_exit_grid` as a fixed-width table (what bench/bench_exits.py prints)."
-    head = (f"{'model':10s} {'batch':>5s} {'mode':8s} {'prec':4s} {'run':22s} {'skipped':>7s} {'full ms':>9s} "
+    head = (f"{'model':10s} {'batch':>5s} {'mode':13s} {'prec':4s} {'run':22s} {'skipped':>7s} {'full ms':>9s} "
             f"{'exits ms':>9s} {'measured':>9s} {'ideal':>7s} {'eff.':>6s} {'syncs':>5s} {'peak MB':>11s}")
     lines = [head, '-' * len(head)]
     for r in runs:
-        mem = r['peak_memory_bytes']
-        pm = '-' if mem['full'] is None else f"{mem['full'] / 2**20:.0f}/{mem['exits'] / 2**20:.0f}"
-        lines.append(f"{r['arch']:10s} {r['batch']:5d} {r['mode']:8s} {r['precision']:4s} {r['run']:22s} "
+        pm = _mem_mb(r['peak_memory_bytes'], 0)
+        lines.append(f"{r['arch']:10s} {r['batch']:5d} {r['mode']:13s} {r['precision']:4s} {r['run']:22s} "
                      f"{r['layer_reduction']:7.1%} {r['full_ms']:9.2f} {r['exits_ms']:9.2f} "
                      f"{r['measured_speedup']:8.3f}x {r['ideal_speedup']:6.3f}x {r['efficiency']:6.3f} "
                      f"{r['host_syncs']:5d} {pm:>11s}")
@@ -878,3 +882,20 @@ def exit_grid_table(runs: list) -> str:
               "turns); ideal = 1 / layer ratio; eff. = measured / ideal (for 0% skipped: the speed relative to",
               "the plain model); syncs = host syncs per forward; peak MB = plain / early exit"]
     return '\n'.join(lines)
+
+# %% ../nbs/07_bench.ipynb #a430099f
+def add_timing_args(p, repeats: int = 5, device: str = 'cpu'):
+    "The timing options of the bench/ scripts: --repeats --warmup --seed --device --threads --out."
+    p.add_argument('--repeats', type=int, default=repeats, help='timed calls of each function (medians reported)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default=device)
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (1: steadier on a shared CPU)')
+    p.add_argument('--out', default=None, help='write the results as JSON here')
+    return p
+
+def write_bench_json(out, script: str, argv: list, t0: float, **payload) -> Path:
+    "Write a benchmark's `payload` to `out` (atomic) with the command line (`script` + `argv`), date and duration."
+    cmd = ' '.join([f'python {script}', *map(shlex.quote, map(str, argv))])
+    return atomic_write_json(out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'),
+                                       seconds=round(time.time() - t0, 1), **payload))

@@ -23,7 +23,7 @@ __all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_RE
            'BACKBONE_PROTOCOL', 'EXIT_SYNC', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
            'ExitCriterion', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT',
            'init_weights', 'from_backbone', 'wrap', 'exit_output', 'sync_points', 'set_exit_sync', 'block_modules',
-           'pow2_buckets', 'forward', 'forward_train', 'is_early_exit_model', 'create_early_exit',
+           'pow2_buckets', 'fine_buckets', 'forward', 'forward_train', 'is_early_exit_model', 'create_early_exit',
            'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
@@ -663,7 +663,7 @@ def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
 
 EarlyExitUViT.sync_points, EarlyExitUViT._remember, EarlyExitUViT.set_exit_sync = sync_points, _remember, set_exit_sync
 
-# %% ../nbs/02_early_exit.ipynb #332257f8
+# %% ../nbs/02_early_exit.ipynb #ed800a3a
 def block_modules(bb) -> list:
     "The backbone's transformer blocks in run order (U-ViT: in, mid, out; DiT: `blocks`; adapters: their own)."
     if hasattr(bb, 'block_modules'):
@@ -676,6 +676,15 @@ def pow2_buckets(max_batch: int) -> tuple:
     "1, 2, 4, ... up to `max_batch` (included when it is not a power of two)."
     return tuple(sorted({2 ** k for k in range(max(int(max_batch), 1).bit_length()) if 2 ** k <= max_batch}
                         | {int(max_batch)}))
+
+def fine_buckets(max_batch: int) -> tuple:
+    """1, 2, 4, 8, then multiples of 8 about 1.25x apart (at most 1.5x from 16 on), up to `max_batch`: less
+    padding than powers of two (which pad up to 2x) for a few more compilations."""
+    b, k = {1, 2, 4, 8}, 8
+    while k < max_batch:
+        k = max(k + 8, round(k * 1.25 / 8) * 8)
+        b.add(min(k, int(max_batch)))
+    return tuple(sorted(v for v in b | {int(max_batch)} if v <= max(int(max_batch), 1)))
 
 def _bucket(self, n: int) -> int:
     "Rows a batch with n live rows is padded to: the smallest bucket >= n (n itself without buckets)."
@@ -908,16 +917,20 @@ class StaticSchedule(ExitCriterion):
     def extra_repr(self) -> str:
         return f"schedule={list(self.schedule)}, t_max={self.t_max:g}, offset={self.offset}"
 
-# %% ../nbs/02_early_exit.ipynb #269211bf
+# %% ../nbs/02_early_exit.ipynb #6cfdf6a0
 def _check_buckets(buckets, max_batch) -> tuple:
-    b = pow2_buckets(max_batch) if isinstance(buckets, str) and buckets == 'pow2' else tuple(buckets)
+    named = dict(pow2=pow2_buckets, fine=fine_buckets)
+    if isinstance(buckets, str) and buckets not in named:
+        raise ValueError(f"buckets={buckets!r} is not one of {sorted(named)} (or a sequence of batch sizes)")
+    b = named[buckets](max_batch) if isinstance(buckets, str) else tuple(buckets)
     if not b or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in b):
         raise ValueError(f"buckets must be 'pow2' or a sequence of positive ints (batch sizes), got {buckets!r}")
     return tuple(sorted(set(b)))
 
 def compile_exits(self, buckets='pow2', max_batch: int = 256, **compile_kw) -> 'EarlyExitUViT':
     """Compile the backbone's blocks with `torch.compile(dynamic=False, **compile_kw)` in place and pad running rows
-    to `buckets` ('pow2': powers of two up to `max_batch`, or a sequence of batch sizes). Returns the model."""
+    to `buckets` ('pow2': powers of two up to `max_batch`; 'fine': `fine_buckets`, less padding for more compiled
+    shapes; or a sequence of batch sizes). Returns the model."""
     self._buckets = _check_buckets(buckets, max_batch)
     need = 2 * (len(self._buckets) + 2)                       # shapes x block variants (U-ViT: with / without skip)
     if torch._dynamo.config.recompile_limit < need:

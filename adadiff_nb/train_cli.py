@@ -40,7 +40,7 @@ def _parse_value(name: str, s: str):
         raise ConfigError(f"invalid value {s!r} for {name} ({ann}): {e}") from None
     return s
 
-# %% ../nbs/04b_train_cli.ipynb #e86d8c63
+# %% ../nbs/04b_train_cli.ipynb #cce7c64e
 def build_parser() -> argparse.ArgumentParser:
     "The `adadiff-train` argument parser: run options and one option per config field (help from the field)."
     epilog = f"presets: {', '.join(TRAIN_PRESETS)}\nexit status: 0 ok, 2 bad input, 3 non-finite loss"
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config field')
     p.add_argument('--diffusers-model', default=None, metavar='PATH',
                    help='train exit heads + UEMs on the frozen transformer of this diffusers pipeline (or transformer) '
-                        'directory; --data is then an image folder or a latent cache (.safetensors with latents)')
+                        'directory; --data is then an image folder or a latent cache (adadiff-latents); PixArt '
+                        'also needs --text-features CAPTIONS (.json / .txt, or a precompute_prompt_embeddings cache)')
     for sec, cls in SECTIONS.items():
         g = p.add_argument_group(f'{sec}: {cls.__doc__} (dicts and tuples as JSON, None as "none")')
         for f in fields(cls):

@@ -70,7 +70,8 @@ class DataConfig:
                     'mirrored variant at random')
     batch_size: int = _f(128, 'global batch size (all processes together)', _POS)
     text_features: str | None = _f(None, 'text-to-image: the text-feature cache (adadiff-text-features) of the latent '
-                                   "cache's images, in the same order")
+                                   "cache's images, in the same order (PixArt heads: captions .json / .txt or a "
+                                   'precompute_prompt_embeddings cache)')
     empty_context: str | None = _f(None, "text-to-image with p_uncond > 0: the empty prompt's context that dropped "
                                    'contexts become: a text-feature cache of the one prompt "" or a CLIP folder')
     vae: str | None = _f(None, 'latent data: the autoencoder folder the cache was made with (checked against it, '

@@ -10,10 +10,9 @@ the plain backbone on the same batch, interleaved (`adadiff_nb.bench.bench_dit_e
     OMP_NUM_THREADS=1 python bench/bench_dit_exits.py --threads 1 --guidance --out results/dit_s2_cpu_bench.json
 """
 from __future__ import annotations
-import argparse, shlex, sys, time
+import argparse, sys, time
 import torch
-from adadiff_nb.bench import bench_dit_exits, exit_bench_table
-from adadiff_nb.checkpoint import atomic_write_json
+from adadiff_nb.bench import add_timing_args, bench_dit_exits, exit_bench_table, write_bench_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--batch', type=int, default=64, help='samples (rows; twice as many rows with --guidance)')
     p.add_argument('--skip', type=float, default=0.4, help='fraction of block evaluations skipped')
-    p.add_argument('--repeats', type=int, default=9)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (1: steadier on a shared CPU)')
     p.add_argument('--guidance', action='store_true', help='also benchmark the guided batch (2 rows per sample)')
-    p.add_argument('--out', default=None, help='write the results as JSON here')
-    return p
+    return add_timing_args(p, repeats=9)
 
 
 def main(argv=None) -> int:
@@ -50,10 +43,9 @@ def main(argv=None) -> int:
           f"requested; torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}")
     print(exit_bench_table(runs))
     if a.out:
-        cmd = ' '.join(['python bench/bench_dit_exits.py', *map(shlex.quote, argv)])
-        atomic_write_json(a.out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'), runs=runs,
-                                      environment=runs[0]['environment'], seconds=round(time.time() - t0, 1)))
-        print(f"wrote {a.out}")
+        path = write_bench_json(a.out, 'bench/bench_dit_exits.py', argv, t0, runs=runs,
+                                environment=runs[0]['environment'])
+        print(f"wrote {path}")
     return 0
 
 

@@ -12,10 +12,9 @@ threshold searched to skip about as much, under each `--sync-policies` policy. `
     python bench/bench_exits.py --device cuda --batches 1 16 64 256 --out results/exits_h200_bench.json
 """
 from __future__ import annotations
-import argparse, shlex, sys, time
+import argparse, sys, time
 import torch
-from adadiff_nb.bench import BENCH_ARCHS, bench_exit_grid, exit_grid_table
-from adadiff_nb.checkpoint import atomic_write_json
+from adadiff_nb.bench import BENCH_ARCHS, add_timing_args, bench_exit_grid, exit_grid_table, write_bench_json
 
 
 def _policy(v: str):
@@ -34,13 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--sync-policies', nargs='+', type=_policy, default=['auto'],
                    help="host-sync policies of the threshold rows: auto, every, or an int k")
     p.add_argument('--reduced', action='store_true', help='narrower models (same depths) for a small CPU')
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
-    p.add_argument('--out', default=None, help='write the results as JSON here')
-    return p
+    p.add_argument('--buckets', default='pow2', help="compiled mode's batch buckets: pow2 or fine (less padding)")
+    return add_timing_args(p)
 
 
 def main(argv=None) -> int:
@@ -52,7 +46,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         res = bench_exit_grid(a.archs, batches, a.skips, a.precisions, a.modes, a.rules, a.sync_policies, a.reduced,
-                              a.repeats, a.warmup, a.seed, dev, log=lambda s: print(s, flush=True))
+                              a.repeats, a.warmup, a.seed, dev, log=lambda s: print(s, flush=True),
+                              buckets=a.buckets)
     except ValueError as e:
         print(f"bench_exits: error: {e}", file=sys.stderr)
         return 2
@@ -61,10 +56,7 @@ def main(argv=None) -> int:
           f"threads")
     print(exit_grid_table(res['runs']))
     if a.out:
-        cmd = ' '.join(['python bench/bench_exits.py', *map(shlex.quote, argv)])
-        atomic_write_json(a.out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'), device_name=name,
-                                      seconds=round(time.time() - t0, 1), **res))
-        print(f"wrote {a.out}")
+        print(f"wrote {write_bench_json(a.out, 'bench/bench_exits.py', argv, t0, device_name=name, **res)}")
     return 0
 
 

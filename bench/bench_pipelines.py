@@ -12,10 +12,9 @@ default is DiT-XL/2 size in bf16 (`--size xl`).
     python bench/bench_pipelines.py --device cuda --size xl --batches 1,8,32 --out results/pipelines_cuda_bench.json
 """
 from __future__ import annotations
-import argparse, shlex, sys, time
+import argparse, sys, time
 import torch
-from adadiff_nb.bench import time_interleaved
-from adadiff_nb.checkpoint import atomic_write_json
+from adadiff_nb.bench import add_timing_args, time_interleaved, write_bench_json
 from adadiff_nb.cost import speedup
 from adadiff_nb.pipelines import (disable_early_exit, early_exit_model, enable_early_exit, exit_stats,
                                   set_exit_threshold, tiny_dit_pipeline)
@@ -33,12 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--thresholds', default='', help='threshold exits too, e.g. 0.5,0.55')
     p.add_argument('--steps', type=int, default=10, help='sampling steps per call')
     p.add_argument('--guidance-scale', type=float, default=4.0, help='> 1: guidance batch (2 rows per image)')
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto', help="'auto' (cuda when available), 'cpu' or 'cuda'")
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (1: steadier on a shared CPU)')
-    p.add_argument('--out', default=None, help='write the results as JSON here')
+    add_timing_args(p, device='auto')                          # 'auto': cuda when available, else cpu
+    p.set_defaults(warmup=1)
     return p
 
 
@@ -116,11 +111,9 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}")
     print(table(rows))
     if a.out:
-        cmd = ' '.join(['python bench/bench_pipelines.py', *map(shlex.quote, argv)])
-        atomic_write_json(a.out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'), size=size,
-                                      config=SIZES[size], device=a.device, torch=torch.__version__,
-                                      threads=torch.get_num_threads(), rows=rows, seconds=round(time.time() - t0, 1)))
-        print(f"wrote {a.out}")
+        path = write_bench_json(a.out, 'bench/bench_pipelines.py', argv, t0, size=size, config=SIZES[size],
+                                device=a.device, torch=torch.__version__, threads=torch.get_num_threads(), rows=rows)
+        print(f"wrote {path}")
     return 0
 
 
