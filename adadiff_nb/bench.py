@@ -808,7 +808,7 @@ def _exit_fns(model, x, t, skips, rules, sync_policies, g) -> dict:
                                                  f'threshold/{pol}', s)
     return fns
 
-# %% ../nbs/07_bench.ipynb #70e3672b
+# %% ../nbs/07_bench.ipynb #9e0bef1a
 def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
     "One row of a benchmark group: measured vs ideal speed-up of one early-exit call against the plain backbone."
     measured, ideal = full_s / sec, 1 / max(out.layer_ratio, 1e-9)
@@ -833,9 +833,9 @@ def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str
         model.compile_exits(buckets, max_batch=batch)
     try:
         fns = dict(full=_under(dt, dev, lambda: bb(x, t)), **{k: _under(dt, dev, f) for k, (f, _, _) in ex.items()})
-        outs = {k: fns[k]() for k in ex}
         graphs = _settle(fns) if compiled else None
         tm = time_interleaved(fns, repeats, warmup, dev)
+        outs = {k: fns[k]() for k in ex}                          # steady state: 'auto' has learned its sync points
         mem = {k: peak_memory(f, dev) for k, f in fns.items()}
     finally:
         model.exit_sync = policy
