@@ -21,10 +21,10 @@ from .cost import uvit_flops, full_eval_flops, layer_costs
 from .train import finetune
 
 # %% auto #0
-__all__ = ['ASE_UVIT_SCHEDULES', 'ASE_UVIT_ACCEL', 'ASE_DIT_SCHEDULES', 'ASE_DIT_ACCEL', 'ASE_DROPS', 'ase_schedule',
-           'StaticDropUViT', 'LTEPredictor', 'BERxiTUViT', 'token_cosine', 'HiddenCosine', 'CALMUViT',
-           'small_model_config', 'diffusion_loss', 'adadiff_train_loss', 'ase_time_weight', 'ase_train_loss',
-           'berxit_train_loss', 'calm_train_loss']
+__all__ = ['ASE_UVIT_SCHEDULES', 'ASE_UVIT_ACCEL', 'ASE_DIT_SCHEDULES', 'ASE_DIT_ACCEL', 'ASE_DROPS', 'CALM_CRITERIA',
+           'ASE_WEIGHTS', 'ase_schedule', 'StaticDropUViT', 'LTEPredictor', 'BERxiTUViT', 'token_cosine',
+           'HiddenCosine', 'CALMUViT', 'small_model_config', 'diffusion_loss', 'adadiff_train_loss', 'ase_time_weight',
+           'ase_vlb_weight', 'ase_train_loss', 'berxit_train_loss', 'calm_train_loss']
 
 # %% ../nbs/06_baselines.ipynb #973c373b
 ASE_UVIT_SCHEDULES: dict = {   # decoder blocks used (of 6) for t in [0,.2], [.2,.4], [.4,.6], [.6,.8], [.8,1]
@@ -161,29 +161,38 @@ class HiddenCosine(ExitCriterion):
             return torch.ones(h.shape[0], device=h.device), None
         return (1. - token_cosine(prev.detach(), h.detach(), bb.extras)).clamp(0., 1.), None
 
-# %% ../nbs/06_baselines.ipynb #84eefc91
+# %% ../nbs/06_baselines.ipynb #8619ac1c
+CALM_CRITERIA = ('hidden_cosine', 'classifier')
+
 class CALMUViT(EarlyExitUViT):
-    "CALM-style early exits: `EarlyExitUViT` with hidden-state saturation as criterion (exit when 1 - cos < threshold)."
+    """CALM-style early exits: `EarlyExitUViT` with hidden-state saturation (`criterion='hidden_cosine'`) or CALM's
+    early-exit classifier (`'classifier'`: a shared linear layer predicting the inconsistency with the full model)."""
     arch = 'calm'
     def __init__(self, backbone: dict | None = None, criterion: str = 'hidden_cosine', **kw):
-        if criterion != 'hidden_cosine':
-            raise ValueError(f"criterion must be 'hidden_cosine', got {criterion!r}")
-        super().__init__(backbone, criterion=HiddenCosine(), **kw)
+        if criterion not in CALM_CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CALM_CRITERIA)}, got {criterion!r}")
+        super().__init__(backbone, criterion=HiddenCosine() if criterion == 'hidden_cosine' else None, **kw)
+        if criterion == 'classifier':              # built after the default UEM, as BERxiT's LTE (same init order)
+            self.uem = LTEPredictor(self.backbone.embed_dim)
+            self.uem.init_weights(self.uem_init_bias)
+        self.criterion_name = criterion
         self.config.update(criterion=criterion)
 
     def flop_costs(self) -> dict:
         c = uvit_flops(self.backbone.config)
         head = c['head'] if self.exit_head_mode == 'shared' else c['exit_head']
-        return dict(c, exit_head=head, uem=0, uem_call=0)                  # the cosine is elementwise (not a matmul)
+        uem = self.uem.flops() if self.criterion_name == 'classifier' else 0   # the cosine is elementwise
+        return dict(c, exit_head=head, uem=uem, uem_call=0)
 
-# %% ../nbs/06_baselines.ipynb #cbd0349e
+# %% ../nbs/06_baselines.ipynb #6f319ab9
 def small_model_config(config: dict, target_gflops: float | None = None, layer_ratio: float | None = None,
-                       match: str = 'depth') -> dict:
+                       match: str = 'depth', rel_tol: float | None = None) -> dict:
     """UViT config like `config` whose GFLOPs per evaluation are closest to `target_gflops` (or `layer_ratio` x the full
     model's): fewer blocks (`match='depth'`, even depth) or a narrower width (`match='width'`, multiples of
-    2*num_heads).
+    2*num_heads). `rel_tol`: fail unless |GFLOPs - target| <= rel_tol * target.
     """
-    full = full_eval_flops(uvit_flops(config)) / 1e9
+    gf = lambda c: full_eval_flops(uvit_flops(c)) / 1e9
+    full = gf(config)
     if target_gflops is None:
         if layer_ratio is None: raise ValueError("give target_gflops or layer_ratio")
         target_gflops = layer_ratio * full
@@ -194,9 +203,11 @@ def small_model_config(config: dict, target_gflops: float | None = None, layer_r
         cands = [dict(config, embed_dim=w) for w in range(step, config['embed_dim'] + 1, step)]
     else:
         raise ValueError(f"match must be 'depth' or 'width', got {match!r}")
-    return min(
-        cands, key=lambda c: (abs(full_eval_flops(uvit_flops(c)) / 1e9 - target_gflops), -c['depth'], -c['embed_dim'])
-    )
+    best = min(cands, key=lambda c: (abs(gf(c) - target_gflops), -c['depth'], -c['embed_dim']))
+    if rel_tol is not None and abs(gf(best) - target_gflops) > rel_tol * target_gflops:
+        raise ValueError(f"no {match} matches {target_gflops:.4g} GFLOPs within {rel_tol:.1%}: the closest has "
+                         f"{gf(best):.4g} (depth {best['depth']}, width {best['embed_dim']}); try match='width'")
+    return best
 
 # %% ../nbs/06_baselines.ipynb #3f9485d6
 def _mse_per_sample(a, b):
@@ -217,22 +228,42 @@ def adadiff_train_loss(lam: float = 1., beta: float = 1., gamma: float = 0., **k
         return adadiff_loss({k: v.float() for k, v in out.items()}, eps, lam=lam, beta=beta, gamma=gamma, **kw)
     return f
 
-# %% ../nbs/06_baselines.ipynb #c11e6dec
+# %% ../nbs/06_baselines.ipynb #f6f0b99f
+ASE_WEIGHTS = ('vlb', 'linear', 'none')
+
 def ase_time_weight(t, w0: float = 0.1) -> torch.Tensor:
-    "ASE's time-dependent coefficient lambda(t) = w0 + (1 - w0) t for continuous time t in (0, 1]."
+    "The pre-faithful ramp lambda(t) = w0 + (1 - w0) t (continuous t in (0, 1]); ASE's paper does not give it."
     return w0 + (1. - w0) * torch.as_tensor(t).float()
 
-def ase_train_loss(reweight_steps: int = 10**9, w0: float = 0.1) -> Callable:
-    "ASE Algorithm 1: lambda(t)-weighted diffusion loss of the schedule-dropped student; 1 after `reweight_steps`."
+def ase_vlb_weight(t, schedule='linear') -> torch.Tensor:
+    "ASE Eq. 8's lambda(t) = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)) with sigma_t^2 = beta_t, at times t."
+    from adadiff_nb.diffusion import get_schedule, DiscreteSchedule
+    sch = get_schedule(schedule)
+    if not isinstance(sch, DiscreteSchedule):
+        raise ValueError(f"ase_vlb_weight needs a discrete (DDPM) schedule with betas, got {sch!r}; "
+                         "use weight='linear' or 'none' for a continuous one")
+    n = sch.t_to_index(torch.as_tensor(t))
+    b, a, ab = sch.betas[n], sch.alphas[n], sch.alphas_cumprod[n]
+    return (b / (2. * a * (1. - ab))).float()
+
+# %% ../nbs/06_baselines.ipynb #afd3c927
+def ase_train_loss(reweight_steps: int = 10**9, w0: float = 0.1, weight: str = 'vlb', schedule='linear') -> Callable:
+    """ASE Algorithm 1: the schedule-dropped student's per-sample diffusion loss times lambda(t) (`weight`: 'vlb' =
+    Eq. 8, 'linear' = the old ramp with `w0`, 'none'), batch mean; lambda = 1 from step `reweight_steps` (cycle C)."""
+    if weight not in ASE_WEIGHTS: raise ValueError(f"weight must be one of {list(ASE_WEIGHTS)}, got {weight!r}")
+    def lam(t, like):
+        if weight == 'vlb': return ase_vlb_weight(t, schedule).to(like.device)
+        return ase_time_weight(t, w0).to(like.device) if weight == 'linear' else torch.ones_like(like)
     def f(model, x_t, model_t, eps, t, step):
         per = _mse_per_sample(model(x_t, model_t).sample, eps)
-        w = ase_time_weight(t, w0).to(per.device) if step < reweight_steps else torch.ones_like(per)
+        w = lam(t, per) if step < reweight_steps else torch.ones_like(per)
         return dict(loss=(w * per).mean(), l_simple=per.detach().mean())
     return f
 
-# %% ../nbs/06_baselines.ipynb #bc92e3f1
+# %% ../nbs/06_baselines.ipynb #84bf88ca
 def berxit_train_loss(alternate: bool = True, lte_weight: float = 1.) -> Callable:
-    "BERxiT: alternating full / layer-wise losses plus the LTE predictor's regression on the real exit errors."
+    """BERxiT (ALT): even steps the full model's loss, odd steps every exit after a block plus the full model's;
+    plus the LTE's MSE regression on the detached exit errors tanh|g_i - eps| at every step."""
     from adadiff_nb.losses import uncertainty_target, l_layer
     def f(model, x_t, model_t, eps, t, step):
         out = model.forward_train(x_t, model_t)
@@ -240,19 +271,26 @@ def berxit_train_loss(alternate: bool = True, lte_weight: float = 1.) -> Callabl
         target = uncertainty_target(exits, eps).flatten(2).mean(-1)         # (L, B), detached
         lte = (u - target).pow(2).mean()
         ls = _mse_per_sample(out['eps'], eps).mean()
-        ll = l_layer(exits, eps, layer_reduce='mean')
-        main = (ls if step % 2 == 0 else ll) if alternate else ls + ll
+        ll = l_layer(exits[1:], eps, layer_reduce='sum')                   # exits 1..L-1
+        main = (ls if step % 2 == 0 else ll + ls) if alternate else ll + 2 * ls
         return dict(loss=main + lte_weight * lte, l_simple=ls.detach(), l_layer=ll.detach(), l_lte=lte.detach())
     return f
 
-# %% ../nbs/06_baselines.ipynb #01aa875f
-def calm_train_loss() -> Callable:
-    "CALM: layer losses weighted by depth, sum_i i * l_i / sum_i i (exits 1..L-1 and the final output)."
+# %% ../nbs/06_baselines.ipynb #a6b6e967
+def calm_train_loss(classifier_weight: float = 1.) -> Callable:
+    """CALM: layer losses weighted by depth, sum_i i * l_i / sum_i i (exits 1..L-1 and the final output); with the
+    early-exit classifier, plus its MSE on the detached inconsistency tanh|g_i - eps_full| of every exit."""
+    from adadiff_nb.losses import uncertainty_target
     def f(model, x_t, model_t, eps, t, step):
         out = model.forward_train(x_t, model_t)
         L = out['exits'].shape[0]
         per = torch.cat([(out['exits'].float() - eps).pow(2).flatten(2).mean(-1).mean(-1),
                          _mse_per_sample(out['eps'], eps).mean().view(1)])  # (L+1,): exits 0..L-1, final
         w = torch.arange(L + 1, dtype=per.dtype, device=per.device)
-        return dict(loss=(w * per).sum() / w.sum(), l_simple=per[-1].detach())
+        loss, terms = (w * per).sum() / w.sum(), dict(l_simple=per[-1].detach())
+        if getattr(model, 'criterion_name', 'hidden_cosine') == 'classifier':
+            target = uncertainty_target(out['exits'].float(), out['eps'].float()).flatten(2).mean(-1)   # (L, B)
+            cls = (out['u'].float() - target).pow(2).mean()
+            loss, terms = loss + classifier_weight * cls, dict(terms, l_classifier=cls.detach())
+        return dict(loss=loss, **terms)
     return f

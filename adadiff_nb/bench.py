@@ -27,12 +27,12 @@ from .baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusio
                                   ase_train_loss, berxit_train_loss, calm_train_loss, small_model_config)
 
 # %% auto #0
-__all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'BENCH_ARCHS', 'comparison_config', 'load_backbone',
-           'build_methods', 'run_comparison', 'format_table', 'table1_markdown', 'make_figures', 'build_parser', 'main',
-           'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init', 'build_bench_dit',
-           'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table', 'build_bench_model',
-           'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table',
-           'add_timing_args', 'write_bench_json']
+__all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'LOSS_VERSIONS', 'BENCH_ARCHS', 'comparison_config',
+           'load_backbone', 'build_methods', 'run_comparison', 'format_table', 'table1_markdown', 'make_figures',
+           'build_parser', 'main', 'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init',
+           'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table',
+           'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid',
+           'exit_grid_table', 'add_timing_args', 'write_bench_json']
 
 # %% ../nbs/07_bench.ipynb #6e72a5e8
 ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
@@ -132,7 +132,12 @@ def _build_adadiff(cfg, backbone, work, common, ft, log):
         return r['model'], _train_info(r)
     return _cached(work, 'adadiff', dict(common, method='adadiff', steps=K), b, log)
 
-# %% ../nbs/07_bench.ipynb #03ebc509
+# %% ../nbs/07_bench.ipynb #7a2c417a
+# what each baseline's training loss is, in the cache keys: a model cached under an older loss is retrained
+LOSS_VERSIONS = dict(ase='ase_train_loss: Algorithm 1, lambda(t) of Eq. 8 (vlb)',
+                     berxit='berxit_train_loss: all_alternate (exits after a block + the final output)',
+                     calm='calm_train_loss: depth-weighted layer losses')
+
 def _build_ase(cfg, backbone, work, common, ft, log, paper: bool = False):
     "ASE with the schedule calibrated to the target reduction, or (`paper`) with the paper's named schedule."
     K, rw = cfg['finetune_steps'], int(cfg['finetune_steps'] * cfg['ase_reweight_frac'])
@@ -146,20 +151,21 @@ def _build_ase(cfg, backbone, work, common, ft, log, paper: bool = False):
     def b():
         log(f'  {name}: fine-tuning {K} steps' + (f' with ASE schedule {sched}' if paper else ''))
         m = StaticDropUViT.from_backbone(copy.deepcopy(backbone), schedule=sched)
-        r = ft(m, ase_train_loss(reweight_steps=rw), K)
+        r = ft(m, ase_train_loss(reweight_steps=rw, schedule=cfg['schedule']), K)
         info = dict(schedule=list(m.schedule), schedule_name=sched) if paper else dict(schedule=sched)
         return r['model'], dict(_train_info(r), **info)
     if not paper: log(f"  ase: schedule {sched} (decoder blocks kept per interval, low to high noise)")
-    m, info = _cached(work, name, dict(common, method=name, steps=K, schedule=sched), b, log)
+    spec = dict(common, method=name, steps=K, schedule=sched, loss=LOSS_VERSIONS['ase'])
+    m, info = _cached(work, name, spec, b, log)
     return m, (info if paper else dict(info, schedule_calibration=dict(cal)))
 
-# %% ../nbs/07_bench.ipynb #f980437e
+# %% ../nbs/07_bench.ipynb #5806d27b
 def _build_dynamic(name, cls, loss, backbone, work, common, ft, K, log):
     def b():
         log(f'  {name}: fine-tuning {K} steps')
         r = ft(cls.from_backbone(copy.deepcopy(backbone)), loss(), K)
         return r['model'], _train_info(r)
-    return _cached(work, name, dict(common, method=name, steps=K), b, log)
+    return _cached(work, name, dict(common, method=name, steps=K, loss=LOSS_VERSIONS[name]), b, log)
 
 def _build_small(cfg, backbone, work, common, ft, log):
     sc = small_model_config(backbone.config, layer_ratio=1 - cfg['target_reduction'])

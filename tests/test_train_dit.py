@@ -22,12 +22,7 @@ N_CLASSES, BS, SEED = 5, 16, 0
 DIT_KW = dict(input_size=8, in_channels=3, hidden_size=32, depth=3, num_heads=4, num_classes=N_CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -29,12 +29,7 @@ RUN = dict(batch_size=BS, lr=1e-3, warmup_steps=0, ema_decay=0.9, device='cpu', 
            exit_kw=dict(uem_params='shared'))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
