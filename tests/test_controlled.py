@@ -1,0 +1,82 @@
+"""`adadiff-bench --comparison controlled --quick` as real processes on uvit_tiny (8x8): the rows the issue asks for,
+equal training images inside each budget group, the staged budget and seed plan, an interrupted run that resumes
+exactly (only the missing unit is redone, the other rows are read back unchanged), and every other comparison still
+handed to the old harness. Checks the pipeline, not the numbers; well under two minutes on one core."""
+import json, math, os, subprocess, sys
+from pathlib import Path
+
+PY = sys.executable
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+FIELDS = ('method', 'train_images', 'layer_ratio', 'measured_speedup', 'ideal_speedup', 'proxy_fd', 'proxy_fd_ci95',
+          'kid', 'psnr_vs_full', 'n_samples', 'seeds')
+ABLATIONS = ('adadiff_no_ual', 'adadiff_uem_timestep', 'adadiff_uem_layer_timestep', 'adadiff_uem_attention',
+             'adadiff_frozen', 'adadiff_l_layer', 'adadiff_detach_u')
+
+
+def _run(args, timeout=240):
+    code = 'import sys; from adadiff_nb.controlled import main; sys.exit(main(sys.argv[1:]))'
+    return subprocess.run([PY, '-c', code, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _quick(tmp, *extra):
+    out, work = tmp / 'out', tmp / 'work'
+    p = _run(['--comparison', 'controlled', '--quick', '--out', str(out), '--work', str(work), *extra])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / 'controlled_quick.json').read_text()), p.stdout, work
+
+
+def _check_rows(res):
+    rows = res['rows']
+    for r in rows:
+        for k in FIELDS:
+            assert k in r, (r['method'], k)
+        for k in ('layer_ratio', 'proxy_fd', 'kid', 'measured_speedup', 'ideal_speedup'):
+            assert math.isfinite(r[k]), (r['method'], k)
+        lo, hi = r['proxy_fd_ci95']
+        assert lo <= hi and r['n_samples'] == res['config']['n'] and r['speedup_source'] == 'interleaved'
+        assert (r['psnr_vs_full'] is None) == (r['method'] == 'full')
+    for steps in {r['budget_steps'] for r in rows}:                 # equal training images per budget group
+        assert len({r['train_images'] for r in rows if r['budget_steps'] == steps}) == 1
+    b0 = res['config']['budgets'][0]
+    assert {r['train_images'] for r in rows if r['budget_steps'] == b0} == {b0 * res['config']['batch_size']}
+
+
+def test_quick_run_plan_and_resume(tmp_path):
+    res, out, work = _quick(tmp_path)
+    assert res['complete'] and 'timing' in res and res['command'].startswith('adadiff-bench --comparison controlled')
+    _check_rows(res)
+    rows = res['rows']
+    small, big = res['budgets']
+    assert set(ABLATIONS) <= set(small['methods']) and {'ase', 'berxit', 'calm', 'small'} <= set(small['methods'])
+    assert 'adadiff' in big['methods'] and small['best_baseline'] in big['methods']
+    assert len(big['methods']) < len(small['methods'])               # the big budget only for the leaders
+    for plan in res['budgets']:                                        # two seeds: AdaDiff and the best baseline
+        for m in plan['repeat_seeds']:
+            seeds = {r['seeds'][0] for r in rows if r['method'] == m and r['budget_steps'] == plan['steps']}
+            assert seeds == {0, 1}, (m, plan['steps'], seeds)
+    summ = [s for s in res['summary'] if s['method'] == 'adadiff' and s['budget_steps'] == 4]
+    assert summ and all(s['seeds'] == [0, 1] for s in summ)
+    assert {r['target_reduction'] for r in rows if r['method'] == 'adadiff'} == {0.4, 0.2}
+
+    # interrupt: one unit's rows and the results lost -> only that unit is redone, the rest read back unchanged
+    (work / 'rows' / 'calm_b4_s0.json').unlink()
+    (tmp_path / 'out' / 'controlled_quick.json').unlink()
+    res2, out2, _ = _quick(tmp_path)
+    assert 'calm b4 s0: done before' not in out2 and 'adadiff b4 s0: done before' in out2
+    assert 'calm: cached' in out2 and 'fine-tuning' not in out2, out2   # the calm model itself was on disk
+    key = lambda r: (r['method'], r['budget_steps'], r['seeds'][0], r['target_reduction'])
+    before = {key(r): r['proxy_fd'] for r in rows}
+    assert {key(r): r['proxy_fd'] for r in res2['rows']} == before    # same noise, same models: the same numbers
+
+
+def test_options_and_delegation(tmp_path):
+    res, _, _ = _quick(tmp_path, '--methods', 'full,adadiff,static,ase', '--budgets', '3,6', '--seeds', '0',
+                       '--no-timing')
+    _check_rows(dict(res, rows=[dict(r, speedup_source='interleaved') for r in res['rows']]))
+    assert not res['complete'] and res['timing'] is None
+    assert {r['method'] for r in res['rows']} == {'full', 'adadiff', 'static', 'ase'}
+    assert {r['train_images'] for r in res['rows'] if r['budget_steps'] == 3} == {3 * res['config']['batch_size']}
+    p = _run(['--comparison', 'controlled', '--quick', '--budgets', '6,3', '--out', str(tmp_path)])
+    assert p.returncode == 2 and 'increasing positive' in p.stderr
+    p = _run(['--comparison', 'nope', '--out', str(tmp_path)])              # handed to bench.main unchanged
+    assert p.returncode == 2 and 'unknown comparison' in p.stderr
