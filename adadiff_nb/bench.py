@@ -814,7 +814,7 @@ def _exit_fns(model, x, t, skips, rules, sync_policies, g) -> dict:
                                                  f'threshold/{pol}', s)
     return fns
 
-# %% ../nbs/07_bench.ipynb #9e0bef1a
+# %% ../nbs/07_bench.ipynb #405d07cd
 def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
     "One row of a benchmark group: measured vs ideal speed-up of one early-exit call against the plain backbone."
     measured, ideal = full_s / sec, 1 / max(out.layer_ratio, 1e-9)
@@ -826,7 +826,7 @@ def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
 @torch.inference_mode()
 def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str = 'fp32', compiled: bool = False,
                      rules=('static',), sync_policies=('auto',), repeats: int = 5, warmup: int = 2, seed: int = 0,
-                     device='cpu', buckets='pow2') -> list:
+                     device='cpu', buckets='fine') -> list:
     """The plain backbone and the early-exit model at every skip level on one batch, timed in turns: rows of
     measured and ideal speed-up, host syncs and peak memory. `compiled`: `compile_exits(buckets)` first (the
     backbone's blocks are compiled for the plain runs too)."""
@@ -852,11 +852,11 @@ def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str
     return [dict(base, **_group_row(k, r, s, outs[k], tm[k].median, tm['full'].median,
                                     dict(full=mem['full'], exits=mem[k]))) for k, (_, r, s) in ex.items()]
 
-# %% ../nbs/07_bench.ipynb #0849ddf4
+# %% ../nbs/07_bench.ipynb #c6e76dc5
 def bench_exit_grid(archs=('U-ViT-S/2', 'DiT-XL/2'), batches=(1, 16, 64), skips=(0., .25, .45, .6),
                     precisions=('fp32', 'bf16'), modes=('eager', 'compiled'), rules=('static',),
                     sync_policies=('auto',), reduced: bool = False, repeats: int = 5, warmup: int = 2, seed: int = 0,
-                    device='cpu', log=print, buckets='pow2') -> dict:
+                    device='cpu', log=print, buckets='fine') -> dict:
     "`bench_exit_group` over models x batch sizes x modes x precisions; every ratio from within one group."
     runs = []
     for arch in archs:

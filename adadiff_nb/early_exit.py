@@ -917,7 +917,7 @@ class StaticSchedule(ExitCriterion):
     def extra_repr(self) -> str:
         return f"schedule={list(self.schedule)}, t_max={self.t_max:g}, offset={self.offset}"
 
-# %% ../nbs/02_early_exit.ipynb #6cfdf6a0
+# %% ../nbs/02_early_exit.ipynb #8c2fd339
 def _check_buckets(buckets, max_batch) -> tuple:
     named = dict(pow2=pow2_buckets, fine=fine_buckets)
     if isinstance(buckets, str) and buckets not in named:
@@ -927,10 +927,10 @@ def _check_buckets(buckets, max_batch) -> tuple:
         raise ValueError(f"buckets must be 'pow2' or a sequence of positive ints (batch sizes), got {buckets!r}")
     return tuple(sorted(set(b)))
 
-def compile_exits(self, buckets='pow2', max_batch: int = 256, **compile_kw) -> 'EarlyExitUViT':
+def compile_exits(self, buckets='fine', max_batch: int = 256, **compile_kw) -> 'EarlyExitUViT':
     """Compile the backbone's blocks with `torch.compile(dynamic=False, **compile_kw)` in place and pad running rows
-    to `buckets` ('pow2': powers of two up to `max_batch`; 'fine': `fine_buckets`, less padding for more compiled
-    shapes; or a sequence of batch sizes). Returns the model."""
+    to `buckets` ('fine', the default: `fine_buckets`; 'pow2': powers of two up to `max_batch`, fewer compiled
+    shapes but up to 2x padding; or a sequence of batch sizes). Returns the model."""
     self._buckets = _check_buckets(buckets, max_batch)
     need = 2 * (len(self._buckets) + 2)                       # shapes x block variants (U-ViT: with / without skip)
     if torch._dynamo.config.recompile_limit < need:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--sync-policies', nargs='+', type=_policy, default=['auto'],
                    help="host-sync policies of the threshold rows: auto, every, or an int k")
     p.add_argument('--reduced', action='store_true', help='narrower models (same depths) for a small CPU')
-    p.add_argument('--buckets', default='pow2', help="compiled mode's batch buckets: pow2 or fine (less padding)")
+    p.add_argument('--buckets', default='fine', help="compiled mode's batch buckets: fine (default) or pow2")
     return add_timing_args(p)
 
 
