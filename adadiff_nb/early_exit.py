@@ -563,7 +563,11 @@ def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan
 
 EarlyExitUViT._plan = _plan
 
-# %% ../nbs/02_early_exit.ipynb #ffbe94e7
+# %% ../nbs/02_early_exit.ipynb #bc9ca1f1
+def _positions(m: torch.Tensor, n: int) -> torch.Tensor:
+    "Positions of the `n` True entries of mask `m`, in order (one stable sort; `n` is known on the host)."
+    return torch.argsort((~m).to(torch.uint8), stable=True)[:n]
+
 @dataclass
 class _Running:
     "The rows of one early-exit forward still in the batch, and everything that must stay aligned with them."
@@ -692,7 +696,7 @@ def _bucket(self, n: int) -> int:
 
 EarlyExitUViT._bucket = _bucket
 
-# %% ../nbs/02_early_exit.ipynb #8f9c6cf1
+# %% ../nbs/02_early_exit.ipynb #ab842ea2
 def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool):
     "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
     if plan.mode == 'static':
@@ -710,7 +714,7 @@ def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: b
 
 def _emit(self, i: int, run: _Running, res: _Results, h, m, n: int, umap=None):
     "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
-    idx = torch.argsort((~m).to(torch.uint8), stable=True)[:n]
+    idx = _positions(m, n)
     state = run.state.select(idx) if self._head_needs_state else None          # U-ViT's per-layer heads need none
     res.emit(run.rows[idx], self.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
 
@@ -724,7 +728,7 @@ def _resolve(self, run: _Running, res: _Results, counts: list):
 
 EarlyExitUViT._decide, EarlyExitUViT._emit, EarlyExitUViT._resolve = _decide, _emit, _resolve
 
-# %% ../nbs/02_early_exit.ipynb #12a06947
+# %% ../nbs/02_early_exit.ipynb #924b7f53
 def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool, sync: bool = True):
     """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are known)
     the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
@@ -748,7 +752,7 @@ def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_ma
         run.seen.add(i)
         run.live = run.live & ~m
     if n_keep and self._bucket(n_keep) < len(run.rows):                      # compact (and pad to the bucket)
-        run.keep(torch.argsort((~run.live).to(torch.uint8), stable=True)[:n_keep])
+        run.keep(_positions(run.live, n_keep))
         run.pad(self._bucket(n_keep), res.B)
     run.n_live = n_keep
     run.exact = run.exact and n_keep == len(run.rows)
@@ -756,7 +760,7 @@ def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_ma
 
 EarlyExitUViT._exit_point = _exit_point
 
-# %% ../nbs/02_early_exit.ipynb #c18f9d55
+# %% ../nbs/02_early_exit.ipynb #bce161f9
 def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
     "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
     if self.uem_cond == 'backbone' and 'temb' in ctx:
@@ -770,13 +774,11 @@ def _finish(self, run: _Running, res: _Results, plan: _Plan, rows_computed: int)
     if run.pending or run.n_live is None:                                    # deferred exits since the last read
         run.n_live, *deferred = run.read(run.live.sum(), *(d[2].sum() for d in run.pending))
         self._resolve(run, res, deferred)
-    if run.n_live:
-        out = self.backbone.decode(run.h, run.state)
-        if run.n_live == len(run.rows):
-            res.emit(run.rows, out, self.num_layers)
-        else:                                                                  # drop dead and padding rows
-            idx = torch.argsort((~run.live).to(torch.uint8), stable=True)[:run.n_live]
-            res.emit(run.rows[idx], out[idx], self.num_layers)
+    if run.n_live == len(run.rows):
+        res.emit(run.rows, self.backbone.decode(run.h, run.state), self.num_layers)
+    elif run.n_live:                                                           # the head on the live rows only
+        idx = _positions(run.live, run.n_live)
+        res.emit(run.rows[idx], self.backbone.decode(run.h[idx], run.state.select(idx)), self.num_layers)
     self._remember(run, plan)
     return res.output(run, plan.syncs, rows_computed)
 

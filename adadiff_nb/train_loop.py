@@ -560,7 +560,7 @@ def _sample_grid(run: _Run) -> Path:
     if run.latent is not None: imgs = run.latent.autoencoder.decode(imgs).clamp(-1, 1)
     return save_grid(imgs, run.out / 'samples' / f'step_{run.state.step:08d}.png')
 
-# %% ../nbs/04a_train_loop.ipynb #003fac7b
+# %% ../nbs/04a_train_loop.ipynb #65198050
 class _Meter:
     "Means of the loss terms and the gradient norm since the last log row (over all processes)."
     def __init__(self): self.sums, self.n, self.t0, self.terms, self.row = {}, 0, time.time(), {}, {}
@@ -568,16 +568,21 @@ class _Meter:
         for k, v in {**res['terms'], 'grad_norm': res['grad_norm']}.items():
             self.sums[k] = self.sums.get(k, 0.) + v.detach().float()
         self.n += 1
+    def means(self, acc) -> dict:
+        "Means of the terms since the last call (averaged over processes); resets the sums."
+        keys, dev = list(self.sums), acc.device
+        vec = torch.stack([torch.as_tensor(self.sums[k], device=dev).float() for k in keys]) / self.n
+        if acc.num_processes > 1: vec = acc.reduce(vec, 'mean')
+        self.terms = {k: float(v) for k, v in zip(keys, vec.tolist())}
+        self.sums, self.n = {}, 0
+        return self.terms
     def flush(self, run: _Run, lr: float) -> dict:
         "The log row of the steps since the last one; resets the sums."
-        keys, dev = list(self.sums), run.acc.device
-        vec = torch.stack([torch.as_tensor(self.sums[k], device=dev).float() for k in keys]) / self.n
-        if run.acc.num_processes > 1: vec = run.acc.reduce(vec, 'mean')
-        dt = time.time() - self.t0
-        self.terms = {k: float(v) for k, v in zip(keys, vec.tolist())}
-        self.row = dict(step=run.state.step, epoch=run.state.stream.epoch, lr=lr, **self.terms,
-                        sec_per_step=dt / self.n, imgs_per_sec=run.cfg.data.batch_size * self.n / max(dt, 1e-9))
-        self.sums, self.n, self.t0 = {}, 0, time.time()
+        n, dt = self.n, time.time() - self.t0
+        terms = self.means(run.acc)
+        self.row = dict(step=run.state.step, epoch=run.state.stream.epoch, lr=lr, **terms,
+                        sec_per_step=dt / n, imgs_per_sec=run.cfg.data.batch_size * n / max(dt, 1e-9))
+        self.t0 = time.time()
         return self.row
 
 # %% ../nbs/04a_train_loop.ipynb #6d2f3a8c
