@@ -41,6 +41,22 @@ def _check_rows(res):
     assert {r['train_images'] for r in rows if r['budget_steps'] == b0} == {b0 * res['config']['batch_size']}
 
 
+def _check_report(res):
+    "The report reads the run: the backbone's quality both ways, the probes, a verdict per claim, the figures."
+    from adadiff_nb.controlled_report import claims, VERDICTS, matched_table, pareto_figure, probe_figure
+    assert [(q['model'], q['clip_denoised']) for q in res['backbone_quality']] == [('backbone', False),
+                                                                                  ('backbone', True)]
+    assert {'layer_mse', 'loss_by_timestep', 'uncertainty_by_t', 'exit_trend', 'ase_data_easy'} <= set(res['probes'])
+    assert len(res['probes']['exit_trend']['exit_layer_mean']) == res['config']['steps']
+    cl = claims(res)
+    assert len(cl) == 10 and all(c['verdict'] in VERDICTS and c['evidence'] for c in cl)
+    assert sum(c['verdict'] == VERDICTS[2] for c in cl) == 0          # every claim's methods and probes are there
+    assert {r['method'] for r in matched_table(res)} >= {'adadiff', 'ase', 'deepcache', 'l2c', 'adadiff_cache'}
+    assert len(pareto_figure(res).data) > 10 and len(pareto_figure(res, x='layer_ratio').layout.annotations) == 2
+    for c in cl:
+        if c['figure'] not in (None, 'pareto', 'noise_easy'): probe_figure(res, c['figure'])
+
+
 def test_quick_run_plan_and_resume(tmp_path):
     res, out, work = _quick(tmp_path)
     assert res['complete'] and 'timing' in res and res['command'].startswith('adadiff-bench --comparison controlled')
@@ -57,6 +73,7 @@ def test_quick_run_plan_and_resume(tmp_path):
     summ = [s for s in res['summary'] if s['method'] == 'adadiff' and s['budget_steps'] == 4]
     assert summ and all(s['seeds'] == [0, 1] for s in summ)
     assert {r['target_reduction'] for r in rows if r['method'] == 'adadiff'} == {0.4, 0.2}
+    _check_report(res)
 
     # interrupt: one unit's rows and the results lost -> only that unit is redone, the rest read back unchanged
     (work / 'rows' / 'calm_b4_s0.json').unlink()
