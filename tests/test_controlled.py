@@ -49,8 +49,10 @@ def _check_report(res):
     assert {'layer_mse', 'loss_by_timestep', 'uncertainty_by_t', 'exit_trend', 'ase_data_easy'} <= set(res['probes'])
     assert len(res['probes']['exit_trend']['exit_layer_mean']) == res['config']['steps']
     cl = claims(res)
-    assert len(cl) == 10 and all(c['verdict'] in VERDICTS and c['evidence'] for c in cl)
-    assert sum(c['verdict'] == VERDICTS[2] for c in cl) == 0          # every claim's methods and probes are there
+    assert len(cl) == 11 and all(c['verdict'] in VERDICTS and c['evidence'] for c in cl)
+    untestable = {c['source'] + ': ' + c['claim'] for c in cl if c['verdict'] == VERDICTS[2]}
+    assert 'AdaDiff Table 4: AdaDiff beats a small model of matched GFLOPs trained from scratch' in untestable
+    assert all('small model' in u or 'noise-easy' in u for u in untestable), untestable   # the tiny ASE is symmetric
     assert {r['method'] for r in matched_table(res)} >= {'adadiff', 'ase', 'deepcache', 'l2c', 'adadiff_cache'}
     assert len(pareto_figure(res).data) > 10 and len(pareto_figure(res, x='layer_ratio').layout.annotations) == 2
     for c in cl:
