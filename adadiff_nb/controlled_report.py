@@ -13,9 +13,9 @@ from .controlled import ABLATIONS
 
 # %% auto #0
 __all__ = ['VERDICTS', 'ci', 'fmt', 'compare', 'points', 'point', 'pareto_front', 'fd_at_speedup', 'matched_table',
-           'matched_markdown', 'ranking_claim', 'fig1_claim', 'fig3_claim', 'fig6_claim', 'trend_claim',
-           'noise_easy_claim', 'small_claim', 'claims', 'claims_markdown', 'ablation_table', 'pareto_figure',
-           'probe_figure']
+           'matched_markdown', 'at_layer_ratio', 'matched_pair', 'ranking_claim', 'fig1_claim', 'fig3_claim',
+           'fig6_claim', 'trend_claim', 'noise_easy_claim', 'full_depth_claim', 'small_claim', 'claims',
+           'claims_markdown', 'ablation_table', 'pareto_figure', 'probe_figure']
 
 # %% ../nbs/07c_controlled_report.ipynb #ebbb65cb
 VERDICTS = ('reproduced', 'not reproduced', 'not testable at this scale')
@@ -103,19 +103,44 @@ def _claim(claim: str, source: str, verdict: str, evidence: str, figure: str | N
     assert verdict in VERDICTS, verdict
     return dict(claim=claim, source=source, verdict=verdict, evidence=evidence, figure=figure)
 
-# %% ../nbs/07c_controlled_report.ipynb #dcf8a0cf
+# %% ../nbs/07c_controlled_report.ipynb #ec3c917a
+def at_layer_ratio(pts: list, ratio: float, slack: float = 0.03) -> dict | None:
+    "Proxy-FD and its interval at layer ratio `ratio`, interpolated along a method's points; None outside their range."
+    s, ends = 1. / ratio, [dict(p, _lo=ci(p)[0], _hi=ci(p)[1]) for p in pts]
+    v = fd_at_speedup(ends, s, 'layer_ratio', 'proxy_fd', slack)
+    if v is None: return None
+    return dict(proxy_fd=v, layer_ratio=ratio, proxy_fd_ci95=[fd_at_speedup(ends, s, 'layer_ratio', k, slack)
+                                                              for k in ('_lo', '_hi')])
+
+def matched_pair(res: dict, m: str, o: str, b: int, t0: float):
+    """(m's row, o's row, matched): o interpolated at m's primary layer ratio, else m at o's; else the two primary
+    points (matched False). None when either has no primary point at budget `b`."""
+    a, r = point(res, m, b, t0), point(res, o, b, t0)
+    if a is None or r is None: return None
+    if (x := at_layer_ratio(points(res, o, b, 'layer_ratio'), a['layer_ratio'])): return a, x, True
+    if (x := at_layer_ratio(points(res, m, b, 'layer_ratio'), r['layer_ratio'])): return x, r, True
+    return a, r, False
+
+# %% ../nbs/07c_controlled_report.ipynb #40ab0269
+def _outcome(a: dict, r: dict, matched: bool) -> str:
+    c = compare(a, r)
+    if matched or c == 'tie': return c
+    cheaper = a['layer_ratio'] <= r['layer_ratio']
+    return c if (c == 'better') == cheaper else 'tie'
+
 def ranking_claim(res: dict, claim: str, source: str, method: str, others, figure: str = 'pareto') -> dict:
-    """`method` better than each of `others` at the primary target of every budget where both have a point."""
+    """`method` better than each of `others` at equal layer ratio (see above) at every budget where both have points."""
     t0, ev, outcomes = res['config']['targets'][0], [], []
     for b in _budgets(res):
-        a = point(res, method, b, t0)
-        if a is None: continue
         for o in others:
-            r = point(res, o, b, t0)
-            if r is None: continue
-            c = compare(a, r)
+            pair = matched_pair(res, method, o, b, t0)
+            if pair is None: continue
+            a, r, matched = pair
+            c = _outcome(a, r, matched)
             outcomes.append(c)
-            ev.append(f"b{b}: {method} {_fd(a)} {dict(better='<', worse='>', tie='~')[c]} {o} {_fd(r)}")
+            at = (f"ratio {a['layer_ratio']:.3f}" if matched else
+                  f"ratios {a['layer_ratio']:.3f} / {r['layer_ratio']:.3f}, unmatched")
+            ev.append(f"b{b} ({at}): {method} {fmt(a)} {dict(better='<', worse='>', tie='~')[c]} {o} {fmt(r)}")
     if not outcomes: return _claim(claim, source, VERDICTS[2], f"no {method} row beside any of {list(others)}", figure)
     verdict = VERDICTS[0] if all(c == 'better' for c in outcomes) else VERDICTS[1]
     why = '' if verdict == VERDICTS[0] else (' (a compared method is significantly better)' if 'worse' in outcomes
@@ -139,9 +164,10 @@ def fig1_claim(p: dict) -> dict:
           f"exits {L // 2}..{L - 1} below it: {bool((f[L // 2:] < own).all())}")
     return _claim(claim, src, VERDICTS[0] if ok else VERDICTS[1], ev, 'layer_mse')
 
-# %% ../nbs/07c_controlled_report.ipynb #31fd48cf
+# %% ../nbs/07c_controlled_report.ipynb #8d45c15b
 def fig3_claim(p: dict) -> dict:
     claim, src = 'the difficulty of denoising (the loss) varies over the sampling steps', 'AdaDiff Fig. 3'
+    if 'loss_by_timestep' not in p: return _claim(claim, src, VERDICTS[2], 'no probes in this run')
     d = p['loss_by_timestep']
     loss, sem, t = np.asarray(d['loss']), np.asarray(d['loss_sem']), np.asarray(d['model_time'])
     hi, lo = int(loss.argmax()), int(loss.argmin())
@@ -159,7 +185,7 @@ def fig6_claim(p: dict) -> dict:
           f"t = {d['model_time'][0]:.0f}; Spearman(t, u) = {rho:.2f}")
     return _claim(claim, src, VERDICTS[0] if rho < -0.5 else VERDICTS[1], ev, 'uncertainty_by_t')
 
-# %% ../nbs/07c_controlled_report.ipynb #1573e4f3
+# %% ../nbs/07c_controlled_report.ipynb #bff42cc6
 def trend_claim(p: dict) -> dict:
     claim = 'exits come very early in the first (noisy) steps, (almost) full depth in the last'
     src = 'DeeDiff blog, early-exit trends'
@@ -185,6 +211,18 @@ def noise_easy_claim(res: dict) -> dict:
           f"data-easy {de['schedule']} {_fd(de)} (layer ratios {ne['layer_ratio']:.3f} / {de['layer_ratio']:.3f})")
     return _claim(claim, src, VERDICTS[0] if c == 'better' else VERDICTS[1], ev, 'noise_easy')
 
+def full_depth_claim(res: dict) -> dict:
+    "AdaDiff's model with no exits vs the backbone it was fine-tuned from (Table 1's upper rows)."
+    claim = "AdaDiff's model without exits is better than its backbone"
+    src = 'AdaDiff Table 1 (w/o adaptive computation)'
+    full = next((r for r in res['summary'] if r['method'] == 'full'), None)
+    rows = [r for r in res['summary'] if r['method'] == 'adadiff_full']
+    if full is None or not rows: return _claim(claim, src, VERDICTS[2], 'no full or adadiff_full row in this run')
+    cs = [compare(r, full) for r in rows]
+    ev = '; '.join(f"b{r['budget_steps']}: adadiff_full {fmt(r)} {dict(better='<', worse='>', tie='~')[c]} backbone "
+                   f"{fmt(full)}" for r, c in zip(rows, cs))
+    return _claim(claim, src, VERDICTS[0] if all(c == 'better' for c in cs) else VERDICTS[1], ev, 'pareto')
+
 def small_claim(res: dict) -> dict:
     "AdaDiff vs the small model: its numbers, but not testable here (it gets only the budget's images from scratch)."
     claim, src = 'AdaDiff beats a small model of matched GFLOPs trained from scratch', 'AdaDiff Table 4'
@@ -198,15 +236,16 @@ def small_claim(res: dict) -> dict:
 def _row_key(r: dict) -> str:
     return f"{r['method']}|b{r['budget_steps']}|s{r['seeds'][0]}|t{r['target_reduction']:g}"
 
-# %% ../nbs/07c_controlled_report.ipynb #133794ee
+# %% ../nbs/07c_controlled_report.ipynb #b96c7723
 def claims(res: dict) -> list:
     "Every claim line of the seeds, from the results dict of `controlled.run_controlled`."
     p = res.get('probes') or {}
     R = lambda *a: ranking_claim(res, *a)
     return [
         fig1_claim(p), fig3_claim(p), fig6_claim(p),
-        R('AdaDiff beats the other exit methods at equal layer reduction', 'AdaDiff Table 1 / Fig. 5', 'adadiff',
-          ['berxit', 'calm', 'ase', 'static']),
+        full_depth_claim(res),
+        R('AdaDiff beats BERxiT, CALM and static exits (ASE) at equal layer reduction', 'AdaDiff Table 1 / Fig. 5',
+          'adadiff', ['berxit', 'calm', 'ase']),
         R('AdaDiff beats a static exit at matched compute', 'AdaDiff Table 4', 'adadiff', ['static']),
         small_claim(res),
         R('the uncertainty-aware layer-wise loss L_UAL helps', 'AdaDiff Table 6', 'adadiff', ['adadiff_no_ual']),
@@ -224,15 +263,19 @@ def claims_markdown(res: dict) -> str:
     return '\n'.join([head] + [f"| {c['claim']} | {c['source']} | **{c['verdict']}** | {c['evidence']} |"
                                for c in claims(res)])
 
-# %% ../nbs/07c_controlled_report.ipynb #31229553
+# %% ../nbs/07c_controlled_report.ipynb #c8735f6e
+def _vs(res: dict, m: str, base: str, b: int, t0: float) -> str:
+    "m against base at equal layer ratio (`matched_pair`, `_outcome`); '-' for base itself or without a pair."
+    pair = None if m == base else matched_pair(res, m, base, b, t0)
+    return '-' if pair is None else _outcome(*pair)
+
 def ablation_table(res: dict) -> list:
-    "AdaDiff and its ablations at the first budget's primary target, best first, each compared with AdaDiff."
+    "AdaDiff and its ablations at the first budget's primary target, best first, each against AdaDiff at equal ratio."
     b, t0 = _budgets(res)[0], res['config']['targets'][0]
-    base = point(res, 'adadiff', b, t0)
     rows = [r for m in ['adadiff', *ABLATIONS] if (r := point(res, m, b, t0)) is not None]
     return [dict(method=r['method'], note=res.get('ablations', {}).get(r['method'], 'AdaDiff as the paper defines it'),
                  proxy_fd=r['proxy_fd'], ci=ci(r), layer_ratio=r['layer_ratio'], seeds=r['seeds'],
-                 vs_adadiff='-' if base is None or r is base else compare(r, base))
+                 vs_adadiff=_vs(res, r['method'], 'adadiff', b, t0))
             for r in sorted(rows, key=lambda r: r['proxy_fd'])]
 
 # %% ../nbs/07c_controlled_report.ipynb #c1a8fd52

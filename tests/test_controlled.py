@@ -49,7 +49,7 @@ def _check_report(res):
     assert {'layer_mse', 'loss_by_timestep', 'uncertainty_by_t', 'exit_trend', 'ase_data_easy'} <= set(res['probes'])
     assert len(res['probes']['exit_trend']['exit_layer_mean']) == res['config']['steps']
     cl = claims(res)
-    assert len(cl) == 11 and all(c['verdict'] in VERDICTS and c['evidence'] for c in cl)
+    assert len(cl) == 12 and all(c['verdict'] in VERDICTS and c['evidence'] for c in cl)
     untestable = {c['source'] + ': ' + c['claim'] for c in cl if c['verdict'] == VERDICTS[2]}
     assert 'AdaDiff Table 4: AdaDiff beats a small model of matched GFLOPs trained from scratch' in untestable
     assert all('small model' in u or 'noise-easy' in u for u in untestable), untestable   # the tiny ASE is symmetric
