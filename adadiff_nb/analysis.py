@@ -9,7 +9,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/analysis.html.md"""
 
 # %% ../nbs/03a_analysis.ipynb #66d0ad55
 from __future__ import annotations
-import os, math, numbers, contextlib
+import os, math, numbers, contextlib, warnings
 import numpy as np
 import torch
 import torch.nn as nn
@@ -21,10 +21,11 @@ from .early_exit import check_threshold, is_early_exit_model
 from .sampling import schedule_for, sample_batches, model_device, model_image_shape, model_num_labels
 
 # %% auto #0
-__all__ = ['PLOTLY_RENDERER_ENV', 'SNR_SOURCES', 'analysis_times', 'analysis_data', 'exit_outputs', 'setup_plotly',
-           'format_table', 'summary_table', 'layer_mse_by_timestep', 'layer_mse_figure', 'training_loss_kw',
-           'loss_by_timestep', 'loss_by_timestep_figure', 'score_log_snr', 'score_snr_figure', 'tradeoff_curve',
-           'tradeoff_figure', 'calibration_bins', 'uem_reliability', 'uem_reliability_figure']
+__all__ = ['PLOTLY_RENDERER_ENV', 'LOG_TICKS', 'SNR_SOURCES', 'BOOTSTRAP_METHODS', 'analysis_times', 'analysis_data',
+           'exit_outputs', 'setup_plotly', 'legend_below', 'format_table', 'summary_table', 'layer_mse_by_timestep',
+           'layer_mse_figure', 'training_loss_kw', 'loss_by_timestep', 'loss_by_timestep_figure', 'score_log_snr',
+           'score_snr_figure', 'tradeoff_curve', 'tradeoff_figure', 'calibration_bins', 'uem_reliability',
+           'uem_reliability_figure', 'bootstrap_interval']
 
 # %% ../nbs/03a_analysis.ipynb #5c0cce4f
 def analysis_times(schedule, timesteps=10) -> torch.Tensor:
@@ -194,10 +195,21 @@ def _finite(v):
     v = np.asarray(v, np.float64)
     return np.where(np.isfinite(v), v, np.nan)
 
+LOG_TICKS = [v * 10 ** e for e in range(-4, 5) for v in (1, 2, 5)]   # tick values of a log axis: 1, 2, 5 per decade
+
+def legend_below(fig, height: int = 380, per_row: int = 4):
+    """A horizontal legend under the x-axis titles: its top 66 px below the plots, its rows (`per_row` entries each,
+    estimated) in a bottom margin of their own, added to `height` (the height with a 50 px bottom margin)."""
+    n = sum(d.type in ('scatter', 'bar') and d.showlegend is not False for d in fig.data)
+    b = 74 + 22 * max(1, math.ceil(n / per_row))
+    top = fig.layout.margin.t if fig.layout.margin.t is not None else 60
+    height = height - 50 + b
+    return fig.update_layout(height=height, margin=dict(b=b, t=top), legend=dict(
+        orientation='h', x=0, xanchor='left', y=-66 / (height - top - b), yanchor='top'))
+
 def _layout(fig, title, height=380):
-    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=60, b=50), template='plotly_white',
-                      legend=dict(orientation='h', y=-0.2))
-    return fig
+    fig.update_layout(title=title, margin=dict(l=60, r=20, t=60), template='plotly_white')
+    return legend_below(fig, height)
 
 # %% ../nbs/03a_analysis.ipynb #14b1ebeb
 def _fmt(v) -> str:
@@ -270,7 +282,7 @@ def layer_mse_figure(res: dict):
     fig.add_trace(go.Heatmap(x=res['model_time'], y=res['exits'][:L], z=_finite(z), colorscale='Viridis',
                              colorbar=dict(title='log10', x=1.02), showscale=True, name='log10 MSE'), 1, 2)
     fig.update_xaxes(title_text='exit (0 = before block 1, L = full model)', row=1, col=1)
-    fig.update_yaxes(title_text='MSE', type='log', row=1, col=1)
+    fig.update_yaxes(title_text='MSE', type='log', tickvals=LOG_TICKS, row=1, col=1)
     fig.update_xaxes(title_text='timestep (network input)', row=1, col=2)
     fig.update_yaxes(title_text='exit', row=1, col=2)
     return _layout(fig, f"Exit outputs vs the final output and the noise ({res['n']} images, "
@@ -663,3 +675,68 @@ def _uem_table(res, max_rows):
     return format_table(head, [(i, res['mean_u'][i], res['mean_target'][i], res['pearson'][i], res['spearman'][i],
                                 res['mae'][i], res['ece'][i]) + ((pp[i],) if pp is not None else ())
                                for i in res['exits']])
+
+# %% ../nbs/03a_analysis.ipynb #6486ae6e
+BOOTSTRAP_METHODS = ('BCa', 'percentile', 'basic')
+
+def _bca_reasons(draws: np.ndarray, value: np.ndarray) -> np.ndarray:
+    "Per element of the statistic: why BCa is undefined for these `draws` (..., B) around `value`, else None."
+    v, out = value[..., None], np.full(value.shape, None, object)
+    with np.errstate(invalid='ignore'):
+        out[np.all(draws > v, -1)] = 'the estimate lies below every bootstrap draw'
+        out[np.all(draws < v, -1)] = 'the estimate lies above every bootstrap draw'
+        out[np.all(draws == v, -1) | (np.nanmax(draws, -1) == np.nanmin(draws, -1))] = 'the draws do not vary'
+    out[~np.isfinite(value) | ~np.isfinite(draws).all(-1)] = 'a draw or the estimate is not finite'
+    return out
+
+# %% ../nbs/03a_analysis.ipynb #1f3820f2
+def _check_bootstrap(data, n_boot: int, level: float, method: str, fallback: str):
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
+    if fallback not in BOOTSTRAP_METHODS[1:]:
+        raise ValueError(f"fallback must be 'percentile' or 'basic', got {fallback!r}")
+    if n_boot < 1: raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1: raise ValueError(f"level must lie in (0, 1), got {level}")
+    if any(np.shape(d)[-1] < 2 for d in data):
+        raise ValueError(f"the bootstrap needs at least 2 items per sample, got {[np.shape(d) for d in data]}")
+
+def _out(a):
+    "A 0-d array as a Python scalar, else the array (lists for object arrays)."
+    a = np.asarray(a)
+    return a.item() if a.ndim == 0 else a.tolist() if a.dtype == object else a
+
+# %% ../nbs/03a_analysis.ipynb #da60402b
+def _is_none(a: np.ndarray) -> np.ndarray:
+    return np.array([x is None for x in np.ravel(a)], bool).reshape(np.shape(a))
+
+def bootstrap_interval(data, statistic, n_boot: int = 200, seed: int = 0, level: float = .95, method: str = 'BCa',
+                       fallback: str = 'percentile', paired: bool = False, vectorized: bool = False,
+                       batch: int | None = None) -> dict:
+    """`scipy.stats.bootstrap` of `statistic(*data)` (each sample's items along its last axis; `paired`: resampled
+    with the same indices) from `n_boot` draws of `np.random.default_rng(seed)`: `value`, `ci` [lo, hi] at `level`,
+    `std` and `bias` (mean draw - value) of the draws, the interval `method` used and, where BCa was asked for but is
+    degenerate, the `reason` (then `fallback` from the same draws). A vector statistic gives arrays and lists."""
+    from scipy import stats
+    data = tuple(np.asarray(d) for d in data)
+    _check_bootstrap(data, n_boot, level, method, fallback)
+    kw = dict(paired=paired, vectorized=vectorized, axis=-1, confidence_level=level, batch=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        warnings.simplefilter('ignore', stats.DegenerateDataWarning)
+        r = stats.bootstrap(data, statistic, n_resamples=n_boot, method='percentile' if method == 'BCa' else method,
+                            rng=np.random.default_rng(seed), **kw)
+        value = np.asarray(statistic(*data, axis=-1) if vectorized else statistic(*data), np.float64)
+        draws = np.asarray(r.bootstrap_distribution, np.float64)
+        lo, hi = (np.asarray(v, np.float64) for v in r.confidence_interval)
+        reason = _bca_reasons(draws, value) if method == 'BCa' else np.full(value.shape, None, object)
+        if method == 'BCa' and fallback == 'basic': lo, hi = 2 * value - hi, 2 * value - lo
+        if method == 'BCa' and _is_none(reason).any():
+            b = stats.bootstrap(data, statistic, n_resamples=0, bootstrap_result=r, method='BCa', **kw)
+            blo, bhi = (np.asarray(v, np.float64) for v in b.confidence_interval)
+            reason[_is_none(reason) & ~(np.isfinite(blo) & np.isfinite(bhi))] = 'BCa gave no finite interval'
+            ok = _is_none(reason)
+            lo, hi = np.where(ok, blo, lo), np.where(ok, bhi, hi)
+        bias = np.nanmean(draws, -1) - value                                  # NaN where every draw is NaN
+    used = np.where(_is_none(reason), method, fallback).astype(object)
+    return dict(value=_out(value), ci=[_out(lo), _out(hi)], std=_out(r.standard_error), bias=_out(bias),
+                n_boot=n_boot, level=level, method=_out(used), reason=_out(reason), impl='scipy.stats.bootstrap')

@@ -10,7 +10,6 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/autoencoder.html.md"""
 from __future__ import annotations
 import argparse
 import hashlib
-import importlib
 import json
 import struct
 import sys
@@ -22,24 +21,20 @@ from torch.utils.data import Dataset
 
 from fastcore.basics import patch
 
-from .checkpoint import CheckpointError, atomic_write, atomic_write_json, read_safetensors_metadata
+from .extras import install_hint, require
+from .checkpoint import (CheckpointError, atomic_write, atomic_write_json, check_output_file,
+                                   read_safetensors_metadata, resolve_device)
 
 # %% auto #0
 __all__ = ['T2I_EXTRA', 'VAE_FILES', 'VAE_HOWTO', 'TINY_VAE_CONFIG', 'LATENT_RECORD', 'LATENT_FORMAT', 'CACHE_FORMAT',
-           'CACHE_TOOL', 'optional_import', 'check_weight_dir', 'sample_latents', 'LatentAutoencoder', 'check_record',
-           'check_compatible', 'save_latent_record', 'load_latent_record', 'describe_files', 'load_autoencoder',
-           'safetensors_header', 'tensor_bytes', 'CacheError', 'read_cache_header', 'precompute_latents', 'LatentCache',
-           'build_parser', 'main']
+           'CACHE_TOOL', 'check_weight_dir', 'sample_latents', 'LatentAutoencoder', 'check_record', 'check_compatible',
+           'save_latent_record', 'load_latent_record', 'describe_files', 'load_autoencoder', 'safetensors_header',
+           'tensor_bytes', 'CacheError', 'read_cache_header', 'precompute_latents', 'LatentCache', 'build_parser',
+           'main']
 
 # %% ../nbs/01d_autoencoder.ipynb #7636b90b
-T2I_EXTRA = "pip install 'adadiff_nb[t2i]'"
+T2I_EXTRA = install_hint('t2i')
 
-def optional_import(name: str, what: str):
-    "Import the optional package `name`, or raise an ImportError saying that `what` needs it and how to install it."
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(f"{what} needs the `{name}` package, which is not installed: {T2I_EXTRA}") from e
 
 # %% ../nbs/01d_autoencoder.ipynb #957538bc
 def check_weight_dir(path, groups: list[tuple[str, ...]], what: str, howto: str) -> Path:
@@ -70,11 +65,27 @@ VAE_HOWTO = ("Use a diffusers AutoencoderKL folder, e.g. the SD VAE that U-ViT a
              "stabilityai/sd-vae-ft-ema --local-dir DIR` (or sd-vae-ft-mse) on a machine with internet, or the `vae/` "
              "sub-folder of a Stable Diffusion pipeline.")
 
+def _check_vae_class(p: Path):
+    "Raise a one-line error, before any weight is read, when the folder's config.json names another model class."
+    cfg = p / 'config.json'
+    try: name = json.loads(cfg.read_text()).get('_class_name')
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{cfg} is not a JSON object ({e}); pass the VAE folder: {VAE_HOWTO}") from None
+    if name in (None, 'AutoencoderKL'):
+        return
+    sib = p.parent / 'vae'
+    where = f" {sib}" if sib != p and (sib / 'config.json').is_file() else ''
+    raise ValueError(f"{p} is not an AutoencoderKL folder (its config says _class_name={name}); pass the VAE "
+                     f"folder{where} instead. {VAE_HOWTO}")
+
 def _vae_dir(path) -> Path:
-    "The VAE folder of `path`: the folder itself, or its `vae/` sub-folder (a full Stable Diffusion pipeline)."
+    """The VAE folder of `path`: the folder itself, or its `vae/` sub-folder (a full Stable Diffusion pipeline);
+    its config must name an `AutoencoderKL` (a UNet or another model's folder is refused before loading)."""
     p = Path(path).expanduser()
     if not (p / 'config.json').is_file() and (p / 'vae' / 'config.json').is_file():
         p = p / 'vae'
+    if (p / 'config.json').is_file():
+        _check_vae_class(p)
     return check_weight_dir(p, VAE_FILES, 'the autoencoder (AutoencoderKL)', VAE_HOWTO)
 
 # %% ../nbs/01d_autoencoder.ipynb #64425389
@@ -84,22 +95,23 @@ class LatentAutoencoder(nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.scale_factor = float(vae.config.scaling_factor if scale_factor is None else scale_factor)
-        if not self.scale_factor > 0:
-            raise ValueError(f"scale_factor must be > 0 (0.18215 for the SD VAE), got {self.scale_factor}")
+        if not 0 < self.scale_factor < float('inf'):
+            raise ValueError(f"scale_factor must be a finite number > 0 (0.18215 for the SD VAE), "
+                             f"got {self.scale_factor}")
         self.source = source
 
     @classmethod
     def from_pretrained(cls, path, scale_factor: float | None = None, dtype=torch.float32, device='cpu'):
         "Load an `AutoencoderKL` from a local folder (config.json + diffusion_pytorch_model.safetensors)."
         p = _vae_dir(path)
-        diffusers = optional_import('diffusers', 'the latent autoencoder')
+        diffusers = require('diffusers', 'the latent autoencoder', 't2i')
         vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
         return cls(vae.to(device), scale_factor, source=str(p))
 
     @classmethod
     def from_config(cls, config: dict, scale_factor: float | None = None):
         "A randomly initialised `AutoencoderKL` built from `config` (its constructor arguments): tests, experiments."
-        diffusers = optional_import('diffusers', 'the latent autoencoder')
+        diffusers = require('diffusers', 'the latent autoencoder', 't2i')
         return cls(diffusers.AutoencoderKL(**config), scale_factor)
 
 # %% ../nbs/01d_autoencoder.ipynb #8b330b95
@@ -386,6 +398,9 @@ def precompute_latents(data, autoencoder: LatentAutoencoder, path, flip: bool = 
     """Encode `data` (images (N, C, S, S) in [-1, 1] with optional `labels`, or a data set of images or (image,
     label)) into the latent cache `path`: posterior moments of each image and, with `flip`, of its mirror."""
     from tqdm.auto import tqdm
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    path = check_output_file(path, 'path')
     specs, meta = _cache_layout(data, autoencoder, flip, labels, dtype)
     n = meta['n']
 
@@ -508,15 +523,24 @@ class _ImagesOnly(Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i): return self.ds[i][0]
 
+def _check_args(a) -> tuple[Path, torch.device]:
+    "(output path, device) of the parsed options, or a `ValueError` naming the bad option: before anything loads."
+    if a.batch_size < 1: raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.num_workers < 0: raise ValueError(f"--num-workers must be >= 0 (0: load in this process), got {a.num_workers}")
+    if a.limit is not None and a.limit < 0: raise ValueError(f"--limit must be >= 0 (0: all images), got {a.limit}")
+    if a.scale_factor is not None and not 0 < a.scale_factor < float('inf'):
+        raise ValueError(f"--scale-factor must be a finite number > 0 (0.18215 for the SD VAE), got {a.scale_factor}")
+    return check_output_file(a.out, '--out'), resolve_device(a.device, '--device')
+
 def _run(a) -> dict:
     from adadiff_nb.data import get_dataset
     from torch.utils.data import Subset
+    out, dev = _check_args(a)
     ds = get_dataset(a.data, root=a.root, split=a.split, img_size=a.img_size, flip=False)
     ds = Subset(ds, range(min(a.limit, len(ds)))) if a.limit else ds
     ds = _ImagesOnly(ds) if a.no_labels else ds
-    dev = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     ae = LatentAutoencoder.from_pretrained(a.vae, a.scale_factor, device=dev)
-    path = precompute_latents(ds, ae, a.out, flip=not a.no_flip, batch_size=a.batch_size,
+    path = precompute_latents(ds, ae, out, flip=not a.no_flip, batch_size=a.batch_size,
                               dtype=getattr(torch, a.dtype), num_workers=a.num_workers, progress=True)
     cache = LatentCache(path)
     return dict(out=str(path), n=len(cache), latent_shape=list(cache.latent_shape), flip=cache.flip,

@@ -18,21 +18,26 @@ import torch.nn as nn
 from .uvit import UViT, create_uvit
 from .dit import DIT_PRESETS
 from .early_exit import EarlyExitUViT, create_early_exit
-from .checkpoint import save_model, load_model, atomic_write_json, atomic_write, sha256_file
+from .checkpoint import (save_model, load_model, atomic_write_json, atomic_write, sha256_file,
+                                 read_safetensors_metadata, CheckpointError)
 from .cost import layer_costs, full_eval_flops, backbone_flops, eval_flops, speedup, sync, Timing
-from .sampling import sample_batches, check_precision
+from .sampling import sample_batches, check_precision, check_sampler_opts
 from .metrics import psnr, mse, proxy_fd, compute_stats
+from .analysis import LOG_TICKS
 from .calibrate import calibrate_threshold, calibrate_static_schedule, sampler_model_times
 from .baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusion_loss, adadiff_train_loss,
                                   ase_train_loss, berxit_train_loss, calm_train_loss, small_model_config)
 
 # %% auto #0
-__all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'LOSS_VERSIONS', 'BENCH_ARCHS', 'comparison_config',
-           'load_backbone', 'build_methods', 'run_comparison', 'format_table', 'table1_markdown', 'make_figures',
-           'build_parser', 'main', 'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init',
-           'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table',
-           'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid',
-           'exit_grid_table', 'add_timing_args', 'write_bench_json']
+__all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'COUNT_MINIMA', 'RUN_ELSEWHERE', 'LOSS_VERSIONS',
+           'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS', 'check_count', 'check_seed', 'check_reductions',
+           'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
+           'comparison_config', 'load_backbone', 'build_methods', 'run_comparison', 'format_table', 'table1_markdown',
+           'method_styles', 'right_legend', 'make_figures', 'comparisons_epilog', 'build_parser', 'set_threads', 'main',
+           'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init', 'build_bench_dit',
+           'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table', 'build_bench_model',
+           'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table',
+           'add_timing_args', 'write_bench_json']
 
 # %% ../nbs/07_bench.ipynb #6e72a5e8
 ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
@@ -59,9 +64,110 @@ COMPARISONS: dict = {
                                     'one CPU core'),
 }
 
+# %% ../nbs/07_bench.ipynb #652a164f
+# the smallest value of every count of a comparison (n >= 2: proxy-FD needs two images)
+COUNT_MINIMA = dict(n=2, batch=1, batch_size=1, steps=1, finetune_steps=1, small_steps=1, calib_n=1, calib_max_iter=1,
+                    backbone_steps=1, ase_buckets=1)
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    "`value` as an int >= `minimum`, else a ValueError naming `name` (a bool, float or string is refused too)."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+def check_seed(value, name: str = 'seed') -> int:
+    "`value` as a seed in [0, 2**32) (numpy's and torch's generators both take it), else a ValueError naming `name`."
+    if check_count(value, name, 0) >= 2 ** 32: raise ValueError(f"{name} must be below 2**32, got {value!r}")
+    return int(value)
+
+# %% ../nbs/07_bench.ipynb #abb386b8
+def check_reductions(values, name: str, empty_ok: bool = False) -> list:
+    "`values` (one number or a list) as floats, each a layer reduction in (0, 1), else a ValueError naming `name`."
+    vals = list(values) if isinstance(values, (list, tuple)) else [values]
+    real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    if not (vals or empty_ok) or not all(real(v) and 0 < v < 1 for v in vals):
+        raise ValueError(f"{name} must be layer reductions in (0, 1) (0.4: 40% fewer block evaluations), "
+                         f"got {values!r}")
+    return [float(v) for v in vals]
+
+def parse_list(text: str | None, kind=float, flag: str = '--sweep') -> list | None:
+    "The comma list `text` as values of `kind` (None stays None, blank is []), else a ValueError naming `flag`."
+    if text is None: return None
+    if not text.strip(): return []
+    items = [v.strip() for v in text.split(',')]
+    what = {int: 'integers', float: 'numbers'}.get(kind, 'names')
+    try:
+        if '' in items: raise ValueError('an empty entry')
+        return [kind(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: not a comma list of {what} (no empty entries)") from None
+
+# %% ../nbs/07_bench.ipynb #3a5841d5
+def check_out_dir(path, name: str = '--out') -> Path:
+    "`path` as a directory that exists or can be made (nothing is made here), else a ValueError naming `name`."
+    if path is None or not str(path).strip(): raise ValueError(f"{name} is empty; pass a directory")
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir(): raise ValueError(f"{name} {p} is a file, not a directory; pass a directory")
+    top = p.absolute()
+    while not top.exists() and top != top.parent: top = top.parent
+    if not top.is_dir():
+        raise ValueError(f"{name} {p}: {top} is a file, so no directory can be made there; pass another directory")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {p}: cannot write in {top}; pass a directory you can write to")
+    return p
+
+def check_checkpoint(path, name: str, fix: str = 'pass a directory written by save_model', archs=None) -> Path:
+    """`path` as a `save_model` checkpoint (a directory holding model.safetensors, or the weight file) whose header
+    and model record (of an architecture in `archs`, when given) can be read, without loading the weights:
+    FileNotFoundError when missing, else ValueError naming `name` and `fix`."""
+    if path is None or not str(path).strip(): raise ValueError(f"{name} is empty; {fix}")
+    p = Path(path).expanduser()
+    if not p.exists(): raise FileNotFoundError(f"{name} {p} not found; {fix}")
+    w = p / 'model.safetensors' if p.is_dir() else p
+    if not w.is_file(): raise ValueError(f"{name} {p} holds no model.safetensors; {fix}")
+    try: rec = (read_safetensors_metadata(w) if w.suffix == '.safetensors' else {}).get('adadiff_nb')
+    except CheckpointError as e: raise ValueError(f"{name}: {e}; {fix}") from None
+    try: rec = json.loads((w.parent / 'config.json').read_text()) if rec is None else rec
+    except (OSError, json.JSONDecodeError): rec = None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{name} {w} carries no model config (no 'adadiff_nb' metadata, no readable config.json "
+                         f"beside it); {fix}")
+    if archs and rec.get('arch') not in archs:
+        raise ValueError(f"{name} {p} holds a {rec.get('arch')!r} model, not one of {list(archs)}; {fix}")
+    return p
+
+# %% ../nbs/07_bench.ipynb #536ce5fe
+def check_run_paths(cfg: dict, out, work) -> None:
+    "Before anything is made or trained: `out` and `work` can be directories, the checkpoints of `cfg` can be read."
+    check_out_dir(out, '--out')
+    check_out_dir(work, '--work')
+    if cfg.get('backbone'):
+        check_checkpoint(cfg['backbone'], '--backbone', 'train it with adadiff-train --config cpu16_backbone, or '
+                                                        'pass --backbone with a directory written by save_model')
+    if cfg.get('adadiff_checkpoint'):
+        check_checkpoint(cfg['adadiff_checkpoint'], '--adadiff-checkpoint',
+                         "pass a trained AdaDiff model's save_model directory, or leave it out to fine-tune one",
+                         archs=('adadiff',))
+
+# %% ../nbs/07_bench.ipynb #0979241b
+# comparisons that `adadiff-bench` runs through another module (not bench.main / run_comparison)
+RUN_ELSEWHERE = {'controlled': 'the adadiff-bench command (adadiff_nb.controlled.main, or controlled.run_controlled)'}
+
+def check_comparison(cfg: dict, minima: dict | None = None) -> dict:
+    "`cfg` checked: every count against `minima` (default `COUNT_MINIMA`), the seed, the targets, the sampler."
+    for k, lo in (COUNT_MINIMA if minima is None else minima).items():
+        if k in cfg: check_count(cfg[k], k, lo)
+    check_seed(cfg['seed'])
+    check_reductions(cfg['target_reduction'], 'target_reduction')
+    check_reductions(cfg['sweep_targets'], 'sweep_targets', empty_ok=True)
+    check_sampler_opts(cfg['sampler'], cfg['sampler_opts'])
+    if not cfg['methods']: raise ValueError("methods must name at least one method")
+    return cfg
+
 # %% ../nbs/07_bench.ipynb #cc3e5f73
 def comparison_config(name: str, **overrides) -> dict:
-    "The settings of comparison `name` with `overrides` (None values are ignored)."
+    "The settings of comparison `name` with `overrides` (None values are ignored), checked by `check_comparison`."
+    if name in RUN_ELSEWHERE: raise ValueError(f"comparison {name!r} is run by {RUN_ELSEWHERE[name]}, not bench.main")
     if name not in COMPARISONS: raise ValueError(f"unknown comparison {name!r}; choose one of {sorted(COMPARISONS)}")
     cfg = copy.deepcopy(COMPARISONS[name])
     bad = [k for k in overrides if k not in cfg]
@@ -69,10 +175,8 @@ def comparison_config(name: str, **overrides) -> dict:
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     unknown = [m for m in cfg['methods'] if m not in ALL_METHODS]
     if unknown: raise ValueError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
-    if not 0 < cfg['target_reduction'] < 1:
-        raise ValueError(f"target_reduction must lie in (0, 1), got {cfg['target_reduction']}")
     cfg['name'] = name
-    return cfg
+    return check_comparison(cfg)
 
 # %% ../nbs/07_bench.ipynb #b41c1b40
 def _key(spec: dict) -> str:
@@ -229,11 +333,7 @@ def _fmt_schedule(v):
 def _get_backbone(cfg: dict, work: Path, log) -> tuple:
     "(backbone, info): the comparison's checkpoint, or the preset trained (cached) inside the command."
     if cfg['backbone']:
-        bpath = Path(cfg['backbone'])
-        if not bpath.exists():
-            raise FileNotFoundError(f"backbone checkpoint {bpath} not found (train it with adadiff-train --config "
-                                    "cpu16_backbone, or pass --backbone)")
-        return load_backbone(bpath), dict(source=str(bpath))
+        return load_backbone(cfg['backbone']), dict(source=str(cfg['backbone']))
     def b():
         torch.manual_seed(cfg['seed'])
         r = finetune(create_uvit(cfg['backbone_preset']), diffusion_loss, cfg['backbone_steps'], data=cfg['data'],
@@ -354,9 +454,9 @@ def _noise(cfg: dict, shape: tuple) -> tuple:
 def run_comparison(name: str, out='results', work=None, command: str | None = None, log=print, **overrides) -> dict:
     "Run comparison `name` (see `COMPARISONS`), write OUT/<name>.json and the figures; returns the results dict."
     cfg = comparison_config(name, **overrides)
-    out = Path(out)
+    out, work, t_start = Path(out), Path(work or f'runs/bench_{name}'), time.time()
+    check_run_paths(cfg, out, work)
     out.mkdir(parents=True, exist_ok=True)
-    work, t_start = Path(work or f'runs/bench_{name}'), time.time()
     torch.manual_seed(cfg['seed'])
     log(f"adadiff-bench: comparison {name!r}: {cfg['description']}")
     backbone, binfo = _get_backbone(cfg, work, log)
@@ -443,111 +543,126 @@ def table1_markdown(res: dict) -> str:
     out += [line(by[m]) for m in ('berxit', 'calm', 'ase_paper', 'ase', 'static', 'small', 'adadiff') if m in by]
     return '\n'.join(out)
 
+# %% ../nbs/07_bench.ipynb #24fb7b5c
+METHOD_FAMILIES = {'reference': ('full', 'adadiff_full'), 'dynamic early exit': ('adadiff', 'berxit', 'calm'),
+                   'static exit / small model': ('static', 'ase', 'ase_paper', 'small')}
+FAMILY_SCALES = {'reference': 'Greys', 'dynamic early exit': 'Blues', 'static exit / small model': 'Greens',
+                 'caching': 'Oranges', 'AdaDiff ablation': 'Purples'}
+_SYMBOLS = ('circle', 'square', 'diamond', 'triangle-up', 'x', 'star', 'triangle-down', 'cross', 'pentagon')
+_DASHES = ('solid', 'dot', 'dash', 'dashdot', 'longdash', 'longdashdot')
+
+def method_styles(families: dict | None = None) -> dict:
+    """{method: family, color, symbol, dash}: one hue family per kind of method (`families` {kind: methods}, default
+    `METHOD_FAMILIES`; hues from `FAMILY_SCALES`), its members told apart by shade, marker symbol and dash."""
+    from plotly.colors import sample_colorscale
+    out = {}
+    for kind, ms in (families or METHOD_FAMILIES).items():
+        shades = sample_colorscale(FAMILY_SCALES.get(kind, 'Greys'), list(np.linspace(1., .5, max(len(ms), 2))))
+        out.update({m: dict(family=kind, color=shades[j], symbol=_SYMBOLS[j % len(_SYMBOLS)],
+                            dash=_DASHES[j % len(_DASHES)]) for j, m in enumerate(ms)})
+    return out
+
+def right_legend(fig, **kw):
+    "A vertical legend right of the plots, grouped by `legendgroup` with group titles: clear of every axis title."
+    return fig.update_layout(legend=dict(orientation='v', x=1.02, xanchor='left', y=1, yanchor='top',
+                                         groupclick='toggleitem', tracegroupgap=8, font=dict(size=11), **kw))
+
 # %% ../nbs/07_bench.ipynb #7978ded3
 def make_figures(res: dict) -> dict:
-    "Plotly figures: quality (proxy-FD, PSNR) vs layer reduction, and measured vs ideal speed-up."
+    """Plotly figures: quality (proxy-FD on a log axis, PSNR) vs layer reduction, colours by kind of method
+    (`method_styles`), and measured vs ideal speed-up."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    rows = res['rows'] + res.get('sweep', [])
-    q = make_subplots(rows=1, cols=2, subplot_titles=('proxy-FD (lower is better)', 'PSNR vs full model (dB)'))
-    for m in [m for m in ALL_METHODS if any(r['method'] == m for r in rows)]:
+    rows, st = res['rows'] + res.get('sweep', []), method_styles()
+    q = make_subplots(rows=1, cols=2, subplot_titles=('proxy-FD (lower is better, log axis)',
+                                                      'PSNR vs full model (dB)'))
+    for m in [m for m in st if any(r['method'] == m for r in rows)]:
         rs = sorted([r for r in rows if r['method'] == m], key=lambda r: r['layer_reduction'])
-        xr = [100 * (1 - r['layer_ratio']) for r in rs]
-        mode = 'lines+markers' if len(rs) > 1 else 'markers'
-        q.add_trace(
-            go.Scatter(x=xr, y=[r['proxy_fd'] for r in rs], mode=mode, name=METHOD_LABELS[m], legendgroup=m), 1, 1
-        )
+        xr, s = [100 * (1 - r['layer_ratio']) for r in rs], st[m]
+        kw = dict(mode='lines+markers' if len(rs) > 1 else 'markers', name=METHOD_LABELS[m], legendgroup=s['family'],
+                  legendgrouptitle_text=s['family'], marker=dict(color=s['color'], symbol=s['symbol'], size=8),
+                  line=dict(color=s['color'], dash=s['dash']))
+        q.add_trace(go.Scatter(x=xr, y=[r['proxy_fd'] for r in rs], **kw), 1, 1)
         if m != 'full':
-            q.add_trace(
-                go.Scatter(
-                    x=xr,
-                    y=[r.get('psnr_vs_full') for r in rs],
-                    mode=mode,
-                    name=METHOD_LABELS[m],
-                    legendgroup=m,
-                    showlegend=False,
-                ),
-                1,
-                2,
-            )
+            q.add_trace(go.Scatter(x=xr, y=[r.get('psnr_vs_full') for r in rs], showlegend=False, **kw), 1, 2)
     q.update_xaxes(title_text='layer reduction (%)')
-    q.update_layout(title=f"{res['comparison']}: quality vs layer reduction", template='plotly_white', height=420)
+    q.update_yaxes(type='log', tickvals=LOG_TICKS, row=1, col=1)
+    q.update_layout(title=f"{res['comparison']}: quality vs layer reduction", template='plotly_white', height=440,
+                    margin=dict(l=60, r=20, t=70, b=50))
+    right_legend(q)
     s = go.Figure()
     prim = [r for r in res['rows'] if r['method'] != 'full']
-    s.add_trace(
-        go.Bar(x=[r['label'] for r in prim], y=[r['ideal_speedup'] for r in prim], name='ideal (1 / layer ratio)')
-    )
-    s.add_trace(go.Bar(x=[r['label'] for r in prim], y=[r['gflops_speedup'] for r in prim], name='analytic GFLOPs'))
-    s.add_trace(
-        go.Bar(x=[r['label'] for r in prim], y=[r['measured_speedup'] for r in prim], name='measured wall-clock')
-    )
+    for k, name, color in (('ideal_speedup', 'ideal (1 / layer ratio)', 'rgb(158,202,225)'),
+                           ('gflops_speedup', 'analytic GFLOPs', 'rgb(66,146,198)'),
+                           ('measured_speedup', 'measured wall-clock', 'rgb(8,48,107)')):
+        s.add_trace(go.Bar(x=[r['label'] for r in prim], y=[r[k] for r in prim], name=name, marker_color=color))
     s.add_hline(y=1, line_dash='dot')
-    s.update_layout(
-        barmode='group',
-        title=f"{res['comparison']}: speed-up vs the full model",
-        yaxis_title='speed-up (x)',
-        template='plotly_white',
-        height=420,
-    )
+    s.update_layout(barmode='group', title=f"{res['comparison']}: speed-up vs the full model",
+                    yaxis_title='speed-up (x)', template='plotly_white', height=440,
+                    margin=dict(l=60, r=20, t=70, b=50))
+    right_legend(s)
     return dict(quality=q, speedup=s)
 
 # %% ../nbs/07_bench.ipynb #179d27f5
-def build_parser() -> argparse.ArgumentParser:
+def comparisons_epilog(extra: dict | None = None) -> str:
+    "One line per comparison `--comparison NAME` runs: `COMPARISONS`' descriptions, then `extra` {name: line}."
+    items = dict({k: v['description'] for k, v in COMPARISONS.items()}, **(extra or {}))
+    w = max(map(len, items)) + 2
+    return 'comparisons (--comparison NAME):\n' + '\n'.join(f'  {k:{w}s}{v}' for k, v in items.items())
+
+def build_parser(extra_comparisons: dict | None = None) -> argparse.ArgumentParser:
+    "The options of `adadiff-bench`; its epilog lists every comparison (`extra_comparisons`: those run elsewhere)."
     p = argparse.ArgumentParser(
-        prog='adadiff-bench',
-        description='Compare AdaDiff with static exits (ASE), BERxiT, CALM, a small '
-        'model and the full model at equal layer reduction; writes OUT/<comparison>.json and figures.',
-    )
-    p.add_argument('--comparison', required=True, help=f"one of {', '.join(COMPARISONS)}")
+        prog='adadiff-bench', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Compare AdaDiff with static exits (ASE), BERxiT, CALM, a small model and the full model at equal\n'
+                    'layer reduction; writes OUT/<comparison>.json and figures. Defaults: the comparison\'s settings.',
+        epilog=comparisons_epilog(extra_comparisons))
+    p.add_argument('--comparison', required=True, help='which comparison to run (listed below)')
     p.add_argument('--out', default='results', help='where the JSON and figure files go (default results/)')
     p.add_argument('--work', default=None, help='cache of trained models (default runs/bench_<comparison>)')
     p.add_argument('--methods', default=None, help=f"comma list from {','.join(ALL_METHODS)}")
     p.add_argument('--backbone', default=None, help='backbone checkpoint (save_model dir) instead of the comparison\'s')
-    p.add_argument(
-        '--adadiff-checkpoint', default=None, help='use this trained AdaDiff model instead of fine-tuning one'
-    )
-    p.add_argument(
-        '--target-reduction',
-        type=float,
-        default=None,
-        help='layer reduction every method is calibrated to (default 0.4)',
-    )
-    p.add_argument(
-        '--sweep',
-        default=None,
-        help='extra targets for the trade-off curves (comma list), dynamic and static-exit methods',
-    )
-    p.add_argument('--finetune-steps', type=int, default=None)
-    p.add_argument('--small-steps', type=int, default=None)
+    p.add_argument('--adadiff-checkpoint', default=None,
+                   help='use this trained AdaDiff model instead of fine-tuning one')
+    p.add_argument('--target-reduction', type=float, default=None,
+                   help='layer reduction every method is calibrated to (default 0.4)')
+    p.add_argument('--sweep', default=None,
+                   help='extra targets for the trade-off curves (comma list), dynamic and static-exit methods')
+    p.add_argument('--finetune-steps', type=int, default=None, help='fine-tuning steps of every early-exit method')
+    p.add_argument('--small-steps', type=int, default=None, help='training steps of the small model (from scratch)')
     p.add_argument('--batch-size', type=int, default=None, help='fine-tuning batch size')
     p.add_argument('--n', type=int, default=None, help='images sampled per method')
-    p.add_argument('--batch', type=int, default=None)
-    p.add_argument('--sampler', default=None)
-    p.add_argument('--steps', type=int, default=None)
-    p.add_argument('--calib-n', type=int, default=None)
-    p.add_argument('--seed', type=int, default=None)
-    p.add_argument(
-        '--threads', type=int, default=None, help='torch threads (default: OMP_NUM_THREADS or torch default)'
-    )
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--batch', type=int, default=None, help='sampling batch size')
+    p.add_argument('--sampler', default=None, help='sampler name from adadiff_nb.samplers.SAMPLERS (e.g. ddim)')
+    p.add_argument('--steps', type=int, default=None, help='sampler steps')
+    p.add_argument('--calib-n', type=int, default=None, help='calibration images (their own noise)')
+    p.add_argument('--seed', type=int, default=None, help='seed of the noise, the calibration and the fine-tuning')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch threads (default: OMP_NUM_THREADS or torch default)')
+    p.add_argument('--quiet', action='store_true', help='print nothing but errors')
     return p
 
+# %% ../nbs/07_bench.ipynb #480d5698
+def set_threads(n) -> None:
+    "`torch.set_num_threads(n)` for n >= 1; None or 0 keep the default; else a ValueError naming --threads."
+    if n is None or (not isinstance(n, bool) and n == 0): return
+    torch.set_num_threads(check_count(n, '--threads (0: the default)', 1))
+
 # %% ../nbs/07_bench.ipynb #856b1f90
-def main(argv=None) -> int:
-    "The `adadiff-bench` command."
+def main(argv=None, extra_comparisons: dict | None = None) -> int:
+    "The `adadiff-bench` command for `COMPARISONS` (`extra_comparisons` are only listed in its help)."
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser().parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    ov = dict(backbone=a.backbone, adadiff_checkpoint=a.adadiff_checkpoint, target_reduction=a.target_reduction,
-              finetune_steps=a.finetune_steps, small_steps=a.small_steps, batch_size=a.batch_size, n=a.n, batch=a.batch,
-              sampler=a.sampler, steps=a.steps, calib_n=a.calib_n, seed=a.seed,
-              methods=a.methods.split(',') if a.methods else None,
-              sweep_targets=[float(v) for v in a.sweep.split(',') if v.strip()] if a.sweep else None)
+    a = build_parser(extra_comparisons).parse_args(argv)
     cmd = ' '.join(['adadiff-bench'] + [shlex.quote(v) for v in argv])
+    log = (lambda *x, **k: None) if a.quiet else (lambda *x, **k: print(*x, **k, flush=True))
     try:
-        run_comparison(a.comparison, a.out, a.work, command=cmd, log=(lambda *x, **k: None) if a.quiet else
-                       (lambda *x, **k: print(*x, **k, flush=True)), **ov)
-    except (ValueError, FileNotFoundError) as e:
+        set_threads(a.threads)
+        ov = dict(backbone=a.backbone, adadiff_checkpoint=a.adadiff_checkpoint, target_reduction=a.target_reduction,
+                  finetune_steps=a.finetune_steps, small_steps=a.small_steps, batch_size=a.batch_size, n=a.n,
+                  batch=a.batch, sampler=a.sampler, steps=a.steps, calib_n=a.calib_n, seed=a.seed,
+                  methods=parse_list(a.methods, str, '--methods'), sweep_targets=parse_list(a.sweep, float, '--sweep'))
+        run_comparison(a.comparison, a.out, a.work, command=cmd, log=log, **ov)
+    except (ValueError, OSError) as e:
         print(f"adadiff-bench: error: {e}", file=sys.stderr)
         return 2
     return 0

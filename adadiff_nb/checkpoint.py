@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import tempfile
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from .uvit import UViT, create_uvit
 
 # %% auto #0
 __all__ = ['OFFICIAL_UVIT_SCHEDULES', 'ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file',
-           'CheckpointError', 'load_weights', 'read_safetensors_metadata', 'check_state_dict',
-           'load_state_dict_checked', 'load_official_uvit', 'asset_path', 'register_arch', 'known_archs',
-           'resolve_arch', 'model_record', 'build_model', 'save_model', 'load_model']
+           'check_output_file', 'resolve_device', 'CheckpointError', 'load_weights', 'read_safetensors_metadata',
+           'check_state_dict', 'load_state_dict_checked', 'load_official_uvit', 'asset_path', 'register_arch',
+           'known_archs', 'resolve_arch', 'model_record', 'build_model', 'save_model', 'record_differences',
+           'load_model']
 
 # %% ../nbs/01b_checkpoint.ipynb #adb368d8
 def _umask() -> int:
@@ -68,6 +70,45 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     with open(path, 'rb') as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+# %% ../nbs/01b_checkpoint.ipynb #a692f7d5
+def _first_existing(p: Path) -> Path:
+    "`p` or its nearest ancestor that exists."
+    while not p.exists() and p != p.parent: p = p.parent
+    return p
+
+def check_output_file(path, flag: str = '--out') -> Path:
+    """`path` as a `Path` to a file that `atomic_write` can create or replace, or a `ValueError` naming `flag` and
+    the fix (empty path, a directory, a parent that is a file, a folder that cannot be written). Writes nothing."""
+    if path is None or not str(path).strip(): raise ValueError(f"{flag} is empty; pass the path of the file to write")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a directory; pass a file path (e.g. {p / 'out.safetensors'})")
+    top = _first_existing(p.parent.absolute())
+    if not top.is_dir():
+        raise ValueError(f"{flag} {p}: {top} is a file, not a folder; pass a path in a folder")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {p}: cannot write in {top}; pass a path in a folder you can write to")
+    return p
+
+# %% ../nbs/01b_checkpoint.ipynb #8e240577
+def resolve_device(spec=None, flag: str = '--device') -> torch.device:
+    """The `torch.device` named by `spec` ('cpu', 'cuda', 'cuda:1', a `torch.device`; None, '' or 'auto': CUDA when
+    available, else the CPU), or a `ValueError` naming `flag` when it is unknown, unavailable or cannot run models."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ('', 'auto')):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: dev = torch.device(spec.strip() if isinstance(spec, str) else spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{flag} {spec!r} is not a device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"{flag} {spec!r}: the models run on 'cpu' or 'cuda' only, not on {dev.type!r}; "
+                         "use one of them")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {spec!r}: CUDA is not available here; use 'cpu'")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {spec!r}: there are only {torch.cuda.device_count()} CUDA devices; "
+                         f"use 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}'")
+    return dev
 
 # %% ../nbs/01b_checkpoint.ipynb #a2e781ba
 class CheckpointError(ValueError):
@@ -240,26 +281,51 @@ def save_model(model: nn.Module, path, dtype: torch.dtype | None = None, weights
     atomic_write_json(path / 'config.json', rec)
     return path
 
+# %% ../nbs/01b_checkpoint.ipynb #c7a1e0d2
+def record_differences(a: dict, b: dict, ignore: tuple = (), prefix: str = '') -> list[str]:
+    "Dotted keys whose values differ between JSON records `a` and `b` (nested dicts compared key by key)."
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        if k in ignore: continue
+        va, vb, name = a.get(k), b.get(k), f'{prefix}{k}'
+        if isinstance(va, dict) and isinstance(vb, dict): out += record_differences(va, vb, (), name + '.')
+        elif k not in a or k not in b or va != vb: out.append(name)
+    return out
+
 # %% ../nbs/01b_checkpoint.ipynb #85614688
 def _resolve(path, weights_name):
     path = Path(path)
     if path.is_dir(): return path / weights_name, path / 'config.json'
     return path, path.parent / 'config.json'
 
+def _read_json(cpath: Path) -> dict:
+    try: return json.loads(cpath.read_text())
+    except json.JSONDecodeError as e: raise CheckpointError(f"{cpath} is not valid JSON ({e})") from None
+
+def _warn_config_differs(meta: dict, cpath: Path, wpath: Path):
+    "Warn when the config.json beside the weights is not the config embedded in them (the embedded one wins)."
+    try: diff = record_differences(meta, _read_json(cpath))
+    except CheckpointError as e: diff, what = [e], f'unreadable: {e}'
+    else: what = 'at ' + ', '.join(diff[:6]) + (' ...' if len(diff) > 6 else '')
+    if diff:
+        warnings.warn(f"{cpath} differs from the config embedded in {wpath.name} ({what}); using "
+                      "the embedded one, written with these weights: to make them agree, re-save the model with "
+                      f"save_model(model, dir) or delete {cpath.name}", stacklevel=3)
+
 def _read_record(wpath: Path, cpath: Path) -> dict:
-    "The model record: the weights' 'adadiff_nb' metadata, else the config.json beside them."
+    "The model record: the weights' 'adadiff_nb' metadata (warning when config.json differs), else the config.json."
     meta = read_safetensors_metadata(wpath) if wpath.suffix == '.safetensors' else {}
     rec = meta.get('adadiff_nb')
-    if rec is None and cpath.exists():
-        try: rec = json.loads(cpath.read_text())
-        except json.JSONDecodeError as e: raise CheckpointError(f"{cpath} is not valid JSON ({e})") from None
+    if rec is not None and cpath.exists(): _warn_config_differs(rec, cpath, wpath)
+    if rec is None and cpath.exists(): rec = _read_json(cpath)
     if rec is None:
         raise CheckpointError(f"{wpath} carries no model config (no 'adadiff_nb' metadata and no config.json "
                               "beside it); for an official U-ViT .pth use load_official_uvit(path, preset)")
     return rec
 
 def load_model(path, map_location='cpu', weights_name: str = 'model.safetensors') -> nn.Module:
-    "Load a model saved by `save_model` from its directory or its .safetensors file; returns it in eval mode, float32."
+    """Load a model saved by `save_model` from its directory or its .safetensors file; returns it in eval mode, float32.
+    The config embedded in the weights wins over a differing config.json beside them (with a warning)."""
     wpath, cpath = _resolve(path, weights_name)
     if not wpath.exists():
         raise FileNotFoundError(f"no weights at {wpath}; expected a directory written by save_model "

@@ -16,7 +16,8 @@ import torch
 from . import bench
 from .bench import (time_interleaved, comparison_config, build_methods, _cached, _key, _state_sha,
                               _finetuner, _train_info, _get_backbone, _proxy, _real_images, _sample_timed, _exit_rule,
-                              _noise, _environment)
+                              _noise, _environment, COUNT_MINIMA, check_comparison, check_count, check_seed,
+                              check_reductions, check_run_paths, check_checkpoint, parse_list, set_threads)
 from .checkpoint import atomic_write_json
 from .cost import layer_costs, full_eval_flops
 from .early_exit import EarlyExitUViT
@@ -25,36 +26,26 @@ from .sampling import sample_batches
 from .metrics import compute_activations, stats_from_activations, frechet_distance, polynomial_kernel, psnr
 from .calibrate import sampler_model_times
 from .default_model import default_model_dir
-from .analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability
+from .analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability, bootstrap_interval
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED', 'SCORE_SLACK', 'bootstrap_ci',
-           'fd_stat', 'kid_stat', 'reference', 'sample_quality', 'rule_kind', 'cache_methods', 'known_methods',
-           'unit_cfg', 'build_unit', 'sampling_model', 'calibrate_cache_threshold', 'controlled_config',
-           'trained_methods', 'budget_plan', 'evaluate_unit', 'unit_key', 'load_unit', 'backbone_quality', 'exit_trend',
-           'probes', 'time_rows', 'seed_summary', 'run_controlled', 'build_parser', 'main']
+__all__ = ['BOOTSTRAP', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED', 'CONTROLLED_MINIMA',
+           'SCORE_SLACK', 'CONTROLLED_LINE', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality',
+           'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
+           'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan', 'evaluate_unit',
+           'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'time_rows', 'seed_summary',
+           'run_controlled', 'build_parser', 'main']
 
 # %% ../nbs/07b_controlled.ipynb #f547348a
-def bootstrap_ci(stat, n: int, n_boot: int = 200, seed: int = 0, level: float = .95,
-                 method: str = 'percentile') -> dict:
-    """Bootstrap of `stat(idx)` over `n` items drawn with replacement: `value` (all items), `ci` [lo, hi] at `level`
-    ('percentile', or 'basic' = 2 value - the percentiles, for a statistic whose resamples are biased), `std` and `bias`
-    (mean draw - value) of the draws."""
-    if method not in ('percentile', 'basic'):
-        raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}")
+BOOTSTRAP = "scipy.stats.bootstrap, BCa where defined, else 'basic' (proxy-FD) or 'percentile' (KID, PSNR)"
+
+def bootstrap_ci(stat, n: int, n_boot: int = 200, seed: int = 0, level: float = .95, method: str = 'BCa',
+                 fallback: str = 'percentile') -> dict:
+    """`analysis.bootstrap_interval` (scipy.stats.bootstrap) of `stat(idx)` over the indices of `n` items: `value`,
+    `ci` [lo, hi] at `level`, `std` and `bias` of the draws, the interval `method` used ('BCa' where defined, else
+    `fallback`) and the `reason` BCa was not."""
     if n < 2: raise ValueError(f"the bootstrap needs at least 2 items, got {n}")
-    if n_boot < 1: raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < level < 1: raise ValueError(f"level must lie in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], np.float64)
-    q = (1 - level) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        lo, hi = np.nanquantile(draws, q), np.nanquantile(draws, 1 - q)
-    value = float(stat(np.arange(n)))
-    if method == 'basic': lo, hi = 2 * value - hi, 2 * value - lo
-    return dict(value=value, ci=[float(lo), float(hi)], std=float(np.nanstd(draws)),
-                bias=float(np.nanmean(draws) - value), n_boot=n_boot, level=level, method=method)
+    return bootstrap_interval((np.arange(n),), stat, n_boot, seed, level, method, fallback)
 
 # %% ../nbs/07b_controlled.ipynb #49767823
 def fd_stat(acts, ref_mu, ref_sigma, method: str = 'eigh'):
@@ -93,21 +84,27 @@ def reference(images, classifier) -> dict:
     mu, sigma = stats_from_activations(acts)
     return dict(classifier=classifier, acts=acts, mu=mu, sigma=sigma, n=len(acts))
 
-def _interval(b: dict) -> tuple:
-    return b['value'], [round(v, 6) for v in b['ci']]
+def _store(q: dict, key: str, b: dict):
+    "Bootstrap result `b` as q[key], q[key + '_ci95'] and q['ci_method'][key] ('BCa', or the fallback and why)."
+    q[key], q[f'{key}_ci95'] = b['value'], [round(v, 6) for v in b['ci']]
+    q['ci_method'][key] = b['method'] if b['reason'] is None else f"{b['method']} (BCa: {b['reason']})"
 
 # %% ../nbs/07b_controlled.ipynb #fd35c8a3
 def sample_quality(samples, ref: dict, full=None, n_boot: int = 200, seed: int = 0) -> dict:
-    """proxy_fd, kid and (with the full model's images `full`, same noise) psnr_vs_full of `samples`, each with its
-    bootstrap 95% interval `*_ci95` over the generated images; `n_samples`."""
+    """proxy_fd, kid and (with the full model's images `full`, same noise) psnr_vs_full and the paired difference
+    proxy_fd_vs_full of `samples`, each with its bootstrap 95% interval `*_ci95` and its interval in `ci_method`;
+    `n_samples`, `n_boot`, `bootstrap`."""
     acts = compute_activations(samples, ref['classifier'], batch_size=200)
     n, kw = len(acts), dict(n_boot=n_boot, seed=seed)
-    fd, fd_ci = _interval(bootstrap_ci(fd_stat(acts, ref['mu'], ref['sigma']), n, method='basic', **kw))
-    kid, kid_ci = _interval(bootstrap_ci(kid_stat(acts, ref['acts']), n, **kw))
-    q = dict(proxy_fd=fd, proxy_fd_ci95=fd_ci, kid=kid, kid_ci95=kid_ci, n_samples=n, n_boot=n_boot)
+    q = dict(n_samples=n, n_boot=n_boot, bootstrap=BOOTSTRAP, ci_method={})
+    fd = fd_stat(acts, ref['mu'], ref['sigma'])
+    _store(q, 'proxy_fd', bootstrap_ci(fd, n, fallback='basic', **kw))
+    _store(q, 'kid', bootstrap_ci(kid_stat(acts, ref['acts']), n, **kw))
     if full is not None:
         p = psnr(samples, full, reduction='none', max_db=100.).numpy()
-        q['psnr_vs_full'], q['psnr_vs_full_ci95'] = _interval(bootstrap_ci(lambda i: p[i].mean(), n, **kw))
+        _store(q, 'psnr_vs_full', bootstrap_ci(lambda i: p[i].mean(), n, **kw))
+        fd_full = fd_stat(compute_activations(full, ref['classifier'], batch_size=200), ref['mu'], ref['sigma'])
+        _store(q, 'proxy_fd_vs_full', bootstrap_ci(lambda i: fd(i) - fd_full(i), n, fallback='basic', **kw))
     return q
 
 # %% ../nbs/07b_controlled.ipynb #0f279abe
@@ -255,9 +252,13 @@ CONTROLLED = {
 }
 
 # %% ../nbs/07b_controlled.ipynb #4441d119
+# bench's counts and the controlled run's own (promote 0: only AdaDiff and the best baseline go on to the next budget)
+CONTROLLED_MINIMA = dict(COUNT_MINIMA, promote=0, n_boot=1, time_repeats=1, time_warmup=0, probe_n=1)
+
 def controlled_config(quick: bool = False, **overrides) -> dict:
-    """The settings of the controlled run (`quick`: the CI variant) with `overrides` (None values ignored); methods
-    not available (a caching peer whose module is missing) are dropped with a note in 'unavailable'."""
+    """The settings of the controlled run (`quick`: the CI variant) with `overrides` (None values ignored), checked
+    (`bench.check_comparison` with `CONTROLLED_MINIMA`, the budgets, seeds and targets); methods not available (a
+    caching peer whose module is missing) are dropped with a note in 'unavailable'."""
     spec = copy.deepcopy(CONTROLLED['quick' if quick else 'full'])
     base = comparison_config(spec['base'])
     cfg = dict(base, **{k: v for k, v in spec.items() if k != 'base'}, base=spec['base'], quick=bool(quick))
@@ -269,18 +270,19 @@ def controlled_config(quick: bool = False, **overrides) -> dict:
     if wrong: raise ValueError(f"unknown method(s) {wrong}; choose from {list(known)}")
     cfg['unavailable'] = [m for m in cfg['methods'] if m not in known]
     cfg['methods'] = [m for m in cfg['methods'] if m in known]
-    _check_budgets(cfg)
-    cfg['target_reduction'], cfg['name'] = cfg['targets'][0], 'controlled'
-    return cfg
+    _check_plan(cfg)
+    cfg['target_reduction'], cfg['name'], cfg['bootstrap'] = cfg['targets'][0], 'controlled', BOOTSTRAP
+    return check_comparison(cfg, CONTROLLED_MINIMA)
 
-def _check_budgets(cfg: dict):
+def _check_plan(cfg: dict):
+    "The budgets (increasing step counts), the training seeds and the targets (layer reductions) of `cfg`."
     b = cfg['budgets']
-    if not b or any(int(s) < 1 for s in b) or list(b) != sorted(set(b)):
-        raise ValueError(f"budgets must be increasing positive step counts, got {b}")
-    if not cfg['seeds']: raise ValueError("seeds must name at least one training seed")
-    if not cfg['targets'] or not all(0 < t < 1 for t in cfg['targets']):
-        raise ValueError(f"targets must be layer reductions in (0, 1), got {cfg['targets']}")
-    if cfg['n'] < 2: raise ValueError(f"n must be >= 2 samples (>= 1000 for the real comparison), got {cfg['n']}")
+    try: ok = bool(b) and [check_count(s, 'budgets') for s in b] == sorted(set(b))
+    except (ValueError, TypeError): ok = False
+    if not ok: raise ValueError(f"budgets must be increasing positive step counts (e.g. 300,1500), got {b}")
+    if not cfg['seeds']: raise ValueError("seeds must name at least one training seed (e.g. 0,1)")
+    for s in cfg['seeds']: check_seed(s, 'seeds')
+    check_reductions(cfg['targets'], 'targets')
 
 # %% ../nbs/07b_controlled.ipynb #bf36a363
 SCORE_SLACK = 0.05   # a point that removes less than target - SCORE_SLACK of the layers cannot lead at `target`
@@ -370,7 +372,8 @@ def evaluate_unit(method: str, unit: dict, ctx: dict, log=print) -> tuple:
 
 # %% ../nbs/07b_controlled.ipynb #54526c41
 _EVAL_KEYS = ('base', 'n', 'batch', 'steps', 'sampler', 'sampler_opts', 'schedule', 'targets', 'n_boot', 'calib_n',
-              'tol', 'calib_max_iter', 'data', 'ref_split', 'lr', 'weight_decay', 'batch_size', 'img_size')
+              'tol', 'calib_max_iter', 'data', 'ref_split', 'lr', 'weight_decay', 'batch_size', 'img_size',
+              'bootstrap')
 
 def unit_key(cfg: dict, unit: dict, backbone_sha: str) -> str:
     "The hash of everything that decides a unit's rows."
@@ -549,7 +552,8 @@ def seed_summary(rows: list) -> list:
     for (m, s, t), rs in groups.items():
         row = {k: rs[0][k] for k in ('method', 'budget_steps', 'train_images', 'target_reduction', 'n_samples')}
         row['seeds'] = sorted(x['seeds'][0] for x in rs)
-        for k in ('proxy_fd', 'kid', 'psnr_vs_full', 'layer_ratio', 'ideal_speedup', 'measured_speedup'):
+        for k in ('proxy_fd', 'kid', 'psnr_vs_full', 'proxy_fd_vs_full', 'layer_ratio', 'ideal_speedup',
+                  'measured_speedup'):
             v = [x[k] for x in rs if x.get(k) is not None]
             if not v: continue
             row[k], row[f'{k}_by_seed'] = float(np.mean(v)), v
@@ -644,6 +648,9 @@ def run_controlled(cfg: dict, out='results', work='runs/controlled', quick: bool
     OUT/controlled[_quick].json after every unit and once more with the interleaved timing; returns the results."""
     cfg = cfg or controlled_config(quick)
     out, work, t_start = Path(out), Path(work), time.time()
+    check_run_paths(cfg, out, work)
+    for s in cfg['compare_backbones']:
+        if s != 'default': check_checkpoint(s, '--compare-backbones', "pass save_model directories, 'default', 'none'")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     path = out / ('controlled_quick.json' if cfg['quick'] else 'controlled.json')
@@ -661,12 +668,21 @@ def run_controlled(cfg: dict, out='results', work='runs/controlled', quick: bool
     return json.loads(path.read_text())
 
 # %% ../nbs/07b_controlled.ipynb #24c79101
+CONTROLLED_LINE = ('equal training images for every method, ablations, caching peers, intervals; options: '
+                   '--comparison controlled --help')
+_INT_HELP = {'n': 'images sampled per point', 'batch-size': "fine-tuning batch size; a budget's images = steps x this",
+             'batch': 'sampling batch size', 'steps': 'sampler steps',
+             'promote': "leaders of a budget's primary target that the next budget trains",
+             'n-boot': 'bootstrap draws per interval'}
+
 def build_parser() -> argparse.ArgumentParser:
     "The options of `adadiff-bench --comparison controlled`."
+    d = CONTROLLED['full']
     p = argparse.ArgumentParser(prog='adadiff-bench --comparison controlled',
                                 description='The controlled comparison: equal training images per budget, ablations, '
                                             'seeds, bootstrap intervals; resumable (rerun the same command).')
-    p.add_argument('--comparison', required=True, choices=['controlled'])
+    p.add_argument('--comparison', required=True, choices=['controlled'],
+                   help='controlled (the other comparisons: adadiff-bench --help)')
     p.add_argument('--quick', action='store_true', help='tiny models, a minute: checks the pipeline, not the numbers')
     p.add_argument('--out', default='results', help='where controlled[_quick].json goes (default results/)')
     p.add_argument('--work', default=None, help='model / row cache (default runs/controlled[_quick])')
@@ -674,45 +690,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--methods', default=None, help='comma list (default: all; see controlled.known_methods())')
     p.add_argument('--budgets', default=None, help='comma list of fine-tuning steps, increasing (default 300,1500)')
     p.add_argument('--seeds', default=None, help='comma list of training seeds (default 0,1)')
-    p.add_argument('--targets', default=None, help='comma list of layer reductions, the first primary')
-    for k in ('n', 'batch-size', 'batch', 'steps', 'promote', 'n-boot'):
-        p.add_argument(f'--{k}', type=int, default=None)
+    p.add_argument('--targets', default=None,
+                   help='comma list of layer reductions, the first primary (default 0.4,0.25,0.55)')
+    for k, h in _INT_HELP.items():
+        p.add_argument(f'--{k}', type=int, default=None, help=f"{h} (default {d[k.replace('-', '_')]})")
     p.add_argument('--clip-denoised', action='store_true', help='clip the denoised estimate to [-1, 1] when sampling')
     p.add_argument('--compare-backbones', default=None,
                    help="comma list of checkpoints whose own quality is reported beside the backbone's "
                         "('default': the embedded default model; 'none': no other)")
     p.add_argument('--no-timing', action='store_true', help='skip the final interleaved timing run')
-    p.add_argument('--threads', type=int, default=None)
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch threads (default: OMP_NUM_THREADS or torch default)')
+    p.add_argument('--quiet', action='store_true', help='print nothing but errors')
     return p
 
 # %% ../nbs/07b_controlled.ipynb #b9b46ed0
-def _csv(v, f):
-    return None if v is None else [f(x) for x in v.split(',') if x.strip()]
-
 def _compare_arg(v):
-    return [] if v == 'none' else _csv(v, str)
+    return [] if v == 'none' else parse_list(v, str, '--compare-backbones')
 
 def main(argv=None) -> int:
     "`adadiff-bench`: the controlled comparison for `--comparison controlled`, else `bench.main`."
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(prog='adadiff-bench', add_help=False)
     pre.add_argument('--comparison')
-    if pre.parse_known_args(argv)[0].comparison != 'controlled': return bench.main(argv)
+    if pre.parse_known_args(argv)[0].comparison != 'controlled':
+        return bench.main(argv, extra_comparisons=dict(controlled=CONTROLLED_LINE))
     a = build_parser().parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
     log = (lambda *x, **k: None) if a.quiet else (lambda *x, **k: print(*x, **k, flush=True))
     try:
-        cfg = controlled_config(a.quick, backbone=a.backbone, methods=_csv(a.methods, str),
-                                budgets=_csv(a.budgets, int), seeds=_csv(a.seeds, int),
-                                targets=_csv(a.targets, float), n=a.n,
+        set_threads(a.threads)
+        cfg = controlled_config(a.quick, backbone=a.backbone, methods=parse_list(a.methods, str, '--methods'),
+                                budgets=parse_list(a.budgets, int, '--budgets'),
+                                seeds=parse_list(a.seeds, int, '--seeds'),
+                                targets=parse_list(a.targets, float, '--targets'), n=a.n,
                                 batch_size=a.batch_size, batch=a.batch, steps=a.steps, promote=a.promote,
                                 n_boot=a.n_boot, compare_backbones=_compare_arg(a.compare_backbones),
                                 sampler_opts=dict(clip_denoised=True) if a.clip_denoised else None)
         run_controlled(cfg, a.out, a.work or f"runs/controlled{'_quick' if a.quick else ''}",
                        command=' '.join(['adadiff-bench'] + [shlex.quote(v) for v in argv]),
                        timing=not a.no_timing, log=log)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"adadiff-bench: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,14 +9,16 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/controlled_report.html.md"""
 # %% ../nbs/07c_controlled_report.ipynb #bf045757
 from __future__ import annotations
 import numpy as np
-from .controlled import ABLATIONS, _row_id
-from .analysis import _spearman
+from .controlled import ABLATIONS, CACHE_NAMES, _row_id
+from .bench import METHOD_FAMILIES, method_styles, right_legend
+from .analysis import _spearman, LOG_TICKS
 
 # %% auto #0
-__all__ = ['VERDICTS', 'ci', 'fmt', 'compare', 'points', 'point', 'pareto_front', 'fd_at_speedup', 'matched_table',
-           'matched_markdown', 'at_layer_ratio', 'matched_pair', 'ranking_claim', 'fig1_claim', 'fig3_claim',
-           'fig6_claim', 'trend_claim', 'noise_easy_claim', 'full_depth_claim', 'small_claim', 'claims',
-           'claims_markdown', 'ablation_table', 'pareto_figure', 'probe_figure']
+__all__ = ['VERDICTS', 'REPORT_FAMILIES', 'ci', 'fmt', 'bootstrap_note', 'compare', 'points', 'point', 'pareto_front',
+           'fd_at_speedup', 'matched_table', 'matched_markdown', 'at_layer_ratio', 'matched_pair', 'ranking_claim',
+           'fig1_claim', 'fig3_claim', 'fig6_claim', 'trend_claim', 'noise_easy_claim', 'vs_full', 'full_depth_claim',
+           'small_claim', 'claims', 'claims_markdown', 'ablation_table', 'report_styles', 'far_behind', 'pareto_figure',
+           'probe_figure']
 
 # %% ../nbs/07c_controlled_report.ipynb #ebbb65cb
 VERDICTS = ('reproduced', 'not reproduced', 'not testable at this scale')
@@ -29,6 +31,14 @@ def fmt(r: dict, key: str = 'proxy_fd', digits: int = 2) -> str:
     "`key` of row `r` with its 95% interval, e.g. '12.35 [11.02, 13.40]'."
     lo, hi = ci(r, key)
     return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+def bootstrap_note(res: dict) -> str:
+    "Which bootstrap made the intervals of results `res`: its config's `bootstrap`, else the hand-written one."
+    b, n = res['config'].get('bootstrap'), res['config'].get('n_boot')
+    if b is None:
+        return (f"the hand-written bootstrap that preceded scipy.stats.bootstrap: {n} draws, percentile intervals "
+                "('basic' for proxy-FD); this JSON predates the config's `bootstrap` field")
+    return f"{b}; {n} draws (each row's `ci_method` names the interval of each number)"
 
 def compare(a: dict, b: dict, key: str = 'proxy_fd') -> str:
     "'better' / 'worse' when a's interval of `key` lies wholly below / above b's (lower is better), else 'tie'."
@@ -208,6 +218,14 @@ def noise_easy_claim(res: dict) -> dict:
           f"data-easy {de['schedule']} {fmt(de)} (layer ratios {ne['layer_ratio']:.3f} / {de['layer_ratio']:.3f})")
     return _claim(claim, src, VERDICTS[0] if c == 'better' else VERDICTS[1], ev, 'noise_easy')
 
+# %% ../nbs/07c_controlled_report.ipynb #be482df5
+def vs_full(r: dict, full: dict) -> str:
+    """'better' / 'worse' / 'tie' of summary row `r` against the full model: by the paired interval of their proxy-FD
+    difference (`proxy_fd_vs_full`, same noise, same resampled images) where the run has it, else by overlap."""
+    if r.get('proxy_fd_vs_full') is None: return compare(r, full)
+    lo, hi = ci(r, 'proxy_fd_vs_full')
+    return 'better' if hi < 0 else 'worse' if lo > 0 else 'tie'
+
 def full_depth_claim(res: dict) -> dict:
     "AdaDiff's model with no exits vs the backbone it was fine-tuned from (Table 1's upper rows)."
     claim = "AdaDiff's model without exits is better than its backbone"
@@ -215,9 +233,10 @@ def full_depth_claim(res: dict) -> dict:
     full = next((r for r in res['summary'] if r['method'] == 'full'), None)
     rows = [r for r in res['summary'] if r['method'] == 'adadiff_full']
     if full is None or not rows: return _claim(claim, src, VERDICTS[2], 'no full or adadiff_full row in this run')
-    cs = [compare(r, full) for r in rows]
-    ev = '; '.join(f"b{r['budget_steps']}: adadiff_full {fmt(r)} {_SIGN[c]} backbone "
-                   f"{fmt(full)}" for r, c in zip(rows, cs))
+    cs = [vs_full(r, full) for r in rows]
+    paired = lambda r: '' if r.get('proxy_fd_vs_full') is None else f" (paired difference {fmt(r, 'proxy_fd_vs_full')})"
+    ev = '; '.join(f"b{r['budget_steps']}: adadiff_full {fmt(r)} {_SIGN[c]} backbone {fmt(full)}{paired(r)}"
+                   for r, c in zip(rows, cs))
     return _claim(claim, src, VERDICTS[0] if all(c == 'better' for c in cs) else VERDICTS[1], ev, 'pareto')
 
 def small_claim(res: dict) -> dict:
@@ -273,48 +292,82 @@ def ablation_table(res: dict) -> list:
             for r in sorted(rows, key=lambda r: r['proxy_fd'])]
 
 # %% ../nbs/07c_controlled_report.ipynb #c1a8fd52
+REPORT_FAMILIES = dict(METHOD_FAMILIES, caching=CACHE_NAMES, **{'AdaDiff ablation': tuple(ABLATIONS)})
+
 def _go():
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     return go, make_subplots
+
+def report_styles(methods) -> dict:
+    "`bench.method_styles` of `REPORT_FAMILIES`, in their order, plus grey for any other of `methods`."
+    st = method_styles(REPORT_FAMILIES)
+    extra = [m for m in methods if m not in st]
+    return dict(st, **method_styles({'other': tuple(extra)})) if extra else st
 
 def _panel_rows(res: dict, b: int, x: str) -> dict:
     "{method: points} of budget `b` plus the training-free methods (budget 0)."
     ms = dict.fromkeys(r['method'] for r in res['summary'] if r['budget_steps'] in (0, b))
     return {m: pts for m in ms if (pts := points(res, m, b, x) or points(res, m, 0, x))}
 
+def far_behind(panel: dict, outlier: float = 2.) -> set:
+    "The methods of a panel with a point above `outlier` x the median proxy-FD of all the panel's points."
+    ys = [p['proxy_fd'] for pts in panel.values() for p in pts]
+    return {m for m, pts in panel.items() if ys and max(p['proxy_fd'] for p in pts) > outlier * float(np.median(ys))}
+
 # %% ../nbs/07c_controlled_report.ipynb #1de4d231
-def pareto_figure(res: dict, x: str = 'measured_speedup'):
-    "Proxy-FD vs speed (measured, or 1 / layer ratio for x='layer_ratio') per budget, fronts dashed."
+def _point_trace(go, m: str, pts: list, x: str, s: dict, legend: bool):
+    "One method's points with their intervals, styled by `s` (`report_styles`)."
+    lo, hi = [p['proxy_fd'] - ci(p)[0] for p in pts], [ci(p)[1] - p['proxy_fd'] for p in pts]
+    return go.Scatter(x=[_speed(p, x) for p in pts], y=[p['proxy_fd'] for p in pts], name=m, mode='lines+markers',
+                      legendgroup=s['family'], legendgrouptitle_text=s['family'], showlegend=legend,
+                      marker=dict(color=s['color'], symbol=s['symbol'], size=8), line=dict(color=s['color'],
+                                                                                           dash=s['dash']),
+                      error_y=dict(type='data', array=hi, arrayminus=lo, visible=True, thickness=1, width=3),
+                      text=[f"{m}, target {p['target_reduction']:g}: {fmt(p)}" for p in pts],
+                      hovertemplate='%{text}<br>speed-up %{x:.2f}x<extra></extra>')
+
+def _y_range(panels: dict, far: dict) -> list:
+    "The main row's proxy-FD range: every interval of the methods not far behind, 4% padding."
+    v = [c for b, pn in panels.items() for m, pts in pn.items() if m not in far[b] for p in pts for c in ci(p)]
+    pad = .04 * (max(v) - min(v) or 1.)
+    return [min(v) - pad, max(v) + pad]
+
+# %% ../nbs/07c_controlled_report.ipynb #e0226cbd
+def pareto_figure(res: dict, x: str = 'measured_speedup', outlier: float | None = 2.):
+    """Proxy-FD vs speed (measured, or 1 / layer ratio for x='layer_ratio') per budget, fronts dashed; methods far
+    behind (`far_behind` with `outlier`; None: none) in a second row on their own scale."""
     go, make_subplots = _go()
     bs = _budgets(res)
+    st = report_styles(r['method'] for r in res['summary'])
+    panels = {b: _panel_rows(res, b, x) for b in bs}
+    far = {b: far_behind(panels[b], outlier) if outlier else set() for b in bs}
+    rows = 2 if any(far.values()) else 1
     imgs = {b: next(r['train_images'] for r in res['summary'] if r['budget_steps'] == b) for b in bs}
-    fig = make_subplots(1, len(bs), shared_yaxes=True,
-                        subplot_titles=[f'{b} steps = {imgs[b]} training images' for b in bs])
+    titles = [f'{b} steps, {imgs[b]:,} images' for b in bs]
+    if rows == 2: titles += [f'far behind (> {outlier:g}x the median), own scale'] + [''] * (len(bs) - 1)
+    fig = make_subplots(rows, len(bs), shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
+                        row_heights=[.7, .3] if rows == 2 else None, vertical_spacing=.14)
+    shown = set()
     for j, b in enumerate(bs, 1):
-        panel = _panel_rows(res, b, x)
-        for i, (m, pts) in enumerate(panel.items()):
-            lo = [p['proxy_fd'] - ci(p)[0] for p in pts]
-            hi = [ci(p)[1] - p['proxy_fd'] for p in pts]
-            fig.add_trace(go.Scatter(x=[_speed(p, x) for p in pts], y=[p['proxy_fd'] for p in pts], name=m,
-                                     legendgroup=m, showlegend=j == 1, mode='lines+markers',
-                                     marker=dict(color=_color(i)), line=dict(color=_color(i)),
-                                     error_y=dict(type='data', array=hi, arrayminus=lo, visible=True)), 1, j)
-        front = pareto_front([p for pts in panel.values() for p in pts], x)
-        fig.add_trace(go.Scatter(x=[_speed(p, x) for p in front], y=[p['proxy_fd'] for p in front], name='front',
-                                 legendgroup='front', showlegend=j == 1, mode='lines',
-                                 line=dict(dash='dash', color='black')), 1, j)
-        fig.update_xaxes(title_text='measured speed-up' if x == 'measured_speedup' else '1 / layer ratio', row=1,
-                         col=j)
-    fig.update_yaxes(title_text='proxy-FD (lower is better)', row=1, col=1)
-    fig.update_layout(height=460, template='plotly_white', legend=dict(orientation='h', y=-0.25),
-                      margin=dict(l=60, r=20, t=50, b=50))
-    return fig
-
-def _color(i: int) -> str:
-    import plotly.express as px
-    pal = px.colors.qualitative.Dark24
-    return pal[i % len(pal)]
+        for m in [m for m in st if m in panels[b]]:
+            fig.add_trace(_point_trace(go, m, panels[b][m], x, st[m], m not in shown), 2 if m in far[b] else 1, j)
+            shown.add(m)
+        front = pareto_front([p for pts in panels[b].values() for p in pts], x)
+        fig.add_trace(go.Scatter(x=[_speed(p, x) for p in front], y=[p['proxy_fd'] for p in front],
+                                 name='Pareto front', legendgroup='front', legendgrouptitle_text=' ', showlegend=j == 1,
+                                 mode='lines', line=dict(dash='dash', color='rgba(0,0,0,.55)', width=1.5),
+                                 hoverinfo='skip'), 1, j)
+    xt = 'measured speed-up' if x == 'measured_speedup' else '1 / layer ratio'
+    for j, b in enumerate(bs, 1):                  # the x axis under the lowest panel of each column that has points
+        low = 2 if far[b] else 1
+        fig.update_xaxes(title_text=xt, showticklabels=True, row=low, col=j)
+        if rows == 2 and not far[b]: fig.update_xaxes(visible=False, row=2, col=j)
+        if rows == 2 and not far[b]: fig.update_yaxes(visible=False, row=2, col=j)
+    fig.update_yaxes(title_text='proxy-FD (lower is better)', range=_y_range(panels, far), row=1, col=1)
+    if rows == 2: fig.update_yaxes(title_text='proxy-FD', row=2, col=1)
+    fig.update_layout(height=680 if rows == 2 else 480, template='plotly_white', margin=dict(l=60, r=20, t=50, b=50))
+    return right_legend(fig)
 
 # %% ../nbs/07c_controlled_report.ipynb #e30881dc
 _PROBE_AXES = dict(layer_mse=('exit (0 = after block 1)', 'MSE (log)'), loss_by_timestep=('model time t', 'L_simple'),
@@ -329,7 +382,7 @@ def probe_figure(res: dict, name: str):
         d = p[name]
         fig.add_scatter(x=d['exits'][:-1], y=d['mse_vs_final_avg'][:-1], name='vs final output')
         fig.add_scatter(x=d['exits'], y=d['mse_vs_noise_avg'], name='vs true noise')
-        fig.update_yaxes(type='log')
+        fig.update_yaxes(type='log', tickvals=LOG_TICKS)
     elif name == 'loss_by_timestep':
         d = p[name]
         fig.add_scatter(x=d['model_time'], y=d['loss'], error_y=dict(array=d['loss_sem']), name='backbone')
@@ -343,6 +396,6 @@ def probe_figure(res: dict, name: str):
         fig.update_xaxes(autorange='reversed')
     else: raise ValueError(f"unknown probe figure {name!r}; choose from {sorted(_PROBE_AXES)}")
     xt, yt = _PROBE_AXES[name]
-    fig.update_layout(height=300, width=520, template='plotly_white', xaxis_title=xt, yaxis_title=yt,
-                      margin=dict(l=60, r=20, t=30, b=50))
+    fig.update_layout(height=320, width=520, template='plotly_white', xaxis_title=xt, yaxis_title=yt, showlegend=True,
+                      margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'))
     return fig

@@ -24,7 +24,7 @@ __all__ = ['CIFAR10_CLASSES', 'CIFAR10_PARTIAL_SHA256', 'NPZ_ENV', 'DATASET_NAME
            'to_uint8', 'RandomHFlip', 'avg_downsample', 'AvgPoolResize', 'ToPM1', 'FixedCrop', 'SquareCenterCrop',
            'ArrayImageDataset', 'repo_root', 'file_sha256', 'resolve_cifar10_npz', 'read_cifar10_npz',
            'load_cifar10_partial', 'make_cifar10_slice', 'load_default_data', 'default_data_root', 'celeba64_transform',
-           'image_folder_transform', 'mnist_transform', 'get_dataset']
+           'image_folder_transform', 'mnist_transform', 'get_dataset', 'check_image_files']
 
 # %% ../nbs/01a_data.ipynb #593d7ac3
 def from_uint8(x) -> torch.Tensor:
@@ -391,16 +391,36 @@ def get_dataset(name_or_path, root=None, split: str = 'train', img_size: int | N
     build = lambda dl: datasets.CelebA(str(root), split=sp, target_type=[], transform=tf, download=dl)
     return _Labeled(_tv_dataset(s, root, download, build), unlabeled=True)
 
+# %% ../nbs/01a_data.ipynb #757dff07
+def check_image_files(files, folder=None) -> list:
+    "`files` (a list) if PIL reads every one as an image (header + `verify`); else a one-line error naming the first."
+    from PIL import Image
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im: im.verify()
+        except Exception as e: bad.append((f, f'{type(e).__name__}: {e}'))
+    if bad:
+        more = f" ({len(bad) - 1} more unreadable file(s) after it)" if len(bad) > 1 else ''
+        where = f" from {folder}" if folder is not None else ''
+        raise ValueError(f"{bad[0][0]} is not an image PIL can read ({bad[0][1]}){more}; remove it{where} or re-save "
+                         "it as PNG/JPEG")
+    return list(files)
+
 # %% ../nbs/01a_data.ipynb #b7732eb7
 def _folder_dataset(path: Path, img_size, flip, generator) -> Dataset:
-    "ImageFolder when `path` has class sub-folders with images, else a flat list of its image files."
+    """ImageFolder when `path` has class sub-folders with images, else a flat list of its image files; every file
+    is checked with `check_image_files` first."""
     from torchvision import datasets
     from torchvision.datasets.folder import IMG_EXTENSIONS
     tf = image_folder_transform(img_size, flip, generator)
     is_img = lambda f: f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
     subdirs = [d for d in sorted(path.iterdir()) if d.is_dir() and any(is_img(f) for f in d.rglob('*'))]
-    if subdirs: return _Labeled(datasets.ImageFolder(str(path), transform=tf))
+    if subdirs:
+        ds = datasets.ImageFolder(str(path), transform=tf)
+        check_image_files([f for f, _ in ds.samples], path)
+        return _Labeled(ds)
     files = sorted(f for f in path.iterdir() if is_img(f))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {path} or its sub-folders")
-    return _ImageFiles(files, tf)
+    return _ImageFiles(check_image_files(files, path), tf)

@@ -12,7 +12,8 @@ import argparse, math
 import torch
 import torch.nn as nn
 
-from .uvit import Attention, BlockState, Mlp, PatchEmbed, label_error, timestep_embedding, unpatchify
+from .uvit import (Attention, BlockState, Mlp, PatchEmbed, label_error, timestep_embedding, timestep_error,
+                             unpatchify)
 from .checkpoint import CheckpointError, _unwrap, load_state_dict_checked, load_weights
 
 # %% auto #0
@@ -210,10 +211,8 @@ def check_input(self, x, timesteps, y=None):
                f"this model was built with in_channels={C}")
     elif tuple(x.shape[2:]) != (S, S):
         msg = f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with input_size={S}"
-    elif timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
-        msg = f"timesteps must have shape (B,) = ({x.shape[0]},), got {tuple(timesteps.shape)}"
-    else:
-        msg = _label_error(self, y, x.shape[0])
+    else:                                   # timesteps: shape, and finite values when on the CPU (no host sync)
+        msg = timestep_error(timesteps, x.shape[0]) or _label_error(self, y, x.shape[0])
     if msg:
         raise ValueError(msg)
 

@@ -15,7 +15,7 @@ import torch
 from .samplers import GUIDANCE_POLICIES, check_guidance_scale
 from .metrics import (compute_activations, kid_from_activations, proxy_predictions, to_uint8_images, psnr,
                                 load_proxy_classifier)
-from .analysis import tradeoff_curve, analysis_data, format_table
+from .analysis import tradeoff_curve, analysis_data, format_table, bootstrap_interval, legend_below
 
 # %% auto #0
 __all__ = ['QUALITY_METRICS', 'HIGHER_IS_BETTER', 'guidance_labels', 'compare_guidance_policies', 'common_ratios',
@@ -132,29 +132,33 @@ def policy_curves_at_equal_ratio(res: dict, ratios=None, metrics=QUALITY_METRICS
 # %% ../nbs/07a_guidance.ipynb #27d53071
 _PER_IMAGE = dict(psnr_vs_full='psnr_images', accuracy='correct')
 
+def _interp_columns(x, Y, at) -> np.ndarray:
+    "`_interp` of every column of Y (T, ...) at `at` (R,): (R, ...)."
+    Y = np.asarray(Y, np.float64)
+    cols = Y.reshape(len(Y), -1)
+    return np.stack([_interp(x, cols[:, j], at) for j in range(cols.shape[1])], -1).reshape(len(at), *Y.shape[1:])
+
 def bootstrap_equal_ratio(res: dict, metric: str = 'psnr_vs_full', ratios=None, n_boot: int = 1000, seed: int = 0,
                           level: float = .95) -> dict:
-    "Paired bootstrap over images of joint - independent in `metric` at common layer ratios: mean, lo, hi (R,)."
+    """Paired bootstrap (`scipy.stats.bootstrap`, `paired=True`: the same images for both policies) of joint -
+    independent in `metric` at common layer ratios: mean, lo, hi (R,), the interval `method` and `reason` per ratio."""
     if metric not in _PER_IMAGE:
         raise ValueError(f"metric {metric!r} has no per-image values; choose one of {list(_PER_IMAGE)}")
     at = np.asarray(common_ratios(res) if ratios is None else ratios, np.float64).reshape(-1)
     per = {p: np.asarray(res['by_policy'][p][_PER_IMAGE[metric]], np.float64) for p in res['policies']}
     lr = {p: res['by_policy'][p]['layer_ratio'] for p in res['policies']}
-    def diff(idx):
-        return (_interp(lr['joint'], per['joint'][:, idx].mean(1), at)
-                - _interp(lr['independent'], per['independent'][:, idx].mean(1), at))
-    n = per['joint'].shape[1]
-    rng = np.random.default_rng(seed)
-    draws = np.stack([diff(rng.integers(0, n, n)) for _ in range(n_boot)])
-    q = (1 - level) / 2
-    with warnings.catch_warnings():                                  # a ratio no draw can interpolate: NaN
-        warnings.simplefilter('ignore', RuntimeWarning)
-        lo, hi = np.nanquantile(draws, q, axis=0), np.nanquantile(draws, 1 - q, axis=0)
-    return dict(metric=metric, layer_ratio=at, mean=diff(np.arange(n)), lo=lo, hi=hi, level=level, n_boot=n_boot)
+    def diff(joint, indep, axis=-1):                                    # (T, ..., n) per-image values -> (R, ...)
+        return (_interp_columns(lr['joint'], joint.mean(axis), at)
+                - _interp_columns(lr['independent'], indep.mean(axis), at))
+    b = bootstrap_interval((per['joint'], per['independent']), diff, n_boot, seed, level, paired=True,
+                           vectorized=True, batch=100)
+    return dict(metric=metric, layer_ratio=at, mean=b['value'], lo=b['ci'][0], hi=b['ci'][1], level=level,
+                n_boot=n_boot, method=b['method'], reason=b['reason'], bootstrap=b['impl'])
 
 # %% ../nbs/07a_guidance.ipynb #05a844b9
-_TITLES = dict(proxy_fd='proxy-FD (lower is better)', proxy_kid='proxy-KID (lower is better)',
-               accuracy='class accuracy (higher is better)', psnr_vs_full='PSNR vs full model, dB (higher is better)')
+_TITLES = dict(proxy_fd='proxy-FD<br>(lower is better)', proxy_kid='proxy-KID<br>(lower is better)',
+               accuracy='class accuracy<br>(higher is better)',
+               psnr_vs_full='PSNR vs full model, dB<br>(higher is better)')
 
 def guidance_policy_figure(res: dict, metrics=QUALITY_METRICS):
     "Each quality metric against the layer ratio, one line per policy (labels: thresholds); dotted: the full model."
@@ -174,9 +178,9 @@ def guidance_policy_figure(res: dict, metrics=QUALITY_METRICS):
             fig.add_hline(y=res['full'][m], line_dash='dot', line_color='grey', row=1, col=j + 1)
         fig.update_xaxes(title_text='layer ratio (all rows)', row=1, col=j + 1)
     fig.update_layout(title=f"Guidance policies at guidance scale {res['guidance_scale']:g} ({res['n']} images, "
-                            f"{res['sampler']} {res['steps']} steps)", height=380, template='plotly_white',
-                      margin=dict(l=60, r=20, t=70, b=50), legend=dict(orientation='h', y=-0.2))
-    return fig
+                            f"{res['sampler']} {res['steps']} steps)", template='plotly_white',
+                      margin=dict(l=60, r=20, t=100))
+    return legend_below(fig, 380)
 
 # %% ../nbs/07a_guidance.ipynb #053da775
 def guidance_table(res: dict) -> str:

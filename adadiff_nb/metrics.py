@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import (CheckpointError, asset_path, atomic_write, atomic_write_json, check_state_dict,
                                    load_weights, read_safetensors_metadata, save_safetensors, sha256_file)
 from .data import read_cifar10_npz, resolve_cifar10_npz
+from .extras import require
 
 # %% auto #0
 __all__ = ['IMG_EXTS', 'FID_WEIGHTS_FILE', 'FID_WEIGHTS_ENV', 'FID_FEATURES', 'FID_DIMS', 'PROXY_ENV', 'PROXY_TRAIN_COMMAND',
@@ -287,8 +288,7 @@ class FIDWeightsNotFoundError(FileNotFoundError):
     "The FID Inception-v3 weights are not available locally and could not be downloaded."
 
 def _fid_weights_url() -> str:
-    from pytorch_fid.inception import FID_WEIGHTS_URL
-    return FID_WEIGHTS_URL
+    return require('pytorch_fid.inception', 'FID', 'metrics').FID_WEIGHTS_URL
 
 def fid_weights_candidates(weights=None) -> list[tuple[str, Path]]:
     "The (origin, path) pairs searched for the FID weights, in order."
@@ -318,7 +318,7 @@ def _missing_weights_message(cands, download_error=None) -> str:
 # %% ../nbs/02e_metrics.ipynb #9a360586
 def _fid_inception_arch(seed: int = 0) -> nn.Module:
     "pytorch-fid's FID Inception-v3 (torchvision Inception3 with its FID blocks), seeded random weights, no download."
-    import pytorch_fid.inception as pfi
+    pfi = require('pytorch_fid.inception', "FID's Inception-v3", 'metrics')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -337,7 +337,7 @@ def _fid_inception_arch(seed: int = 0) -> nn.Module:
 
 def build_pytorch_fid_inception(state_dict: dict) -> nn.Module:
     "pytorch-fid's `InceptionV3([3])` (FID variant) with `state_dict` loaded by pytorch-fid's own code, not downloaded."
-    import pytorch_fid.inception as pfi
+    pfi = require('pytorch_fid.inception', "FID's Inception-v3", 'metrics')
     orig = pfi.load_state_dict_from_url
     with _BUILD_LOCK:
         pfi.load_state_dict_from_url = lambda *a, **k: state_dict

@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/pipelines.html.md"""
 
 # %% ../nbs/02h_pipelines.ipynb #197b64ce
 from __future__ import annotations
-import hashlib, json, time, warnings
+import hashlib, json, numbers, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +20,16 @@ from .uvit import label_error, unpatchify
 from .early_exit import EE_OPTIONS, EarlyExitUViT, check_threshold
 from .cost import dit_flops, eval_flops, full_eval_flops, sync, uvit_block_flops
 from .checkpoint import (CheckpointError, atomic_write, atomic_write_json, load_weights,
-                                   save_safetensors)
+                                   read_safetensors_metadata, record_differences, save_safetensors)
 
 # %% auto #0
 __all__ = ['TESTED_DIFFUSERS', 'ADAPTERS', 'POLICIES', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
-           'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer', 'tiny_pixart_pipeline', 'DiffusersState',
-           'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead', 'DiTAdapter', 'adapter_forward',
-           'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter', 'make_adapter', 'guidance_groups',
-           'ExitControl', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model',
-           'diffusers_layer_costs', 'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'model_card',
+           'FINGERPRINT_METHOD', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
+           'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
+           'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
+           'make_adapter', 'guidance_groups', 'ExitControl', 'enable_early_exit', 'set_exit_threshold',
+           'disable_early_exit', 'early_exit_model', 'diffusers_layer_costs', 'exit_stats', 'reset_exit_stats',
+           'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights', 'check_base_weights', 'model_card',
            'write_exit_heads', 'save_exit_heads', 'read_exit_heads', 'load_exit_heads']
 
 # %% ../nbs/02h_pipelines.ipynb #bbf94b57
@@ -444,47 +445,86 @@ def _timed_class(cls):
     return type(cls.__name__, (cls,), dict(__call__=__call__, __module__=cls.__module__, _adadiff_base=cls))
 
 # %% ../nbs/02h_pipelines.ipynb #3b01c1ce
-def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict) -> tuple[EarlyExitUViT, dict]:
+def _heads_record(heads) -> tuple[dict, dict, dict]:
+    "(state dict, config, card) of `heads`: an adapter directory or an `EarlyExitUViT` around another transformer."
+    if isinstance(heads, EarlyExitUViT):
+        model, base = getattr(heads.backbone, 'model', None), dict(heads.backbone.config)
+        if model is not None: base['weights'] = weights_fingerprint(model)
+        return heads.state_dict(), dict(heads.config, base=base), {}
+    if isinstance(heads, (str, Path)): return read_exit_heads(heads)
+    raise TypeError(f"heads must be None, a path to an adapter directory or an EarlyExitUViT, got "
+                    f"{type(heads).__name__}")
+
+def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict,
+                 allow_other_weights: bool = False) -> tuple[EarlyExitUViT, dict]:
     "(early-exit model around `bb`, model-card facts) from heads=None (copies of the output layer), a path or a module."
     if heads is None:
         return EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone=True, **ee_cfg), {}
-    if isinstance(heads, EarlyExitUViT) and getattr(heads.backbone, 'model', None) is bb.model and not ee_cfg:
+    src = str(heads) if isinstance(heads, (str, Path)) else f'the {type(heads).__name__} passed as heads'
+    if ee_cfg:
+        raise ValueError(f"the options {sorted(ee_cfg)} build new heads, but {src} brings its own (from its "
+                         "config): drop them, or pass heads=None")
+    if isinstance(heads, EarlyExitUViT) and getattr(heads.backbone, 'model', None) is bb.model:
         return heads, {}                                                    # built around this very transformer
-    if isinstance(heads, EarlyExitUViT):
-        sd, conf, card = heads.state_dict(), dict(heads.config, base=heads.backbone.config), {}
-    elif isinstance(heads, (str, Path)):
-        sd, conf, card = read_exit_heads(heads)
-    else:
-        raise TypeError(f"heads must be None, a path to an adapter directory or an EarlyExitUViT, got "
-                        f"{type(heads).__name__}")
-    _check_base(conf['base'], bb, heads)
+    sd, conf, card = _heads_record(heads)
+    _check_base(conf['base'], bb, src)
+    check_base_weights(conf['base'], bb.model, src, allow_other_weights)
     m = EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone=False,
-                           **{k: conf[k] for k in EE_OPTIONS if k in conf and k != 'backbone_arch'}, **ee_cfg)
+                           **{k: conf[k] for k in EE_OPTIONS if k in conf and k != 'backbone_arch'})
+    _check_heads_fit(m, sd, src)
     p = next(bb.parameters())
     m.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in sd.items()})
     return m, card
 
 # %% ../nbs/02h_pipelines.ipynb #b5d46b63
-def enable_early_exit(pipe_or_transformer, threshold: float = 0., heads=None, policy: str = 'joint',
-                      exit_layer: int | None = None, **ee_cfg):
-    """Attach exit heads and UEMs to a diffusers pipeline's transformer (or a transformer): `pipe(...)` then runs
-    per-sample early exits. `threshold` in [0, 1] (0: output unchanged, 1: no block runs), or a static `exit_layer`;
-    `heads`: None (copies of the model's output layer), an adapter directory (`save_exit_heads`) or an
-    `EarlyExitUViT` trained on this model (used as it is when built around this transformer); `policy` for guidance
-    batches: 'joint' or 'independent'. `ee_cfg`: options of a new `EarlyExitUViT` (uem, uem_params, ...). Returns
-    the pipeline (or transformer)."""
-    pipe, tr = _split(pipe_or_transformer)
-    check_diffusers_version()
-    if getattr(tr, _ATTR, None) is not None: disable_early_exit(pipe_or_transformer)
-    guidance_groups(torch.zeros(1), policy)                                  # checks the policy name
-    bb = make_adapter(tr)
-    ee, card = _build_model(bb, heads, ee_cfg)
-    ctl = ExitControl(ee, policy=policy, card=card)
-    set_exit_threshold(ctl, threshold, exit_layer)
+def _attach(pipe, tr, ctl: ExitControl):
     ctl.original = dict(forward=tr.__dict__.get('forward'), pipe_class=type(pipe) if pipe is not None else None)
     object.__setattr__(tr, _ATTR, ctl)
     tr.forward = lambda *a, **k: _ee_forward(ctl, *a, **k)
     if pipe is not None: pipe.__class__ = _timed_class(type(pipe))
+
+def _detach(pipe, tr):
+    ctl = tr.__dict__[_ATTR]
+    if ctl.original.get('forward') is None: tr.__dict__.pop('forward', None)
+    else: tr.forward = ctl.original['forward']
+    if pipe is not None and getattr(type(pipe), '_adadiff_base', None) is not None:
+        pipe.__class__ = type(pipe)._adadiff_base
+    object.__delattr__(tr, _ATTR)
+
+def _transaction(pipe, tr, change):
+    "Run `change()` on what is attached to `tr` (and `pipe`'s class); on any failure put back exactly what was there."
+    saved = {k: tr.__dict__[k] for k in ('forward', _ATTR) if k in tr.__dict__}
+    cls = type(pipe) if pipe is not None else None
+    try: change()
+    except BaseException:
+        for k in ('forward', _ATTR): tr.__dict__.pop(k, None)
+        tr.__dict__.update(saved)
+        if pipe is not None and type(pipe) is not cls: pipe.__class__ = cls
+        raise
+
+# %% ../nbs/02h_pipelines.ipynb #e5a1b001
+def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=None, policy: str = 'joint',
+                      exit_layer: int | None = None, allow_other_weights: bool = False, **ee_cfg):
+    """Attach exit heads and UEMs to a diffusers pipeline's transformer (or a transformer): `pipe(...)` then runs
+    per-sample early exits. `threshold` in [0, 1] (0: output unchanged, 1: no block runs), or a static `exit_layer`
+    (then leave `threshold` at 0 or None); `heads`: None (copies of the model's output layer), an adapter directory
+    (`save_exit_heads`) or an `EarlyExitUViT` trained on this model (used as it is when built around this
+    transformer); heads trained on other weights of the same config are refused unless `allow_other_weights`
+    (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent'. `ee_cfg`: options of new heads
+    (uem, uem_params, ...). Everything is checked before anything changes: a failed call leaves the pipeline as it
+    was (early exit already enabled stays enabled, with its old heads and rule). Returns the pipeline (or
+    transformer)."""
+    pipe, tr = _split(pipe_or_transformer)
+    check_diffusers_version()
+    guidance_groups(torch.zeros(1), policy)                                  # checks the policy name
+    bb = make_adapter(tr)
+    rule = _exit_rule(bb.num_layers, threshold, exit_layer)
+    ee, card = _build_model(bb, heads, ee_cfg, allow_other_weights)
+    ctl = ExitControl(ee, *rule, policy=policy, card=card)
+    def change():
+        if _ATTR in tr.__dict__: _detach(pipe, tr)
+        _attach(pipe, tr, ctl)
+    _transaction(pipe, tr, change)
     return pipe_or_transformer
 
 # %% ../nbs/02h_pipelines.ipynb #3d9e429b
@@ -493,27 +533,34 @@ def _control(obj) -> ExitControl:
     if ctl is None: raise ValueError("early exit is not enabled on this pipeline: call enable_early_exit(pipe) first")
     return ctl
 
-def set_exit_threshold(pipe, threshold: float | None = None, exit_layer: int | None = None):
-    "Change the exit rule of an enabled pipeline: a `threshold` in [0, 1], or a static `exit_layer` (0..L)."
-    ctl = _control(pipe)
-    L = ctl.model.num_layers
-    if exit_layer is not None and not (isinstance(exit_layer, int) and 0 <= exit_layer <= L):
+def _exit_rule(L: int, threshold, exit_layer) -> tuple:
+    "(threshold, exit_layer), checked: a threshold in [0, 1] (or a tensor of them), or a static exit_layer in 0..L."
+    if exit_layer is None:
+        if threshold is None:
+            raise ValueError("threshold=None is not an exit rule: pass a threshold in [0, 1] (0 = the full model, "
+                             "1 = every row at the first exit) or a static exit_layer")
+        return check_threshold(threshold), None
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, numbers.Integral) or not 0 <= exit_layer <= L:
         raise ValueError(f"exit_layer must be an integer in [0, {L}] (0 = the first exit, {L} = the full model), "
                          f"got {exit_layer!r}")
-    ctl.exit_layer = exit_layer
-    ctl.threshold = None if exit_layer is not None else check_threshold(0. if threshold is None else threshold)
+    if threshold is not None and not (isinstance(threshold, numbers.Real) and threshold == 0):
+        raise ValueError(f"pass a threshold or an exit_layer, not both (got threshold={threshold!r}, "
+                         f"exit_layer={exit_layer}): a static exit ignores the UEMs; drop one of them")
+    return None, int(exit_layer)
+
+def set_exit_threshold(pipe, threshold: float | None = None, exit_layer: int | None = None):
+    """Change the exit rule of an enabled pipeline: a `threshold` in [0, 1], or a static `exit_layer` (0..L). Checked
+    before anything changes: a refused rule leaves the old one in place."""
+    ctl = _control(pipe)
+    ctl.threshold, ctl.exit_layer = _exit_rule(ctl.model.num_layers, threshold, exit_layer)
     return pipe
 
 # %% ../nbs/02h_pipelines.ipynb #89ede7c6
 def disable_early_exit(pipe_or_transformer):
     "Detach the exit heads: the transformer's original `forward` (and the pipeline's class) come back exactly."
     pipe, tr = _split(pipe_or_transformer)
-    ctl = _control(tr)
-    if ctl.original.get('forward') is None: tr.__dict__.pop('forward', None)
-    else: tr.forward = ctl.original['forward']
-    if pipe is not None and getattr(type(pipe), '_adadiff_base', None) is not None:
-        pipe.__class__ = type(pipe)._adadiff_base
-    object.__delattr__(tr, _ATTR)
+    _control(tr)
+    _transaction(pipe, tr, lambda: _detach(pipe, tr))
     return pipe_or_transformer
 
 def early_exit_model(pipe) -> EarlyExitUViT:
@@ -549,11 +596,13 @@ def exit_stats(pipe) -> dict:
     """What the last pipeline call did (on a bare transformer: every forward since enabling or the last reset):
     steps, rows, `layer_ratio`, `exit_layers` (steps, rows), `uncertainty` (steps, rows, L; NaN where not
     evaluated), `timesteps`, analytic `gflops` (and of the full model),
-    `seconds` (wall clock of the pipeline call, None for a bare transformer), threshold and policy."""
+    `seconds` (wall clock of the pipeline call, None for a bare transformer), the exit rule (threshold,
+    exit_layer) and policy (also before any call)."""
     ctl = _control(pipe)
     rec, L = ctl.records, ctl.model.num_layers
+    rule = dict(num_layers=L, threshold=ctl.threshold, exit_layer=ctl.exit_layer, policy=ctl.policy)
     if not rec: return dict(steps=0, rows=0, layer_ratio=None, exit_layers=torch.zeros(0, 0, dtype=torch.long),
-                            timesteps=[], gflops=0., gflops_full=0., seconds=ctl.seconds)
+                            timesteps=[], gflops=0., gflops_full=0., seconds=ctl.seconds, **rule)
     costs = diffusers_layer_costs(ctl.adapter, ctl.model.config)
     flops = sum(float(eval_flops(costs, r['exit_layer'], r['n_uem']).sum()) for r in rec)
     full = full_eval_flops(costs) * sum(len(r['exit_layer']) for r in rec)
@@ -561,8 +610,7 @@ def exit_stats(pipe) -> dict:
     return dict(steps=len(rec), rows=len(rec[0]['exit_layer']), layer_ratio=run / max(total, 1),
                 exit_layers=torch.stack([r['exit_layer'] for r in rec]), timesteps=[r['timestep'] for r in rec],
                 uncertainty=torch.stack([r['uncertainty'] for r in rec]),
-                gflops=flops / 1e9, gflops_full=full / 1e9, seconds=ctl.seconds, num_layers=L,
-                threshold=ctl.threshold, exit_layer=ctl.exit_layer, policy=ctl.policy,
+                gflops=flops / 1e9, gflops_full=full / 1e9, seconds=ctl.seconds, **rule,
                 guidance=any(r['guidance'] for r in rec))
 
 def reset_exit_stats(pipe):
@@ -577,6 +625,11 @@ WEIGHTS_NAME, CONFIG_NAME, CARD_NAME = 'exit_heads.safetensors', 'config.json', 
 class ExitHeadsMismatchError(CheckpointError):
     "Exit heads trained for a different base model."
 
+def _base_text(base: dict) -> str:
+    w = base.get('weights') or {}
+    return (f"{base.get('model_class')} (config hash {base.get('config_hash')}, {base.get('num_layers')} blocks"
+            + (f", weights {w.get('sha256')}" if w else '') + ')')
+
 def _check_base(base: dict, bb: DiffusersBackbone, source):
     "Refuse heads whose base model (class, config hash, layer count) is not `bb`'s."
     mine = {k: bb.config[k] for k in ('model_class', 'config_hash', 'num_layers')}
@@ -586,12 +639,66 @@ def _check_base(base: dict, bb: DiffusersBackbone, source):
                                      f"transformer is {mine}; load heads trained for this model (or train new ones "
                                      "with adadiff-train --diffusers-model)")
 
+# %% ../nbs/02h_pipelines.ipynb #e5a1b003
+FINGERPRINT_METHOD = 'adadiff_nb.weights_sample/1'
+
+def _least_precise(dtypes) -> str:
+    return max(dtypes, key=lambda d: torch.finfo(getattr(torch, d)).eps, default='float32')
+
+def weights_fingerprint(model: nn.Module, values: int = 256) -> dict:
+    """A cheap fingerprint of `model`'s weights: a hash of every floating tensor's name and shape (`structure`), a
+    deterministic sample of at least `values` entries spread over all of them (`sample`, float32), its `sha256`, and
+    the least precise `dtype` of those tensors."""
+    named = sorted((k, v) for k, v in model.state_dict().items() if v.is_floating_point() and v.numel())
+    per = max(1, -(-values // max(len(named), 1)))
+    struct, picks = hashlib.sha256(), []
+    for k, v in named:
+        struct.update(f'{k}:{tuple(v.shape)};'.encode())
+        flat = v.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(per, flat.numel())).round().long().to(flat.device)
+        picks.append(flat[idx].float().cpu())
+    sample = torch.cat(picks) if picks else torch.zeros(0)
+    return dict(method=FINGERPRINT_METHOD, structure=struct.hexdigest()[:16],
+                sha256=hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16],
+                dtype=_least_precise({str(v.dtype).removeprefix('torch.') for _, v in named}), sample=sample.tolist())
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether fingerprints `a` and `b` are of the same weights: same structure and equal samples, or samples equal to
+    the precision of the less precise side when one was taken in fp16 / bf16."""
+    if a.get('structure') != b.get('structure') or len(a['sample']) != len(b['sample']): return False
+    if a['sha256'] == b['sha256']: return True
+    eps = torch.finfo(getattr(torch, _least_precise([a['dtype'], b['dtype']]))).eps
+    if eps <= torch.finfo(torch.float32).eps: return False
+    return bool(torch.allclose(torch.tensor(a['sample']), torch.tensor(b['sample']), rtol=eps, atol=1e-7))
+
+# %% ../nbs/02h_pipelines.ipynb #e5a1b005
+def check_base_weights(base: dict, model: nn.Module, source, allow_other_weights: bool = False):
+    """Refuse heads (adapter config's `base`) trained on other weights than `model`'s (`weights_fingerprint`), unless
+    `allow_other_weights` (then warn); heads without a fingerprint (older adapters) pass with a warning."""
+    theirs = base.get('weights')
+    if not isinstance(theirs, dict) or theirs.get('method') != FINGERPRINT_METHOD:
+        warnings.warn(f"the exit heads of {source} record no fingerprint of the weights they were trained on (an "
+                      "older adapter), so only the config is checked: make sure they were trained on this checkpoint, "
+                      "and re-save them with save_exit_heads(pipe, path) to add one", stacklevel=4)
+        return
+    mine = weights_fingerprint(model)
+    if same_weights(theirs, mine): return
+    what = (f"the exit heads of {source} were trained on other weights of this {type(model).__name__} config "
+            f"(weights {theirs['sha256']}, this transformer's {mine['sha256']})")
+    if not allow_other_weights:
+        raise ExitHeadsMismatchError(f"{what}: load heads trained on this checkpoint, or pass "
+                                     "allow_other_weights=True to attach them anyway (e.g. on a fine-tune of theirs)")
+    warnings.warn(f"{what}; attached anyway (allow_other_weights=True): their exits may be miscalibrated",
+                  stacklevel=4)
+
 # %% ../nbs/02h_pipelines.ipynb #482a203f
 def model_card(conf: dict, card: dict) -> str:
     "The README.md of an adapter directory: base model, training command, data, steps and measured layer ratio."
     base = conf['base']
+    w = base.get('weights') or {}
     rows = [('base model', f"`{base['model_class']}` (config hash `{base['config_hash']}`, {base['num_layers']} "
-                           "blocks)"), ('early exit', f"uem={conf.get('uem')}, uem_params={conf.get('uem_params')}")]
+                           "blocks" + (f", weights `{w['sha256']}` ({w['dtype']})" if w else '') + ')'),
+            ('early exit', f"uem={conf.get('uem')}, uem_params={conf.get('uem_params')}")]
     rows += [(k.replace('_', ' '), f'`{v}`' if k == 'command' else v) for k, v in card.items()]
     lines = ['# Exit heads (adadiff_nb adapter)', '',
              'Exit heads and uncertainty estimators for early exit on a frozen diffusers transformer. Attach with',
@@ -601,12 +708,14 @@ def model_card(conf: dict, card: dict) -> str:
 
 # %% ../nbs/02h_pipelines.ipynb #f0e4f8c0
 def write_exit_heads(ee: EarlyExitUViT, path, card: dict | None = None) -> Path:
-    "Write the heads and UEMs of early-exit model `ee` (around an adapter) to directory `path`, with a model card."
+    """Write the heads and UEMs of early-exit model `ee` (around an adapter) to directory `path`, with a model card and
+    the fingerprint of the transformer's weights."""
     import adadiff_nb
     path, card = Path(path), dict(card or {})
     path.mkdir(parents=True, exist_ok=True)
-    conf = dict({k: v for k, v in ee.config.items() if k != 'backbone'}, format=ADAPTER_FORMAT,
-                base=dict(ee.backbone.config), library_version=adadiff_nb.__version__)
+    base = dict(ee.backbone.config, weights=weights_fingerprint(ee.backbone.model))
+    conf = dict({k: v for k, v in ee.config.items() if k != 'backbone'}, format=ADAPTER_FORMAT, base=base,
+                library_version=adadiff_nb.__version__)
     save_safetensors(ee.state_dict(), path / WEIGHTS_NAME, {'adadiff_nb': conf})
     atomic_write_json(path / CONFIG_NAME, dict(conf, card=card))
     atomic_write(path / CARD_NAME, lambda f: f.write(model_card(conf, card)), mode='w')
@@ -619,16 +728,48 @@ def save_exit_heads(pipe, path, **card) -> Path:
     ctl = _control(pipe)
     return write_exit_heads(ctl.model, path, {**ctl.card, **card})
 
+# %% ../nbs/02h_pipelines.ipynb #e5a1b006
+def _embedded_config(p: Path, conf: dict) -> dict:
+    "The config embedded in the heads file (it wins), after refusing or warning where config.json differs."
+    meta = read_safetensors_metadata(p / WEIGHTS_NAME).get('adadiff_nb')
+    if not isinstance(meta, dict): return conf
+    diff = record_differences(meta, conf, ignore=('card',))
+    if any(k.split('.')[0] == 'base' for k in diff):
+        raise ExitHeadsMismatchError(f"{p}: {CONFIG_NAME} is for {_base_text(conf.get('base', {}))} but {WEIGHTS_NAME} "
+                                     f"was written for {_base_text(meta.get('base', {}))}: the two files come from "
+                                     "different adapters; copy both from one save_exit_heads directory")
+    if diff:
+        warnings.warn(f"{p / CONFIG_NAME} differs from the config embedded in {WEIGHTS_NAME} (at "
+                      f"{', '.join(diff[:6])}); using the embedded one, written with these heads: to make them agree, "
+                      "re-save them with save_exit_heads(pipe, path)", stacklevel=5)
+    return dict(meta, card=conf.get('card', {}))
+
+def _check_heads_fit(m: EarlyExitUViT, sd: dict, source):
+    "One clear error when the heads' state dict does not fit the early-exit model their config describes."
+    own = m.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(f"the heads of {source} do not fit the early-exit model their config describes "
+                              f"({len(bad)} keys missing, unexpected or of another shape, e.g. {bad[:3]}): the "
+                              "weights and config come from different adapters; copy both from one save_exit_heads "
+                              "directory")
+
 def read_exit_heads(path) -> tuple[dict, dict, dict]:
-    "(state dict, config, model-card facts) of an adapter directory."
+    """(state dict, config, model-card facts) of an adapter directory. The config embedded in the heads file wins
+    over a differing config.json (with a warning); the two describing different base models is refused."""
     p = Path(path).expanduser()
     try: conf = json.loads((p / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p} is not an exit-heads directory written by save_exit_heads ({e})") from None
     if conf.get('format') != ADAPTER_FORMAT:
         raise CheckpointError(f"{p / CONFIG_NAME} has format {conf.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    return load_weights(p / WEIGHTS_NAME), conf, conf.get('card', {})
+    sd = load_weights(p / WEIGHTS_NAME)
+    conf = _embedded_config(p, conf)
+    return sd, conf, conf.get('card', {})
 
-def load_exit_heads(pipe, path, threshold: float = 0., policy: str = 'joint', exit_layer: int | None = None):
-    "Enable early exit on `pipe` with the heads of adapter directory `path` (refused for a different base model)."
-    return enable_early_exit(pipe, threshold=threshold, heads=path, policy=policy, exit_layer=exit_layer)
+def load_exit_heads(pipe, path, threshold: float | None = 0., policy: str = 'joint', exit_layer: int | None = None,
+                    allow_other_weights: bool = False):
+    """Enable early exit on `pipe` with the heads of adapter directory `path` (refused for a different base model, or
+    for other weights of the same config unless `allow_other_weights`)."""
+    return enable_early_exit(pipe, threshold=threshold, heads=path, policy=policy, exit_layer=exit_layer,
+                             allow_other_weights=allow_other_weights)

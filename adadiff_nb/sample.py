@@ -9,31 +9,36 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/sample_cli.html.md"""
 
 # %% ../nbs/05_sample_cli.ipynb #157770f7
 from __future__ import annotations
-import sys, io, os, json, argparse, numbers
-from datetime import timedelta
+import sys, io, os, re, json, argparse, numbers, platform, subprocess, tempfile, warnings, zipfile, functools, hashlib
+from datetime import timedelta, datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
+from .extras import require
 from .diffusion import SCHEDULES
-from .checkpoint import load_model, atomic_write, atomic_write_json, CheckpointError, load_official_uvit
+from .checkpoint import (load_model, atomic_write, atomic_write_json, CheckpointError, load_official_uvit,
+                                   sha256_file, resolve_device)
 from .dit import DIT_PRESETS, load_official_dit
 from .autoencoder import LatentAutoencoder, load_autoencoder, load_latent_record
 from .text_encoder import TextEncoder, check_prompts, load_text_encoder, read_prompts
 from .samplers import (SAMPLERS, get_sampler, check_steps, check_threshold, threshold_schedule, exit_schedule,
                                  is_early_exit_model, TimestepSchedule, GUIDANCE_POLICIES, check_guidance_scale,
                                  check_guidance_policy, make_denoiser, context_shape_of)
-from .sampling import (schedule_for, save_grid, images_uint8, sample_batches, check_sampler_opts,
-                                 check_labels, model_num_labels, check_precision, shard_batches, meter_state,
-                                 merge_meter_states, PRECISIONS)
-from .metrics import psnr, mse, fid as _fid, proxy_fd as _proxy_fd, fid_inception, load_proxy_classifier
+from .sampling import (schedule_for, save_grid, save_panels, grid_scale, images_uint8, sample_batches,
+                                 check_sampler_opts, check_labels, model_num_labels, check_precision, shard_batches,
+                                 meter_state, merge_meter_states, PRECISIONS, check_seed, check_flag)
+from .metrics import (psnr, mse, fid as _fid, proxy_fd as _proxy_fd, fid_inception, load_proxy_classifier,
+                                load_stats, feature_name, FID_FEATURES)
 _all_ = ['schedule_for', 'save_grid']   # moved to `adadiff_nb.sampling`; re-exported for old imports
 
 # %% auto #0
-__all__ = ['NAMED_CHECKPOINTS', 'SHARD_DIR', 'DIST_TIMEOUT', 'resolve_checkpoint', 'load_sampling_model', 'parse_labels',
-           'shard_name', 'parse_shard', 'parse_prompts', 'latent_inputs', 'sample_to_dir', 'merge_shards', 'dist_env',
-           'sample_processes', 'build_parser', 'main', 'schedule_for', 'save_grid', 'uvit_flops', 'layer_costs',
-           'eval_flops', 'full_eval_flops']
+__all__ = ['NAMED_CHECKPOINTS', 'GRID_IMAGES', 'SHARD_DIR', 'OUTPUTS', 'UNFINISHED', 'DIST_TIMEOUT', 'resolve_checkpoint',
+           'load_sampling_model', 'label_values', 'parse_labels', 'provenance', 'grid_header', 'shard_name',
+           'parse_shard', 'check_out', 'read_shard', 'shard_plan', 'parse_prompts', 'latent_inputs', 'sample_to_dir',
+           'merge_shards', 'dist_env', 'sample_processes', 'build_parser', 'main', 'schedule_for', 'save_grid',
+           'uvit_flops', 'layer_costs', 'eval_flops', 'full_eval_flops']
 
 # %% ../nbs/05_sample_cli.ipynb #13ac72a7
 from .cost import uvit_flops, layer_costs, eval_flops, full_eval_flops   # the one FLOP model of the project
@@ -79,11 +84,10 @@ def _schedule_label(spec) -> str:
     return spec if isinstance(spec, str) else repr(spec)
 
 def _device(device) -> torch.device:
-    try: dev = torch.device(device)
-    except (RuntimeError, TypeError): raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    return dev
+    "The device of a run, named ('cpu', 'cuda', 'cuda:N' or 'auto'): `checkpoint.resolve_device`'s, but never empty."
+    if device is None or (isinstance(device, str) and not device.strip()):
+        raise ValueError(f"--device {device!r} is empty; pass 'cpu' or 'cuda'")
+    return resolve_device(device, '--device')
 
 # %% ../nbs/05_sample_cli.ipynb #2968582f
 def _parse_values(v, kind: str):
@@ -131,23 +135,39 @@ def _as_label(v, spec):
     raise ValueError(f"labels {spec!r}: {v!r} is not an integer class label; pass comma-separated integers (0,3,5) or "
                      "a file with one integer per line or a .json list")
 
-def parse_labels(spec, n: int):
-    """Class labels of `n` images: None, an int (`--class K`: every image), or a comma list '0,3,5', a file (one int per
-    line, or a .json list) or a list of ints, cycled over the images."""
-    if spec is None or isinstance(spec, numbers.Integral) and not isinstance(spec, bool): return spec
-    if isinstance(spec, (list, tuple, np.ndarray)): raw = list(spec)
-    elif Path(str(spec)).expanduser().is_file():
-        p = Path(str(spec)).expanduser()
+def _raw_labels(spec) -> list:
+    "The entries of a --labels spec: a list, a file (one per line, or a .json list) or a comma list (no empty entry)."
+    if isinstance(spec, (list, tuple, np.ndarray)): return list(spec)
+    p = Path(str(spec)).expanduser()
+    if p.is_file():
         try: raw = json.loads(p.read_text()) if p.suffix == '.json' else p.read_text().split()
         except json.JSONDecodeError as e: raise ValueError(f"labels file {str(p)!r} is not valid JSON ({e})") from None
         if not isinstance(raw, list): raise ValueError(f"labels file {str(p)!r} must hold a JSON list of integers")
-    else: raw = [s for s in str(spec).split(',') if s.strip()]
+        return raw
+    raw = [s.strip() for s in str(spec).split(',')]
+    if '' in raw and any(raw):
+        raise ValueError(f"labels {spec!r} has an empty entry (entry {raw.index('') + 1}); pass comma-separated "
+                         "integers with none left out, e.g. 0,3,5")
+    return raw if any(raw) else []
+
+def label_values(spec):
+    """Every class label that a labels spec names, not yet cycled over the images (all are checked, also those past
+    the n-th): None, an int (`--class K`), or a list of ints from a comma list, a file or a list."""
+    if spec is None or isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+        return spec if spec is None else int(spec)
+    raw = _raw_labels(spec)
     if not raw: raise ValueError(f"labels {spec!r} is empty; pass at least one class label")
-    vals = [_as_label(v, spec) for v in raw]
+    return [_as_label(v, spec) for v in raw]
+
+def parse_labels(spec, n: int):
+    """Class labels of `n` images: None, an int (`--class K`: every image), or a comma list '0,3,5', a file (one int per
+    line, or a .json list) or a list of ints, cycled over the images (a longer list: its first `n`)."""
+    vals = label_values(spec)
+    if vals is None or isinstance(vals, int): return vals
     return [vals[i % len(vals)] for i in range(n)]
 
 def _check_labels_fit(model, labels, guidance_scale):
-    "Labels and guidance that the model takes, in the CLI's words, before anything is written."
+    "Labels (all of a spec's, `label_values`) and guidance that the model takes, in the CLI's words."
     if context_shape_of(model) is not None:                    # text-to-image: guided by the empty prompt
         if labels is not None:
             raise ValueError("--class / --labels were given but the checkpoint holds a text-to-image model; pass "
@@ -160,9 +180,35 @@ def _check_labels_fit(model, labels, guidance_scale):
     make_denoiser(model, guidance_scale=guidance_scale)                       # the samplers' guidance checks
 
 # %% ../nbs/05_sample_cli.ipynb #93a70c8c
+@functools.lru_cache(maxsize=1)
+def _git_state() -> tuple:
+    "(commit, dirty) of the git checkout that adadiff_nb runs from; (None, None) outside one (e.g. an installed wheel)."
+    import adadiff_nb
+    root = Path(adadiff_nb.__file__).resolve().parent.parent
+    if not (root / '.git').exists(): return None, None
+    try:
+        head = subprocess.run(['git', '-C', str(root), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10)
+        st = subprocess.run(['git', '-C', str(root), 'status', '--porcelain', '--untracked-files=no'],
+                            capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError): return None, None
+    if head.returncode != 0: return None, None
+    return head.stdout.strip(), (bool(st.stdout.strip()) if st.returncode == 0 else None)
+
+def provenance(device='cpu') -> dict:
+    """Where and when a run ran, for its stats.json: adadiff_nb / torch / numpy / Python versions, the git commit
+    (None outside a git checkout) and whether tracked files differ from it, torch threads, device, UTC time."""
+    import adadiff_nb
+    dev = torch.device(device)
+    commit, dirty = _git_state()
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else (platform.processor() or platform.machine())
+    return dict(adadiff_nb=adadiff_nb.__version__, torch=torch.__version__, numpy=np.__version__,
+                python=platform.python_version(), git_commit=commit, git_dirty=dirty, threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get('OMP_NUM_THREADS'), device=str(dev), device_name=name,
+                utc=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+
 def _run_stats(model, checkpoint, run, sampler, steps, threshold, exit_layers, n, batch, seed, dev, schedule,
                sampler_opts) -> dict:
-    "The stats.json of a run: its settings, the `CostMeter` summary and the wall time."
+    "The stats.json of a run: its settings, the `CostMeter` summary, the wall time and its `provenance`."
     rec = getattr(model, 'record', None) or {}
     summary = {k: v for k, v in run.stats.items() if k != 'seconds'}
     return dict(sampler=sampler if isinstance(sampler, str) else getattr(sampler, '__name__', repr(sampler)),
@@ -172,7 +218,7 @@ def _run_stats(model, checkpoint, run, sampler, steps, threshold, exit_layers, n
                 checkpoint=str(checkpoint) if not isinstance(checkpoint, nn.Module) else None,
                 arch=getattr(model, 'arch', type(model).__name__), early_exit=is_early_exit_model(model),
                 sampler_opts=dict(sampler_opts or {}), **summary, wall_s=run.seconds,
-                images_per_s=n / max(run.seconds, 1e-12))
+                images_per_s=n / max(run.seconds, 1e-12), provenance=provenance(dev))
 
 def _vs_full(x: torch.Tensor, xf: torch.Tensor, wall: float, wall_f: float) -> dict:
     "Fidelity to the full model's samples from the same noise (clamped to [-1, 1]); identical samples: PSNR None."
@@ -182,13 +228,49 @@ def _vs_full(x: torch.Tensor, xf: torch.Tensor, wall: float, wall_f: float) -> d
                 psnr_vs_full=p if np.isfinite(p) else None, max_abs_diff_vs_full=float((a - b).abs().max()))
 
 # %% ../nbs/05_sample_cli.ipynb #1b0dbf4b
-def _save_arrays(out: Path, arrays: dict, stats: dict, name: str = 'samples', grid: bool = True):
-    "DIR/NAME.png (grid of the uint8 images), DIR/NAME.npz (the arrays) and the stats JSON, each atomically."
-    if grid: save_grid(torch.from_numpy(arrays['images']).permute(0, 3, 1, 2).float() / 127.5 - 1., out / f'{name}.png')
+GRID_IMAGES = 64   # samples.png shows the first 64 images (samples.npz holds them all)
+
+def _fmt_spec(v) -> str:
+    if isinstance(v, list): return ','.join(f'{x:g}' for x in v)
+    return f'{v:g}' if isinstance(v, (int, float)) else str(v)
+
+def grid_header(stats: dict) -> str:
+    "The header of the early-exit panel of samples.png: its exit rule, e.g. 'early exit (tau=0.075)'."
+    if stats.get('threshold') is not None: return f"early exit (tau={_fmt_spec(stats['threshold'])})"
+    if stats.get('exit_layers') is not None: return f"early exit (exit layers {_fmt_spec(stats['exit_layers'])})"
+    return 'this run (no exit rule)'
+
+def _write_grid(path: Path, arrays: dict, stats: dict) -> Path:
+    """samples.png: the first `GRID_IMAGES` images, each enlarged to at least 64 px (nearest neighbour); with the full
+    model's images (--compare-full) the two sets side by side under headers."""
+    def part(a): return torch.from_numpy(a[:GRID_IMAGES]).permute(0, 3, 1, 2).float() / 127.5 - 1.
+    x = part(arrays['images'])
+    scale = grid_scale(max(x.shape[2:]))
+    if 'images_full' not in arrays: return save_grid(x, path, scale=scale)
+    return save_panels({grid_header(stats): x, 'full model': part(arrays['images_full'])}, path, scale=scale)
+
+def _npz_bytes(arrays: dict) -> bytes:
+    "A compressed .npz of `arrays` (what np.load reads) whose bytes depend on the arrays only (no zip time stamps)."
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write(out / f'{name}.npz', lambda f: f.write(buf.getvalue()))
-    atomic_write_json(out / ('stats.json' if name == 'samples' else f'{name}.json'), stats)
+    with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as zf:
+        for k, v in arrays.items():
+            info = zipfile.ZipInfo(f'{k}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, 'w', force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
+    return buf.getvalue()
+
+def _save_arrays(out: Path, arrays: dict, stats: dict, name: str = 'samples', grid: bool = True):
+    """DIR/NAME.png (`_write_grid`), DIR/NAME.npz (the arrays) and the stats JSON, each atomically, the JSON last; a
+    shard's JSON (grid=False) records the sha256 of its .npz. Temp files that a killed earlier write of these files
+    left behind are removed."""
+    files = [f'{name}.png', f'{name}.npz', 'stats.json' if name == 'samples' else f'{name}.json']
+    for stale in (q for f in files for q in out.glob(f'.{f}.*.tmp')): stale.unlink(missing_ok=True)
+    if grid: _write_grid(out / f'{name}.png', arrays, stats)
+    data = _npz_bytes(arrays)
+    atomic_write(out / f'{name}.npz', lambda f: f.write(data))
+    if not grid: stats = dict(stats, npz_sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_json(out / files[2], stats)
 
 def _arrays(x: torch.Tensor, labels, xf, latents=None, prompts=None) -> dict:
     """The arrays of samples.npz: uint8 images (decoded, for a latent model), labels, the full model's uint8 images,
@@ -207,28 +289,58 @@ def _json_labels(spec):
     return str(spec) if isinstance(spec, Path) else [int(v) for v in spec]
 
 # %% ../nbs/05_sample_cli.ipynb #591901e3
-def _metric_nets(fid_ref, proxy_ref, dev) -> dict:
-    "name -> (reference, feature network) of the asked metrics, loaded and the references checked."
+_METRIC_FLAGS = {'fid': '--fid', 'proxy_fd': '--proxy-fd'}
+
+def _reference(name: str, ref, n: int | None = None):
+    """The reference of metric `name` ('fid', 'proxy_fd'), checked before anything is sampled: an image folder (its
+    Path) or a readable statistics .npz ((mu, sigma, meta)); with `n`, the images to score must be at least 2."""
+    flag = _METRIC_FLAGS[name]
+    if not str(ref).strip():
+        raise ValueError(f"{flag} is empty; pass a statistics .npz or a folder of reference images")
+    if n is not None and n < 2:
+        raise ValueError(f"{flag} needs --n >= 2 (a Frechet distance needs at least 2 images), got --n {n}")
+    p = Path(str(ref)).expanduser()
+    if p.is_dir(): return p
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} reference {p} not found; pass a statistics .npz "
+                                "(metrics.compute_reference_stats) or a folder of reference images")
+    if p.suffix != '.npz':
+        raise ValueError(f"{flag} {p} is neither a statistics .npz nor a folder of images; pass one of them")
+    try: return load_stats(p, return_meta=True)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{flag} {p} is not a statistics .npz that can be read ({' '.join(str(e).split())[:160]}); "
+                         "pass one written by metrics.compute_reference_stats or pytorch-fid") from None
+
+def _metric_nets(fid_ref, proxy_ref, dev, n: int | None = None) -> dict:
+    """name -> (reference, feature network, its statistics (mu, sigma) or image folder) of the asked metrics: the
+    references checked (`_reference`, also their feature space) and the networks loaded, before sampling."""
     nets = {}
     for name, ref in (('fid', fid_ref), ('proxy_fd', proxy_ref)):
         if ref is None: continue
-        if not Path(ref).exists():
-            raise FileNotFoundError(f"{name} reference {ref} not found; pass a statistics .npz "
-                                    "(metrics.compute_reference_stats) or a folder of reference images")
-        nets[name] = (str(ref), fid_inception(device=dev) if name == 'fid' else load_proxy_classifier(device=dev))
+        r = _reference(name, ref, n)
+        net = fid_inception(device=dev) if name == 'fid' else load_proxy_classifier(device=dev)
+        if isinstance(r, tuple):
+            feats = r[2].get('features', FID_FEATURES)          # files without meta are pytorch-fid's
+            if feats != feature_name(net):
+                raise ValueError(f"{_METRIC_FLAGS[name]} {ref} holds features {feats!r}, but {name} uses "
+                                 f"{feature_name(net)!r}; recompute the reference with this network "
+                                 "(metrics.compute_reference_stats)")
+            r = r[:2]
+        nets[name] = (str(ref), net, r)
     return nets
 
 def _metrics(images_u8: np.ndarray, nets: dict, dev) -> dict:
     "FID / proxy-FD of uint8 samples (N, H, W, C) against their references, with the reference's path beside each."
     d = {}
-    for name, (ref, net) in nets.items():
-        score = _fid(images_u8, Path(ref), model=net, device=dev) if name == 'fid' else \
-            _proxy_fd(images_u8, Path(ref), classifier=net, device=dev)
+    for name, (ref, net, r) in nets.items():
+        score = _fid(images_u8, r, model=net, device=dev) if name == 'fid' else \
+            _proxy_fd(images_u8, r, classifier=net, device=dev)
         d.update({name: float(score), f'{name}_ref': ref})
     return d
 
 # %% ../nbs/05_sample_cli.ipynb #8affc215
 SHARD_DIR = 'shards'
+OUTPUTS = ('samples.png', 'samples.npz', 'stats.json')   # what a run (or a merge) writes into --out
 
 def shard_name(rank: int, world: int) -> str: return f'rank{rank}_of_{world}'
 
@@ -246,6 +358,87 @@ def _check_shard_run(n, batch, shard, fid, proxy_fd):
         raise ValueError("FID / proxy-FD are computed on the merged samples: give --fid / --proxy-fd to --merge (or "
                          "to the torchrun / accelerate launch run), not to a single --shard")
 
+# %% ../nbs/05_sample_cli.ipynb #7252d1d1
+def _listing(names) -> str:
+    names = sorted(names)
+    return ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+
+def _check_writable(d: Path):
+    "Raise unless files can be written in directory `d`, or in the directory that creating `d` would start from."
+    a = d
+    while not a.exists() and a != a.parent: a = a.parent
+    if not a.is_dir():
+        raise ValueError(f"--out {d}: {a} is a file, not a directory; pass a new or empty directory to --out")
+    try:
+        with tempfile.TemporaryFile(dir=a): pass
+    except OSError as e:
+        raise ValueError(f"--out {d}: cannot write in {a} ({e.strerror or e}); pass a writable directory to "
+                         "--out") from None
+
+def check_out(out, shard=None, overwrite: bool = False, resume: bool = False) -> Path:
+    """`out` (as a Path) checked before anything is loaded or sampled: a directory, new or existing, in which files
+    can be written, with no directory where a file goes. A one-process run needs it empty (or missing) unless
+    `overwrite`; `resume` is for sharded runs only (their own checks: `shard_plan`)."""
+    out = Path(out).expanduser()
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other (--resume keeps finished shards, --overwrite "
+                         "samples again); pass one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory; pass a new or empty directory")
+    _check_writable(out if shard is None else out / SHARD_DIR)
+    for name in OUTPUTS:
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a directory where adadiff-sample writes a file; move it away or pass "
+                             "another --out")
+    if shard is not None: return out
+    if resume:
+        raise ValueError("--resume continues a sharded run (--shard R/N, torchrun or accelerate launch); a one-process "
+                         "run has nothing to resume: pass --overwrite to sample --out again, or a new --out")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise ValueError(f"--out {out} is not empty (it holds {_listing(held)}); pass --overwrite to replace its "
+                         f"{', '.join(OUTPUTS)}, or a new --out")
+    return out
+
+# %% ../nbs/05_sample_cli.ipynb #a04cfa22
+UNFINISHED = 'unfinished (no .json)'
+
+def _shard_worlds(d: Path) -> dict:
+    "{world: names} of the shard files (rank{r}_of_{N}.json / .npz) in `d`."
+    worlds = {}
+    for p in (d.iterdir() if d.is_dir() else ()):
+        m = re.fullmatch(r'rank(\d+)_of_(\d+)\.(json|npz)', p.name)
+        if m: worlds.setdefault(int(m[2]), set()).add(p.name)
+    return worlds
+
+def _npz_readable(path: Path) -> str | None:
+    "Why the .npz at `path` cannot be read in full, or None (shards written before checksums are checked so)."
+    try:
+        with np.load(path) as z: _ = [z[k] for k in z.files]
+    except Exception as e: return f'its .npz cannot be read ({type(e).__name__}: {e})'
+    return None
+
+def read_shard(path) -> tuple:
+    """(record, None) for a finished, intact shard (rank{r}_of_{N}.npz and the .json written after it); (None, why)
+    otherwise: unfinished, an unreadable .json, or an .npz that is missing or does not match the sha256 its .json
+    records (truncated or changed)."""
+    z = Path(path).with_suffix('.npz')
+    j = z.with_suffix('.json')
+    if not j.is_file(): return None, UNFINISHED
+    try: rec = json.loads(j.read_text())
+    except (OSError, ValueError) as e: return None, f'its .json cannot be read ({type(e).__name__})'
+    if not isinstance(rec, dict) or not {'settings', 'stats', 'rank', 'world'} <= set(rec):
+        return None, 'its .json is not a shard record'
+    if not z.is_file(): return None, 'its .npz is missing'
+    want = rec.get('npz_sha256')
+    if want is None: why = _npz_readable(z)
+    elif sha256_file(z) != want: why = 'its .npz does not match the sha256 in its .json (truncated or changed)'
+    else: why = None
+    return (None, why) if why else (rec, None)
+
+def _settings_diff(old: dict, new: dict) -> list:
+    return sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
+
 # %% ../nbs/05_sample_cli.ipynb #49db6b3c
 def _checkpoint_id(checkpoint):
     "A checkpoint as the shards record it: its resolved path (None for a model object, which has none)."
@@ -253,17 +446,60 @@ def _checkpoint_id(checkpoint):
 
 def _sampled(model, checkpoint, kw: dict, threshold, exit_layers, schedule, labels, compare_full,
              info: dict | None = None) -> tuple:
-    "Sample the run (or its shard `kw['shard']`) -> (SampleRun, stats, the full model's images or None)."
-    run = sample_batches(model, threshold=threshold, exit_layers=exit_layers, **kw)
+    """Sample the run (or its shard `kw['shard']`) -> (SampleRun, stats, the full model's images or None); progress
+    bars 'early exit SAMPLER' (with an exit rule) and 'full SAMPLER'."""
+    rule = threshold is not None or exit_layers is not None
+    run = sample_batches(model, threshold=threshold, exit_layers=exit_layers, desc='early exit' if rule else None, **kw)
     stats = _run_stats(model, checkpoint, run, kw['sampler'], kw['steps'], threshold, exit_layers, len(run.images),
                        kw['batch_size'], kw['seed'], kw['device'], schedule, kw['sampler_opts'])
     stats.update(labels_spec=_json_labels(labels), **(info or {}))
     xf = None
     if compare_full:
-        full = sample_batches(model, meter=False, **kw)
+        full = sample_batches(model, meter=False, desc='full', **kw)
         xf = full.images
         stats.update(_vs_full(run.images, xf, run.seconds, full.seconds))
     return run, stats, xf
+
+# %% ../nbs/05_sample_cli.ipynb #f2e05b59
+def shard_plan(out, shard, settings: dict, overwrite: bool = False, resume: bool = False) -> dict | None:
+    """Before anything is sampled, what shard `shard` = (r, N) of a run with `settings` does in `out`: the record of
+    its finished shard when `resume` finds it intact and of these settings (skip it), else None (sample it, with a
+    warning when its old files are unfinished or corrupt). Refused: shards of another split, finished shards of
+    other settings (unless `overwrite`), and, without `resume` or `overwrite`, this shard's files or other files in
+    `out` beside shards/."""
+    (r, N), out = shard, Path(out)
+    d, name = out / SHARD_DIR, shard_name(*shard)
+    files = _shard_worlds(d)
+    other = sorted(set(files) - {N})
+    if other:
+        raise ValueError(f"{d} holds shards of a run split {other[0]} ways, not {N}; delete them "
+                         f"(rank*_of_{other[0]}.*) or pass another --out")
+    for j in ([] if overwrite else sorted(d.glob(f'rank*_of_{N}.json'))):
+        rec, _ = read_shard(j)
+        diff = [] if rec is None else _settings_diff(rec['settings'], settings)
+        if diff:
+            raise ValueError(f"{j} was sampled with other settings ({', '.join(diff)} differ); use another --out, pass "
+                             f"--overwrite to every shard, or delete {d} to start afresh")
+    beside = [p.name for p in out.iterdir() if p.name != SHARD_DIR] if out.is_dir() else []
+    own = files.get(N, set()) & {f'{name}.json', f'{name}.npz'}
+    if (beside or own) and not (resume or overwrite):
+        what = f"shard {r}/{N} in {d}" if own else f"{_listing(beside)} beside its shards"
+        raise ValueError(f"--out {out} already holds {what}; pass --resume to keep finished shards (unfinished or "
+                         "corrupt ones are sampled again), --overwrite to sample this shard again, or a new --out")
+    if not own or overwrite: return None
+    rec, why = read_shard(d / f'{name}.npz')
+    if rec is None:
+        warnings.warn(f"shard {r}/{N} in {d} is {why if why == UNFINISHED else 'corrupt: ' + why}; sampling it again")
+    return rec
+
+def _shard_settings(a) -> dict:
+    "The settings a shard records (as JSON): a rerun with other settings is refused, and a merge needs them equal."
+    s = dict(checkpoint=_checkpoint_id(a.checkpoint), sampler=str(a.sampler), steps=a.steps,
+             threshold=_json_spec(a.threshold), exit_layers=_json_spec(a.exit_layers), n=a.n, batch=a.batch,
+             seed=a.seed, schedule=None if a.schedule is None else repr(a.schedule), sampler_opts=a.sampler_opts,
+             labels_spec=_json_labels(a.labels), guidance_scale=a.guidance_scale, guidance_policy=a.guidance_policy,
+             precision=a.precision, compare_full=a.compare_full, prompts=a.ps, vae_scale=a.vae_scale)
+    return json.loads(json.dumps(s))
 
 # %% ../nbs/05_sample_cli.ipynb #58201bbf
 def parse_prompts(prompts, prompts_file, n: int) -> list | None:
@@ -317,71 +553,79 @@ def _compile(model, batch: int, guided: bool):
     return model
 
 # %% ../nbs/05_sample_cli.ipynb #e3b82080
+def _prepare(a: SimpleNamespace):
+    """Validate the arguments of `sample_to_dir` held in `a` (in place), then the output: `check_out` and, for a
+    shard, `shard_plan` (its record when it is skipped in `a.done`). Nothing is loaded or written."""
+    get_sampler(a.sampler)
+    a.sampler_opts = check_sampler_opts(a.sampler, a.sampler_opts)
+    a.steps, a.n, a.batch = check_steps(a.steps), _check_count(a.n, 'n'), _check_count(a.batch, 'batch')
+    a.seed = check_seed(a.seed)
+    for k in ('compare_full', 'overwrite', 'resume', 'progress', 'compile'): setattr(a, k, check_flag(getattr(a, k), k))
+    a.sch = None if a.schedule is None else schedule_for(None, a.schedule)          # a name / spec that exists
+    a.threshold, a.exit_layers = _exit_rule(a.threshold, a.exit_layers)
+    a.label_values = label_values(a.labels)                    # all of them, also those past the n-th
+    a.ys, a.ps = parse_labels(a.labels, a.n), parse_prompts(a.prompts, a.prompts_file, a.n)
+    if a.guidance_scale is not None: a.guidance_scale = check_guidance_scale(a.guidance_scale)
+    check_guidance_policy(a.guidance_policy)
+    a.dev = _device(a.device)
+    check_precision(a.precision, a.dev)
+    if a.shard is not None:
+        _check_shard_run(a.n, a.batch, a.shard, a.fid, a.proxy_fd)
+        a.shard = tuple(int(v) for v in a.shard)
+    a.out, a.done = check_out(a.out, a.shard, a.overwrite, a.resume), None
+    if a.shard is not None: a.done = shard_plan(a.out, a.shard, _shard_settings(a), a.overwrite, a.resume)
+
+def _prepared(a: SimpleNamespace, agree=None) -> SimpleNamespace:
+    "`_prepare(a)`; with `agree` (several processes) every process stops when any has an error (of any kind)."
+    try: err = _prepare(a)
+    except Exception as e: err = e
+    if agree is not None: err = agree(err)
+    if err is not None: raise err
+    return a
+
+# %% ../nbs/05_sample_cli.ipynb #ccb585aa
 def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int = 25, threshold=None, n: int = 16,
                   batch: int = 16, seed: int = 0, compare_full: bool = False, device='cpu', schedule=None,
                   exit_layers=None, progress: bool = True, sampler_opts: dict | None = None, labels=None,
                   guidance_scale=None, guidance_policy: str = 'joint', precision: str = 'fp32', shard=None,
                   fid=None, proxy_fd=None, vae=None, text_encoder=None, prompts=None, prompts_file=None,
-                  vae_scale: float | None = None, preset: str | None = None, compile: bool = False) -> dict:
+                  vae_scale: float | None = None, preset: str | None = None, compile: bool = False,
+                  overwrite: bool = False, resume: bool = False, agree=None) -> dict:
     """Sample `n` images from `checkpoint` (path, name or loaded model) into `out`: samples.png, samples.npz and
     stats.json. `labels`: a class, a list / comma list / file cycled over the images (`parse_labels`), or None
     (random labels); `precision`: 'fp32', 'bf16' or 'fp16' autocast of the model; `shard=(rank, world)`: only that
     block of the batches, into `out/shards` (`merge_shards` joins them); `fid` / `proxy_fd`: a reference (statistics
     .npz or image folder) to score the samples against. Latent / text-to-image checkpoints: `vae`, `text_encoder`,
-    `prompts` / `prompts_file` (`latent_inputs`); `preset`: an official U-ViT .pth; `compile`: `_compile`."""
-    get_sampler(sampler)                                      # validate all that needs no model first
-    sampler_opts = check_sampler_opts(sampler, sampler_opts)
-    steps, n, batch = check_steps(steps), _check_count(n, 'n'), _check_count(batch, 'batch')
-    threshold, exit_layers = _exit_rule(threshold, exit_layers)
-    ys, ps = parse_labels(labels, n), parse_prompts(prompts, prompts_file, n)
-    if guidance_scale is not None: guidance_scale = check_guidance_scale(guidance_scale)
-    check_guidance_policy(guidance_policy)
-    dev = _device(device)
-    check_precision(precision, dev)
-    if shard is not None: _check_shard_run(n, batch, shard, fid, proxy_fd)
-    nets = _metric_nets(fid, proxy_fd, dev)                  # loaded (and the references checked) before sampling
-    model = checkpoint.to(dev).eval() if isinstance(checkpoint, nn.Module) else \
-        load_sampling_model(checkpoint, dev, preset)
-    _check_rule_fits(model, threshold, exit_layers)
-    _check_labels_fit(model, ys, guidance_scale)
-    lat, info = latent_inputs(model, checkpoint, dev, vae, text_encoder, ps, guidance_scale, batch, vae_scale, preset)
-    if compile: _compile(model, batch, guidance_scale not in (None, 1.))
-    kw = dict(sampler=sampler, steps=steps, n=n, batch_size=batch, seed=seed, schedule=schedule_for(model, schedule),
-              device=dev, sampler_opts=sampler_opts, progress=progress, labels=ys, guidance_scale=guidance_scale,
-              guidance_policy=guidance_policy, precision=precision, shard=shard, **lat)
-    rule = (threshold, exit_layers, schedule, labels, compare_full)
-    if shard is not None:
-        settings = dict(checkpoint=_checkpoint_id(checkpoint), sampler=str(sampler), steps=steps,
-                        threshold=_json_spec(threshold), exit_layers=_json_spec(exit_layers), n=n, batch=batch,
-                        seed=seed, schedule=None if schedule is None else repr(schedule), sampler_opts=sampler_opts,
-                        labels_spec=_json_labels(labels), guidance_scale=guidance_scale,
-                        guidance_policy=guidance_policy, precision=precision, compare_full=compare_full,
-                        **({'prompts': ps, 'vae_scale': vae_scale} if lat else {}))
-        return _sample_shard(model, checkpoint, Path(out), kw, rule, json.loads(json.dumps(settings)), info, ps)
+    `prompts` / `prompts_file` (`latent_inputs`); `preset`: an official U-ViT .pth; `compile`: `_compile`.
+    `out` must be new or empty unless `overwrite`; a shard's files need `resume` (kept when finished) or `overwrite`
+    (`check_out`, `shard_plan`: all checked before anything is loaded). `agree`: `sample_processes`' collective."""
+    a = _prepared(SimpleNamespace(**{k: v for k, v in locals().items() if k != 'agree'}), agree)
+    if a.done is not None: return dict(a.done['stats'], skipped=True)
+    nets = _metric_nets(fid, proxy_fd, a.dev, a.n)           # loaded (and the references checked) before sampling
+    model = checkpoint.to(a.dev).eval() if isinstance(checkpoint, nn.Module) else \
+        load_sampling_model(checkpoint, a.dev, preset)
+    _check_rule_fits(model, a.threshold, a.exit_layers)
+    _check_labels_fit(model, a.label_values, a.guidance_scale)
+    lat, info = latent_inputs(model, checkpoint, a.dev, vae, text_encoder, a.ps, a.guidance_scale, a.batch, vae_scale,
+                              preset)
+    if compile: _compile(model, a.batch, a.guidance_scale not in (None, 1.))
+    kw = dict(sampler=sampler, steps=a.steps, n=a.n, batch_size=a.batch, seed=seed,
+              schedule=schedule_for(model, a.sch), device=a.dev, sampler_opts=a.sampler_opts, progress=progress,
+              labels=a.ys, guidance_scale=a.guidance_scale, guidance_policy=guidance_policy, precision=precision,
+              shard=a.shard, **lat)
+    rule = (a.threshold, a.exit_layers, schedule, labels, compare_full)
+    if a.shard is not None: return _sample_shard(model, checkpoint, a.out, kw, rule, _shard_settings(a), info, a.ps)
     run, stats, xf = _sampled(model, checkpoint, kw, *rule, info=info)
-    arrays = _arrays(run.images, run.labels, xf, run.latents, ps)
-    stats.update(_metrics(arrays['images'], nets, dev))
-    _save_arrays(Path(out), arrays, stats)
+    arrays = _arrays(run.images, run.labels, xf, run.latents, a.ps)
+    stats.update(_metrics(arrays['images'], nets, a.dev))
+    _save_arrays(a.out, arrays, stats)
     return stats
 
 # %% ../nbs/05_sample_cli.ipynb #1f323412
-def _finished_shard(path: Path, settings: dict):
-    "The record of a finished shard (its .json and .npz exist) with these settings; None if unfinished."
-    if not (path.with_suffix('.json').is_file() and path.with_suffix('.npz').is_file()): return None
-    rec = json.loads(path.with_suffix('.json').read_text())
-    old = rec.get('settings') or {}
-    diff = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
-    if diff:
-        raise ValueError(f"{path.with_suffix('.json')} was sampled with other settings ({', '.join(diff)} differ); "
-                         f"use another --out, or delete {path.parent} to start afresh")
-    return rec
-
 def _sample_shard(model, checkpoint, out: Path, kw: dict, rule: tuple, settings: dict, info=None, prompts=None) -> dict:
-    "Sample shard `kw['shard']` into out/shards (skipped when finished with the same settings) -> its stats."
+    "Sample shard `kw['shard']` into out/shards (its .npz, then the .json with the .npz's sha256) -> its stats."
     r, N = kw['shard']
     path = out / SHARD_DIR / f'{shard_name(r, N)}.npz'
-    done = _finished_shard(path, settings)
-    if done is not None: return dict(done['stats'], skipped=True)
     run, stats, xf = _sampled(model, checkpoint, kw, *rule, info=info)
     stats['shard'] = [r, N]
     rec = dict(settings=settings, rank=r, world=N, start=run.start, stats=stats,
@@ -392,19 +636,30 @@ def _sample_shard(model, checkpoint, out: Path, kw: dict, rule: tuple, settings:
 
 # %% ../nbs/05_sample_cli.ipynb #3c5a09fe
 def _read_shards(out: Path) -> list:
-    "The records of the N finished shards in out/shards, in rank order; errors name what is missing or mixed."
+    """The records of the N finished shards in out/shards, in rank order, each checked against its sha256; errors
+    name what is missing, corrupt or mixed, and the fix."""
     d = out / SHARD_DIR
-    worlds = sorted({int(p.stem.split('_of_')[1]) for p in d.glob('rank*_of_*.json')})
+    worlds = sorted(N for N, names in _shard_worlds(d).items() if any(s.endswith('.json') for s in names))
     if not worlds: raise FileNotFoundError(f"no finished shards in {d}; sample them first (--shard r/N, or torchrun)")
     if len(worlds) > 1:
         raise ValueError(f"{d} holds shards of runs split {worlds} ways; delete the shards of the splits not wanted")
     N = worlds[0]
-    missing = [shard_name(r, N) for r in range(N) if not (d / f'{shard_name(r, N)}.json').is_file()]
+    read = [read_shard(d / f'{shard_name(r, N)}.npz') for r in range(N)]
+    missing = [shard_name(r, N) for r, (_, why) in enumerate(read) if why == UNFINISHED]
     if missing:
         raise ValueError(f"shards {', '.join(missing)} of {N} are not finished in {d}; run them (--shard r/{N}) "
                          "before --merge")
-    recs = [json.loads((d / f'{shard_name(r, N)}.json').read_text()) for r in range(N)]
-    for rec in recs[1:]: _finished_shard(d / f"{shard_name(rec['rank'], N)}.npz", recs[0]['settings'])
+    bad = [(r, why) for r, (_, why) in enumerate(read) if why is not None]
+    if bad:
+        r, why = bad[0]
+        raise ValueError(f"shard {shard_name(r, N)} in {d} is corrupt: {why}; sample it again with --shard {r}/{N} "
+                         "--resume (same settings), then --merge")
+    recs = [rec for rec, _ in read]
+    for r, rec in enumerate(recs[1:], 1):
+        diff = _settings_diff(rec['settings'], recs[0]['settings'])
+        if diff:
+            raise ValueError(f"{d / shard_name(r, N)}.json was sampled with other settings ({', '.join(diff)} differ) "
+                             f"than {shard_name(0, N)}; sample it again with the same settings (--overwrite)")
     return recs
 
 # %% ../nbs/05_sample_cli.ipynb #0b318e48
@@ -439,22 +694,37 @@ def _merged_stats(model, recs: list, arrays: dict) -> dict:
     return stats
 
 # %% ../nbs/05_sample_cli.ipynb #9938d9ed
-def merge_shards(out, checkpoint, fid=None, proxy_fd=None, device='cpu', preset: str | None = None) -> dict:
+def _check_merge_out(out: Path, overwrite: bool):
+    "The merged files may be written into `out`: writable, and an earlier run's or merge's files only with `overwrite`."
+    _check_writable(out)
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already holds {', '.join(held)} (an earlier run or merge); pass --overwrite to "
+                         "replace them, or merge into a copy")
+
+def merge_shards(out, checkpoint, fid=None, proxy_fd=None, device='cpu', preset: str | None = None,
+                 overwrite: bool = False) -> dict:
     """Merge the finished shards of `out/shards` into out/samples.npz, samples.png and stats.json (FID / proxy-FD
-    against `fid` / `proxy_fd` when given) -> the merged stats. `checkpoint` must be the one the shards used."""
-    out, dev = Path(out), _device(device)
+    against `fid` / `proxy_fd` when given) -> the merged stats. `checkpoint` must be the one the shards used; every
+    shard is checked against the sha256 its record holds; the files of an earlier merge are replaced only with
+    `overwrite`."""
+    out, dev, overwrite = Path(out).expanduser(), _device(device), check_flag(overwrite, 'overwrite')
     recs = _read_shards(out)
+    _check_merge_out(out, overwrite)
     cid = recs[0]['settings']['checkpoint']
     if cid is not None and _checkpoint_id(checkpoint) not in (None, cid):
         raise ValueError(f"the shards in {out / SHARD_DIR} were sampled from {cid}, not {checkpoint}; pass that "
                          "checkpoint")
-    nets = _metric_nets(fid, proxy_fd, dev)
+    nets = _metric_nets(fid, proxy_fd, dev, sum(r['stats']['n'] for r in recs))
     model = checkpoint.to(dev).eval() if isinstance(checkpoint, nn.Module) else \
         load_sampling_model(checkpoint, dev, preset)
-    parts = [np.load(out / SHARD_DIR / f"{shard_name(r['rank'], r['world'])}.npz") for r in recs]
-    arrays = {k: np.concatenate([z[k] for z in parts]) for k in parts[0].files}
+    parts = []
+    for r in recs:
+        with np.load(out / SHARD_DIR / f"{shard_name(r['rank'], r['world'])}.npz") as z:
+            parts.append({k: z[k] for k in z.files})
+    arrays = {k: np.concatenate([z[k] for z in parts]) for k in parts[0]}
     stats = _merged_stats(model, recs, arrays)
-    stats.update(_metrics(arrays['images'], nets, dev))
+    stats.update(_metrics(arrays['images'], nets, dev), provenance=provenance(dev))
     _save_arrays(out, arrays, stats)
     return stats
 
@@ -468,9 +738,29 @@ def dist_env() -> tuple:
         raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (they are set by torchrun or accelerate "
                          "launch); unset them to sample in one process") from None
 
+def _agree_errors(err):
+    "Collective over the processes: each gets its own error, else the first other process's (None when all are fine)."
+    import torch.distributed as dist
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if err is None else ' '.join(str(err).split()))
+    if err is not None: return err
+    first = next(((r, m) for r, m in enumerate(msgs) if m is not None), None)
+    return None if first is None else ValueError(f"process {first[0]} stopped before sampling: {first[1]}")
+
+def _agree_refs(fid, proxy_fd):
+    "`_agree_errors` that first checks the --fid / --proxy-fd references (`_reference`) when the process has no error."
+    def agree(err):
+        try:
+            for name, ref in (('fid', fid), ('proxy_fd', proxy_fd)):
+                if err is None and ref is not None: _reference(name, ref)
+        except Exception as e: err = e
+        return _agree_errors(err)
+    return agree
+
 def sample_processes(checkpoint, out, rank: int, world: int, local_rank: int = 0, fid=None, proxy_fd=None,
                      device='cpu', **kw) -> dict:
-    "One process of a multi-process run: sample the shard of `rank`, wait for all, merge on rank 0 -> stats."
+    """One process of a multi-process run: sample the shard of `rank`, wait for all, merge on rank 0 -> stats. The
+    processes check their arguments and outputs together: if one cannot start, none samples."""
     import torch.distributed as dist
     dev = _device(device)
     if dev.type == 'cuda':
@@ -479,9 +769,11 @@ def sample_processes(checkpoint, out, rank: int, world: int, local_rank: int = 0
     own = not dist.is_initialized()
     if own: dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=DIST_TIMEOUT)
     try:
-        stats = sample_to_dir(checkpoint, out, shard=(rank, world), device=dev, **kw)
+        stats = sample_to_dir(checkpoint, out, shard=(rank, world), device=dev, agree=_agree_refs(fid, proxy_fd), **kw)
         dist.barrier()
-        if rank == 0: stats = merge_shards(out, checkpoint, fid=fid, proxy_fd=proxy_fd, device=dev)
+        if rank == 0:
+            stats = merge_shards(out, checkpoint, fid=fid, proxy_fd=proxy_fd, device=dev, preset=kw.get('preset'),
+                                 overwrite=bool(kw.get('overwrite') or kw.get('resume')))
     finally:
         if own: dist.destroy_process_group()
     return stats
@@ -528,6 +820,11 @@ def _add_scale_args(p: argparse.ArgumentParser):
                    'an image folder (needs the official Inception weights)')
     p.add_argument('--proxy-fd', default=None, metavar='REF', help='proxy-FD (NOT FID) of the samples against REF: '
                    'a statistics .npz in the proxy classifier\'s features or an image folder')
+    p.add_argument('--overwrite', action='store_true', help="replace an earlier run's samples.png, samples.npz and "
+                   'stats.json in DIR (refused without it), or sample a --shard again')
+    p.add_argument('--resume', action='store_true', help='continue a sharded run in DIR (--shard, torchrun): finished '
+                   'shards are kept (checked against their sha256), unfinished or corrupt ones sampled again; the '
+                   'merge then replaces the merged files')
 
 # %% ../nbs/05_sample_cli.ipynb #fe4f3012
 def build_parser() -> argparse.ArgumentParser:
@@ -555,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                    'under torchrun / accelerate launch write --num-images: their parsers take --n for an abbreviation)')
     p.add_argument('--batch', type=int, default=16, help='batch size (default 16)')
     p.add_argument('--seed', type=int, default=0, help='seed of the initial and sampler noise (default 0)')
-    p.add_argument('--out', required=True, help='output directory')
+    p.add_argument('--out', required=True, help='output directory: new or empty (see --overwrite, --resume)')
     p.add_argument(
         '--compare-full',
         action='store_true',
@@ -594,16 +891,18 @@ def _sample_kwargs(args) -> dict:
                 guidance_scale=_number(args.guidance_scale), guidance_policy=args.guidance_policy,
                 precision=args.precision, fid=args.fid, proxy_fd=args.proxy_fd, vae=args.vae,
                 vae_scale=args.vae_scale, text_encoder=args.text_encoder, prompts=args.prompt,
-                prompts_file=args.prompts, preset=args.preset, compile=args.compile)
+                prompts_file=args.prompts, preset=args.preset, compile=args.compile, overwrite=args.overwrite,
+                resume=args.resume)
 
 def _run(args) -> dict:
     "Sample (one process, a --shard, or this process's shard under torchrun), or --merge -> the stats to report."
+    if args.fid is not None: require('pytorch_fid.inception', 'adadiff-sample --fid', 'metrics')  # before any work
     rank, world, local = dist_env()
     kw = _sample_kwargs(args)
     if args.merge and world > 1: raise ValueError("--merge runs in one process; start it without torchrun")
     if args.merge:
         return merge_shards(args.out, args.checkpoint, fid=args.fid, proxy_fd=args.proxy_fd, device=args.device,
-                            preset=args.preset)
+                            preset=args.preset, overwrite=args.overwrite or args.resume)
     if world > 1:
         if args.shard is not None:
             raise ValueError(f"--shard is for processes started by hand; under torchrun / accelerate launch "
@@ -630,16 +929,27 @@ def _summary_line(stats: dict, out) -> str:
     if 'decode_seconds' in stats: line += f"; decoded in {stats['decode_seconds']:.2f} s (not in the times above)"
     return line
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    "Warnings as one line each: 'adadiff-sample: warning: ...'."
+    print(f"adadiff-sample: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
 def main(argv=None) -> int:
-    "Entry point of `adadiff-sample`; returns the exit code (2 with one error line for bad input)."
+    """Entry point of `adadiff-sample`; returns the exit code: 0 done, 2 bad input or a missing optional package (one
+    error line, checked before anything is sampled or written), 1 a write that failed anyway (e.g. a full disk; one
+    line), 130 interrupted."""
     args = build_parser().parse_args(argv)
-    try: stats = _run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"adadiff-sample: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("adadiff-sample: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try: stats = _run(args)
+        except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:   # ImportError: a missing extra
+            print(f"adadiff-sample: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"adadiff-sample: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("adadiff-sample: interrupted", file=sys.stderr)
+            return 130
     print(_summary_line(stats, args.out))
     return 0
 

@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/samplers.html.md"""
 
 # %% ../nbs/02b_samplers.ipynb #f4cfdb31
 from __future__ import annotations
-import sys, math, inspect, difflib, numbers, functools
+import sys, math, inspect, difflib, numbers, functools, contextlib, contextvars
 from dataclasses import dataclass
 from typing import Callable
 import numpy as np
@@ -21,11 +21,12 @@ from .uvit import label_error, context_error                                    
 _all_ = ['check_threshold', 'is_early_exit_model']
 
 # %% auto #0
-__all__ = ['GUIDANCE_POLICIES', 'SPACINGS', 'SKIP_TYPES', 'SAMPLERS', 'check_steps', 'TimestepSchedule', 'threshold_schedule',
-           'exit_schedule', 'EarlyExitDenoiser', 'check_guidance_scale', 'check_guidance_policy', 'context_shape_of',
-           'check_uncond_context', 'GuidedOutput', 'GuidedDenoiser', 'make_denoiser', 'ddpm_timesteps', 'sample_ddpm',
-           'sample_ddim', 'sample_euler_maruyama', 'time_steps', 'singlestep_orders', 'sample_dpm_solver',
-           'sample_dpm_solver_pp_2m', 'get_sampler', 'check_threshold', 'is_early_exit_model']
+__all__ = ['GUIDANCE_POLICIES', 'MAX_GUIDANCE_SCALE', 'SPACINGS', 'SKIP_TYPES', 'SAMPLERS', 'check_steps', 'progress_label',
+           'TimestepSchedule', 'threshold_schedule', 'exit_schedule', 'EarlyExitDenoiser', 'check_guidance_scale',
+           'check_guidance_policy', 'context_shape_of', 'check_uncond_context', 'GuidedOutput', 'GuidedDenoiser',
+           'make_denoiser', 'ddpm_timesteps', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama', 'time_steps',
+           'singlestep_orders', 'sample_dpm_solver', 'sample_dpm_solver_pp_2m', 'get_sampler', 'check_threshold',
+           'is_early_exit_model']
 
 # %% ../nbs/02b_samplers.ipynb #8dedbc85
 def check_steps(steps) -> int:
@@ -74,8 +75,22 @@ def _report(callback, infos, **d):
     if infos: d['exit'], d['exits'] = infos[0], infos
     callback(d)
 
+_PROGRESS_LABEL = contextvars.ContextVar('adadiff_progress_label', default=None)
+
+@contextlib.contextmanager
+def progress_label(label: str | None):
+    "Inside the block the samplers' progress bars read 'LABEL SAMPLER' (e.g. 'early exit ddim', 'full ddim')."
+    token = _PROGRESS_LABEL.set(label or None)
+    try: yield
+    finally: _PROGRESS_LABEL.reset(token)
+
+def _bar_desc(desc: str) -> str:
+    "A progress bar's label: `desc` (the sampler), after the `progress_label` of the block it runs in."
+    label = _PROGRESS_LABEL.get()
+    return f'{label} {desc}' if label else desc
+
 def _bar(n, disable, desc):
-    return tqdm(range(n), disable=disable, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(range(n), disable=disable, desc=_bar_desc(desc), file=sys.stderr, leave=False, dynamic_ncols=True)
 
 # %% ../nbs/02b_samplers.ipynb #ebf68503
 class _Noise:
@@ -120,18 +135,27 @@ class TimestepSchedule:
     def __len__(self): return len(self.values)
     def __repr__(self): return f'TimestepSchedule({self.values.tolist()}, max_time={self.max_time:g})'
 
+def _bucket_values(values, kind: str) -> np.ndarray:
+    "The values of a per-timestep `kind` schedule as a flat float64 array with at least one number (else ValueError)."
+    try: a = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError): a = np.zeros(0)
+    if a.size < 1:
+        raise ValueError(f"{kind} {values!r} must be a number or a non-empty list of numbers (one per timestep "
+                         "bucket)")
+    return a
+
 def threshold_schedule(values, max_time: float = 1000.) -> TimestepSchedule:
     """Per-timestep early-exit thresholds over K equal buckets of model time [0, max_time); each value must lie in [0,
     1]."""
     if isinstance(values, numbers.Real): values = [values]
-    for k, v in enumerate(np.asarray(values, dtype=np.float64).reshape(-1)):
+    for k, v in enumerate(_bucket_values(values, 'threshold')):
         check_threshold(float(v), f'threshold_schedule value [{k}]')
     return TimestepSchedule(values, max_time, torch.float32)
 
 def exit_schedule(values, max_time: float = 1000.) -> TimestepSchedule:
     """Static (ASE-style) per-timestep exit indices over K equal buckets of model time [0, max_time): integers >= 0 (L
     = full model)."""
-    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    a = _bucket_values(values, 'exit_layers')
     if np.isnan(a).any() or (a != np.round(a)).any() or (a < 0).any():
         raise ValueError(
             f"exit indices must be integers >= 0 (0 = before the first block, L = full model), got {a.tolist()}"
@@ -235,9 +259,11 @@ EarlyExitDenoiser.thresholds, EarlyExitDenoiser.exit_layers = _thresholds, _exit
 
 # %% ../nbs/02b_samplers.ipynb #e6eb5806
 GUIDANCE_POLICIES = ('joint', 'independent')
+MAX_GUIDANCE_SCALE = 50.   # above it eps_c - eps_u is amplified so much that every pixel saturates (0 or 255)
 
 def check_guidance_scale(s) -> float:
-    "A classifier-free guidance scale as a float: a finite real number >= 0 (1 = no guidance, 0 = unconditional)."
+    """A classifier-free guidance scale as a float: a real number in [0, `MAX_GUIDANCE_SCALE`] (1 = no guidance,
+    0 = unconditional)."""
     if torch.is_tensor(s) and s.ndim == 0 and s.dtype != torch.bool: s = s.item()
     if isinstance(s, bool) or not isinstance(s, numbers.Real):
         raise ValueError(f"guidance_scale must be a real number >= 0 (1 = no guidance, 0 = unconditional), got {s!r}")
@@ -246,6 +272,10 @@ def check_guidance_scale(s) -> float:
         what = 'is NaN' if math.isnan(s) else 'is infinite' if math.isinf(s) else 'is negative'
         raise ValueError(f"guidance_scale={s} {what}; pass a finite number >= 0 (eps = eps_u + s (eps_c - eps_u): "
                          "1 = no guidance, 0 = unconditional, CFG typically 1.5-4)")
+    if s > MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale={s:g} is above {MAX_GUIDANCE_SCALE:g}: it amplifies eps_c - eps_u so much "
+                         f"that every pixel saturates to 0 or 255; pass a scale in [0, {MAX_GUIDANCE_SCALE:g}] (CFG "
+                         "typically 1.5-4)")
     return s
 
 def check_guidance_policy(policy) -> str:

@@ -17,23 +17,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from .diffusion import get_schedule, NoiseSchedule, SCHEDULES
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, resolve_device
 from .uvit import label_error
 from .autoencoder import check_compatible
-from .samplers import get_sampler, make_denoiser, check_guidance_scale, context_shape_of
+from .samplers import get_sampler, make_denoiser, check_guidance_scale, context_shape_of, progress_label
 from .cost import CostMeter, sync
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'schedule_for', 'images_uint8', 'save_grid', 'check_precision', 'AutocastModel', 'batch_seed',
-           'shard_batches', 'SampleRun', 'model_num_classes', 'model_num_labels', 'model_image_shape', 'model_device',
-           'check_sampler_opts', 'check_labels', 'check_conditioning', 'sample_batches', 'meter_state',
+__all__ = ['GRID_MIN_PX', 'PRECISIONS', 'schedule_for', 'images_uint8', 'grid_scale', 'save_grid', 'save_panels',
+           'check_precision', 'AutocastModel', 'check_seed', 'batch_seed', 'shard_batches', 'SampleRun',
+           'model_num_classes', 'model_num_labels', 'model_image_shape', 'model_device', 'check_sampler_opts',
+           'check_flag', 'check_labels', 'check_conditioning', 'check_noise', 'sample_batches', 'meter_state',
            'merge_meter_states']
 
 # %% ../nbs/02f_sampling.ipynb #bc7c5e9c
 def _schedule_spec(spec) -> tuple:
     "(name, keyword arguments) of a schedule given as a name or a dict {'name': ..., **kw}."
-    if isinstance(spec, dict): return spec.get('name', 'linear'), {k: v for k, v in spec.items() if k != 'name'}
-    return spec, {}
+    name, kw = (spec.get('name', 'linear'), {k: v for k, v in spec.items() if k != 'name'}) if isinstance(spec, dict) \
+        else (spec, {})
+    if not isinstance(name, str):
+        raise ValueError(f"schedule {spec!r} is not understood; pass a name of SCHEDULES "
+                         f"({', '.join(sorted(SCHEDULES))}), a dict {{'name': NAME, **kwargs}} or a NoiseSchedule")
+    return name, kw
 
 def schedule_for(model, override=None) -> NoiseSchedule:
     "The noise schedule to sample `model` with: `override` if given, else its record's 'schedule' (default 'linear')."
@@ -52,25 +57,67 @@ def images_uint8(x: torch.Tensor) -> np.ndarray:
     return u.permute(0, 2, 3, 1).cpu().numpy()
 
 # %% ../nbs/02f_sampling.ipynb #584b3414
-def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
-    "Save samples in [-1, 1] (N, C, H, W) as one PNG grid (the first 3 channels; 1-channel images as grey)."
+GRID_MIN_PX = 64     # an upscaled grid shows each image at least this many pixels on a side
+
+def grid_scale(size: int, min_px: int = GRID_MIN_PX) -> int:
+    "The integer nearest-neighbour factor that shows `size`-pixel images at least `min_px` pixels on a side."
+    return max(1, math.ceil(min_px / max(int(size), 1)))
+
+def _grid_image(x: torch.Tensor, nrow: int | None, scale: int):
+    "A PIL image of samples in [-1, 1] (N, C, H, W) on a grid, each enlarged `scale` times (nearest neighbour)."
     from torchvision.utils import make_grid
     from PIL import Image
     x = x.detach().float().cpu()
     if x.shape[1] not in (1, 3): x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1 (the enlargement of each image), got {scale!r}")
+    if scale > 1: x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(x))))
     g = make_grid((x.clamp(-1., 1.) + 1.) / 2., nrow=nrow, padding=2, pad_value=1.)
-    img = Image.fromarray((g * 255.).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return Image.fromarray((g * 255.).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+def _save_png(img, path) -> Path:
     buf = io.BytesIO()
     img.save(buf, format='PNG')
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save samples in [-1, 1] (N, C, H, W) as one PNG grid (the first 3 channels; 1-channel images as grey), each
+    image enlarged `scale` times, nearest neighbour (`grid_scale(H)` for at least 64 px)."""
+    return _save_png(_grid_image(x, nrow, scale), path)
+
+# %% ../nbs/02f_sampling.ipynb #56a65144
+def _font(size: int):
+    "PIL's default font at `size` px (its fixed bitmap font where FreeType is missing)."
+    from PIL import ImageFont
+    try: return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError): return ImageFont.load_default()
+
+def save_panels(panels: dict, path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save several sets of samples in [-1, 1] side by side as one PNG: {header: (N, C, H, W)}, each set a grid
+    (`save_grid`'s) under its header text, e.g. {'early exit (tau=0.1)': x, 'full model': x_full}."""
+    from PIL import Image, ImageDraw
+    if not panels: raise ValueError("panels is empty; pass {header: samples} with at least one set")
+    font, gap = _font(14), 8
+    grids = [(str(k), _grid_image(v, nrow, scale)) for k, v in panels.items()]
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    boxes = [probe.textbbox((0, 0), k, font=font) for k, _ in grids]
+    head = max(b[3] for b in boxes) + 8
+    widths = [max(g.width, b[2] + 8) for (_, g), b in zip(grids, boxes)]
+    canvas = Image.new('RGB', (sum(widths) + gap * (len(grids) - 1), head + max(g.height for _, g in grids)), 'white')
+    draw, x0 = ImageDraw.Draw(canvas), 0
+    for (label, g), w in zip(grids, widths):
+        draw.text((x0 + 4, 4), label, fill='black', font=font)
+        canvas.paste(g, (x0, head))
+        x0 += w + gap
+    return _save_png(canvas, path)
 
 # %% ../nbs/02f_sampling.ipynb #70616949
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def check_precision(precision, device='cpu') -> torch.dtype | None:
     "The autocast dtype of `precision` ('fp32' -> None, 'bf16', 'fp16') on `device`, with errors that name the fix."
-    if precision not in PRECISIONS:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     dt, kind = PRECISIONS[precision], torch.device(device).type
     if dt is None: return None
@@ -106,6 +153,12 @@ class AutocastModel:
         return _as_fp32(out)
 
 # %% ../nbs/02f_sampling.ipynb #5efe47d2
+def check_seed(seed) -> int:
+    "A run's seed as an int: an integer in [-2**63, 2**64), the range of `torch.Generator.manual_seed`."
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64) (e.g. 0), got {seed!r}")
+    return int(seed)
+
 def batch_seed(seed: int, k: int) -> int:
     "Seed of batch `k` of a run with `seed`: `seed` itself for k = 0, else a 64-bit hash of (seed, k)."
     if k == 0: return int(seed)
@@ -170,6 +223,9 @@ def model_device(model) -> torch.device:
 # %% ../nbs/02f_sampling.ipynb #af34852e
 def check_sampler_opts(sampler, opts: dict | None) -> dict:
     "The sampler's extra options, checked against its signature (ValueError naming what it accepts)."
+    if opts is not None and not isinstance(opts, dict):
+        raise ValueError(f"sampler_opts must be a dict of the sampler's options (e.g. {{'clip_denoised': True}}) or "
+                         f"None, got {opts!r}")
     fn, opts = get_sampler(sampler), dict(opts or {})
     accepted = inspect.signature(fn).parameters
     for k in opts:
@@ -177,6 +233,11 @@ def check_sampler_opts(sampler, opts: dict | None) -> dict:
             ok = [p for p in accepted if p not in ('model', 'x', 'schedule', 'steps')]
             raise ValueError(f"sampler {sampler!r} has no option {k!r}; it accepts {ok}")
     return opts
+
+def check_flag(value, name: str) -> bool:
+    "A yes / no argument as a bool: True or False (numpy's too); anything else is a ValueError naming `name`."
+    if isinstance(value, (bool, np.bool_)): return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 # %% ../nbs/02f_sampling.ipynb #5d96fe69
 def _make_meter(model, meter):
@@ -201,12 +262,28 @@ def _batch_labels(labels, b0: int, bs: int, K: int, g) -> torch.Tensor | None:
     return torch.as_tensor(labels, dtype=torch.long)[b0:b0 + bs]
 
 # %% ../nbs/02f_sampling.ipynb #3e2825d8
+def _as_labels(labels):
+    "Class labels as `sample_batches` takes them: None, an int (every image) or a 1-D long tensor (one per image)."
+    if labels is None or (isinstance(labels, numbers.Integral) and not isinstance(labels, bool)):
+        return labels if labels is None else int(labels)
+    try: y = torch.as_tensor(labels) if isinstance(labels, (list, tuple, np.ndarray, torch.Tensor)) else None
+    except (TypeError, ValueError, RuntimeError, OverflowError): y = None
+    if y is None or y.dtype == torch.bool or y.is_floating_point() or y.is_complex() or y.ndim > 1:
+        raise ValueError(f"labels must be an int (the class of every image) or a list of ints (one per image), got "
+                         f"{repr(labels)[:80]}")
+    return int(y) if y.ndim == 0 else y.long()
+
 def check_labels(model, labels):
-    "Labels (one int or one per image) that the model takes, checked before sampling with the models' own message."
+    """Labels (one int or one per image) that the model takes, checked before sampling with the models' own message;
+    the null class (the 'no class' label of guidance) is refused: guidance scale 0 samples unconditionally."""
     if labels is None: return
-    y = torch.as_tensor(labels).reshape(-1)
-    null = getattr(getattr(model, 'backbone', model), 'null_class', None)
-    err = label_error(y, len(y), model_num_labels(model) + (null is not None), null)
+    y = torch.as_tensor(_as_labels(labels)).reshape(-1)
+    null, K = getattr(getattr(model, 'backbone', model), 'null_class', None), model_num_labels(model)
+    if null is not None and K > 0 and not y.is_floating_point() and bool((y == null).any()):
+        raise ValueError(f"labels: {null} is this model's null class (the 'no class' label that guidance uses), not "
+                         f"a class; pass labels in [0, {K}), or guidance scale 0 (--guidance-scale 0) for "
+                         "unconditional samples")
+    err = label_error(y, len(y), K, None)
     if err: raise ValueError(f"labels: {err}")
 
 def check_conditioning(model, labels=None, context=None, n: int | None = None):
@@ -227,6 +304,22 @@ def check_conditioning(model, labels=None, context=None, n: int | None = None):
         what = f"shape {tuple(context.shape)}" if torch.is_tensor(context) else type(context).__name__
         raise ValueError(f"a text-to-image model needs context of shape ({n or 'n'} or 1, {shape[0]}, {shape[1]}): the "
                          f"prompts' features (TextEncoder.encode(prompts)), one per image; got {what}")
+
+def check_noise(x_T, shape: tuple):
+    "Initial noise `x_T` for a model of image shape `shape` (C, H, W): a finite float32 tensor (n, C, H, W), n >= 1."
+    want = f"(n, {', '.join(map(str, shape))})"
+    if not torch.is_tensor(x_T):
+        raise ValueError(f"x_T must be a float32 tensor of shape {want}, got {type(x_T).__name__}; pass torch.randn"
+                         f"(n, {', '.join(map(str, shape))}) or None (noise from the seed)")
+    if x_T.dtype != torch.float32:
+        raise ValueError(f"x_T is {str(x_T.dtype).replace('torch.', '')}, but the samplers take float32 noise; pass "
+                         "x_T.float() (Gaussian noise, e.g. torch.randn)")
+    if x_T.ndim != 4 or tuple(x_T.shape[1:]) != tuple(shape) or len(x_T) < 1:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, but the model takes {want} with n >= 1; pass noise of "
+                         "that shape")
+    bad = int((~torch.isfinite(x_T)).sum())
+    if bad: raise ValueError(f"x_T holds {bad} NaN or infinite values; pass finite Gaussian noise (torch.randn)")
+    return x_T
 
 def _check_run_args(n, batch_size, x_T, labels):
     "n (from `x_T` when given) after validating the counts and the labels' length."
@@ -268,11 +361,11 @@ def _run_settings(guidance_scale, guidance_policy, labels, ys) -> dict:
 
 # %% ../nbs/02f_sampling.ipynb #a5016ec3
 def _sample_loop(fn, denoiser, n, batch_size, shard, seed, x_T, labels, K, shape, sch, steps, cb, progress, opts,
-                 dev) -> tuple:
+                 dev, desc=None) -> tuple:
     "The batches of a run (or of its shard), each from its own generator -> (outputs, labels, batch seconds, start)."
     outs, ys, times, ks = [], [], [], shard_batches(n, batch_size, shard)
-    for k in tqdm(ks, disable=not progress or len(ks) <= 1, desc='batches', file=sys.stderr, leave=False,
-                  dynamic_ncols=True):
+    for k in tqdm(ks, disable=not progress or len(ks) <= 1, desc=f'{desc}: batches' if desc else 'batches',
+                  file=sys.stderr, leave=False, dynamic_ncols=True):
         b0 = k * batch_size
         bs, g = min(batch_size, n - b0), torch.Generator('cpu').manual_seed(batch_seed(seed, k))
         x = x_T[b0:b0 + bs].clone() if x_T is not None else torch.randn((bs, *shape), generator=g)
@@ -306,16 +399,20 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
                    callback=None, sampler_opts: dict | None = None, labels=None, guidance_scale=None,
                    guidance_policy: str = 'joint', progress: bool = False, meter=True, warmup: bool = False,
                    precision: str = 'fp32', shard=None, context=None, uncond_context=None, autoencoder=None,
-                   decode_batch_size: int | None = None) -> SampleRun:
+                   decode_batch_size: int | None = None, desc: str | None = None) -> SampleRun:
     """Sample `n` images (or the rows of `x_T`) in batches with an optional exit rule and classifier-free guidance
     (`guidance_scale`, `guidance_policy` as in `samplers.GuidedDenoiser`), the model under autocast at `precision`;
     `shard=(rank, world)` samples only that block of the batches. A text-to-image model takes `context` (n or 1, N, D)
-    and, guided, `uncond_context` (the empty prompt's); `autoencoder` decodes latents (see above)."""
+    and, guided, `uncond_context` (the empty prompt's); `autoencoder` decodes latents (see above); `desc` labels the
+    progress bars (e.g. 'early exit' -> 'early exit ddim')."""
     fn, opts = get_sampler(sampler), check_sampler_opts(sampler, sampler_opts)
+    seed, labels = check_seed(seed), _as_labels(labels)
+    if x_T is not None: check_noise(x_T, model_image_shape(model))
     n = _check_run_args(n, batch_size, x_T, labels)
+    shard_batches(n, batch_size, shard)                                   # a shard that the run has
     check_conditioning(model, labels, context, n)
     if autoencoder is not None: check_compatible(autoencoder, model)
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = resolve_device(device, 'device') if device is not None else model_device(model)
     dt = check_precision(precision, dev)
     sch, K, shape = schedule_for(model, schedule), model_num_labels(model), model_image_shape(model)
     denoiser = make_denoiser(model if dt is None else AutocastModel(model, dt), threshold, exit_layers,
@@ -326,8 +423,9 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
         _warmup(fn, denoiser, xw.to(dev), sch, steps, cond, K, opts)
     sync(dev)
     t_start = time.perf_counter()
-    outs, ys, times, start = _sample_loop(fn, denoiser, n, batch_size, shard, seed, x_T, cond, K, shape, sch, steps,
-                                          _step_callback(m, callback), progress, opts, dev)
+    with progress_label(desc):
+        outs, ys, times, start = _sample_loop(fn, denoiser, n, batch_size, shard, seed, x_T, cond, K, shape, sch,
+                                              steps, _step_callback(m, callback), progress, opts, dev, desc)
     seconds, images = time.perf_counter() - t_start, torch.cat(outs)
     stats = dict(m.summary(len(images)) if m is not None else {}, seconds=seconds, precision=precision,
                  **_run_settings(guidance_scale, guidance_policy, labels, ys))

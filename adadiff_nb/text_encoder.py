@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 
 from fastcore.basics import patch
 
-from .checkpoint import atomic_write
-from .autoencoder import (CacheError, LatentCache, check_weight_dir, describe_files, optional_import,
+from .checkpoint import atomic_write, check_output_file, resolve_device
+from .extras import require
+from .autoencoder import (CacheError, LatentCache, check_weight_dir, describe_files,
                                     read_cache_header, safetensors_header, tensor_bytes)
 
 # %% auto #0
@@ -91,7 +92,7 @@ class TextEncoder(nn.Module):
     def from_pretrained(cls, path, tokenizer_path=None, max_length: int = 77, dtype=torch.float32, device='cpu'):
         "Load `CLIPTextModel` and `CLIPTokenizer` from a local folder (see `clip_dirs`)."
         mdir, tdir = clip_dirs(path, tokenizer_path)
-        tf = optional_import('transformers', 'the CLIP text encoder')
+        tf = require('transformers', 'the CLIP text encoder', 't2i')
         model = tf.CLIPTextModel.from_pretrained(str(mdir), local_files_only=True, torch_dtype=dtype)
         tok = tf.CLIPTokenizer.from_pretrained(str(tdir), local_files_only=True)
         return cls(model.to(device), tok, max_length, source=str(mdir))
@@ -151,7 +152,7 @@ def record(self: TextEncoder) -> dict:
 # %% ../nbs/01e_text.ipynb #5edf61ab
 def write_tiny_clip(path, width: int = 32, seed: int = 0) -> Path:
     "Write a random tiny CLIP text model and its tokenizer (a-z, digits, a few merges) into `path`: for tests."
-    tf = optional_import('transformers', 'the tiny CLIP')
+    tf = require('transformers', 'the tiny CLIP', 't2i')
     chars = list('abcdefghijklmnopqrstuvwxyz0123456789.,!')
     merged = ['th', 'the</w>', 'ca', 'cat</w>']
     toks = ['<|startoftext|>', '<|endoftext|>'] + chars + [c + '</w>' for c in chars] + merged
@@ -186,6 +187,9 @@ def precompute_text_features(prompts, encoder: TextEncoder, path, batch_size: in
                              progress: bool = False) -> Path:
     "Encode `prompts` (strings, or lists of captions per item) into the text-feature cache `path` (atomic)."
     from tqdm.auto import tqdm
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    path = check_output_file(path, 'path')
     flat, offsets = _flat_prompts(prompts)
     N, D = encoder.context_shape
     specs = {'context': (dtype, (len(flat), N, D)), 'offsets': (torch.int64, (len(offsets),))}
@@ -322,14 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None, help="default: cuda when available, else cpu")
     return p
 
+def _check_args(a) -> tuple[Path, torch.device]:
+    "(output path, device) of the parsed options, or a `ValueError` naming the bad option: before any model loads."
+    if a.batch_size < 1: raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    return check_output_file(a.out, '--out'), resolve_device(a.device, '--device')
+
 def main(argv=None) -> int:
     "Entry point of `adadiff-text-features`; returns the exit code (2 with one error line for bad input)."
     a = build_parser().parse_args(argv)
     try:
+        out, dev = _check_args(a)
         prompts = read_prompts(a.prompts)
-        dev = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
         enc = TextEncoder.from_pretrained(a.text_encoder, max_length=a.max_length, device=dev)
-        path = precompute_text_features(prompts, enc, a.out, a.batch_size, getattr(torch, a.dtype), progress=True)
+        path = precompute_text_features(prompts, enc, out, a.batch_size, getattr(torch, a.dtype), progress=True)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"adadiff-text-features: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -18,10 +18,11 @@ from fastcore.basics import patch
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .diffusion import get_schedule
 from .checkpoint import (atomic_write_json, save_safetensors, load_weights, load_state_dict_checked,
-                         read_safetensors_metadata, model_record, CheckpointError)
+                         read_safetensors_metadata, model_record, CheckpointError, sha256_file)
 from . import data as _data
 from .autoencoder import CacheError, LatentCache
 from .text_encoder import LatentTextDataset, TextEncoder, TextFeatureCache
@@ -29,14 +30,17 @@ from .text_encoder import LatentTextDataset, TextEncoder, TextFeatureCache
 # %% auto #0
 __all__ = ['EMPTY_HOWTO', 'CKPT_FORMAT', 'DataStream', 'LatentData', 'load_empty_context', 'EMA', 'WarmupLR', 'flatten_state',
            'unflatten_state', 'save_optimizer', 'load_optimizer', 'rng_state', 'set_rng_state', 'TrainState',
-           'read_train_checkpoint', 'list_checkpoints', 'checkpoint_dir', 'prune_checkpoints', 'latest_checkpoint',
-           'NonFiniteLossError', 'StepConfig', 'drop_labels', 'drop_context', 'train_step', 'finetune', 'MODES',
-           'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
+           'checkpoint_problem', 'check_train_checkpoint', 'read_train_checkpoint', 'list_checkpoints',
+           'checkpoint_dir', 'prune_checkpoints', 'newest_valid_checkpoint', 'latest_checkpoint',
+           'remove_unfinished_writes', 'NonFiniteLossError', 'StepConfig', 'drop_labels', 'drop_context', 'train_step',
+           'finetune', 'MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig',
+           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
 
-# %% ../nbs/04_train.ipynb #d7c751e3
+# %% ../nbs/04_train.ipynb #845c73b3
 from .train_config import (MODES, LOGGERS, PRECISIONS, SECTIONS, TRAIN_PRESETS, ConfigError, ModelConfig,
                                      DataConfig, OptimConfig, LossConfig, RunConfig, TrainConfig, load_train_config)
+
+# %% ../nbs/04_train.ipynb #d7c751e3
 _all_ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
          'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
 
@@ -163,11 +167,12 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None):
-        "Average `model` in; with `warmup`, the decay of update `step` is min(decay, (1 + step) / (10 + step))."
+        """Average `model` in with PyTorch's EMA rule (`torch.optim.swa_utils.get_ema_multi_avg_fn`); with `warmup`,
+        the decay of update `step` is min(decay, (1 + step) / (10 + step))."""
         if self.warmup and step is not None: self.decay = min(self.max_decay, (1 + step) / (10 + step))
-        sd = model.state_dict()
-        keys = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in keys], [sd[k].detach().float() for k in keys], 1. - self.decay)
+        if not self.shadow: return
+        sd, keys = model.state_dict(), list(self.shadow)
+        get_ema_multi_avg_fn(self.decay)([self.shadow[k] for k in keys], [sd[k].detach().float() for k in keys], None)
     def state_dict(self) -> dict: return self.shadow
     def load_state_dict(self, sd: dict):
         missing = set(self.shadow) - set(sd)
@@ -303,10 +308,21 @@ def load_state_dict(self: TrainState, sd: dict, source: str = 'checkpoint', worl
     return self
 
 # %% ../nbs/04_train.ipynb #d3d3e41d
+def _replace_dir(tmp: Path, final: Path):
+    "Rename directory `tmp` to `final`; an existing `final` is first renamed aside (`.tmp_old_*`), then deleted."
+    old = None
+    if final.exists():
+        old = final.parent / f'.tmp_old_{final.name}_{os.getpid()}'
+        if old.exists(): shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None: shutil.rmtree(old, ignore_errors=True)
+
 @patch
 def save(self: TrainState, path, noise_states: list | None = None, write_more: Callable | None = None, **extra) -> Path:
-    """Write the state as checkpoint directory `path` atomically (temp dir + rename); `extra` goes into state.json,
-    `write_more(tmp_dir)` adds files (a latent model's latent.json) before the rename."""
+    """Write the state as checkpoint directory `path` atomically (temp dir `.tmp_<name>_<pid>` + rename): the weight
+    files, `write_more(tmp_dir)`'s files (a latent model's latent.json), then state.json with `extra` and the sha256
+    of every other file (`files`), which `check_train_checkpoint` verifies on resume."""
     sd, final = self.state_dict(noise_states), Path(path)
     tmp = final.parent / f'.tmp_{final.name}_{os.getpid()}'
     if tmp.exists(): shutil.rmtree(tmp)
@@ -315,25 +331,72 @@ def save(self: TrainState, path, noise_states: list | None = None, write_more: C
         save_safetensors(sd['model'], tmp / 'model.safetensors', {'adadiff_nb': model_record(self.model)})
         if sd['ema'] is not None: save_safetensors(sd['ema'], tmp / 'ema.safetensors')
         save_optimizer(sd['optimizer'], tmp / 'optimizer.safetensors')
-        atomic_write_json(tmp / 'state.json', {**sd['state'], **extra})
         if write_more is not None: write_more(tmp)
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write_json(tmp / 'state.json', {**sd['state'], **extra, 'files': files})
+        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
-def read_train_checkpoint(path) -> dict:
-    "Read a checkpoint directory: {'state': ..., 'model': sd, 'ema': sd | None, 'optimizer': state dict, 'path': ...}."
+# %% ../nbs/04_train.ipynb #8aadb8f9
+_NEEDED = ('model.safetensors', 'optimizer.safetensors')
+_VERIFIED: dict = {}       # checkpoint dir -> (name, size, mtime) of its files when they last matched state.json
+
+def _load_parts(p: Path) -> dict:
+    ema = load_weights(p / 'ema.safetensors') if (p / 'ema.safetensors').exists() else None
+    return dict(model=load_weights(p / 'model.safetensors'), ema=ema,
+                optimizer=load_optimizer(p / 'optimizer.safetensors'))
+
+def _load_problem(p: Path) -> str | None:
+    "What stops the files of checkpoint `p` from reading back (None: they read back)."
+    try: _load_parts(p)
+    except (CheckpointError, OSError, ValueError, KeyError) as e: return f"its files do not read back ({e})"
+    return None
+
+def _files_problem(p: Path, files) -> str | None:
+    "What is wrong with the files of checkpoint `p` against the sha256 that state.json records for them."
+    if not isinstance(files, dict) or not set(_NEEDED) <= set(files):
+        return f"state.json records no sha256 of {' and '.join(_NEEDED)}"
+    sig = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file())
+    if _VERIFIED.get(str(p.resolve())) == sig: return None
+    for name, want in files.items():
+        if Path(name).name != name or not (p / name).is_file(): return f"{name} is missing"
+        if sha256_file(p / name) != want:
+            return f"{name} does not match its sha256 in state.json (changed or damaged after it was written)"
+    _VERIFIED[str(p.resolve())] = sig
+    return None
+
+# %% ../nbs/04_train.ipynb #adf80643
+def checkpoint_problem(path) -> tuple[dict | None, str | None]:
+    """(state.json, None) for a sound checkpoint directory, else (None, what is wrong): state.json must be JSON of
+    format `CKPT_FORMAT` and every file must match the sha256 it records (a checkpoint from before sha256 were
+    recorded must read back instead)."""
     p = Path(path)
     try: state = json.loads((p / 'state.json').read_text())
-    except (OSError, json.JSONDecodeError) as e: raise CheckpointError(f"cannot read {p / 'state.json'}: {e}") from None
-    if state.get('format') != CKPT_FORMAT:
-        raise CheckpointError(f"{p} is not a training checkpoint of format {CKPT_FORMAT} (got {state.get('format')!r})")
-    ema = load_weights(p / 'ema.safetensors') if (p / 'ema.safetensors').exists() else None
-    return dict(state=state, model=load_weights(p / 'model.safetensors'), ema=ema,
-                optimizer=load_optimizer(p / 'optimizer.safetensors'), path=p)
+    except FileNotFoundError: return None, "it has no state.json"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: return None, f"state.json is not valid JSON ({e})"
+    if not isinstance(state, dict) or state.get('format') != CKPT_FORMAT:
+        got = state.get('format') if isinstance(state, dict) else type(state).__name__
+        return None, f"state.json is not a training checkpoint of format {CKPT_FORMAT} (got {got!r})"
+    why = _load_problem(p) if 'files' not in state else _files_problem(p, state['files'])
+    return (None, why) if why else (state, None)
+
+def check_train_checkpoint(path) -> dict:
+    "state.json of checkpoint directory `path` if `checkpoint_problem` finds nothing wrong; else `CheckpointError`."
+    state, why = checkpoint_problem(path)
+    if why: raise CheckpointError(f"checkpoint {path} is damaged: {why}")
+    return state
+
+def read_train_checkpoint(path) -> dict:
+    """Read a checkpoint directory checked by `check_train_checkpoint`: {'state': ..., 'model': sd, 'ema': sd | None,
+    'optimizer': state dict, 'path': ...}."""
+    p = Path(path)
+    state = check_train_checkpoint(p)
+    try: return dict(state=state, **_load_parts(p), path=p)
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {p} is damaged: its files do not read back ({e})") from None
 
 @patch
 def load(self: TrainState, path, world: int = 1, warn: bool = True) -> dict:
@@ -343,25 +406,77 @@ def load(self: TrainState, path, world: int = 1, warn: bool = True) -> dict:
     return ck['state']
 
 # %% ../nbs/04_train.ipynb #0cf9a2a9
-def list_checkpoints(out) -> list[Path]:
-    "Complete checkpoint directories under `out/ckpt`, oldest first."
+def list_checkpoints(out, complete: bool = True) -> list[Path]:
+    "Checkpoint directories `out/ckpt/step_N`, oldest first (`complete`: only those with a state.json)."
     d = Path(out) / 'ckpt'
     if not d.is_dir(): return []
-    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith('step_') and (p / 'state.json').is_file()]
+    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith('step_')
+           and (not complete or (p / 'state.json').is_file())]
     return sorted(cks, key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
 
 def checkpoint_dir(out, step: int) -> Path: return Path(out) / 'ckpt' / f'step_{step:08d}'
 
 def prune_checkpoints(out, keep: int = 3):
     "Delete all but the last `keep` checkpoints of `out`."
-    for old in list_checkpoints(out)[:-keep] if keep > 0 else []: shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(out, complete=False)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/04_train.ipynb #c3508908
+def newest_valid_checkpoint(out) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint of `out` that `checkpoint_problem` finds sound, [(each newer damaged one, its fault)]);
+    (None, []) when `out` has none; a `CheckpointError` naming every checkpoint and its fault when none is sound."""
+    bad = []
+    for p in reversed(list_checkpoints(out, complete=False)):
+        why = checkpoint_problem(p)[1]
+        if why is None: return p, bad
+        bad.append((p, why))
+    if bad:
+        raise CheckpointError(f"no valid checkpoint in {Path(out) / 'ckpt'}: "
+                              + '; '.join(f'{p.name}: {why}' for p, why in bad) + ". Resume from a good copy with "
+                              "--resume CKPT_DIR, or start the run again with --overwrite instead of --resume "
+                              "(deletes them)")
+    return None, []
 
 def latest_checkpoint(out) -> dict | None:
-    "The newest readable checkpoint under `out/ckpt` (older ones are tried if the newest is damaged), or None."
-    for p in reversed(list_checkpoints(out)):
-        try: return read_train_checkpoint(p)
-        except (CheckpointError, FileNotFoundError) as e: warnings.warn(f"skipping damaged checkpoint {p}: {e}")
-    return None
+    """The newest sound checkpoint of `out`, read (a damaged newer one is skipped with a warning); None when `out` has
+    none; `CheckpointError` when none is sound."""
+    p, bad = newest_valid_checkpoint(out)
+    for q, why in bad: warnings.warn(f"skipping damaged checkpoint {q}: {why}")
+    return None if p is None else read_train_checkpoint(p)
+
+# %% ../nbs/04_train.ipynb #50a86ebe
+def _writer_alive(pid: int) -> bool:
+    "Is process `pid` (the writer named in a temp directory) still running on this machine? (not this process)"
+    if pid == os.getpid() or os.name != 'posix': return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _unfinished_dir(p: Path) -> str | None:
+    "Remove (or, for a checkpoint being replaced, put back) the temp dir `p` of a killed write; what was done."
+    name, _, pid = p.name.rpartition('_')
+    if not pid.isdigit() or _writer_alive(int(pid)): return None
+    if name.startswith('.tmp_old_') and not (p.parent / name[len('.tmp_old_'):]).exists():
+        os.replace(p, p.parent / name[len('.tmp_old_'):])
+        return f"{p.name} (put back as {name[len('.tmp_old_'):]})"
+    shutil.rmtree(p, ignore_errors=True)
+    return p.name
+
+def remove_unfinished_writes(out) -> list[str]:
+    """Clean what killed writes left in run directory `out`: checkpoint directories being assembled (`ckpt/.tmp_*` of
+    processes that are gone) and `atomic_write` temp files (`.*.tmp`) beside the run's outputs. Returns their names."""
+    out, done = Path(out), []
+    ck = out / 'ckpt'
+    for p in sorted(ck.iterdir()) if ck.is_dir() else []:
+        if p.is_dir() and p.name.startswith('.tmp_') and (what := _unfinished_dir(p)): done.append(what)
+    for sub in ('', 'logs', 'samples', 'final', 'final_ema'):
+        d = out / sub
+        for f in sorted(d.glob('.*.tmp')) if d.is_dir() else []:
+            if f.is_file():
+                f.unlink()
+                done.append(str(Path(sub) / f.name))
+    return done
 
 # %% ../nbs/04_train.ipynb #608b2144
 class NonFiniteLossError(FloatingPointError, RuntimeError):

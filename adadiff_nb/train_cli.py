@@ -1,5 +1,6 @@
 """The `adadiff-train` command line: presets or config files, one option per config field (help text from the
-field), `--set`, `--resume` / `--overwrite`, and exit statuses 0 (done), 2 (bad input), 3 (non-finite loss).
+field), `--set`, `--resume` / `--overwrite`, and exit statuses 0 (done), 2 (bad input), 3 (non-finite loss),
+130 (Ctrl-C).
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/train_cli.html.md"""
 
@@ -7,13 +8,14 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/train_cli.html.md"""
 
 # %% ../nbs/04b_train_cli.ipynb #4f1cdc99
 from __future__ import annotations
-import argparse, dataclasses, json, shlex, shutil, sys
+import argparse, dataclasses, json, shlex, sys
 from dataclasses import fields
 from pathlib import Path
 
 from .train_config import ConfigError, TrainConfig, load_train_config, TRAIN_PRESETS, SECTIONS, _KEYS
-from .train import NonFiniteLossError, list_checkpoints
-from .train_loop import TrainInputError, train, read_log, _fmt
+from .checkpoint import CheckpointError
+from .train import NonFiniteLossError, check_train_checkpoint, newest_valid_checkpoint
+from .train_loop import TrainInputError, TrainInterrupted, train, read_log, _fmt
 
 # %% auto #0
 __all__ = ['build_parser', 'config_from_args', 'main']
@@ -43,16 +45,18 @@ def _parse_value(name: str, s: str):
 # %% ../nbs/04b_train_cli.ipynb #cce7c64e
 def build_parser() -> argparse.ArgumentParser:
     "The `adadiff-train` argument parser: run options and one option per config field (help from the field)."
-    epilog = f"presets: {', '.join(TRAIN_PRESETS)}\nexit status: 0 ok, 2 bad input, 3 non-finite loss"
+    epilog = (f"presets: {', '.join(TRAIN_PRESETS)}\nexit status: 0 ok, 2 bad input (also: no sound checkpoint "
+              "to resume), 3 non-finite loss, 130 interrupted (Ctrl-C: a checkpoint of the last step is saved)")
     desc = ('Train U-ViT / DiT backbones and AdaDiff early-exit models (class-conditional: --p-uncond; latent '
             'diffusion: --data CACHE.safetensors from adadiff-latents; text-to-image: also --text-features)')
     p = argparse.ArgumentParser(prog='adadiff-train', description=desc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument('--config', '-c', default=None, help='training preset name or .json/.toml config file')
     p.add_argument('--resume', nargs='?', const=True, default=False, metavar='CKPT',
-                   help='continue the run in --out from its newest checkpoint (or from CKPT)')
+                   help='continue the run in --out from its newest sound checkpoint (or from CKPT)')
     p.add_argument('--overwrite', action='store_true',
-                   help='start fresh even if --out holds checkpoints (deletes them)')
+                   help='start fresh even if --out holds a run (deletes its ckpt/, logs/, samples/, tb/, final/ '
+                        'and final_ema/ once every input is checked)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config field')
     p.add_argument('--diffusers-model', default=None, metavar='PATH',
                    help='train exit heads + UEMs on the frozen transformer of this diffusers pipeline (or transformer) '
@@ -79,17 +83,29 @@ def _overrides(args) -> dict:
         ov[k] = _parse_value(k, v)
     return {**ov, **{k: _parse_value(k, getattr(args, k)) for k in _KEYS if k in vars(args)}}
 
+def _resume_config(args, ov: dict) -> dict | None:
+    """The run config of the checkpoint `--resume` continues: the named one, or the newest sound one of the run's
+    out (None: there is none, a fresh run). A damaged checkpoint raises `CheckpointError` (exit status 2)."""
+    if isinstance(args.resume, str):
+        path = Path(args.resume).expanduser()
+        if not (path / 'state.json').is_file():
+            raise TrainInputError(f"--resume {args.resume}: no checkpoint there (no state.json)")
+    else:
+        path = newest_valid_checkpoint(Path(ov.get('out') or load_train_config(args.config).run.out).expanduser())[0]
+        if path is None: return None
+    state = check_train_checkpoint(path)
+    if not isinstance(state.get('config'), dict):
+        raise CheckpointError(f"{path / 'state.json'} holds no run config: pass the run's options with --resume CKPT "
+                              "and --config")
+    return state['config']
+
 def config_from_args(args) -> tuple[TrainConfig, bool | str]:
     "Config and resume target for parsed arguments (on resume the checkpoint's config is the base)."
-    ov, resume, base = _overrides(args), args.resume, None
-    if isinstance(resume, str):
-        st = Path(resume) / 'state.json'
-        if not st.is_file(): raise TrainInputError(f"--resume {resume}: no checkpoint there (no state.json)")
-        base = json.loads(st.read_text())['config']
-    elif resume:
-        cks = list_checkpoints(Path(ov.get('out') or load_train_config(args.config).run.out))
-        if cks: base = json.loads((cks[-1] / 'state.json').read_text())['config']
-    return load_train_config(base if base is not None else args.config, **ov), resume
+    if args.resume and args.overwrite:
+        raise TrainInputError("--resume continues the run in out and --overwrite deletes it: pass one of them")
+    ov = _overrides(args)
+    base = _resume_config(args, ov) if args.resume else None
+    return load_train_config(base if base is not None else args.config, **ov), args.resume
 
 # %% ../nbs/04b_train_cli.ipynb #4c19fb14
 def _train_diffusers(args, cfg: TrainConfig, command: str) -> int:
@@ -105,23 +121,27 @@ def _train_diffusers(args, cfg: TrainConfig, command: str) -> int:
     return 0
 
 # %% ../nbs/04b_train_cli.ipynb #cd04ed1d
+def _one_line(e: BaseException) -> str: return ' '.join(str(e).split())
+
 def main(argv: list[str] | None = None) -> int:
-    "The `adadiff-train` command; returns the exit status."
+    "The `adadiff-train` command; returns the exit status (0 done, 2 bad input, 3 non-finite loss, 130 Ctrl-C)."
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         cfg, resume = config_from_args(args)
-        if args.overwrite and not resume:
-            for sub in ('ckpt', 'logs'): shutil.rmtree(Path(cfg.run.out) / sub, ignore_errors=True)
         command = ' '.join(['adadiff-train'] + [shlex.quote(a) for a in argv])
         if args.diffusers_model: return _train_diffusers(args, cfg, command)
         res = train(cfg, resume=resume, overwrite=args.overwrite, command=command)
-    except (ConfigError, TrainInputError) as e:
-        print(f"adadiff-train: error: {e}", file=sys.stderr)
+    except (ConfigError, TrainInputError, CheckpointError, ImportError) as e:     # ImportError: a missing extra
+        print(f"adadiff-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        print(f"adadiff-train: {e}", file=sys.stderr)
+        print(f"adadiff-train: {_one_line(e)}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as e:
+        what = str(e) if isinstance(e, TrainInterrupted) else 'interrupted before the first step; run the command again'
+        print(f"adadiff-train: {what}", file=sys.stderr)
+        return 130
     if res.get('final_model'):
         losses = ', '.join(f'{k}={_fmt(v)}' for k, v in res['losses'].items())
         print(f"adadiff-train: done at step {res['step']}: {losses}\n  final model: {res['final_model']}\n"

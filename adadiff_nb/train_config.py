@@ -19,7 +19,7 @@ from .losses import REDUCTIONS, LAYER_REDUCE
 
 # %% auto #0
 __all__ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache',
+           'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache', 'toml_module',
            'load_train_config']
 
 # %% ../nbs/04_config.ipynb #2fa0b212
@@ -119,7 +119,9 @@ class RunConfig:
     sample_steps: int = _f(50, 'DDIM steps for sample grids', _POS)
     ckpt_every: int = _f(5000, 'checkpoint every k steps (0: only at the end)', _NONNEG)
     keep_ckpts: int = _f(3, 'keep the last K checkpoints in out/ckpt', _POS)
-    out: str = _f('runs/train', 'output dir: ckpt/, logs/, samples/, final/, final_ema/')
+    out: str = _f('runs/train', 'output dir: ckpt/, logs/, samples/, final/, final_ema/',
+                  ('the path of the run directory (not empty)', lambda v: isinstance(v, (str, Path))
+                   and bool(str(v).strip())))
     mixed_precision: str = _f('auto', "'auto' (bf16 on GPU, off on CPU) | 'bf16' | 'no'", _one_of(PRECISIONS))
     device: str = _f('auto', "'auto' | 'cpu' | 'cuda'", _one_of(('auto', 'cpu', 'cuda')))
     logger: str = _f('csv', "'csv' (always written) | 'tensorboard' (in addition, if installed)", _one_of(LOGGERS))
@@ -165,20 +167,50 @@ class TrainConfig:
         _validate_relations(self)
         return self
 
+# %% ../nbs/04_config.ipynb #8acdc927
+_SIZES = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'num_heads', 'input_size', 'in_channels', 'hidden_size',
+          'num_clip_token', 'clip_dim')
+
+def _check_model_args(kw, where: str):
+    "The sizes among a model's arguments (`model_kw`, or a `model` config dict) are sound, before any model is built."
+    if not isinstance(kw, dict):
+        raise ConfigError(f"{where} must be a dict of model arguments (JSON object), got {kw!r:.80}")
+    for k, v in kw.items():
+        if k in _SIZES and not (_is_int(v) and v >= 1) and not (k == 'clip_dim' and v is None):
+            raise ConfigError(f"{where} {k} must be a positive integer, got {v!r}")
+        if k == 'depth' and not (_is_int(v) and v >= 0):
+            raise ConfigError(f"{where} depth must be an integer >= 0 (the number of blocks), got {v!r}")
+        if k == 'mlp_ratio' and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+            raise ConfigError(f"{where} mlp_ratio must be a positive finite number, got {v!r}")
+
+def _check_init(m: ModelConfig):
+    "`init` names a path and goes with a mode that loads it; finetune / frozen need it."
+    if m.init is not None and not str(m.init).strip():
+        raise ConfigError("init is empty: pass the path of the pretrained weights (--init PATH), or leave it out")
+    if m.mode in ('finetune', 'frozen') and m.init is None:
+        raise ConfigError(f"mode {m.mode!r} starts from a pretrained backbone: pass init (--init PATH to an official "
+                          "U-ViT .pth, an official DiT .pt or a save_model directory)")
+    if m.mode == 'scratch' and m.init is not None:
+        raise ConfigError(f"init {m.init!r} is used by mode 'backbone', 'finetune' and 'frozen' only, not by mode "
+                          "'scratch' (random weights): drop --init, or pass --mode finetune / frozen / backbone")
+
 # %% ../nbs/04_config.ipynb #b75693a5
 def _validate_relations(cfg: TrainConfig):
     "The checks that need more than one field or another module."
     m = cfg.model
     def need(ok, msg):
         if not ok: raise ConfigError(msg)
-    need(m.mode not in ('finetune', 'frozen') or m.init, f"mode {m.mode!r} starts from a pretrained backbone: pass "
-         "init (--init PATH to an official U-ViT .pth, an official DiT .pt or a save_model directory)")
+    _check_init(m)
     need(cfg.loss.schedule in SCHEDULES, f"unknown schedule {cfg.loss.schedule!r}; choose one of {sorted(SCHEDULES)}")
     need(isinstance(m.model, (str, dict)),
          f"model must be a preset name or a config dict, got {type(m.model).__name__}")
     need(not isinstance(m.model, str) or m.model in UVIT_PRESETS or m.model in DIT_PRESETS,
          f"unknown model preset {m.model!r}; choose a U-ViT preset {sorted(UVIT_PRESETS)}, a DiT preset "
          f"{list(DIT_PRESETS)}, or give a UViT / DiT config dict")
+    _check_model_args(m.model_kw, 'model_kw')
+    if isinstance(m.model, dict): _check_model_args(m.model, 'model')
+    for k, v in dict(exit_kw=m.exit_kw, loss_kw=cfg.loss.loss_kw).items():
+        need(isinstance(v, dict), f"{k} must be a dict of options (JSON object), got {v!r:.80}")
     bad = [k for k in cfg.loss.loss_kw if k not in _LOSS_KW]
     need(not bad, f"unknown loss_kw {bad}; valid: {list(_LOSS_KW)}")
     if m.exit_kw:
@@ -272,11 +304,19 @@ def _normalize(d: dict) -> dict:
     return {k: {} if k in ('model_kw', 'exit_kw', 'loss_kw') and v is None else v for k, v in d.items()}
 
 # %% ../nbs/04_config.ipynb #dbd4bbe9
+def toml_module():
+    "The TOML parser: `tomllib` (Python >= 3.11), else the `tomli` backport it came from (Python 3.10)."
+    try: import tomllib
+    except ModuleNotFoundError:
+        try: import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("reading a .toml config on Python < 3.11 needs the tomli package: pip install tomli "
+                              "(or use a .json config)") from None
+    return tomllib
+
 def _read_config_file(path: Path) -> dict:
     try:
-        if path.suffix == '.toml':
-            import tomllib
-            d = tomllib.loads(path.read_text())
+        if path.suffix == '.toml': d = toml_module().loads(path.read_text())
         elif path.suffix == '.json': d = json.loads(path.read_text())
         else: raise ConfigError(f"config file {path} must end in .json or .toml")
     except (json.JSONDecodeError, ValueError) as e:

@@ -9,7 +9,8 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/train_loop.html.md"""
 
 # %% ../nbs/04a_train_loop.ipynb #c5ff54e7
 from __future__ import annotations
-import copy, csv, dataclasses, hashlib, inspect, json, os, random, time, warnings
+import contextlib, copy, csv, dataclasses, hashlib, inspect, json, os, random, shutil, signal, sys, threading
+import time, warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import adadiff_nb
+from .extras import require
 from .diffusion import get_schedule
 from .uvit import UViT, create_uvit, count_params
 from .dit import DiT, create_dit, official_dit_state
@@ -30,11 +32,12 @@ from .autoencoder import LatentAutoencoder
 from .train_config import ConfigError, TrainConfig, load_train_config, backbone_family, is_latent_cache
 from .train import (DataStream, EMA, WarmupLR, TrainState, StepConfig, train_step, NonFiniteLossError,
                               _mix_seed, _b64, list_checkpoints, checkpoint_dir, prune_checkpoints,
-                              read_train_checkpoint, latest_checkpoint, LatentData, load_empty_context, EMPTY_HOWTO)
+                              read_train_checkpoint, newest_valid_checkpoint, remove_unfinished_writes, LatentData,
+                              load_empty_context, EMPTY_HOWTO)
 
 # %% auto #0
-__all__ = ['SYNC_DIR_ENV', 'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init', 'sample_images', 'CSVLog',
-           'read_log', 'TrainInputError', 'backbone_forward', 'LoopLoss', 'train']
+__all__ = ['SYNC_DIR_ENV', 'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init', 'sample_images',
+           'read_log', 'CSVLog', 'TrainInputError', 'backbone_forward', 'LoopLoss', 'TrainInterrupted', 'train']
 
 # %% ../nbs/04a_train_loop.ipynb #a5332bfe
 def _early_exit_cls():
@@ -140,6 +143,15 @@ def sample_images(model, schedule, n: int, shape: tuple, steps: int, seed: int =
     return sample_ddim(model, x, schedule, steps, extra_args={'y': y} if y is not None else None, disable=True,
                        clip_denoised=True)
 
+# %% ../nbs/04a_train_loop.ipynb #48ccaaa5
+def _step_of(row: dict) -> float:
+    try: return float(row['step'])
+    except (TypeError, ValueError): return float('inf')
+
+def read_log(path) -> list[dict]:
+    "Rows of a training CSV log as dicts of floats."
+    with open(path, newline='') as f: return [{k: float(v) for k, v in r.items() if v != ''} for r in csv.DictReader(f)]
+
 # %% ../nbs/04a_train_loop.ipynb #0c4da0bb
 class CSVLog:
     "Append-only CSV log (rank 0) with a header fixed by the first row; optional TensorBoard mirror."
@@ -157,11 +169,20 @@ class CSVLog:
                               " Logging to CSV only.")
 
     def _truncate(self, step: int):
-        "Drop the rows after `step` (written by an interrupted run)."
-        with open(self.path, newline='') as f: rows = list(csv.DictReader(f))
-        if not rows: return
-        self.cols = list(rows[0].keys())
-        keep = [r for r in rows if int(float(r['step'])) <= step]
+        "Keep the complete rows up to `step`: later rows and a row torn by a killed write go."
+        try:
+            with open(self.path, newline='') as f:
+                rd = csv.DictReader(f)
+                cols, rows = rd.fieldnames or [], list(rd)
+        except (csv.Error, UnicodeDecodeError) as e:
+            os.replace(self.path, self.path.with_name(self.path.name + '.damaged'))
+            warnings.warn(f"{self.path} is damaged ({e}); moved it to {self.path.name}.damaged, starting a new log")
+            return
+        if 'step' not in cols:                           # no complete header: no complete row either
+            self.path.unlink()
+            return
+        self.cols = cols
+        keep = [r for r in rows if None not in r and None not in r.values() and _step_of(r) <= step]
         def w(f):
             wr = csv.DictWriter(f, self.cols)
             wr.writeheader()
@@ -180,10 +201,6 @@ class CSVLog:
 
     def close(self):
         if self.tb is not None: self.tb.close()
-
-def read_log(path) -> list[dict]:
-    "Rows of a training CSV log as dicts of floats."
-    with open(path, newline='') as f: return [{k: float(v) for k, v in r.items() if v != ''} for r in csv.DictReader(f)]
 
 # %% ../nbs/04a_train_loop.ipynb #c992e92a
 class TrainInputError(ValueError):
@@ -283,16 +300,43 @@ def _fmt(v: float) -> str: return f'{v:.4g}'
 _RUN_DEFINING = ('model', 'model_kw', 'exit_kw', 'mode', 'schedule', 'data', 'text_features', 'batch_size', 'seed',
                  'img_size')
 
+def _check_out(out: Path):
+    "The output directory is a directory (or can be made) and can be written: checked before anything is built."
+    if out.exists() and not out.is_dir():
+        raise TrainInputError(f"out {out} is a file, not a directory: pass another --out")
+    top = out
+    while not top.exists() and top != top.parent: top = top.parent
+    if not top.is_dir():
+        raise TrainInputError(f"cannot make out {out}: {top} is a file; pass another --out")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise TrainInputError(f"cannot write to {top} (out {out}): pass an --out you can write to")
+
+def _set_aside(bad: list, good: Path) -> str:
+    "Move the damaged checkpoints `bad` [(dir, fault)] to ckpt/damaged_step_N (kept, never pruned); the line to say."
+    moved = []
+    for p, why in bad:
+        dest = p.parent / f'damaged_{p.name}'
+        while dest.exists(): dest = dest.parent / f'{dest.name}_'
+        os.replace(p, dest)
+        moved.append(f"{p.name} ({why}; moved to {dest.name})")
+    return f"resume: skipped damaged checkpoint(s) {'; '.join(moved)}; resuming from {good}"
+
+# %% ../nbs/04a_train_loop.ipynb #ce9b7ae2
 def _resume_source(cfg: TrainConfig, resume, overwrite: bool, main: bool) -> dict | None:
-    "The checkpoint to resume from (or None); warns about run-defining settings that differ from it."
+    """The checkpoint to resume from (or None): the named one, or the newest sound one of `out` (damaged newer ones
+    are set aside, with one line on stderr); warns about run-defining settings that differ from it."""
     out = Path(cfg.run.out).expanduser()
+    if resume and overwrite:
+        raise TrainInputError("--resume continues the run in out and --overwrite deletes it: pass one of them")
     if not resume:
-        if list_checkpoints(out) and not overwrite:
+        if list_checkpoints(out, complete=False) and not overwrite:
             raise TrainInputError(f"{out} already holds checkpoints; pass --resume to continue that run, --overwrite "
                                   "to replace it, or another --out")
         return None
     named = isinstance(resume, (str, Path)) and not isinstance(resume, bool)
-    ck = read_train_checkpoint(resume) if named else latest_checkpoint(out)
+    path, bad = (Path(resume), []) if named else newest_valid_checkpoint(out)
+    if bad and main: print(f"adadiff-train: {_set_aside(bad, path)}", file=sys.stderr, flush=True)
+    ck = read_train_checkpoint(path) if path is not None else None
     if ck is None and main: print(f"resume: no checkpoint in {out / 'ckpt'}; starting a fresh run")
     if ck is not None and main:
         old, new = load_train_config(ck['state']['config']).flat(), cfg.flat()
@@ -301,6 +345,22 @@ def _resume_source(cfg: TrainConfig, resume, overwrite: bool, main: bool) -> dic
                 warnings.warn(f"resume: config {k}={new[k]!r} differs from the checkpoint's {old[k]!r}; "
                               "the run will not match the original")
     return ck
+
+# %% ../nbs/04a_train_loop.ipynb #b286b500
+_RUN_OUTPUTS = ('ckpt', 'logs', 'samples', 'tb', 'final', 'final_ema')
+
+def _prepare_out(out: Path, overwrite: bool, resumed: bool):
+    """Process 0, once every input has passed its checks: remove what killed writes left in `out` and, with
+    `overwrite` (a fresh run), the outputs of the run that was there; one line on stderr for each."""
+    gone = remove_unfinished_writes(out)
+    if gone: print(f"adadiff-train: removed what a killed run left unfinished in {out}: {', '.join(gone)}",
+                   file=sys.stderr, flush=True)
+    old = [out / n for n in _RUN_OUTPUTS if (out / n).exists()] if overwrite and not resumed else []
+    for p in old:
+        if p.is_dir(): shutil.rmtree(p)
+        else: p.unlink()
+    if old: print(f"adadiff-train: --overwrite: removed {', '.join(p.name for p in old)} of the run in {out}",
+                  file=sys.stderr, flush=True)
 
 # %% ../nbs/04a_train_loop.ipynb #06f6cf18
 def _build_model(cfg: TrainConfig, ck: dict | None, main: bool) -> tuple[nn.Module, str, str | None]:
@@ -317,8 +377,6 @@ def _build_model(cfg: TrainConfig, ck: dict | None, main: bool) -> tuple[nn.Modu
     if ck is None and m.init and m.mode != 'scratch':
         loaded = load_init(model, m.init, _init_source(cfg))
         if loaded == 'backbone' and m.heads_from_backbone: model.init_weights(heads_from_backbone=True)
-    elif ck is None and m.init and main:
-        print(f"note: init={m.init} is ignored in mode 'scratch' (use mode 'finetune' or 'frozen')")
     if m.mode == 'frozen':
         for p in getattr(model, 'backbone', model).parameters(): p.requires_grad_(False)
     return model, arch, loaded
@@ -463,10 +521,13 @@ class _Run:
     @property
     def bb(self): return getattr(self.state.model, 'backbone', self.state.model)
 
+# %% ../nbs/04a_train_loop.ipynb #0e11050a
 def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
-    "Config, accelerator, model, data and state of a run (resumed from a checkpoint when there is one)."
+    """Config, accelerator, model, data and state of a run (resumed from a checkpoint when there is one); every input
+    is checked before the run writes anything in `out`."""
     try:
         cfg = load_train_config(cfg) if not isinstance(cfg, TrainConfig) else cfg.validate()
+        _check_out(Path(cfg.run.out).expanduser())
         early = cfg.model.mode != 'backbone'
         acc = _accelerator(cfg, early)
         ck = _resume_source(cfg, resume, overwrite, acc.is_main_process)
@@ -490,7 +551,9 @@ def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
     run = _Run(cfg, acc, state, step_cfg, Path(cfg.run.out).expanduser(), data_info, command,
                resumed=ck['path'] if ck is not None else None, last_ckpt=ck['path'] if ck is not None else None,
                latent=latent)
-    if run.main: _announce(run, arch, loaded)
+    if run.main:
+        _prepare_out(run.out, overwrite, run.resumed is not None)
+        _announce(run, arch, loaded)
     return run
 
 # %% ../nbs/04a_train_loop.ipynb #f0ba4661
@@ -631,23 +694,61 @@ def _finish(run: _Run, meter: _Meter) -> dict:
     run.acc.wait_for_everyone()
     return res
 
+# %% ../nbs/04a_train_loop.ipynb #9253939d
+class TrainInterrupted(KeyboardInterrupt):
+    "Ctrl-C stopped `train` at `step`; `checkpoint`: the newest checkpoint written (`saved`: written on the way out)."
+    def __init__(self, step: int, checkpoint: Path | None, saved: bool):
+        self.step, self.checkpoint, self.saved = step, checkpoint, saved
+        last = f"saved {checkpoint}" if saved else f"last checkpoint {checkpoint}"
+        super().__init__(f"interrupted at step {step}; {last}; resume with --resume" if checkpoint is not None else
+                         f"interrupted at step {step}, before any checkpoint was written; run the command again")
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled: bool):
+    """Within: a first Ctrl-C only appends to the yielded list (the loop stops after the step in progress); a second
+    one interrupts at once. Only where Ctrl-C raises KeyboardInterrupt (main thread, default handler)."""
+    stop, main = [], threading.current_thread() is threading.main_thread()
+    if not (enabled and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        yield stop
+        return
+    def handler(sig, frame):
+        if stop: raise KeyboardInterrupt
+        stop.append(sig)
+    signal.signal(signal.SIGINT, handler)
+    try: yield stop
+    finally: signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # %% ../nbs/04a_train_loop.ipynb #e43f8f8a
-def train(cfg: TrainConfig | str | dict, resume: bool | str = False, overwrite: bool = False, on_step=None,
-          command: str | None = None) -> dict:
-    """Train according to `cfg`; returns final losses and output paths.
-    `resume`: True continues from the newest checkpoint in `cfg.run.out` (fresh start when there is none), or a
-    checkpoint dir. `on_step(info)`: optional callback after every step with step, losses, model and optimizer."""
+def _loop(run: _Run, meter: _Meter, on_step) -> bool:
+    "Steps until `steps` or a Ctrl-C (then a checkpoint of the last step, if it has none); True if interrupted."
     from tqdm.auto import tqdm
-    run = _setup(cfg, resume, overwrite, command)
     st, steps = run.state, run.cfg.optim.steps
     tb = (run.out / 'tb') if run.cfg.run.logger == 'tensorboard' else None
     log = CSVLog(run.out / 'logs' / 'train.csv', st.step if run.resumed else None, tb) if run.main else None
     bar = tqdm(total=steps, initial=st.step, disable=not (run.main and run.cfg.run.progress), desc='train',
                dynamic_ncols=True)
+    with _deferred_sigint(run.acc.num_processes == 1) as stop:
+        try:
+            while st.step < steps and not stop: _after_step(run, _guarded_step(run), meter, log, bar, on_step)
+        finally:
+            bar.close()
+            if log is not None: log.close()
+        if stop and (run.last_ckpt is None or Path(run.last_ckpt).name != f'step_{st.step:08d}'): _checkpoint(run)
+    return bool(stop)
+
+def train(cfg: TrainConfig | str | dict, resume: bool | str = False, overwrite: bool = False, on_step=None,
+          command: str | None = None) -> dict:
+    """Train according to `cfg`; returns final losses and output paths.
+    `resume`: True continues from the newest sound checkpoint in `cfg.run.out` (fresh start when there is none), or
+    a checkpoint dir. `overwrite`: replace the outputs of a run in `out` (once every input is checked).
+    `on_step(info)`: optional callback after every step with step, losses, model and optimizer. Ctrl-C (one
+    process): the step in progress ends, a checkpoint is saved and `TrainInterrupted` is raised. Without the
+    `accelerate` package (the `train` extra) a `MissingExtraError` says so before anything is read or built."""
+    require('accelerate', 'adadiff-train / train()', 'train')
+    run = _setup(cfg, resume, overwrite, command)
     meter = _Meter()
     try:
-        while st.step < steps: _after_step(run, _guarded_step(run), meter, log, bar, on_step)
-    finally:
-        bar.close()
-        if log is not None: log.close()
-    return _finish(run, meter)
+        if _loop(run, meter, on_step): raise TrainInterrupted(run.state.step, run.last_ckpt, saved=True)
+        return _finish(run, meter)
+    except TrainInterrupted: raise
+    except KeyboardInterrupt: raise TrainInterrupted(run.state.step, run.last_ckpt, saved=False) from None

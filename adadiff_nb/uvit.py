@@ -18,10 +18,10 @@ import einops
 
 # %% auto #0
 __all__ = ['PRESETS', 'timestep_embedding', 'patchify', 'unpatchify', 'Attention', 'Mlp', 'PatchEmbed', 'Block', 'BlockState',
-           'extra_tokens', 'UViT', 'init_weights', 'label_error', 'context_error', 'check_input', 'embed', 'run_block',
-           'decode', 'patch_tokens', 'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64', 'uvit_m4_imagenet64',
-           'uvit_l2_imagenet256', 'uvit_h2_imagenet256', 'uvit_s2_mscoco', 'uvit_s2_deep_mscoco', 'uvit_tiny',
-           'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
+           'extra_tokens', 'UViT', 'init_weights', 'label_error', 'context_error', 'timestep_error', 'check_input',
+           'embed', 'run_block', 'decode', 'patch_tokens', 'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64',
+           'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_h2_imagenet256', 'uvit_s2_mscoco', 'uvit_s2_deep_mscoco',
+           'uvit_tiny', 'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
 
 # %% ../nbs/01_uvit.ipynb #f9cde968
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -280,6 +280,21 @@ def context_error(y, B: int, context_shape: tuple[int, int] | None) -> str | Non
                 f"text encoder of width {D} and max_length {N}")
     return None
 
+# %% ../nbs/01_uvit.ipynb #fd8956dc
+_is_compiling = getattr(torch.compiler, 'is_compiling', lambda: False)     # torch >= 2.3; False before
+
+def timestep_error(timesteps, B: int) -> str | None:
+    """Why `timesteps` are not B finite model times, or None when they are. The values are checked only on the CPU:
+    reading a CUDA tensor costs a host sync, so its values are not checked (nor while `torch.compile` traces)."""
+    if timesteps.ndim != 1 or timesteps.shape[0] != B:
+        return f"timesteps must have shape (B,) = ({B},), got {tuple(timesteps.shape)}"
+    if timesteps.device.type != 'cpu' or not timesteps.is_floating_point() or _is_compiling():
+        return None
+    bad = ~torch.isfinite(timesteps)
+    if bool(bad.any()):
+        return f"t holds NaN or infinite timesteps ({int(bad.sum())} of {B}); pass finite model times"
+    return None
+
 # %% ../nbs/01_uvit.ipynb #633baa86
 def _shape_error(self, x, timesteps, y=None) -> str | None:
     C, S = self.in_chans, self.img_size
@@ -290,9 +305,7 @@ def _shape_error(self, x, timesteps, y=None) -> str | None:
                 f"this model was built with in_chans={C}")
     if tuple(x.shape[2:]) != (S, S):
         return f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with img_size={S}"
-    if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
-        return f"timesteps must have shape (B,) = ({x.shape[0]},), got {tuple(timesteps.shape)}"
-    msg = context_error(y, x.shape[0], self.context_shape)
+    msg = timestep_error(timesteps, x.shape[0]) or context_error(y, x.shape[0], self.context_shape)
     if msg or self.context_shape is not None:
         return msg
     if y is None and self.num_classes > 0 and self.null_class is None:

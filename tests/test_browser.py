@@ -1,7 +1,10 @@
-"""Real-browser test of the main notebook: JupyterLab on localhost, headless Chromium (Debian package) driven by
-Playwright, runs `nbs/03_exit_trends.ipynb`, moves the threshold slider and checks that the exit figure changed.
-Saves screenshots to $ADADIFF_SCREENSHOT_DIR (default: a pytest tmp dir)."""
-import os, re, shutil, socket, subprocess, sys, time, secrets
+"""Real-browser test of the app notebook: JupyterLab on localhost, headless Chromium (Debian package) driven by
+Playwright, a 1,000 px wide window. Run All on `nbs/03_exit_trends.ipynb` must show the app on the first screen; a
+drag of the threshold slider must update the exit figure (the time from the app appearing to the update is recorded
+in timings.json and printed, not asserted: CI machines vary); no figure may overflow its output column or cut off
+one of its own labels, and no two titles or labels may overlap; the class-conditional app opens from its button.
+Saves screenshots and timings.json to $ADADIFF_SCREENSHOT_DIR (default: a pytest tmp dir)."""
+import json, os, shutil, socket, subprocess, sys, time, secrets
 from pathlib import Path
 import pytest
 
@@ -11,6 +14,7 @@ pw = pytest.importorskip('playwright.sync_api', reason='playwright is not instal
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='Debian chromium is not installed (apt-get install chromium)')
 
+WIDTH, HEIGHT = 1000, 1000                      # the window: the 1,000 px column the figures must fit
 CHROME_ARGS = [
     '--headless=new',
     '--no-sandbox',
@@ -86,9 +90,160 @@ EXIT_Y = """() => {
   const plots = [...document.querySelectorAll('.jp-OutputArea .js-plotly-plot')]
       .filter(p => p.layout && p.layout.title && String(p.layout.title.text || '').startsWith('Exit layer per step'));
   if (!plots.length) return null;
-  const tr = plots[0].data.find(d => d.name === 'mean exit layer');      // the first app: the default model's
+  const tr = (plots[0]._fullData || []).find(d => d.name === 'mean exit layer');   // the first app's, decoded
   return tr ? {title: plots[0].layout.title.text, y: Array.from(tr.y)} : null;
 }"""
+
+# Before Run All: note (performance.now(), ms) when the app's exit figure first appears, and its exit layers then
+WATCH = f"""() => {{
+  window.__t = {{}};
+  const iv = setInterval(() => {{
+    const r = ({EXIT_Y})();
+    if (r && r.y.length) {{ window.__t.appeared = performance.now(); window.__t.y0 = JSON.stringify(r.y);
+                           clearInterval(iv); }}
+  }}, 10);
+}}"""
+
+UPDATED = f"""() => {{
+  const r = ({EXIT_Y})();
+  if (!r || JSON.stringify(r.y) === window.__t.y0) return false;
+  window.__t.updated = window.__t.updated || performance.now();
+  return true;
+}}"""
+
+# Every problem of fit in the outputs under `root`: a plotly figure wider than its output column or scrolled inside a
+# box, a text of a figure outside the figure (clipped), two titles / annotations / axis titles / colour-bar titles
+# of a figure overlapping, a widget label or button cut short ('map sam...').
+FIT = """(root) => {
+  const bad = [], inter = (a, b) => Math.min(a.right, b.right) - Math.max(a.left, b.left) > 2 &&
+                                     Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 2;
+  for (const p of root.querySelectorAll('.js-plotly-plot')) {
+    const r = p.getBoundingClientRect(), col = p.closest('.jp-OutputArea-output');
+    const name = String((p.layout && p.layout.title && p.layout.title.text) || '?').slice(0, 40);
+    if (!r.width) continue;
+    const c = col.getBoundingClientRect();
+    if (r.left < c.left - 1 || r.right > c.right + 1)
+      bad.push(`${name}: figure x ${r.left | 0}..${r.right | 0} outside its column ${c.left | 0}..${c.right | 0}`);
+    for (let e = p.parentElement; e && e !== col; e = e.parentElement)
+      if (e.scrollWidth > e.clientWidth + 1)
+        bad.push(`${name}: a box (${e.className}) is ${e.scrollWidth} px wide inside ${e.clientWidth} px`);
+    const texts = [...p.querySelectorAll('svg text')]
+        .filter(t => t.textContent.trim() && t.getBoundingClientRect().width);
+    for (const t of texts) {
+      const b = t.getBoundingClientRect();
+      if (b.left < r.left - 1 || b.right > r.right + 1 || b.top < r.top - 1 || b.bottom > r.bottom + 1)
+        bad.push(`${name}: text '${t.textContent.slice(0, 40)}' cut off by the figure's edge`);
+    }
+    const labels = texts.filter(t => t.closest('.infolayer') && !t.closest('.legend') &&
+                                     !t.closest('.cbaxis'));              // titles, annotations, colour-bar titles
+    labels.forEach((a, i) => labels.slice(i + 1).forEach(b => {
+      if (inter(a.getBoundingClientRect(), b.getBoundingClientRect()))
+        bad.push(`${name}: '${a.textContent.slice(0, 30)}' overlaps '${b.textContent.slice(0, 30)}'`);
+    }));
+  }
+  const ctx = document.createElement('canvas').getContext('2d');
+  for (const l of root.querySelectorAll('.widget-label, .widget-label-basic, button')) {
+    if (!l.offsetParent || !l.textContent.trim()) continue;
+    const cs = getComputedStyle(l), px = k => parseFloat(cs[k]) || 0;
+    ctx.font = cs.font;                                 // the text's own width against the room its box gives it
+    const room = l.getBoundingClientRect().width - px('paddingLeft') - px('paddingRight') - px('borderLeftWidth') -
+                 px('borderRightWidth');
+    if (ctx.measureText(l.textContent).width > room + 0.1) bad.push(`widget text '${l.textContent}' cut short`);
+  }
+  return bad;
+}"""
+
+
+# Run All has finished: no cell waits or runs ('[*]')
+IDLE = "() => ![...document.querySelectorAll('.jp-InputArea-prompt')].some(e => e.textContent.includes('*'))"
+
+# The first app's figures are as wide as a column wider than `w` px
+RESIZED = """(w) => {
+  const ps = [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')];
+  return ps.length > 0 && ps[0].closest('.jp-OutputArea-output').getBoundingClientRect().width > w &&
+         ps.every(p => p._fullLayout && Math.abs(p._fullLayout.width - p.getBoundingClientRect().width) < 2);
+}"""
+
+
+def _drag_threshold(page, slider, value: float):
+    "Drag the threshold slider's handle to `value` (of 0..1) with the mouse, as a user does."
+    track = slider.locator('.noUi-target').bounding_box()
+    handle = slider.locator('.noUi-handle').bounding_box()
+    x0, y = handle['x'] + handle['width'] / 2, handle['y'] + handle['height'] / 2
+    page.mouse.move(x0, y)
+    page.mouse.down()
+    page.mouse.move(track['x'] + value * track['width'], y, steps=8)
+    page.mouse.up()
+
+
+def _check_fit(page, where, what: str):
+    bad = where.evaluate(FIT)
+    assert not bad, f'{what}: ' + '; '.join(bad)
+
+
+def _run_all_and_drag(page, shots: Path) -> dict:
+    """Run All; as soon as the app appears, drag its threshold to 0.3 and wait for the exit figure to change. Checks
+    that the app was on the first screen; returns the timings (seconds; app_to_update_s: appearing to updated)."""
+    page.evaluate(WATCH)
+    t_run = page.evaluate('performance.now()')
+    page.get_by_role('menuitem', name='Run').first.click()                   # Run > Run All Cells
+    page.get_by_text('Run All Cells', exact=True).first.click()
+    page.wait_for_function('() => window.__t.appeared !== undefined', timeout=300_000, polling=10)
+    slider = page.locator('.widget-slider:has(label:text-is("threshold"))').first
+    t_seen = page.evaluate('performance.now()')
+    on_screen = slider.bounding_box()
+    _drag_threshold(page, slider, 0.3)                                       # at once, as a user who sees it does
+    t_drop = page.evaluate('performance.now()')
+    page.screenshot(path=str(shots / 'exit_trends_first_screen.png'))
+    page.wait_for_function(UPDATED, timeout=120_000, polling=10)
+    t = page.evaluate('window.__t')
+    after = page.evaluate(EXIT_Y)
+    assert after['y'] != json.loads(t['y0']) and 'threshold 0.3' in after['title'], after
+    # Run All left the app on the first screen: its threshold slider inside the window without scrolling
+    assert on_screen and 0 <= on_screen['y'] and on_screen['y'] + on_screen['height'] <= HEIGHT, on_screen
+    s = lambda a, b: round((a - b) / 1e3, 3)
+    return dict(run_all_to_app_s=s(t['appeared'], t_run), app_to_update_s=s(t['updated'], t['appeared']),
+                release_to_update_s=s(t['updated'], t_drop), app_to_release_s=s(t_drop, t['appeared']),
+                detection_lag_s=s(t_seen, t['appeared']), window=[WIDTH, HEIGHT])
+
+
+def _whole_app(page, app, shots: Path):
+    "Back at the documented threshold: the whole app with the file browser open, then closed (a wider column)."
+    slider = app.locator('.widget-slider:has(label:text-is("threshold"))').first
+    slider.locator('.widget-readout').click()                                # typed: a setting already seen
+    page.keyboard.press('Control+A')
+    page.keyboard.type('0.075')
+    page.keyboard.press('Enter')
+    page.wait_for_function(f'() => ({EXIT_Y})().title.includes("threshold 0.075;")', timeout=60_000)
+    page.evaluate('document.activeElement.blur()')
+    page.set_viewport_size({'width': WIDTH, 'height': 2600})                  # as tall as the app, still 1,000 px wide
+    time.sleep(1)
+    app.scroll_into_view_if_needed()
+    app.screenshot(path=str(shots / 'exit_trends_app_narrow.png'))
+    _check_fit(page, app, 'default-model app, file browser open')
+    page.keyboard.press('Control+b')                                         # the file browser closed
+    page.wait_for_function(RESIZED, arg=700, timeout=60_000)                 # the figures follow the column
+    time.sleep(1)
+    app.scroll_into_view_if_needed()
+    app.screenshot(path=str(shots / 'exit_trends_app.png'))                  # the README's picture
+    _check_fit(page, app, 'default-model app, file browser closed')
+    page.keyboard.press('Control+b')
+    page.wait_for_function('(w) => !(' + RESIZED + ')(w)', arg=700, timeout=60_000)
+
+
+def _conditional_app(page, shots: Path):
+    "The class-conditional model's app opens from its button: a class selector and a guidance slider, all in view."
+    page.get_by_role('button', name='Open the class-conditional model').click()
+    cond = page.locator('.jp-OutputArea-output:has(.widget-dropdown:has(label:text-is("class")))').first
+    cond.wait_for(timeout=300_000)
+    assert cond.locator('.widget-slider:has(label:text-is("guidance"))').count() == 1
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.layout && "
+                           "String((p.layout.title || {}).text || '').startsWith('Early exit')).length >= 2",
+                           timeout=120_000)
+    time.sleep(1)
+    cond.scroll_into_view_if_needed()
+    cond.screenshot(path=str(shots / 'exit_trends_app_cond.png'))
+    _check_fit(page, cond, 'class-conditional app')
 
 
 def test_exit_trends_notebook_in_browser(lab, tmp_path):
@@ -97,53 +252,20 @@ def test_exit_trends_notebook_in_browser(lab, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
-        page = browser.new_page(viewport={'width': 1400, 'height': 1800})
+        page = browser.new_page(viewport={'width': WIDTH, 'height': HEIGHT})
         page.goto(f'{url}/lab/tree/nbs/03_exit_trends.ipynb?token={token}', timeout=120_000)
         page.wait_for_selector('.jp-Notebook', timeout=120_000)
-        page.wait_for_selector(
-            '.jp-Notebook-ExecutionIndicator[data-status="idle"], .jp-Toolbar-kernelStatus', timeout=120_000
-        )
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator', state='attached', timeout=120_000)
         time.sleep(2)
-        # Run > Run All Cells
-        page.get_by_role('menuitem', name='Run').first.click()
-        page.get_by_text('Run All Cells', exact=True).first.click()
-        # the app on the default model: wait for its exit figure
-        page.wait_for_function(f'({EXIT_Y})() !== null && ({EXIT_Y})().title.includes("threshold")', timeout=300_000)
-        before = page.evaluate(EXIT_Y)
-        assert before['y'], before
-        slider = page.locator('.widget-slider:has(label:text-is("threshold"))').first
-        slider.scroll_into_view_if_needed()
-        page.screenshot(path=str(shots / 'exit_trends_before.png'))
-        page.locator('.jp-OutputArea-output:has(.widget-slider)').first.screenshot(
-            path=str(shots / 'exit_trends_app_default.png')
-        )
-        # type a new threshold into the slider's readout (an editable field), as a user can; then drag back with
-        # the keyboard
-        readout = slider.locator('.widget-readout')
-        # no sample exits early at the current threshold -> go to 1 (every sample exits at once); else -> 0 (no exits)
-        new_val = 1.0 if all(v == before['y'][0] for v in before['y']) and before['y'][0] > 0 else 0.0
-        page.evaluate(f'() => {{ window.__exit_before = JSON.stringify(({EXIT_Y})().y); }}')
-        readout.click()
-        page.keyboard.press('Control+A')
-        page.keyboard.type(f'{new_val}')
-        page.keyboard.press('Enter')
-        page.wait_for_function(
-            f'(() => {{ const r = ({EXIT_Y})(); '
-            f'return r && r.y.length && JSON.stringify(r.y) !== window.__exit_before; }})()',
-            timeout=120_000,
-        )
+        timings = _run_all_and_drag(page, shots)
+        (shots / 'timings.json').write_text(json.dumps(timings, indent=1))
+        print('exit-trends app timings (s):', json.dumps(timings))
+        page.wait_for_function(IDLE, timeout=120_000)
         time.sleep(1)
-        after = page.evaluate(EXIT_Y)
-        assert after['y'] != before['y'] and after['title'] != before['title']
-        page.screenshot(path=str(shots / 'exit_trends_after.png'))
-        # the class-conditional model's app: a class selector and a guidance slider
-        cond = page.locator('.jp-OutputArea-output:has(.widget-dropdown:has(label:text-is("class")))').first
-        cond.wait_for(timeout=300_000)
-        assert cond.locator('.widget-slider:has(label:text-is("guidance"))').count() == 1
-        cond.scroll_into_view_if_needed()
-        cond.screenshot(path=str(shots / 'exit_trends_app_cond.png'))
+        page.screenshot(path=str(shots / 'exit_trends_after_drag.png'))
         app = page.locator('.jp-OutputArea-output:has(.widget-slider)').first
-        app.scroll_into_view_if_needed()
-        app.screenshot(path=str(shots / 'exit_trends_app.png'))
+        _check_fit(page, app, 'default-model app')
+        _whole_app(page, app, shots)
+        _conditional_app(page, shots)
         browser.close()
-    assert (shots / 'exit_trends_after.png').stat().st_size > 10_000
+    assert (shots / 'exit_trends_app.png').stat().st_size > 10_000

@@ -2,8 +2,10 @@
 equal training images inside each budget group, the staged budget and seed plan, an interrupted run that resumes
 exactly (only the missing unit is redone, the other rows are read back unchanged), and every other comparison still
 handed to the old harness. Checks the pipeline, not the numbers; well under two minutes on one core."""
-import json, math, os, subprocess, sys
+import json, math, os, re, subprocess, sys
 from pathlib import Path
+
+import pytest
 
 PY = sys.executable
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
@@ -35,6 +37,10 @@ def _check_rows(res):
         lo, hi = r['proxy_fd_ci95']
         assert lo <= hi and r['n_samples'] == res['config']['n'] and r['speedup_source'] == 'interleaved'
         assert (r['psnr_vs_full'] is None) == (r['method'] == 'full')
+        want = {'proxy_fd', 'kid'} | ({'psnr_vs_full', 'proxy_fd_vs_full'} if r['method'] != 'full' else set())
+        assert set(r['ci_method']) == want and all(m.split()[0] in ('BCa', 'basic', 'percentile')
+                                                   for m in r['ci_method'].values()), r['ci_method']
+    assert res['config']['bootstrap'].startswith('scipy.stats.bootstrap')
     for steps in {r['budget_steps'] for r in rows}:                 # equal training images per budget group
         assert len({r['train_images'] for r in rows if r['budget_steps'] == steps}) == 1
     b0 = res['config']['budgets'][0]
@@ -54,7 +60,9 @@ def _check_report(res):
     assert 'AdaDiff Table 4: AdaDiff beats a small model of matched GFLOPs trained from scratch' in untestable
     assert all('small model' in u or 'noise-easy' in u for u in untestable), untestable   # the tiny ASE is symmetric
     assert {r['method'] for r in matched_table(res)} >= {'adadiff', 'ase', 'deepcache', 'l2c', 'adadiff_cache'}
-    assert len(pareto_figure(res).data) > 10 and len(pareto_figure(res, x='layer_ratio').layout.annotations) == 2
+    fig = pareto_figure(res, x='layer_ratio')
+    assert len(pareto_figure(res).data) > 10 and sum(' steps, ' in a.text for a in fig.layout.annotations) == 2
+    assert sum(d.showlegend is not False for d in fig.data) == len({d.name for d in fig.data})   # one entry each
     for c in cl:
         if c['figure'] not in (None, 'pareto', 'noise_easy'): probe_figure(res, c['figure'])
 
@@ -99,3 +107,71 @@ def test_options_and_delegation(tmp_path):
     assert p.returncode == 2 and 'increasing positive' in p.stderr
     p = _run(['--comparison', 'nope', '--out', str(tmp_path)])              # handed to bench.main unchanged
     assert p.returncode == 2 and 'unknown comparison' in p.stderr
+
+
+def _options_without_help(text):
+    "The options of an argparse --help text with an empty help: nothing after the invocation and nothing below it."
+    lines, bad, seen = text.splitlines(), [], []
+    start = next(i for i, l in enumerate(lines) if l.startswith('options:'))
+    for k in range(start + 1, len(lines)):
+        if lines[k] and not lines[k].startswith(' '): break                    # the next section
+        if not lines[k].startswith('  -'): continue
+        inv, *hlp = re.split(r'\s{2,}', lines[k].strip(), maxsplit=1)
+        seen += re.findall(r'(?:^|, )(--?[\w-]+)', inv)                       # '-h, --help', '--out OUT'
+        if not hlp and not (k + 1 < len(lines) and re.match(r' {6,}\S', lines[k + 1])): bad.append(inv)
+    return bad, set(seen)
+
+
+def test_help_lists_every_comparison_and_every_option_has_help():
+    from adadiff_nb import bench, controlled
+    env = {**ENV, 'COLUMNS': '100'}
+    code = 'import sys; from adadiff_nb.controlled import main; sys.exit(main(sys.argv[1:]))'
+    top = subprocess.run([PY, '-c', code, '--help'], env=env, capture_output=True, text=True, timeout=60)
+    own = subprocess.run([PY, '-c', code, '--comparison', 'controlled', '--help'], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert top.returncode == own.returncode == 0, top.stderr + own.stderr
+    lines = top.stdout.splitlines()
+    k = lines.index('comparisons (--comparison NAME):')
+    listed = dict(l.split(None, 1) for l in lines[k + 1:] if l.strip())
+    assert set(listed) == {'tiny', 'cifar16_cpu', 'controlled'} and all(v.strip() for v in listed.values()), listed
+    for text, parser in ((top.stdout, bench.build_parser()), (own.stdout, controlled.build_parser())):
+        bad, seen = _options_without_help(text)
+        assert not bad, bad
+        assert seen == {o for a in parser._actions for o in a.option_strings}      # every option was read
+    assert _options_without_help('options:\n  --x X       has help\n  --y Y\n  --z Z       z\n')[0] == ['--y Y']
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--promote', '-1'], 'promote must be an integer >= 0'),
+    (['--batch-size', '0'], 'batch_size must be an integer >= 1'),
+    (['--n', '1'], 'n must be an integer >= 2'),
+    (['--n-boot', '-1'], 'n_boot must be'),
+    (['--budgets', 'x'], "--budgets 'x': not a comma list of integers"),
+    (['--budgets', '4,4'], 'increasing positive'),
+    (['--seeds', '1.5'], "--seeds '1.5': not a comma list of integers"),
+    (['--targets', '0.4,nan'], 'targets must be layer reductions'),
+    (['--threads', '-1'], '--threads'),
+    (['--out', 'UNDER_FILE'], 'so no directory can be made there'),
+    (['--work', 'FILE'], 'is a file, not a directory'),
+    (['--backbone', 'EMPTY'], 'holds no model.safetensors'),
+    (['--compare-backbones', 'MISSING'], '--compare-backbones'),
+])
+def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, msg):
+    "In-process, every model forward an error: each bad option exits 2 with one line, and nothing is made."
+    import torch
+    from adadiff_nb.controlled import main
+    (tmp_path / 'afile').write_text('not a directory\n')
+    (tmp_path / 'empty').mkdir()
+    paths = dict(FILE=tmp_path / 'afile', UNDER_FILE=tmp_path / 'afile' / 'sub', EMPTY=tmp_path / 'empty',
+                 MISSING=tmp_path / 'missing')
+
+    def no_forward(self, *a, **k):
+        raise AssertionError(f"{type(self).__name__} ran before the bad input was refused")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.nn.Module, '__call__', no_forward)
+    argv = ['--comparison', 'controlled', '--quick', '--quiet', '--out', str(tmp_path / 'out'), '--work',
+            str(tmp_path / 'work')]
+    rc = main(argv + [str(paths.get(a, a)) for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith('adadiff-bench: error: ') and msg in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'empty']

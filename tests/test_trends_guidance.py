@@ -1,13 +1,16 @@
 """Exit trends on a class-conditional model with classifier-free guidance: the rows `run_trends` records against the
-samplers called directly and against the exit rule applied by hand to every layer's uncertainty, and the app's class,
-guidance and policy widgets (an unconditional model shows none)."""
+samplers called directly and against the exit rule applied by hand to every layer's uncertainty (also through
+`exits_at`, which the per-sampler thresholds and the app's note read the rule with), the note on a guided run where
+nothing exits, and the app's class, guidance and policy widgets (an unconditional model shows none) and its
+per-sampler thresholds on the embedded class-conditional model."""
 import numpy as np
 import pytest
 import torch
 from adadiff_nb.early_exit import create_early_exit
 from adadiff_nb.samplers import sample_ddim
 from adadiff_nb.sampling import schedule_for
-from adadiff_nb.trends import run_trends, ExitTrendsApp
+from adadiff_nb.trends import run_trends, ExitTrendsApp, exits_at, exit_note, SAMPLER_THRESHOLDS
+from adadiff_nb.default_model import load_default
 
 STEPS, B, LABELS, S = 3, 3, [2, 5, 9], 3.
 
@@ -72,6 +75,20 @@ def test_first_step_exits_follow_the_policy_rule(tiny_c):
     both = _first_below(torch.maximum(u_c, u_u), tau)
     np.testing.assert_array_equal(joint.exit_layer[0], torch.cat([both, both]))
     assert (ind.exit_layer[0, :B] != ind.exit_layer[0, B:]).any()                   # the policies differ here
+    u = torch.cat([u_c, u_u], 1).numpy()[None]                                      # (1, L, 2B) as a run records it
+    np.testing.assert_array_equal(exits_at(u, tau), ind.exit_layer[:1])
+    np.testing.assert_array_equal(exits_at(u, tau, joint=True), joint.exit_layer[:1])
+
+
+def test_note_on_a_guided_run_where_nothing_exits(tiny_c):
+    r0 = run_trends(tiny_c, 0., steps=STEPS, batch=B, labels=LABELS, guidance_scale=S)
+    r = run_trends(tiny_c, float(np.nanmin(r0.u)) / 2, steps=STEPS, batch=B, labels=LABELS, guidance_scale=S)
+    assert r.stats['layer_ratio'] == 1 and (r.exit_layer == tiny_c.num_layers).all()
+    note = exit_note(r)
+    assert 'nothing exits early' in note and 'try threshold' in note, note
+    tau = float(note.split('try threshold ')[1].split(' ')[0])
+    ex = run_trends(tiny_c, tau, steps=STEPS, batch=B, labels=LABELS, guidance_scale=S)
+    assert ex.stats['layer_ratio'] < 1                                              # the suggestion does exit
 
 
 def test_joint_rows_leave_together_with_a_multi_evaluation_sampler(tiny_c):
@@ -104,3 +121,14 @@ def test_unconditional_app_has_no_class_widgets():
     assert app.key() == (0.5, 'ddim', 2, 0, 2) and app.class_widgets == []
     assert app.run.labels is None and app.run.guidance_scale is None
     assert 'guidance' not in app.f_exit.layout.title.text and len(app.ui.children) == 9
+    assert app.thresholds == {} and app.w_tau.value == 0.5 and app.w_hint.value == ''
+
+
+def test_embedded_conditional_app_follows_the_sampler_thresholds():
+    torch.set_num_threads(1)
+    app = ExitTrendsApp(load_default(device='cpu', name='cifar10_cond'), steps=2, batch=2, guidance_scale=2.)
+    t = SAMPLER_THRESHOLDS['cifar10_cond']
+    assert app.key()[:2] == (t['ddim'], 'ddim') and app.w_class is not None and app.w_scale.value == 2.
+    app.w_sampler.value = 'dpm_solver_pp_2m'
+    assert app.key()[:2] == (t['dpm_solver_pp_2m'], 'dpm_solver_pp_2m') and len(app.cache) == 2
+    assert f"calibrated for dpm_solver_pp_2m: <b>{t['dpm_solver_pp_2m']:g}</b>" in app.w_hint.value
