@@ -690,9 +690,11 @@ def _bca_reasons(draws: np.ndarray, value: np.ndarray) -> np.ndarray:
     return out
 
 # %% ../nbs/03a_analysis.ipynb #1f3820f2
-def _check_bootstrap(data, n_boot: int, level: float, method: str, fallback: str):
+def _check_bootstrap(data, n_boot: int, level: float, method: str, fallback: str, reason=None):
     if method not in BOOTSTRAP_METHODS:
         raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
+    if reason is not None and method == 'BCa':
+        raise ValueError("reason says why BCa was not used: pass it with method='percentile' or 'basic'")
     if fallback not in BOOTSTRAP_METHODS[1:]:
         raise ValueError(f"fallback must be 'percentile' or 'basic', got {fallback!r}")
     if n_boot < 1: raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -711,14 +713,16 @@ def _is_none(a: np.ndarray) -> np.ndarray:
 
 def bootstrap_interval(data, statistic, n_boot: int = 200, seed: int = 0, level: float = .95, method: str = 'BCa',
                        fallback: str = 'percentile', paired: bool = False, vectorized: bool = False,
-                       batch: int | None = None) -> dict:
+                       batch: int | None = None, reason: str | None = None) -> dict:
     """`scipy.stats.bootstrap` of `statistic(*data)` (each sample's items along its last axis; `paired`: resampled
     with the same indices) from `n_boot` draws of `np.random.default_rng(seed)`: `value`, `ci` [lo, hi] at `level`,
     `std` and `bias` (mean draw - value) of the draws, the interval `method` used and, where BCa was asked for but is
-    degenerate, the `reason` (then `fallback` from the same draws). A vector statistic gives arrays and lists."""
+    degenerate, the `reason` (then `fallback` from the same draws). `method` 'percentile' or 'basic' with a `reason`
+    (why BCa is not asked for): that reason is recorded and BCa's jackknife never runs. A vector statistic gives
+    arrays and lists."""
     from scipy import stats
     data = tuple(np.asarray(d) for d in data)
-    _check_bootstrap(data, n_boot, level, method, fallback)
+    _check_bootstrap(data, n_boot, level, method, fallback, reason)
     kw = dict(paired=paired, vectorized=vectorized, axis=-1, confidence_level=level, batch=batch)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', RuntimeWarning)
@@ -728,7 +732,7 @@ def bootstrap_interval(data, statistic, n_boot: int = 200, seed: int = 0, level:
         value = np.asarray(statistic(*data, axis=-1) if vectorized else statistic(*data), np.float64)
         draws = np.asarray(r.bootstrap_distribution, np.float64)
         lo, hi = (np.asarray(v, np.float64) for v in r.confidence_interval)
-        reason = _bca_reasons(draws, value) if method == 'BCa' else np.full(value.shape, None, object)
+        reason = _bca_reasons(draws, value) if method == 'BCa' else np.full(value.shape, reason, object)
         if method == 'BCa' and fallback == 'basic': lo, hi = 2 * value - hi, 2 * value - lo
         if method == 'BCa' and _is_none(reason).any():
             b = stats.bootstrap(data, statistic, n_resamples=0, bootstrap_result=r, method='BCa', **kw)
@@ -737,6 +741,6 @@ def bootstrap_interval(data, statistic, n_boot: int = 200, seed: int = 0, level:
             ok = _is_none(reason)
             lo, hi = np.where(ok, blo, lo), np.where(ok, bhi, hi)
         bias = np.nanmean(draws, -1) - value                                  # NaN where every draw is NaN
-    used = np.where(_is_none(reason), method, fallback).astype(object)
+    used = np.where(_is_none(reason) | (method != 'BCa'), method, fallback).astype(object)
     return dict(value=_out(value), ci=[_out(lo), _out(hi)], std=_out(r.standard_error), bias=_out(bias),
                 n_boot=n_boot, level=level, method=_out(used), reason=_out(reason), impl='scipy.stats.bootstrap')

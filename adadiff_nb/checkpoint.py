@@ -25,10 +25,10 @@ from .uvit import UViT, create_uvit
 
 # %% auto #0
 __all__ = ['OFFICIAL_UVIT_SCHEDULES', 'ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file',
-           'check_output_file', 'resolve_device', 'CheckpointError', 'load_weights', 'read_safetensors_metadata',
-           'check_state_dict', 'load_state_dict_checked', 'load_official_uvit', 'asset_path', 'register_arch',
-           'known_archs', 'resolve_arch', 'model_record', 'build_model', 'save_model', 'record_differences',
-           'load_model']
+           'RecoveryWarning', 'check_output_file', 'resolve_device', 'CheckpointError', 'load_weights',
+           'read_safetensors_metadata', 'check_state_dict', 'load_state_dict_checked', 'load_official_uvit',
+           'asset_path', 'register_arch', 'known_archs', 'resolve_arch', 'model_record', 'build_model', 'save_model',
+           'record_differences', 'load_model']
 
 # %% ../nbs/01b_checkpoint.ipynb #adb368d8
 def _umask() -> int:
@@ -70,6 +70,11 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     with open(path, 'rb') as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+# %% ../nbs/01b_checkpoint.ipynb #2c696b70
+class RecoveryWarning(UserWarning):
+    "A damaged or unfinished output is being redone or skipped; `adadiff-sample` and `adadiff-train` always show it."
+
 
 # %% ../nbs/01b_checkpoint.ipynb #a692f7d5
 def _first_existing(p: Path) -> Path:

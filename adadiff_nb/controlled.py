@@ -29,31 +29,38 @@ from .default_model import default_model_dir
 from .analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability, bootstrap_interval
 
 # %% auto #0
-__all__ = ['BOOTSTRAP', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED', 'CONTROLLED_MINIMA',
-           'SCORE_SLACK', 'CONTROLLED_LINE', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality',
-           'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
+__all__ = ['BOOTSTRAP', 'FD_REASON', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED',
+           'CONTROLLED_MINIMA', 'SCORE_SLACK', 'CONTROLLED_LINE', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference',
+           'sample_quality', 'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
            'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan', 'evaluate_unit',
            'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'time_rows', 'seed_summary',
            'run_controlled', 'build_parser', 'main']
 
 # %% ../nbs/07b_controlled.ipynb #f547348a
-BOOTSTRAP = "scipy.stats.bootstrap, BCa where defined, else 'basic' (proxy-FD) or 'percentile' (KID, PSNR)"
+BOOTSTRAP = ("scipy.stats.bootstrap: 'basic' for proxy-FD and its paired difference (BCa not attempted); "
+             "KID and PSNR: BCa where defined, else 'percentile'")
+FD_REASON = 'not attempted, since FD is biased upward under resampling'
 
 def bootstrap_ci(stat, n: int, n_boot: int = 200, seed: int = 0, level: float = .95, method: str = 'BCa',
-                 fallback: str = 'percentile') -> dict:
+                 fallback: str = 'percentile', reason: str | None = None) -> dict:
     """`analysis.bootstrap_interval` (scipy.stats.bootstrap) of `stat(idx)` over the indices of `n` items: `value`,
     `ci` [lo, hi] at `level`, `std` and `bias` of the draws, the interval `method` used ('BCa' where defined, else
-    `fallback`) and the `reason` BCa was not."""
+    `fallback`; `method` 'basic' or 'percentile' with a `reason`: that, without BCa) and the `reason` BCa was not."""
     if n < 2: raise ValueError(f"the bootstrap needs at least 2 items, got {n}")
-    return bootstrap_interval((np.arange(n),), stat, n_boot, seed, level, method, fallback)
+    return bootstrap_interval((np.arange(n),), stat, n_boot, seed, level, method, fallback, reason=reason)
 
 # %% ../nbs/07b_controlled.ipynb #49767823
 def fd_stat(acts, ref_mu, ref_sigma, method: str = 'eigh'):
-    "idx -> Frechet distance of activation rows `acts[idx]` against fixed reference statistics (`ref_mu`, `ref_sigma`)."
-    acts = np.asarray(acts, np.float64)
+    """idx -> Frechet distance of activation rows `acts[idx]` against fixed reference statistics (`ref_mu`,
+    `ref_sigma`); each distinct `idx` is computed once (proxy-FD and its paired difference share their draws)."""
+    acts, seen = np.asarray(acts, np.float64), {}
     def stat(idx):
-        mu, sigma = stats_from_activations(acts[idx])
-        return frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
+        i = np.asarray(idx)
+        key = (i.dtype.str, i.shape, i.tobytes())
+        if key not in seen:
+            mu, sigma = stats_from_activations(acts[idx])
+            seen[key] = frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
+        return seen[key]
     return stat
 
 # %% ../nbs/07b_controlled.ipynb #6a64855b
@@ -98,13 +105,14 @@ def sample_quality(samples, ref: dict, full=None, n_boot: int = 200, seed: int =
     n, kw = len(acts), dict(n_boot=n_boot, seed=seed)
     q = dict(n_samples=n, n_boot=n_boot, bootstrap=BOOTSTRAP, ci_method={})
     fd = fd_stat(acts, ref['mu'], ref['sigma'])
-    _store(q, 'proxy_fd', bootstrap_ci(fd, n, fallback='basic', **kw))
+    _store(q, 'proxy_fd', bootstrap_ci(fd, n, method='basic', reason=FD_REASON, **kw))
     _store(q, 'kid', bootstrap_ci(kid_stat(acts, ref['acts']), n, **kw))
     if full is not None:
         p = psnr(samples, full, reduction='none', max_db=100.).numpy()
         _store(q, 'psnr_vs_full', bootstrap_ci(lambda i: p[i].mean(), n, **kw))
         fd_full = fd_stat(compute_activations(full, ref['classifier'], batch_size=200), ref['mu'], ref['sigma'])
-        _store(q, 'proxy_fd_vs_full', bootstrap_ci(lambda i: fd(i) - fd_full(i), n, fallback='basic', **kw))
+        d = bootstrap_ci(lambda i: fd(i) - fd_full(i), n, method='basic', reason=FD_REASON, **kw)
+        _store(q, 'proxy_fd_vs_full', d)
     return q
 
 # %% ../nbs/07b_controlled.ipynb #0f279abe

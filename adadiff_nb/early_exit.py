@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/early_exit.html.md"""
 
 # %% ../nbs/02_early_exit.ipynb #91ed2198
 from __future__ import annotations
-import inspect, math, numbers
+import contextlib, contextvars, inspect, math, numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 import torch
@@ -22,9 +22,9 @@ from .dit import DiT, DIT_PRESETS, FinalLayer, create_dit
 __all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EE_OPTIONS', 'BACKBONES',
            'BACKBONE_PROTOCOL', 'EXIT_SYNC', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
            'ExitCriterion', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT',
-           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'sync_points', 'set_exit_sync', 'block_modules',
-           'pow2_buckets', 'fine_buckets', 'forward', 'forward_train', 'is_early_exit_model', 'create_early_exit',
-           'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
+           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'exit_rule_checked', 'sync_points', 'set_exit_sync',
+           'block_modules', 'pow2_buckets', 'fine_buckets', 'forward', 'forward_train', 'is_early_exit_model',
+           'create_early_exit', 'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -478,14 +478,27 @@ def _as_map(self, u) -> torch.Tensor:
 
 EarlyExitUViT.exit_output, EarlyExitUViT._as_map = exit_output, _as_map
 
+# %% ../nbs/02_early_exit.ipynb #56d3adb0
+_RULE_CHECKED = contextvars.ContextVar('adadiff_exit_rule_checked', default=False)
+
+@contextlib.contextmanager
+def exit_rule_checked():
+    """Within it, early-exit forwards take `threshold` / `exit_layers` as already validated (values in [0, 1], not
+    both): for callers that checked the rule once where it entered, like a sampler. Their shapes are still checked."""
+    token = _RULE_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _RULE_CHECKED.reset(token)
+
 # %% ../nbs/02_early_exit.ipynb #76e4f2f5
-def _tau(threshold, B: int, device) -> torch.Tensor:
-    "The per-row thresholds (B,) of a scalar or tensor `threshold`, checked."
+def _tau(threshold, B: int, device, checked: bool = False) -> torch.Tensor:
+    "The per-row thresholds (B,) of a scalar or tensor `threshold`, its values checked unless `checked` already."
     if isinstance(threshold, (list, tuple)) or hasattr(threshold, '__array__') and not torch.is_tensor(threshold):
         threshold = torch.as_tensor(threshold)
     if not torch.is_tensor(threshold):
-        return torch.full((B,), check_threshold(threshold), device=device)
-    t = check_threshold(threshold.to(device))
+        return torch.full((B,), float(threshold) if checked else check_threshold(threshold), device=device)
+    t = threshold.to(device).float() if checked else check_threshold(threshold.to(device))
     if t.ndim == 0:
         t = t.expand(B)
     if t.shape != (B,):
@@ -539,7 +552,8 @@ def _check_groups(groups, B: int, device) -> torch.Tensor:
     return g.long()
 
 def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
-    if threshold is not None and exit_layers is not None:
+    checked = _RULE_CHECKED.get()                  # inside `exit_rule_checked`: the rule was checked where it entered
+    if not checked and threshold is not None and exit_layers is not None:
         raise ValueError("pass either threshold (dynamic exits) or exit_layers (static exits), not both")
     crit = self.uem
     if threshold is not None and not crit.dynamic:
@@ -549,13 +563,14 @@ def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan
         exit_layers = crit.exit_layers(timesteps)
     B, dev = x.shape[0], x.device
     if threshold is not None:
-        tau = _tau(threshold, B, dev)
+        tau = _tau(threshold, B, dev, checked)
         per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
         per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
         if exit_groups is not None:
             per_row['group'] = _check_groups(exit_groups, B, dev)
         key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
-        return _Plan('threshold', per_row, syncs=torch.is_tensor(threshold) + (exit_groups is not None), sync_key=key)
+        syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
+        return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
     if exit_layers is None:
         return _Plan('full')
     ex = self._check_exit_layers(exit_layers, B, dev)

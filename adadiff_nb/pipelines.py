@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/pipelines.html.md"""
 
 # %% ../nbs/02h_pipelines.ipynb #197b64ce
 from __future__ import annotations
-import hashlib, json, numbers, time, warnings
+import functools, hashlib, json, numbers, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +23,15 @@ from .checkpoint import (CheckpointError, atomic_write, atomic_write_json, load_
                                    read_safetensors_metadata, record_differences, save_safetensors)
 
 # %% auto #0
-__all__ = ['TESTED_DIFFUSERS', 'ADAPTERS', 'POLICIES', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
+__all__ = ['TESTED_DIFFUSERS', 'ADAPTERS', 'POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
            'FINGERPRINT_METHOD', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
            'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
            'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
-           'make_adapter', 'guidance_groups', 'ExitControl', 'enable_early_exit', 'set_exit_threshold',
-           'disable_early_exit', 'early_exit_model', 'diffusers_layer_costs', 'exit_stats', 'reset_exit_stats',
-           'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights', 'check_base_weights', 'model_card',
-           'write_exit_heads', 'save_exit_heads', 'read_exit_heads', 'load_exit_heads']
+           'make_adapter', 'guidance_groups', 'ExitControl', 'EarlyExitHook', 'make_hook', 'cache_hooks',
+           'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model',
+           'diffusers_layer_costs', 'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint',
+           'same_weights', 'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
+           'load_exit_heads']
 
 # %% ../nbs/02h_pipelines.ipynb #bbf94b57
 TESTED_DIFFUSERS = ('0.35', '0.43')        # [lowest tested, first untested)
@@ -340,7 +341,6 @@ PixArtAdapter.embed, PixArtAdapter.run_block, PixArtAdapter.decode = _pixart_emb
 # %% ../nbs/02h_pipelines.ipynb #b5bf98cf
 ADAPTERS = {'DiTTransformer2DModel': DiTAdapter, 'PixArtTransformer2DModel': PixArtAdapter}
 POLICIES = ('joint', 'independent')
-_ATTR = '_adadiff_early_exit'
 
 def make_adapter(transformer) -> DiffusersBackbone:
     "The adapter of a diffusers transformer, by its class."
@@ -370,14 +370,14 @@ def guidance_groups(x, policy: str = 'joint'):
 # %% ../nbs/02h_pipelines.ipynb #237baf71
 @dataclass
 class ExitControl:
-    "What `enable_early_exit` attaches to a transformer: the early-exit model, the exit rule and the record."
+    "What early exit's hook on a transformer holds: the early-exit model, the exit rule and the record."
     model: EarlyExitUViT
     threshold: float | None = 0.
     exit_layer: int | None = None                 # static exits instead of a threshold
     policy: str = 'joint'
     records: list = field(default_factory=list)   # one dict per transformer forward since the last reset
     seconds: float | None = None                  # wall clock of the last pipeline call
-    original: dict = field(default_factory=dict)  # what `disable_early_exit` restores
+    original: dict = field(default_factory=dict)  # the forward (and registry) `disable_early_exit` restores
     card: dict = field(default_factory=dict)      # training facts for the adapter's model card
 
     @property
@@ -411,7 +411,7 @@ def _timesteps(timestep, B: int, device):
 
 # %% ../nbs/02h_pipelines.ipynb #cef85280
 def _ee_forward(ctl: ExitControl, hidden_states, timestep=None, return_dict: bool = True, **kw):
-    "The patched `transformer.forward`: the compaction forward, with what diffusers expects back."
+    "The hooked `transformer.forward`: the compaction forward, with what diffusers expects back."
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     x = hidden_states
     if timestep is None: raise ValueError("the early-exit forward needs the timestep")
@@ -430,19 +430,86 @@ def _ee_forward(ctl: ExitControl, hidden_states, timestep=None, return_dict: boo
     return Transformer2DModelOutput(sample=out.sample) if return_dict else (out.sample,)
 
 # %% ../nbs/02h_pipelines.ipynb #59444781
-def _timed_class(cls):
-    "A subclass of pipeline class `cls` (same name) whose `__call__` resets the exit record and times the call."
-    def __call__(self, *args, **kwargs):
-        ctl = getattr(self.transformer, _ATTR)
-        ctl.records, ctl.seconds = [], None
-        dev = getattr(self, 'device', None)
-        sync(dev)
-        t0 = time.perf_counter()
-        res = cls.__call__(self, *args, **kwargs)
-        sync(dev)
-        ctl.seconds = time.perf_counter() - t0
-        return res
-    return type(cls.__name__, (cls,), dict(__call__=__call__, __module__=cls.__module__, _adadiff_base=cls))
+HOOK_NAME = 'adadiff_early_exit'              # early exit's hook in the transformer's diffusers HookRegistry
+
+class EarlyExitHook:
+    """The hook `enable_early_exit` registers on the transformer (a diffusers `ModelHook`, see `make_hook`): its
+    `new_forward` runs the compaction forward instead of the transformer's own. On a pipeline, the first forward after
+    the scheduler got new timesteps starts a call: the record is reset and `seconds` runs from there."""
+    _is_stateful = False                      # not a cache: diffusers' `reset_stateful_hooks` leaves it alone
+
+    def __init__(self, ctl: ExitControl, pipe=None):
+        super().__init__()
+        self.ctl, self.pipe, self.timesteps, self.t0 = ctl, pipe, None, None
+
+    def new_call(self) -> bool:
+        "Whether the pipeline's scheduler holds timesteps this hook has not seen (`set_timesteps` ran: a new call)."
+        ts = getattr(getattr(self.pipe, 'scheduler', None), 'timesteps', None)
+        if ts is None or ts is self.timesteps: return False
+        self.timesteps = ts
+        return True
+
+    def new_forward(self, module, *args, **kwargs):
+        check_composable(module)
+        x = kwargs.get('hidden_states', args[0] if args else None)
+        dev = x.device if torch.is_tensor(x) else None
+        if self.pipe is not None and self.new_call():
+            self.ctl.records, self.ctl.seconds = [], None
+            sync(dev)
+            self.t0 = time.perf_counter()
+        out = _ee_forward(self.ctl, *args, **kwargs)
+        if self.pipe is not None and self.t0 is not None:
+            sync(dev)
+            self.ctl.seconds = time.perf_counter() - self.t0
+        return out
+
+@functools.cache
+def _model_hook_class():
+    from diffusers.hooks import ModelHook
+    return type('EarlyExitHook', (EarlyExitHook, ModelHook), dict(__module__=__name__, __doc__=EarlyExitHook.__doc__))
+
+def make_hook(ctl: ExitControl, pipe=None) -> EarlyExitHook:
+    "An `EarlyExitHook` that is a diffusers `ModelHook` (diffusers is imported here, not with this module)."
+    return _model_hook_class()(ctl, pipe)
+
+# %% ../nbs/02h_pipelines.ipynb #a20h0002
+def cache_hooks(tr: nn.Module) -> list[str]:
+    """The stateful diffusers hooks (the caches: FirstBlockCache, FasterCache, PyramidAttentionBroadcast, ...) on
+    transformer `tr` or its submodules, as 'module:hook' names (early exit's own hook is not one)."""
+    found = []
+    for name, m in tr.named_modules():
+        reg = m.__dict__.get('_diffusers_hook')
+        if reg is None: continue
+        found += [f"{name or 'transformer'}:{k}" for k, h in reg.hooks.items()
+                  if k != HOOK_NAME and getattr(h, '_is_stateful', False)]
+    return found
+
+def check_composable(tr: nn.Module):
+    """Refuse, in one line, what early exit cannot run under: a diffusers cache on `tr` (it keeps the whole batch's
+    block outputs between forwards, while exited rows leave the batch), or weights accelerate keeps off the module
+    (sequential or disk offload, device maps). Model CPU offload (`pipe.enable_model_cpu_offload()`) composes."""
+    caches = cache_hooks(tr)
+    if caches:
+        raise RuntimeError(f"early exit does not compose with diffusers' caches ({', '.join(caches[:3])}): a cache "
+                           "reuses the whole batch's block outputs between steps, while exited rows leave the batch; "
+                           "remove the cache first (transformer.disable_cache() or HookRegistry.remove_hook), or call "
+                           "disable_early_exit(pipe) to keep the cache")
+    hf = tr.__dict__.get('_hf_hook')
+    if (hf is not None and type(hf).__name__ != 'CpuOffload') or any(p.is_meta for p in tr.parameters()):
+        what = f"accelerate's {type(hf).__name__}" if hf is not None else 'the meta device'
+        raise RuntimeError(f"early exit runs the transformer's blocks one by one and copies its output layer, so it "
+                           f"needs the weights on the module, but {what} keeps them off it (sequential or disk "
+                           "offload, or a device map): use pipe.enable_model_cpu_offload() instead, which composes "
+                           "with early exit")
+
+def _check_no_inner_hooks(tr):
+    "Refuse hooks already on the transformer itself: early exit's `new_forward` would run instead of them."
+    reg = _registry(tr)
+    others = [k for k in (reg.hooks if reg is not None else {}) if k != HOOK_NAME]
+    if others:
+        raise RuntimeError(f"the transformer already has the diffusers hooks {others}, which early exit's forward "
+                           "would replace: remove them (HookRegistry.remove_hook), enable early exit, then register "
+                           "them again (hooks registered after it wrap it)")
 
 # %% ../nbs/02h_pipelines.ipynb #3b01c1ce
 def _heads_record(heads) -> tuple[dict, dict, dict]:
@@ -477,29 +544,69 @@ def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict,
     return m, card
 
 # %% ../nbs/02h_pipelines.ipynb #b5d46b63
+def _registry(tr, create: bool = False):
+    "The transformer's diffusers `HookRegistry` (None when it has none, unless `create`)."
+    if not create: return tr.__dict__.get('_diffusers_hook')
+    from diffusers.hooks import HookRegistry
+    return HookRegistry.check_if_exists_or_initialize(tr)
+
+def _offload_lifted(tr, change):
+    """Run `change()` with accelerate's hook (model CPU offload) lifted off `tr` and put it back on top: the offload
+    hook must stay outermost, to load the transformer and move its inputs before early exit's forward runs, and
+    because diffusers re-applies it after every call from the forward it wrapped."""
+    hf = tr.__dict__.get('_hf_hook')
+    if hf is None: return change()
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    remove_hook_from_module(tr)
+    try: change()
+    finally: add_hook_to_module(tr, hf)
+
 def _attach(pipe, tr, ctl: ExitControl):
-    ctl.original = dict(forward=tr.__dict__.get('forward'), pipe_class=type(pipe) if pipe is not None else None)
-    object.__setattr__(tr, _ATTR, ctl)
-    tr.forward = lambda *a, **k: _ee_forward(ctl, *a, **k)
-    if pipe is not None: pipe.__class__ = _timed_class(type(pipe))
+    def change():
+        ctl.original = dict(forward=tr.__dict__.get('forward'), registry='_diffusers_hook' in tr.__dict__)
+        _registry(tr, create=True).register_hook(make_hook(ctl, pipe), HOOK_NAME)
+    _offload_lifted(tr, change)
 
-def _detach(pipe, tr):
-    ctl = tr.__dict__[_ATTR]
-    if ctl.original.get('forward') is None: tr.__dict__.pop('forward', None)
-    else: tr.forward = ctl.original['forward']
-    if pipe is not None and getattr(type(pipe), '_adadiff_base', None) is not None:
-        pipe.__class__ = type(pipe)._adadiff_base
-    object.__delattr__(tr, _ATTR)
+def _detach(tr):
+    "Remove early exit's hook; when no other hook is left, the forward (and registry) before enabling come back."
+    ctl = _control(tr)
+    def change():
+        reg = _registry(tr)
+        reg.remove_hook(HOOK_NAME, recurse=False)
+        if reg.hooks: return                                # hooks registered after ours keep their chain
+        if ctl.original['forward'] is None: tr.__dict__.pop('forward', None)
+        else: tr.forward = ctl.original['forward']
+        if not ctl.original['registry']: del tr._diffusers_hook
+    _offload_lifted(tr, change)
 
-def _transaction(pipe, tr, change):
-    "Run `change()` on what is attached to `tr` (and `pipe`'s class); on any failure put back exactly what was there."
-    saved = {k: tr.__dict__[k] for k in ('forward', _ATTR) if k in tr.__dict__}
-    cls = type(pipe) if pipe is not None else None
+# %% ../nbs/02h_pipelines.ipynb #a20h0003
+_STATE = ('forward', '_diffusers_hook', '_hf_hook', '_old_forward')   # what attaching changes on the transformer
+
+def _snapshot(tr) -> tuple:
+    "The transformer's hook state: its own forward, diffusers registry (with its chain) and accelerate hook."
+    d = {k: tr.__dict__[k] for k in _STATE if k in tr.__dict__}
+    reg = d.get('_diffusers_hook')
+    chain = None if reg is None else (dict(reg.hooks), list(reg._hook_order), list(reg._fn_refs),
+                                      [r.forward for r in reg._fn_refs])
+    return d, reg, chain
+
+def _restore(tr, snap: tuple):
+    d, reg, chain = snap
+    for k in _STATE: tr.__dict__.pop(k, None)
+    tr.__dict__.update(d)
+    if reg is None: return
+    hooks, order, refs, fwds = chain
+    reg.hooks.clear()
+    reg.hooks.update(hooks)
+    reg._hook_order[:], reg._fn_refs[:] = order, refs
+    for r, f in zip(refs, fwds): r.forward = f
+
+def _transaction(tr, change):
+    "Run `change()` on the hooks of `tr`; on any failure put back exactly what was there."
+    snap = _snapshot(tr)
     try: change()
     except BaseException:
-        for k in ('forward', _ATTR): tr.__dict__.pop(k, None)
-        tr.__dict__.update(saved)
-        if pipe is not None and type(pipe) is not cls: pipe.__class__ = cls
+        _restore(tr, snap)
         raise
 
 # %% ../nbs/02h_pipelines.ipynb #e5a1b001
@@ -511,27 +618,35 @@ def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=N
     (`save_exit_heads`) or an `EarlyExitUViT` trained on this model (used as it is when built around this
     transformer); heads trained on other weights of the same config are refused unless `allow_other_weights`
     (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent'. `ee_cfg`: options of new heads
-    (uem, uem_params, ...). Everything is checked before anything changes: a failed call leaves the pipeline as it
+    (uem, uem_params, ...). Runs as a diffusers hook (`HOOK_NAME`) and leaves the pipeline's class alone; composes
+    with `pipe.enable_model_cpu_offload()` (before or after); diffusers' caches and sequential offload are refused
+    (`check_composable`). Everything is checked before anything changes: a failed call leaves the pipeline as it
     was (early exit already enabled stays enabled, with its old heads and rule). Returns the pipeline (or
     transformer)."""
     pipe, tr = _split(pipe_or_transformer)
     check_diffusers_version()
     guidance_groups(torch.zeros(1), policy)                                  # checks the policy name
     bb = make_adapter(tr)
+    check_composable(tr)
+    _check_no_inner_hooks(tr)
     rule = _exit_rule(bb.num_layers, threshold, exit_layer)
     ee, card = _build_model(bb, heads, ee_cfg, allow_other_weights)
     ctl = ExitControl(ee, *rule, policy=policy, card=card)
     def change():
-        if _ATTR in tr.__dict__: _detach(pipe, tr)
+        reg = _registry(tr)
+        if reg is not None and reg.get_hook(HOOK_NAME) is not None: _detach(tr)
         _attach(pipe, tr, ctl)
-    _transaction(pipe, tr, change)
+    _transaction(tr, change)
     return pipe_or_transformer
 
 # %% ../nbs/02h_pipelines.ipynb #3d9e429b
 def _control(obj) -> ExitControl:
-    ctl = obj if isinstance(obj, ExitControl) else getattr(_split(obj)[1], _ATTR, None)
-    if ctl is None: raise ValueError("early exit is not enabled on this pipeline: call enable_early_exit(pipe) first")
-    return ctl
+    "The `ExitControl` of the early-exit hook on a pipeline's transformer (or a transformer)."
+    if isinstance(obj, ExitControl): return obj
+    reg = _registry(_split(obj)[1])
+    hook = reg.get_hook(HOOK_NAME) if reg is not None else None
+    if hook is None: raise ValueError("early exit is not enabled on this pipeline: call enable_early_exit(pipe) first")
+    return hook.ctl
 
 def _exit_rule(L: int, threshold, exit_layer) -> tuple:
     "(threshold, exit_layer), checked: a threshold in [0, 1] (or a tensor of them), or a static exit_layer in 0..L."
@@ -557,10 +672,11 @@ def set_exit_threshold(pipe, threshold: float | None = None, exit_layer: int | N
 
 # %% ../nbs/02h_pipelines.ipynb #89ede7c6
 def disable_early_exit(pipe_or_transformer):
-    "Detach the exit heads: the transformer's original `forward` (and the pipeline's class) come back exactly."
+    """Detach the exit heads (remove early exit's diffusers hook): the transformer's `forward` is its own again, exactly
+    as before enabling (other hooks and model CPU offload stay)."""
     pipe, tr = _split(pipe_or_transformer)
     _control(tr)
-    _transaction(pipe, tr, lambda: _detach(pipe, tr))
+    _transaction(tr, lambda: _detach(tr))
     return pipe_or_transformer
 
 def early_exit_model(pipe) -> EarlyExitUViT:
@@ -596,8 +712,9 @@ def exit_stats(pipe) -> dict:
     """What the last pipeline call did (on a bare transformer: every forward since enabling or the last reset):
     steps, rows, `layer_ratio`, `exit_layers` (steps, rows), `uncertainty` (steps, rows, L; NaN where not
     evaluated), `timesteps`, analytic `gflops` (and of the full model),
-    `seconds` (wall clock of the pipeline call, None for a bare transformer), the exit rule (threshold,
-    exit_layer) and policy (also before any call)."""
+    `seconds` (wall clock of the last pipeline call's denoising loop, from its first transformer forward to the end
+    of its last; None for a bare transformer), the exit rule (threshold, exit_layer) and policy (also before any
+    call)."""
     ctl = _control(pipe)
     rec, L = ctl.records, ctl.model.num_layers
     rule = dict(num_layers=L, threshold=ctl.threshold, exit_layer=ctl.exit_layer, policy=ctl.policy)

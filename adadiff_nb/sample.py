@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from .extras import require
 from .diffusion import SCHEDULES
+from .checkpoint import RecoveryWarning
 from .checkpoint import (load_model, atomic_write, atomic_write_json, CheckpointError, load_official_uvit,
                                    sha256_file, resolve_device)
 from .dit import DIT_PRESETS, load_official_dit
@@ -489,7 +490,8 @@ def shard_plan(out, shard, settings: dict, overwrite: bool = False, resume: bool
     if not own or overwrite: return None
     rec, why = read_shard(d / f'{name}.npz')
     if rec is None:
-        warnings.warn(f"shard {r}/{N} in {d} is {why if why == UNFINISHED else 'corrupt: ' + why}; sampling it again")
+        warnings.warn(f"shard {r}/{N} in {d} is {why if why == UNFINISHED else 'corrupt: ' + why}; sampling it again",
+                      RecoveryWarning)
     return rec
 
 def _shard_settings(a) -> dict:
@@ -940,6 +942,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line
+        warnings.simplefilter('always', RecoveryWarning)     # shown even under PYTHONWARNINGS=ignore
         try: stats = _run(args)
         except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:   # ImportError: a missing extra
             print(f"adadiff-sample: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 from fastcore.basics import patch
 from tqdm import tqdm
 from .diffusion import NoiseSchedule, DiscreteSchedule, get_schedule, time_bucket
-from .early_exit import check_threshold, is_early_exit_model   # THE threshold check and early-exit test
+from .early_exit import check_threshold, is_early_exit_model, exit_rule_checked   # THE threshold check
 from .uvit import label_error, context_error                                      # THE label check
 _all_ = ['check_threshold', 'is_early_exit_model']
 
@@ -168,7 +168,11 @@ def _describe(model) -> str:
     return type(model).__name__ + (f" (arch {arch!r})" if arch else '')
 
 def _as_value_schedule(v, kind: str):
-    "A threshold / exit-layer spec as a float/int, a callable, or a `TimestepSchedule` (validated where possible)."
+    """A threshold / exit-layer spec as a float/int, a callable, or a `TimestepSchedule`, validated here, once: a
+    callable's values are checked when it is called (`EarlyExitDenoiser.thresholds`)."""
+    if kind == 'threshold' and isinstance(v, TimestepSchedule):
+        check_threshold(v.values, 'threshold schedule value ')
+        return v
     if v is None or callable(v): return v
     if isinstance(v, torch.Tensor) and v.ndim == 0: v = v.item()
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
@@ -223,9 +227,11 @@ class EarlyExitDenoiser:
 
     def __call__(self, x, model_time, **extra):
         th, ex = self.thresholds(model_time), self.exit_layers(model_time)
+        given = 'threshold' in extra or 'exit_layers' in extra                   # a rule per call: the model checks it
         if th is not None: extra['threshold'] = th
         if ex is not None: extra['exit_layers'] = ex
-        return self.model(x, model_time, **extra)
+        with contextlib.nullcontext() if given else exit_rule_checked():         # checked in __init__: not per step
+            return self.model(x, model_time, **extra)
 
     def __repr__(self):
         return (f'EarlyExitDenoiser({_describe(self.model)}, threshold={self.threshold!r}, '
@@ -233,7 +239,8 @@ class EarlyExitDenoiser:
 
 # %% ../nbs/02b_samplers.ipynb #aa00584d
 def _thresholds(self, model_time: torch.Tensor):
-    "The threshold the model gets for these model times: a float, or a validated (B,) float tensor."
+    """The threshold the model gets for these model times: a float, or a (B,) float tensor. A float or a schedule was
+    checked once in `__init__`; the values of a callable are checked here, where they enter."""
     th = self.threshold
     if th is None or isinstance(th, float): return th
     v = torch.as_tensor(th(model_time), dtype=torch.float32, device=model_time.device)
@@ -242,7 +249,7 @@ def _thresholds(self, model_time: torch.Tensor):
         raise ValueError(
             f"a threshold schedule must return shape () or (B,) = {tuple(model_time.shape)}, got {tuple(v.shape)}"
         )
-    return check_threshold(v)
+    return v if isinstance(th, TimestepSchedule) else check_threshold(v)
 
 def _exit_layers(self, model_time: torch.Tensor):
     "The static exit indices for these model times: None or a (B,) long tensor."

@@ -265,6 +265,8 @@ def _batch_labels(labels, b0: int, bs: int, K: int, g) -> torch.Tensor | None:
 def _as_labels(labels):
     "Class labels as `sample_batches` takes them: None, an int (every image) or a 1-D long tensor (one per image)."
     if labels is None or (isinstance(labels, numbers.Integral) and not isinstance(labels, bool)):
+        if labels is not None and not -2**63 <= int(labels) < 2**63:
+            raise ValueError(f"labels: {int(labels)} is not a class index; pass labels in [0, number of classes)")
         return labels if labels is None else int(labels)
     try: y = torch.as_tensor(labels) if isinstance(labels, (list, tuple, np.ndarray, torch.Tensor)) else None
     except (TypeError, ValueError, RuntimeError, OverflowError): y = None

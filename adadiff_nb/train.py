@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .diffusion import get_schedule
+from .checkpoint import RecoveryWarning
 from .checkpoint import (atomic_write_json, save_safetensors, load_weights, load_state_dict_checked,
                          read_safetensors_metadata, model_record, CheckpointError, sha256_file)
 from . import data as _data
@@ -441,7 +442,7 @@ def latest_checkpoint(out) -> dict | None:
     """The newest sound checkpoint of `out`, read (a damaged newer one is skipped with a warning); None when `out` has
     none; `CheckpointError` when none is sound."""
     p, bad = newest_valid_checkpoint(out)
-    for q, why in bad: warnings.warn(f"skipping damaged checkpoint {q}: {why}")
+    for q, why in bad: warnings.warn(f"skipping damaged checkpoint {q}: {why}", RecoveryWarning)
     return None if p is None else read_train_checkpoint(p)
 
 # %% ../nbs/04_train.ipynb #50a86ebe

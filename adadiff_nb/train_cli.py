@@ -8,12 +8,12 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/train_cli.html.md"""
 
 # %% ../nbs/04b_train_cli.ipynb #4f1cdc99
 from __future__ import annotations
-import argparse, dataclasses, json, shlex, sys
+import argparse, dataclasses, json, shlex, sys, warnings
 from dataclasses import fields
 from pathlib import Path
 
 from .train_config import ConfigError, TrainConfig, load_train_config, TRAIN_PRESETS, SECTIONS, _KEYS
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, RecoveryWarning
 from .train import NonFiniteLossError, check_train_checkpoint, newest_valid_checkpoint
 from .train_loop import TrainInputError, TrainInterrupted, train, read_log, _fmt
 
@@ -127,21 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     "The `adadiff-train` command; returns the exit status (0 done, 2 bad input, 3 non-finite loss, 130 Ctrl-C)."
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        cfg, resume = config_from_args(args)
-        command = ' '.join(['adadiff-train'] + [shlex.quote(a) for a in argv])
-        if args.diffusers_model: return _train_diffusers(args, cfg, command)
-        res = train(cfg, resume=resume, overwrite=args.overwrite, command=command)
-    except (ConfigError, TrainInputError, CheckpointError, ImportError) as e:     # ImportError: a missing extra
-        print(f"adadiff-train: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"adadiff-train: {_one_line(e)}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt as e:
-        what = str(e) if isinstance(e, TrainInterrupted) else 'interrupted before the first step; run the command again'
-        print(f"adadiff-train: {what}", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter('always', RecoveryWarning)     # shown even under PYTHONWARNINGS=ignore
+        try:
+            cfg, resume = config_from_args(args)
+            command = ' '.join(['adadiff-train'] + [shlex.quote(a) for a in argv])
+            if args.diffusers_model: return _train_diffusers(args, cfg, command)
+            res = train(cfg, resume=resume, overwrite=args.overwrite, command=command)
+        except (ConfigError, TrainInputError, CheckpointError, ImportError) as e:     # ImportError: a missing extra
+            print(f"adadiff-train: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as e:
+            print(f"adadiff-train: {_one_line(e)}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt as e:
+            what = (str(e) if isinstance(e, TrainInterrupted)
+                    else 'interrupted before the first step; run the command again')
+            print(f"adadiff-train: {what}", file=sys.stderr)
+            return 130
     if res.get('final_model'):
         losses = ', '.join(f'{k}={_fmt(v)}' for k, v in res['losses'].items())
         print(f"adadiff-train: done at step {res['step']}: {losses}\n  final model: {res['final_model']}\n"

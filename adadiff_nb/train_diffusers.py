@@ -108,8 +108,7 @@ def _encode(self: PromptEncoder, prompts) -> torch.Tensor:
 
 def _record(self: PromptEncoder) -> dict:
     "What a prompt-embedding cache stores about its encoder."
-    base = getattr(type(self.pipe), '_adadiff_base', type(self.pipe))
-    return dict(kind=PROMPT_KIND, pipeline=base.__name__, context_shape=list(self.context_shape),
+    return dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
                 config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
                 source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
 

@@ -23,6 +23,7 @@ from .extras import require
 from .diffusion import get_schedule
 from .uvit import UViT, create_uvit, count_params
 from .dit import DiT, create_dit, official_dit_state
+from .checkpoint import RecoveryWarning
 from .checkpoint import (atomic_write, atomic_write_json, save_model, load_weights, load_state_dict_checked,
                          read_safetensors_metadata, CheckpointError, sha256_file)
 from .samplers import sample_ddim
@@ -176,7 +177,8 @@ class CSVLog:
                 cols, rows = rd.fieldnames or [], list(rd)
         except (csv.Error, UnicodeDecodeError) as e:
             os.replace(self.path, self.path.with_name(self.path.name + '.damaged'))
-            warnings.warn(f"{self.path} is damaged ({e}); moved it to {self.path.name}.damaged, starting a new log")
+            warnings.warn(f"{self.path} is damaged ({e}); moved it to {self.path.name}.damaged, starting a new log",
+                          RecoveryWarning)
             return
         if 'step' not in cols:                           # no complete header: no complete row either
             self.path.unlink()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from adadiff_nb.controlled import BOOTSTRAP, FD_REASON
+
 PY = sys.executable
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
 FIELDS = ('method', 'train_images', 'layer_ratio', 'measured_speedup', 'ideal_speedup', 'proxy_fd', 'proxy_fd_ci95',
@@ -40,7 +42,8 @@ def _check_rows(res):
         want = {'proxy_fd', 'kid'} | ({'psnr_vs_full', 'proxy_fd_vs_full'} if r['method'] != 'full' else set())
         assert set(r['ci_method']) == want and all(m.split()[0] in ('BCa', 'basic', 'percentile')
                                                    for m in r['ci_method'].values()), r['ci_method']
-    assert res['config']['bootstrap'].startswith('scipy.stats.bootstrap')
+        assert all(r['ci_method'][k] == f'basic (BCa: {FD_REASON})' for k in want - {'kid', 'psnr_vs_full'})
+    assert res['config']['bootstrap'] == BOOTSTRAP                    # part of the cache key: FD's interval
     for steps in {r['budget_steps'] for r in rows}:                 # equal training images per budget group
         assert len({r['train_images'] for r in rows if r['budget_steps'] == steps}) == 1
     b0 = res['config']['budgets'][0]

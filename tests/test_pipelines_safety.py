@@ -36,9 +36,10 @@ def one_line(err) -> str:
 
 
 def attached(pipe) -> tuple:
-    "What is attached: the control object, the transformer's own forward (if any) and the pipeline class."
+    "What is attached: early exit's diffusers hook, the transformer's own forward (if any) and the pipeline class."
     tr = pipe.transformer
-    return tr.__dict__.get('_adadiff_early_exit'), tr.__dict__.get('forward'), type(pipe)
+    reg = tr.__dict__.get('_diffusers_hook')
+    return reg.get_hook(pl.HOOK_NAME) if reg is not None else None, tr.__dict__.get('forward'), type(pipe)
 
 
 def test_threshold_none_and_both_rules_refused(dit):
@@ -71,23 +72,27 @@ def test_refused_rule_keeps_the_working_exit(dit):
 
 
 def test_failure_midway_restores(dit, monkeypatch):
-    "A failure after the forward was patched (here: making the timed pipeline class) puts everything back."
+    "A failure after the hook was registered (the forward already rewritten, the old hook removed) puts all back."
+    from diffusers.hooks import HookRegistry
+    real = HookRegistry.register_hook
+    def boom(self, hook, name):
+        real(self, hook, name)
+        raise RuntimeError('registration failed')
     plain = images(dit)
-    def boom(cls): raise RuntimeError('class swap failed')
     enable_early_exit(dit, 0.3)
     before, img = attached(dit), images(dit)
-    monkeypatch.setattr(pl, '_timed_class', boom)
-    with pytest.raises(RuntimeError, match='class swap failed'):
+    monkeypatch.setattr(HookRegistry, 'register_hook', boom)
+    with pytest.raises(RuntimeError, match='registration failed'):
         enable_early_exit(dit, 0.6)
     assert attached(dit) == before and exit_stats(dit)['threshold'] == 0.3
     monkeypatch.undo()
     assert torch.equal(images(dit), img)
     disable_early_exit(dit)
     cls = type(dit)
-    monkeypatch.setattr(pl, '_timed_class', boom)
-    with pytest.raises(RuntimeError, match='class swap failed'):
+    monkeypatch.setattr(HookRegistry, 'register_hook', boom)
+    with pytest.raises(RuntimeError, match='registration failed'):
         enable_early_exit(dit, 0.6)
-    assert attached(dit) == (None, None, cls)                       # still plain
+    assert attached(dit) == (None, None, cls) and '_diffusers_hook' not in dit.transformer.__dict__   # still plain
     monkeypatch.undo()
     assert torch.equal(images(dit), plain)
 

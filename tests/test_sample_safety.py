@@ -259,3 +259,45 @@ def test_sample_to_dir_checks_its_arguments_before_compute(ckpt, tmp_path, no_co
     with pytest.raises(ValueError, match=re.escape(msg)):
         sample_to_dir(ckpt, tmp_path / 'o', steps=1, n=1, labels=1, progress=False, **kw)
     assert (tmp_path / 'o' / 'stats.json').read_text() == 'keep'
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    "Count the calls of the threshold check and of the early-exit test wherever they are bound (`calls[name]`)."
+    from adadiff_nb import early_exit as EE, samplers as SP
+    calls = {'check_threshold': 0, 'is_early_exit_model': 0}
+    def counted(name, fn):
+        def f(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return f
+    for name in calls:
+        f = counted(name, getattr(EE, name))
+        for mod in (EE, SP, S):
+            if hasattr(mod, name): monkeypatch.setattr(mod, name, f)
+    return calls
+
+
+@pytest.mark.parametrize('threshold, guidance_scale, per_run', [(.1, None, 1), (.1, 2., 1), ([.05, .2], None, 2)])
+def test_exit_rule_is_checked_where_it_enters_not_per_step(ckpt, checks, threshold, guidance_scale, per_run):
+    "sample_batches checks the threshold once (a schedule: once per bucket), however many steps and batches it runs."
+    model = S.load_sampling_model(ckpt)
+    seen = []
+    for steps in (1, 4):
+        for k in checks: checks[k] = 0
+        sample_batches(model, 'ddim', steps, n=2, batch_size=1, threshold=threshold, labels=[1, 2],
+                       guidance_scale=guidance_scale)
+        seen.append(dict(checks))
+    assert seen[0] == seen[1], seen                                            # independent of the number of steps
+    assert seen[0] == {'check_threshold': per_run, 'is_early_exit_model': 1}, seen
+
+
+def test_cli_checks_the_threshold_where_it_enters(ckpt, tmp_path, checks):
+    "sample_to_dir: once when the value is parsed (before anything is loaded), once at sample_batches; not per step."
+    seen = []
+    for steps in (1, 3):
+        checks['check_threshold'] = 0
+        sample_to_dir(ckpt, tmp_path / str(steps), steps=steps, n=2, batch=1, labels=1, threshold=.2,
+                      compare_full=True, progress=False)
+        seen.append(checks['check_threshold'])
+    assert seen == [2, 2], seen
