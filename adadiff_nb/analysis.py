@@ -24,8 +24,8 @@ from .sampling import schedule_for, sample_batches, model_device, model_image_sh
 __all__ = ['PLOTLY_RENDERER_ENV', 'LOG_TICKS', 'SNR_SOURCES', 'BOOTSTRAP_METHODS', 'analysis_times', 'analysis_data',
            'exit_outputs', 'setup_plotly', 'legend_below', 'format_table', 'summary_table', 'layer_mse_by_timestep',
            'layer_mse_figure', 'training_loss_kw', 'loss_by_timestep', 'loss_by_timestep_figure', 'score_log_snr',
-           'score_snr_figure', 'tradeoff_curve', 'tradeoff_figure', 'calibration_bins', 'uem_reliability',
-           'uem_reliability_figure', 'bootstrap_interval']
+           'score_snr_figure', 'tradeoff_curve', 'tradeoff_figure', 'spearman_corr', 'calibration_bins',
+           'uem_reliability', 'uem_reliability_figure', 'bootstrap_interval']
 
 # %% ../nbs/03a_analysis.ipynb #5c0cce4f
 def analysis_times(schedule, timesteps=10) -> torch.Tensor:
@@ -572,7 +572,8 @@ def _corr(a, b) -> float:
     return float((a * b).sum() / den) if den > 0 else float('nan')
 
 # %% ../nbs/03a_analysis.ipynb #0740742a
-def _spearman(a, b) -> float:
+def spearman_corr(a, b) -> float:
+    "Spearman's rank correlation of `a` and `b` (flattened, average ranks for ties; NaN if one is constant)."
     from scipy.stats import rankdata
     return _corr(rankdata(np.ravel(a)), rankdata(np.ravel(b)))
 
@@ -636,7 +637,7 @@ def uem_reliability(model, data=None, schedule=None, timesteps=10, n: int = 64, 
     pixel = _pixel_pearson(pix, n * K * x0[0].numel()) if per_pixel else None
     return dict(kind='uem_reliability', **_t_axes(sch, ts), exits=np.arange(L), u=U, target=T,
                 pearson=np.array([_corr(uf[i], tf[i]) for i in range(L)]),
-                spearman=np.array([_spearman(uf[i], tf[i]) for i in range(L)]),
+                spearman=np.array([spearman_corr(uf[i], tf[i]) for i in range(L)]),
                 mae=np.abs(uf - tf).mean(1), bias=(uf - tf).mean(1), mean_u=uf.mean(1), mean_target=tf.mean(1),
                 ece=np.array([c['ece'] for c in cal]), bin_edges=cal[0]['edges'],
                 bin_pred=np.stack([c['pred'] for c in cal]), bin_actual=np.stack([c['actual'] for c in cal]),

@@ -32,12 +32,14 @@ from .baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusio
 __all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'COUNT_MINIMA', 'RUN_ELSEWHERE', 'LOSS_VERSIONS',
            'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS', 'check_count', 'check_seed', 'check_reductions',
            'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
-           'comparison_config', 'load_backbone', 'build_methods', 'run_comparison', 'format_table', 'table1_markdown',
-           'method_styles', 'right_legend', 'make_figures', 'comparisons_epilog', 'build_parser', 'set_threads', 'main',
-           'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init', 'build_bench_dit',
-           'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table', 'build_bench_model',
-           'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table',
-           'add_timing_args', 'write_bench_json']
+           'comparison_config', 'spec_key', 'state_sha', 'cached_model', 'load_backbone', 'train_info',
+           'make_finetuner', 'build_methods', 'quality_proxy', 'real_images', 'sample_timed', 'comparison_backbone',
+           'method_exit_rule', 'run_environment', 'comparison_noise', 'run_comparison', 'format_table',
+           'table1_markdown', 'method_styles', 'right_legend', 'make_figures', 'comparisons_epilog', 'build_parser',
+           'set_threads', 'main', 'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init',
+           'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table',
+           'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid',
+           'exit_grid_table', 'add_timing_args', 'write_bench_json']
 
 # %% ../nbs/07_bench.ipynb #6e72a5e8
 ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
@@ -179,21 +181,23 @@ def comparison_config(name: str, **overrides) -> dict:
     return check_comparison(cfg)
 
 # %% ../nbs/07_bench.ipynb #b41c1b40
-def _key(spec: dict) -> str:
+def spec_key(spec: dict) -> str:
+    "A 16-hex-digit key of a JSON-able `spec` (sorted keys): what a cached model or result was built from."
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _state_sha(model: nn.Module) -> str:
+def state_sha(model: nn.Module) -> str:
+    "A 16-hex-digit SHA-256 of `model`'s state dict (names and float32 values): identifies a backbone's weights."
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def _cached(work: Path, name: str, spec: dict, build, log=print):
-    "Load WORK/models/name if its key matches `spec`, else `build()` -> (model, info) and save it."
+def cached_model(work: Path, name: str, spec: dict, build, log=print):
+    "(model, info): WORK/models/name if its key matches `spec`, else `build()` -> (model, info), saved there."
     d = Path(work) / 'models' / name
-    key = _key(spec)
+    key = spec_key(spec)
     cfg = d / 'config.json'
     if (d / 'model.safetensors').exists() and cfg.exists():
         rec = json.loads(cfg.read_text())
@@ -215,11 +219,12 @@ def load_backbone(path) -> UViT:
     if isinstance(bb, UViT): return bb.eval()
     raise ValueError(f"{path} holds a {type(m).__name__}, not a U-ViT or a model with a U-ViT backbone")
 
-def _train_info(r: dict) -> dict:
+def train_info(r: dict) -> dict:
+    "The training record (steps, batch size, lr, seconds, final loss) of a `finetune` result `r`."
     return dict(steps=r['steps'], batch_size=r['batch_size'], lr=r['lr'], train_seconds=round(r['seconds'], 2),
                 final_loss=r['final_loss'])
 
-def _finetuner(cfg: dict):
+def make_finetuner(cfg: dict):
     "finetune(model, loss, steps) with the comparison's data, batch size, learning rate, schedule and seed."
     def ft(model, loss, steps):
         return finetune(model, loss, steps, data=cfg['data'], batch_size=cfg['batch_size'], lr=cfg['lr'],
@@ -233,8 +238,8 @@ def _build_adadiff(cfg, backbone, work, common, ft, log):
     def b():
         log(f'  adadiff: fine-tuning {K} steps')
         r = ft(EarlyExitUViT.from_backbone(copy.deepcopy(backbone)), adadiff_train_loss(), K)
-        return r['model'], _train_info(r)
-    return _cached(work, 'adadiff', dict(common, method='adadiff', steps=K), b, log)
+        return r['model'], train_info(r)
+    return cached_model(work, 'adadiff', dict(common, method='adadiff', steps=K), b, log)
 
 # %% ../nbs/07_bench.ipynb #7a2c417a
 # what each baseline's training loss is, in the cache keys: a model cached under an older loss is retrained
@@ -257,10 +262,10 @@ def _build_ase(cfg, backbone, work, common, ft, log, paper: bool = False):
         m = StaticDropUViT.from_backbone(copy.deepcopy(backbone), schedule=sched)
         r = ft(m, ase_train_loss(reweight_steps=rw, schedule=cfg['schedule']), K)
         info = dict(schedule=list(m.schedule), schedule_name=sched) if paper else dict(schedule=sched)
-        return r['model'], dict(_train_info(r), **info)
+        return r['model'], dict(train_info(r), **info)
     if not paper: log(f"  ase: schedule {sched} (decoder blocks kept per interval, low to high noise)")
     spec = dict(common, method=name, steps=K, schedule=sched, loss=LOSS_VERSIONS['ase'])
-    m, info = _cached(work, name, spec, b, log)
+    m, info = cached_model(work, name, spec, b, log)
     return m, (info if paper else dict(info, schedule_calibration=dict(cal)))
 
 # %% ../nbs/07_bench.ipynb #5806d27b
@@ -268,8 +273,8 @@ def _build_dynamic(name, cls, loss, backbone, work, common, ft, K, log):
     def b():
         log(f'  {name}: fine-tuning {K} steps')
         r = ft(cls.from_backbone(copy.deepcopy(backbone)), loss(), K)
-        return r['model'], _train_info(r)
-    return _cached(work, name, dict(common, method=name, steps=K, loss=LOSS_VERSIONS[name]), b, log)
+        return r['model'], train_info(r)
+    return cached_model(work, name, dict(common, method=name, steps=K, loss=LOSS_VERSIONS[name]), b, log)
 
 def _build_small(cfg, backbone, work, common, ft, log):
     sc = small_model_config(backbone.config, layer_ratio=1 - cfg['target_reduction'])
@@ -277,14 +282,14 @@ def _build_small(cfg, backbone, work, common, ft, log):
         log(f"  small: {sc['depth'] + 1} blocks, training {cfg['small_steps']} steps from scratch")
         torch.manual_seed(cfg['seed'])
         r = ft(UViT(**sc), diffusion_loss, cfg['small_steps'])
-        return r['model'], dict(_train_info(r), config=sc)
-    return _cached(work, 'small', dict(common, method='small', steps=cfg['small_steps'], config=sc), b, log)
+        return r['model'], dict(train_info(r), config=sc)
+    return cached_model(work, 'small', dict(common, method='small', steps=cfg['small_steps'], config=sc), b, log)
 
 # %% ../nbs/07_bench.ipynb #ef043f87
 def build_methods(cfg: dict, backbone: UViT, work: Path, log=print) -> dict:
     "Build (or load) every model of the comparison: {method: (model, info)}; 'static' shares AdaDiff's model."
-    methods, out, ft = cfg['methods'], {}, _finetuner(cfg)
-    common = dict(backbone=_state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
+    methods, out, ft = cfg['methods'], {}, make_finetuner(cfg)
+    common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
                   lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
     if 'full' in methods: out['full'] = (backbone, dict(trained='backbone as given'))
     if any(m in methods for m in ('adadiff', 'adadiff_full', 'static')):
@@ -300,7 +305,8 @@ def build_methods(cfg: dict, backbone: UViT, work: Path, log=print) -> dict:
     return out
 
 # %% ../nbs/07_bench.ipynb #748bf184
-def _proxy(kind: str):
+def quality_proxy(kind: str):
+    "(classifier, its kind) for proxy-FD: the trained proxy, or (unless `kind` is 'trained') a seeded random one."
     from adadiff_nb.metrics import load_proxy_classifier, ProxyClassifier
     try: return load_proxy_classifier(), 'trained'
     except FileNotFoundError:
@@ -308,14 +314,15 @@ def _proxy(kind: str):
         torch.manual_seed(0)
         return ProxyClassifier().eval(), 'random (NOT the trained proxy: smoke test only)'
 
-def _real_images(cfg, split: str, n: int | None = None) -> torch.Tensor:
+def real_images(cfg, split: str, n: int | None = None) -> torch.Tensor:
+    "The first `n` (default all) images of `split` of the comparison's data set, unflipped, in [-1, 1]."
     from adadiff_nb import data as _data
     ds = _data.get_dataset(cfg['data'], split=split, img_size=cfg['img_size'], flip=False)
     idx = torch.arange(len(ds) if n is None else min(n, len(ds)))
     return ds.get_batch(idx)[0] if hasattr(ds, 'get_batch') else torch.stack([ds[int(i)][0] for i in idx])
 
 # %% ../nbs/07_bench.ipynb #cdc6f40b
-def _sample_timed(model, x_T, cfg, batch: int, threshold=None, exit_layers=None) -> dict:
+def sample_timed(model, x_T, cfg, batch: int, threshold=None, exit_layers=None) -> dict:
     "Sample `x_T` in batches, timing each batch (after a warm-up call); CostMeter statistics over all batches."
     run = sample_batches(model, cfg['sampler'], cfg['steps'], x_T=x_T, batch_size=batch, threshold=threshold,
                          exit_layers=exit_layers, seed=cfg['seed'] + 7, schedule=cfg['schedule'],
@@ -330,7 +337,7 @@ def _fmt_schedule(v):
     return v if isinstance(v, (int, float)) else list(v)
 
 # %% ../nbs/07_bench.ipynb #7def450b
-def _get_backbone(cfg: dict, work: Path, log) -> tuple:
+def comparison_backbone(cfg: dict, work: Path, log) -> tuple:
     "(backbone, info): the comparison's checkpoint, or the preset trained (cached) inside the command."
     if cfg['backbone']:
         return load_backbone(cfg['backbone']), dict(source=str(cfg['backbone']))
@@ -339,14 +346,14 @@ def _get_backbone(cfg: dict, work: Path, log) -> tuple:
         r = finetune(create_uvit(cfg['backbone_preset']), diffusion_loss, cfg['backbone_steps'], data=cfg['data'],
                      batch_size=cfg['batch_size'], lr=cfg['backbone_lr'], weight_decay=0., schedule=cfg['schedule'],
                      seed=cfg['seed'])
-        return r['model'], dict(_train_info(r), preset=cfg['backbone_preset'])
+        return r['model'], dict(train_info(r), preset=cfg['backbone_preset'])
     spec = dict(method='backbone', preset=cfg['backbone_preset'], steps=cfg['backbone_steps'], lr=cfg['backbone_lr'],
                 batch_size=cfg['batch_size'], seed=cfg['seed'], data=cfg['data'])
-    backbone, binfo = _cached(work, 'backbone', spec, b, log)
+    backbone, binfo = cached_model(work, 'backbone', spec, b, log)
     return backbone.eval(), binfo
 
 # %% ../nbs/07_bench.ipynb #2dcbb876
-def _exit_rule(method: str, model, target: float, cfg: dict, x_C, L: int) -> tuple:
+def method_exit_rule(method: str, model, target: float, cfg: dict, x_C, L: int) -> tuple:
     "(rule, calibration): the threshold / exit layer of `method` at `target`, calibrated on `x_C` when dynamic."
     rule, calib, t0 = dict(), None, time.time()
     if method in DYNAMIC:
@@ -402,9 +409,9 @@ def _evaluate(cfg, models, x_T, x_C, ref, clf, L, gflops_full, log) -> tuple:
             if not primary and method not in DYNAMIC + ('static',): continue
             model, info = models[method]
             model = model.eval()
-            rule, calib = _exit_rule(method, model, target, cfg, x_C, L)
+            rule, calib = method_exit_rule(method, model, target, cfg, x_C, L)
             if method == 'full' and full_samples is not None: continue
-            r = _sample_timed(model, x_T, cfg, cfg['batch'], **rule)
+            r = sample_timed(model, x_T, cfg, cfg['batch'], **rule)
             if method == 'full': full_samples, full_time = r['samples'], r['median_batch_seconds']
             row = _add_quality(_row(method, model, info, target, rule, r, L), r, ref, clf, full_samples, full_time,
                                gflops_full)
@@ -417,7 +424,8 @@ def _evaluate(cfg, models, x_T, x_C, ref, clf, L, gflops_full, log) -> tuple:
     return rows, sweep
 
 # %% ../nbs/07_bench.ipynb #53b14964
-def _environment() -> dict:
+def run_environment() -> dict:
+    "Versions, threads and machine of this run, recorded in every results JSON."
     return dict(torch=torch.__version__, python=platform.python_version(), device='cpu',
                 threads=torch.get_num_threads(), omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
                 machine=platform.machine(), processor=platform.processor() or None)
@@ -437,14 +445,14 @@ def _write_results(res: dict, out: Path, name: str, log):
 # %% ../nbs/07_bench.ipynb #ecbaa107
 def _quality_refs(cfg: dict, log) -> tuple:
     "(classifier, its kind, reference statistics, the real-image floor) of proxy-FD."
-    clf, proxy_kind = _proxy(cfg['proxy'])
-    ref = compute_stats(_real_images(cfg, cfg['ref_split']), clf, batch_size=200)
-    floor = proxy_fd(_real_images(cfg, 'train', cfg['n']), ref, clf)
+    clf, proxy_kind = quality_proxy(cfg['proxy'])
+    ref = compute_stats(real_images(cfg, cfg['ref_split']), clf, batch_size=200)
+    floor = proxy_fd(real_images(cfg, 'train', cfg['n']), ref, clf)
     log(f"  proxy classifier: {proxy_kind}; FD of {cfg['n']} real training images vs the {cfg['ref_split']} split: "
         f"{floor:.3f}")
     return clf, proxy_kind, ref, floor
 
-def _noise(cfg: dict, shape: tuple) -> tuple:
+def comparison_noise(cfg: dict, shape: tuple) -> tuple:
     "(evaluation noise, calibration noise): fixed by the comparison's seed."
     x_T = torch.randn(cfg['n'], *shape, generator=torch.Generator().manual_seed(cfg['seed'] + 1000))
     x_C = torch.randn(cfg['calib_n'], *shape, generator=torch.Generator().manual_seed(cfg['seed'] + 2000))
@@ -459,7 +467,7 @@ def run_comparison(name: str, out='results', work=None, command: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg['seed'])
     log(f"adadiff-bench: comparison {name!r}: {cfg['description']}")
-    backbone, binfo = _get_backbone(cfg, work, log)
+    backbone, binfo = comparison_backbone(cfg, work, log)
     if backbone.img_size != cfg['img_size']:
         raise ValueError(f"backbone is {backbone.img_size}x{backbone.img_size}, comparison expects {cfg['img_size']}")
     L, gflops_full = backbone.num_layers, full_eval_flops(layer_costs(backbone)) / 1e9
@@ -468,7 +476,7 @@ def run_comparison(name: str, out='results', work=None, command: str | None = No
     t_build = time.time()
     models = build_methods(cfg, backbone, work, log)
     build_seconds = time.time() - t_build
-    x_T, x_C = _noise(cfg, (backbone.in_chans, backbone.img_size, backbone.img_size))
+    x_T, x_C = comparison_noise(cfg, (backbone.in_chans, backbone.img_size, backbone.img_size))
     clf, proxy_kind, ref, floor = _quality_refs(cfg, log)
     rows, sweep = _evaluate(cfg, models, x_T, x_C, ref, clf, L, gflops_full, log)
     quality = dict(proxy=proxy_kind, reference=f"{cfg['data']} {cfg['ref_split']} split at {cfg['img_size']}x"
@@ -476,9 +484,9 @@ def run_comparison(name: str, out='results', work=None, command: str | None = No
                    metric='proxy_fd (Frechet distance of the proxy CIFAR-10 classifier features; NOT FID)')
     res = dict(comparison=name, description=cfg['description'], command=command or f"adadiff-bench --comparison {name}",
                created=time.strftime('%Y-%m-%d %H:%M:%S'), config={k: v for k, v in cfg.items()},
-               environment=_environment(),
+               environment=run_environment(),
                backbone=dict(binfo, num_layers=L, params=sum(p.numel() for p in backbone.parameters()),
-                             config=backbone.config, gflops_per_eval=gflops_full, sha=_state_sha(backbone)),
+                             config=backbone.config, gflops_per_eval=gflops_full, sha=state_sha(backbone)),
                quality=quality, rows=rows, sweep=sweep, build_seconds=round(build_seconds, 1),
                total_seconds=round(time.time() - t_start, 1))
     _write_results(res, out, name, log)
@@ -822,7 +830,8 @@ def bench_dit_exits(preset: str = 'DiT-S/2', input_size: int = 16, in_channels: 
     inp = exit_bench_inputs(model, batch, skip_fraction, seed, guidance, device)
     res = bench_exits(model, inp['x'], inp['t'], inp['y'], inp['exit_layers'], repeats, warmup, device)
     return dict(preset=preset, backbone=dict(model.backbone.config), samples=batch, guidance=guidance,
-                skip_fraction_requested=skip_fraction, seed=seed, environment=dict(_environment(), device=str(device)),
+                skip_fraction_requested=skip_fraction, seed=seed,
+                environment=dict(run_environment(), device=str(device)),
                 params=sum(p.numel() for p in model.backbone.parameters()), **res)
 
 # %% ../nbs/07_bench.ipynb #e8bbc891
@@ -984,7 +993,7 @@ def bench_exit_grid(archs=('U-ViT-S/2', 'DiT-XL/2'), batches=(1, 16, 64), skips=
                                             repeats, warmup, seed, device, buckets)
                     runs += [dict(arch=arch, reduced=reduced, **r) for r in rows]
                     log(f"{arch} batch {batch} {mode} {prec}: {time.time() - t0:.0f}s")
-    return dict(runs=runs, environment=dict(_environment(), device=str(device)),
+    return dict(runs=runs, environment=dict(run_environment(), device=str(device)),
                 models={a: dict(build_bench_model(a, reduced, seed).backbone.config) for a in archs})
 
 # %% ../nbs/07_bench.ipynb #f430014f

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .uvit import BlockState
-from .early_exit import EarlyExitUViT, check_threshold
+from .early_exit import EarlyExitModel, ExitRows, check_threshold
 from .samplers import get_sampler
 from .cost import backbone_flops, uem_flops
 from .sampling import schedule_for
@@ -108,44 +108,31 @@ def _finish_rows(bb, j: int, h_cached, state: BlockState) -> torch.Tensor:
     return bb.decode(h, state)
 
 # %% ../nbs/06b_caching.ipynb #51ff2f6e
-@dataclass
-class _Rows:
-    "The rows of a cached step still in the in-path: original indices, tokens, skip stack, UEM context."
-    idx: torch.Tensor
-    h: torch.Tensor
-    state: BlockState
-    ctx: dict
-
-    def split(self, m: torch.Tensor) -> tuple:
-        "(rows where `m`, rows where not), each with its own view of the skip stack."
-        a, b = m.nonzero()[:, 0], (~m).nonzero()[:, 0]
-        take = lambda r: _Rows(self.idx[r], self.h[r], self.state.select(r), {k: v[r] for k, v in self.ctx.items()})
-        return take(a), take(b)
-
-def _emit(bb, out, rows: _Rows, j: int, cache: dict, depth: torch.Tensor):
+def _emit(bb, out, rows: ExitRows, j: int, cache: dict, depth: torch.Tensor):
     "Rows `rows` leave at depth j: their outputs go to `out` (a list holding the (B, ...) result or None)."
     h_c = cache[bb.num_layers - 1 - j]
-    h_c = h_c if len(rows.idx) == len(h_c) else h_c[rows.idx]
+    h_c = h_c if len(rows.rows) == len(h_c) else h_c[rows.rows]
     eps = _finish_rows(bb, j, h_c, rows.state)
-    depth[rows.idx] = j
-    if out[0] is None and len(rows.idx) == len(depth):
+    depth[rows.rows] = j
+    if out[0] is None and len(rows.rows) == len(depth):
         out[0] = eps
         return
     if out[0] is None:
         out[0] = eps.new_zeros((len(depth), *eps.shape[1:]))
-    out[0].index_copy_(0, rows.idx, eps)
+    out[0].index_copy_(0, rows.rows, eps)
 
 # %% ../nbs/06b_caching.ipynb #2d890981
 def shallow_pass(bb, x, t, y, cache: dict, branch: int, exit_fn: Callable | None = None,
                  min_branch: int | None = None) -> tuple:
     """A cached step -> (noise prediction, depth (B,) long, host syncs). Rows run in-blocks until depth `branch` and
-    reuse `cache[L - 1 - j]` (the deep state of their level j); `exit_fn(j, rows) -> (b,) bool` may let rows leave
+    reuse `cache[L - 1 - j]` (the deep state of their level j); `exit_fn(j, rows) -> (b,) bool` (`rows` an
+    `ExitRows`: original indices `rows.rows`, tokens, skip stack, criterion context `per_row`) may let rows leave
     earlier, at depths [`min_branch`, `branch`)."""
     k = _check_int('branch', branch, 0, _num_in(bb))
     j0 = k if exit_fn is None else _check_int('min_branch', k if min_branch is None else min_branch, 0, k)
     h, state = bb.embed(x, t, y)
     B = x.shape[0]
-    rows, out, syncs = _Rows(torch.arange(B, device=x.device), h, state, {}), [None], 0
+    rows, out, syncs = ExitRows(torch.arange(B, device=x.device), h, state, {}), [None], 0
     depth = torch.full((B,), k, dtype=torch.long, device=x.device)
     for j in range(k + 1):
         if j == k:
@@ -153,9 +140,9 @@ def shallow_pass(bb, x, t, y, cache: dict, branch: int, exit_fn: Callable | None
         elif j >= j0:
             leave, rows = rows.split(exit_fn(j, rows))
             syncs += 1                                                        # nonzero() reads the mask
-            if len(leave.idx):
+            if len(leave.rows):
                 _emit(bb, out, leave, j, cache, depth)
-            if not len(rows.idx):
+            if not len(rows.rows):
                 break
         if j < k:
             rows.h = bb.run_block(j, rows.h, rows.state)
@@ -506,9 +493,9 @@ class AdaDiffCacheUViT(DeepCacheUViT):
     `analytic_layer_ratio` is DeepCache's (the bound at threshold 0); above 0 the ratio is only measured."""
     method = 'adadiff_cache'
 
-    def __init__(self, model: EarlyExitUViT, threshold: float = 0., min_branch: int = 1, **deepcache_kw):
-        if not isinstance(model, EarlyExitUViT):
-            raise TypeError(f"adadiff_cache needs an EarlyExitUViT (its UEM decides the depth), got "
+    def __init__(self, model: EarlyExitModel, threshold: float = 0., min_branch: int = 1, **deepcache_kw):
+        if not isinstance(model, EarlyExitModel):
+            raise TypeError(f"adadiff_cache needs an EarlyExitModel (its UEM decides the depth), got "
                             f"{type(model).__name__}; for a plain backbone use deepcache")
         if not model.uem.dynamic:
             raise ValueError("adadiff_cache needs an uncertainty criterion (a UEM); this model exits by a fixed "
@@ -533,10 +520,10 @@ def _adadiff_cache_step(self, i, x, t, y):
     unc = torch.full((B, L), float('nan'), device=x.device)
 
     def exit_fn(j, rows):
-        if not rows.ctx:
-            rows.ctx.update(ee._uem_cond(rows.state, ee.uem.context(t[rows.idx])))
-        u, _ = ee.uem.uncertainty(j, self.backbone, rows.h, rows.ctx)
-        unc[rows.idx, j] = u.detach().float()
+        if not rows.per_row:
+            rows.per_row.update(ee.criterion_context(t[rows.rows], rows.state))
+        u, _ = ee.uem.uncertainty(j, self.backbone, rows.h, rows.per_row)
+        unc[rows.rows, j] = u.detach().float()
         return u < self.tau
 
     eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch, exit_fn, self.min_branch)
@@ -558,14 +545,14 @@ def _check_cfg(name: str, cfg: dict | None, keys) -> dict:
     return cfg
 
 def _backbone_of(m):
-    return m.backbone if isinstance(m, EarlyExitUViT) else m
+    return m.backbone if isinstance(m, EarlyExitModel) else m
 
 def build_deepcache(model, cfg: dict | None = None, train=None) -> DeepCacheUViT:
     "DeepCache on the backbone of `model` (a U-ViT or an early-exit U-ViT); training-free (`train` is ignored)."
     return DeepCacheUViT(_backbone_of(model), **_check_cfg('deepcache', cfg, _DC_KEYS))
 
 def build_adadiff_cache(model, cfg: dict | None = None, train=None) -> AdaDiffCacheUViT:
-    "The early-exit + cache combination of an `EarlyExitUViT` (no training of its own)."
+    "The early-exit + cache combination of an `EarlyExitModel` (no training of its own)."
     return AdaDiffCacheUViT(model, **_check_cfg('adadiff_cache', cfg, (*_DC_KEYS, 'threshold', 'min_branch')))
 
 # %% ../nbs/06b_caching.ipynb #67c76a05

@@ -25,10 +25,10 @@ from .uvit import UViT, create_uvit
 
 # %% auto #0
 __all__ = ['OFFICIAL_UVIT_SCHEDULES', 'ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file',
-           'RecoveryWarning', 'check_output_file', 'resolve_device', 'CheckpointError', 'load_weights',
-           'read_safetensors_metadata', 'check_state_dict', 'load_state_dict_checked', 'load_official_uvit',
-           'asset_path', 'register_arch', 'known_archs', 'resolve_arch', 'model_record', 'build_model', 'save_model',
-           'record_differences', 'load_model']
+           'RecoveryWarning', 'check_output_file', 'resolve_device', 'CheckpointError', 'unwrap_state_dict',
+           'load_weights', 'read_safetensors_metadata', 'check_state_dict', 'load_state_dict_checked',
+           'load_official_uvit', 'asset_path', 'register_arch', 'known_archs', 'resolve_arch', 'model_record',
+           'build_model', 'save_model', 'record_differences', 'load_model']
 
 # %% ../nbs/01b_checkpoint.ipynb #adb368d8
 def _umask() -> int:
@@ -121,7 +121,8 @@ class CheckpointError(ValueError):
 
 _WRAP_KEYS = ('state_dict', 'model', 'nnet', 'ema', 'nnet_ema', 'module')
 
-def _unwrap(sd):
+def unwrap_state_dict(sd):
+    "The tensors of a loaded checkpoint: unwrapped from `_WRAP_KEYS` ('state_dict', ...), 'module.' stripped."
     while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
         key = next((k for k in _WRAP_KEYS if k in sd and isinstance(sd[k], dict)), None)
         if key is None: break
@@ -154,7 +155,7 @@ def load_weights(path, map_location='cpu') -> dict:
                               f"({type(e).__name__}: {msg}). The file is corrupt, truncated, or contains pickled "
                               "objects other than tensors; only plain state dicts are accepted "
                               "(re-save with torch.save(model.state_dict(), ...)).") from None
-    return _unwrap(obj)
+    return unwrap_state_dict(obj)
 
 # %% ../nbs/01b_checkpoint.ipynb #d8d279a9
 def read_safetensors_metadata(path) -> dict:
@@ -222,7 +223,7 @@ def asset_path(*parts: str) -> Path:
 # %% ../nbs/01b_checkpoint.ipynb #57aea093
 ARCHS: dict = {
     'uvit': 'adadiff_nb.uvit:UViT',
-    'adadiff': 'adadiff_nb.early_exit:EarlyExitUViT',
+    'adadiff': 'adadiff_nb.early_exit:EarlyExitModel',
     'ase': 'adadiff_nb.baselines:StaticDropUViT',
     'berxit': 'adadiff_nb.baselines:BERxiTUViT',
     'calm': 'adadiff_nb.baselines:CALMUViT',

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from . import bench
-from .bench import (time_interleaved, comparison_config, build_methods, _cached, _key, _state_sha,
-                              _finetuner, _train_info, _get_backbone, _proxy, _real_images, _sample_timed, _exit_rule,
-                              _noise, _environment, COUNT_MINIMA, check_comparison, check_count, check_seed,
-                              check_reductions, check_run_paths, check_checkpoint, parse_list, set_threads)
+from .bench import (time_interleaved, comparison_config, build_methods, cached_model, spec_key, state_sha,
+                              make_finetuner, train_info, comparison_backbone, quality_proxy, real_images,
+                              sample_timed, method_exit_rule, comparison_noise, run_environment, COUNT_MINIMA,
+                              check_comparison, check_count, check_seed, check_reductions, check_run_paths,
+                              check_checkpoint, parse_list, set_threads)
 from .checkpoint import atomic_write_json
 from .cost import layer_costs, full_eval_flops
 from .early_exit import EarlyExitUViT
@@ -33,7 +34,7 @@ __all__ = ['BOOTSTRAP', 'FD_REASON', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE
            'CONTROLLED_MINIMA', 'SCORE_SLACK', 'CONTROLLED_LINE', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference',
            'sample_quality', 'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
            'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan', 'evaluate_unit',
-           'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'time_rows', 'seed_summary',
+           'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'row_id', 'time_rows', 'seed_summary',
            'run_controlled', 'build_parser', 'main']
 
 # %% ../nbs/07b_controlled.ipynb #f547348a
@@ -137,7 +138,7 @@ def rule_kind(method: str) -> str:
     return {'static': 'static', 'l2c': 'budget'}.get(method, 'fixed')
 
 def _rule_alias(method: str) -> str:
-    "The name `bench._exit_rule` knows for `method`'s rule."
+    "The name `bench.method_exit_rule` knows for `method`'s rule."
     return 'adadiff' if rule_kind(method) == 'dynamic' else method
 
 # %% ../nbs/07b_controlled.ipynb #a29a27a2
@@ -155,15 +156,15 @@ def known_methods() -> tuple:
 def _build_ablation(name: str, cfg: dict, backbone, work: Path, log=print) -> tuple:
     "(model, info) of ablation `name`, fine-tuned from `backbone` for cfg['finetune_steps'] steps (cached)."
     spec, K = ABLATIONS[name], cfg['finetune_steps']
-    common = dict(backbone=_state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
+    common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
                   lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
     def b():
         log(f'  {name}: fine-tuning {K} steps ({spec["note"]})')
         m = EarlyExitUViT.from_backbone(copy.deepcopy(backbone), **spec.get('ee', {}))
         if spec.get('frozen'): m.backbone.requires_grad_(False)
-        r = _finetuner(cfg)(m, adadiff_train_loss(**spec.get('loss', {})), K)
-        return r['model'], dict(_train_info(r), ablation=spec['note'])
-    return _cached(work, name, dict(common, method=name, steps=K, ablation={k: v for k, v in spec.items()
+        r = make_finetuner(cfg)(m, adadiff_train_loss(**spec.get('loss', {})), K)
+        return r['model'], dict(train_info(r), ablation=spec['note'])
+    return cached_model(work, name, dict(common, method=name, steps=K, ablation={k: v for k, v in spec.items()
                                                                               if k != 'note'}), b, log)
 
 # %% ../nbs/07b_controlled.ipynb #fb6fe33b
@@ -190,7 +191,7 @@ def _build_l2c(cfg: dict, backbone, work: Path, log=print) -> tuple:
     opts = dict(steps=cfg['steps'], sampler=cfg['sampler'], schedule=cfg['schedule'], sampler_opts=cfg['sampler_opts'],
                 train_steps=cfg['finetune_steps'], batch=cfg['batch_size'], train_rows=cfg['batch_size'],
                 seed=cfg['seed'], remove=0.)
-    key, p = _key(dict(opts, backbone=_state_sha(backbone), method='l2c')), Path(work) / 'models' / 'l2c.pt'
+    key, p = spec_key(dict(opts, backbone=state_sha(backbone), method='l2c')), Path(work) / 'models' / 'l2c.pt'
     rec = torch.load(p) if p.exists() else None
     if rec is not None and rec['key'] == key:
         log(f"  l2c: cached ({p})")
@@ -366,9 +367,9 @@ def evaluate_unit(method: str, unit: dict, ctx: dict, log=print) -> tuple:
             if name == 'adadiff_cache':
                 calib = calibrate_cache_threshold(model, target, ctx)
                 rule = dict(threshold=calib['threshold'])
-            else: rule, calib = _exit_rule(_rule_alias(name), model, target, cfg, ctx['x_C'], ctx['L'])
+            else: rule, calib = method_exit_rule(_rule_alias(name), model, target, cfg, ctx['x_C'], ctx['L'])
             sm, srule = sampling_model(name, model, target, rule, cfg)
-            r = _sample_timed(sm, ctx['x_T'], cfg, cfg['batch'], **srule)
+            r = sample_timed(sm, ctx['x_T'], cfg, cfg['batch'], **srule)
             q = sample_quality(r['samples'], ctx['ref'], ctx.get('full'), cfg['n_boot'], cfg['seed'])
             row = dict(_row(name, target, r, q, ctx, unit), **_rule_fields(rule),
                        training={k: v for k, v in info.items() if k != 'schedule_calibration'})
@@ -387,7 +388,7 @@ def unit_key(cfg: dict, unit: dict, backbone_sha: str) -> str:
     "The hash of everything that decides a unit's rows."
     ms = _methods_of_unit(unit['method'], cfg)
     caches = {k: cfg.get(k) for k in ('deepcache', 'adadiff_cache')} if set(ms) & set(CACHE_NAMES) else {}
-    return _key(dict({k: cfg.get(k) for k in _EVAL_KEYS}, backbone=backbone_sha, methods=ms, seed0=cfg['seeds'][0],
+    return spec_key(dict({k: cfg.get(k) for k in _EVAL_KEYS}, backbone=backbone_sha, methods=ms, seed0=cfg['seeds'][0],
                      **caches, **unit))
 
 def _unit_file(work: Path, unit: dict) -> Path:
@@ -403,21 +404,21 @@ def load_unit(work: Path, unit: dict, key: str):
 # %% ../nbs/07b_controlled.ipynb #2a285bec
 def _references(cfg: dict, work: Path, log) -> dict:
     "ctx: backbone, L, GFLOPs, noise, reference statistics and the proxy floor."
-    backbone, binfo = _get_backbone(cfg, work, log)
+    backbone, binfo = comparison_backbone(cfg, work, log)
     if backbone.img_size != cfg['img_size']:
         raise ValueError(f"backbone is {backbone.img_size}x{backbone.img_size}, the comparison expects "
                          f"{cfg['img_size']}; pass a matching --backbone")
-    x_T, x_C = _noise(cfg, (backbone.in_chans, backbone.img_size, backbone.img_size))
-    clf, kind = _proxy(cfg['proxy'])
-    ref = reference(_real_images(cfg, cfg['ref_split']), clf)
-    floor = sample_quality(_real_images(cfg, 'train', cfg['n']), ref, None, cfg['n_boot'], cfg['seed'])
+    x_T, x_C = comparison_noise(cfg, (backbone.in_chans, backbone.img_size, backbone.img_size))
+    clf, kind = quality_proxy(cfg['proxy'])
+    ref = reference(real_images(cfg, cfg['ref_split']), clf)
+    floor = sample_quality(real_images(cfg, 'train', cfg['n']), ref, None, cfg['n_boot'], cfg['seed'])
     log(f"  proxy: {kind}; {ref['n']} reference images; floor proxy-FD {floor['proxy_fd']:.3f} "
         f"{floor['proxy_fd_ci95']}")
-    return dict(cfg=cfg, backbone=backbone, sha=_state_sha(backbone), L=backbone.num_layers, x_T=x_T, x_C=x_C,
+    return dict(cfg=cfg, backbone=backbone, sha=state_sha(backbone), L=backbone.num_layers, x_T=x_T, x_C=x_C,
                 gflops_full=full_eval_flops(layer_costs(backbone)) / 1e9, ref=ref, full=None, full_batch_s=None,
                 quality=dict(proxy=kind, reference_images=ref['n'], real_floor=floor,
                              metric='proxy_fd / kid in proxy-classifier features (NOT FID / KID)'),
-                backbone_info=dict(binfo, config=backbone.config, sha=_state_sha(backbone),
+                backbone_info=dict(binfo, config=backbone.config, sha=state_sha(backbone),
                                    params=sum(p.numel() for p in backbone.parameters())))
 
 # %% ../nbs/07b_controlled.ipynb #2bf2c0d2
@@ -449,7 +450,8 @@ def _keyed_json(path: Path, key: str, field: str, build):
 def backbone_quality(ctx: dict, work: Path, log=print) -> list:
     "Rows (model, clip_denoised, proxy_fd, kid, intervals, saturated_fraction) of the backbone and the compared models."
     cfg = ctx['cfg']
-    key = _key(dict(sha=ctx['sha'], compare=cfg['compare_backbones'], **{k: cfg[k] for k in _EVAL_KEYS if k in cfg}))
+    evals = {k: cfg[k] for k in _EVAL_KEYS if k in cfg}
+    key = spec_key(dict(sha=ctx['sha'], compare=cfg['compare_backbones'], **evals))
     return _keyed_json(Path(work) / 'backbone_quality.json', key, 'rows', lambda: _backbone_rows(ctx, log))
 
 def _backbone_rows(ctx: dict, log) -> list:
@@ -494,9 +496,9 @@ def _data_easy(rows: list, ctx: dict, work: Path, log) -> dict | None:
     ucfg = dict(unit_cfg(cfg, ase['budget_steps'], ase['seeds'][0]), methods=['ase_paper'], ase_paper_schedule=sched)
     pw = Path(work) / 'probes' / f"b{ase['budget_steps']}_s{ase['seeds'][0]}"
     model, _ = build_methods(ucfg, ctx['backbone'], pw, log)['ase_paper']
-    r = _sample_timed(model.eval(), ctx['x_T'], cfg, cfg['batch'])
+    r = sample_timed(model.eval(), ctx['x_T'], cfg, cfg['batch'])
     q = sample_quality(r['samples'], ctx['ref'], ctx.get('full'), cfg['n_boot'], cfg['seed'])
-    return dict(noise_easy=dict(schedule=list(ase['training']['schedule']), row=_row_id(ase)),
+    return dict(noise_easy=dict(schedule=list(ase['training']['schedule']), row=row_id(ase)),
                 data_easy=dict(q, schedule=sched, layer_ratio=r['stats']['layer_ratio'],
                                budget_steps=ase['budget_steps'], seeds=ase['seeds']))
 
@@ -504,7 +506,7 @@ def _data_easy(rows: list, ctx: dict, work: Path, log) -> dict | None:
 def probes(rows: list, ctx: dict, work: Path, log=print) -> dict:
     "The figure probes above (cached in WORK/probes.json for the same rows and settings)."
     cfg, ada = ctx['cfg'], _probe_unit(rows)
-    key = _key(dict(sha=ctx['sha'], ada=ada and _row_id(ada), ase=[_row_id(r) for r in rows if r['method'] == 'ase'],
+    key = spec_key(dict(sha=ctx['sha'], ada=ada and row_id(ada), ase=[row_id(r) for r in rows if r['method'] == 'ase'],
                     probe_n=cfg['probe_n'], **{k: cfg[k] for k in _EVAL_KEYS if k in cfg}))
     return _keyed_json(Path(work) / 'probes.json', key, 'probes', lambda: _probe_values(rows, ada, ctx, work, log))
 
@@ -514,9 +516,9 @@ def _probe_values(rows: list, ada: dict | None, ctx: dict, work: Path, log) -> d
     out = dict(loss_by_timestep=_lists(loss_by_timestep(ctx['backbone'], timesteps=20, **kw),
                                        ('model_time', 'loss', 'loss_sem')))
     if ada is not None:
-        log(f"  probes on {_row_id(ada)}")
+        log(f"  probes on {row_id(ada)}")
         m = build_unit('adadiff', cfg, ctx['backbone'], work, ada['budget_steps'], ada['seeds'][0], log)[0].eval()
-        out['model'] = _row_id(ada)
+        out['model'] = row_id(ada)
         out['layer_mse'] = _lists(layer_mse_by_timestep(m, timesteps=10, **kw),
                                   ('model_time', 'exits', 'mse_vs_final_avg', 'mse_vs_noise_avg', 'mse_vs_final'))
         u = uem_reliability(m, timesteps=10, **kw)
@@ -527,7 +529,8 @@ def _probe_values(rows: list, ada: dict | None, ctx: dict, work: Path, log) -> d
     return out
 
 # %% ../nbs/07b_controlled.ipynb #e03ae3ba
-def _row_id(r: dict) -> str:
+def row_id(r: dict) -> str:
+    "A row's identity 'method|b<budget steps>|s<first seed>|t<target>': the key of its model, timing and probes."
     return f"{r['method']}|b{r['budget_steps']}|s{r['seeds'][0]}|t{r['target_reduction']:g}"
 
 def _timed_sampler(model, r: dict, x, cfg):
@@ -543,7 +546,7 @@ def time_rows(rows: list, models: dict, ctx: dict, log=print) -> dict:
     cfg = ctx['cfg']
     x = ctx['x_T'][:cfg['batch']]
     fns = dict(full=_timed_sampler(ctx['backbone'], dict(method='full', target_reduction=0.), x, cfg))
-    fns.update({_row_id(r): _timed_sampler(models[_row_id(r)], r, x, cfg) for r in rows if r['method'] != 'full'})
+    fns.update({row_id(r): _timed_sampler(models[row_id(r)], r, x, cfg) for r in rows if r['method'] != 'full'})
     load0, t0 = os.getloadavg(), time.time()
     log(f"  timing {len(fns)} points interleaved, {cfg['time_repeats']} repeats")
     tm = time_interleaved(fns, cfg['time_repeats'], cfg['time_warmup'])
@@ -620,29 +623,29 @@ def _walk(cfg: dict, ctx: dict, work: Path, write, log) -> list:
 # %% ../nbs/07b_controlled.ipynb #b205b80e
 def _apply_timing(rows: list, cfg: dict, ctx: dict, work: Path, log) -> dict:
     "The interleaved timing of every row (cached in WORK/timing.json for the same rows), written into the rows."
-    ids = sorted(_row_id(r) for r in rows if r['method'] != 'full')
-    key, p = _key(dict(ids=ids, sha=ctx['sha'], batch=cfg['batch'], steps=cfg['steps'])), work / 'timing.json'
+    ids = sorted(row_id(r) for r in rows if r['method'] != 'full')
+    key, p = spec_key(dict(ids=ids, sha=ctx['sha'], batch=cfg['batch'], steps=cfg['steps'])), work / 'timing.json'
     tim = json.loads(p.read_text()) if p.exists() else None
     if tim is None or tim.get('key') != key:
         models = {}
         for r in rows:
             if r['method'] == 'full': continue
             parent = DERIVED.get(r['method'], r['method'])
-            models[_row_id(r)] = build_unit(parent, cfg, ctx['backbone'], work, r['budget_steps'], r['seeds'][0],
+            models[row_id(r)] = build_unit(parent, cfg, ctx['backbone'], work, r['budget_steps'], r['seeds'][0],
                                             lambda *a, **k: None)[0].eval()
         tim = dict(time_rows(rows, models, ctx, log), key=key)
         atomic_write_json(p, tim)
     for r in rows:
         if r['method'] == 'full': r.update(measured_speedup=1., speedup_source='interleaved')
-        elif _row_id(r) in tim['speedup']:
-            r.update(measured_speedup=tim['speedup'][_row_id(r)], speedup_source='interleaved')
+        elif row_id(r) in tim['speedup']:
+            r.update(measured_speedup=tim['speedup'][row_id(r)], speedup_source='interleaved')
     return {k: v for k, v in tim.items() if k not in ('speedup',)}
 
 # %% ../nbs/07b_controlled.ipynb #5fca9095
 def _result(cfg, ctx, rows, command, t_start, timing=None) -> dict:
     plans = [budget_plan(cfg, rows, k) for k in range(len(cfg['budgets']))]
     return dict(comparison='controlled', quick=cfg['quick'], description=cfg['description'], command=command,
-                created=time.strftime('%Y-%m-%d %H:%M:%S'), environment=_environment(),
+                created=time.strftime('%Y-%m-%d %H:%M:%S'), environment=run_environment(),
                 config={k: v for k, v in cfg.items()}, backbone=ctx['backbone_info'], quality=ctx['quality'],
                 budgets=plans, ablations={k: v['note'] for k, v in ABLATIONS.items()},
                 backbone_quality=ctx.get('backbone_quality'), probes=ctx.get('probes'),

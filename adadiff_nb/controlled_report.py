@@ -9,9 +9,9 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/controlled_report.html.md"""
 # %% ../nbs/07c_controlled_report.ipynb #bf045757
 from __future__ import annotations
 import numpy as np
-from .controlled import ABLATIONS, CACHE_NAMES, _row_id
+from .controlled import ABLATIONS, CACHE_NAMES, row_id
 from .bench import METHOD_FAMILIES, method_styles, right_legend
-from .analysis import _spearman, LOG_TICKS
+from .analysis import spearman_corr, LOG_TICKS
 
 # %% auto #0
 __all__ = ['VERDICTS', 'REPORT_FAMILIES', 'ci', 'fmt', 'bootstrap_note', 'compare', 'points', 'point', 'pareto_front',
@@ -164,7 +164,7 @@ def fig1_claim(p: dict) -> dict:
     if 'layer_mse' not in p: return _claim(claim, src, VERDICTS[2], 'no AdaDiff model in this run')
     m = p['layer_mse']
     f, own = np.asarray(m['mse_vs_final_avg'][:-1]), m['mse_vs_noise_avg'][-1]
-    L, rho = len(f), _spearman(np.arange(len(f)), f)
+    L, rho = len(f), spearman_corr(np.arange(len(f)), f)
     ok = rho < -0.8 and bool((f[L // 2:] < own).all())
     ev = (f"MSE to the final output, exits 0..{L - 1}: " + ', '.join(f'{v:.4f}' for v in f)
           + f" (Spearman with depth {rho:.2f}); the final output's own MSE to the noise: {own:.4f}; "
@@ -187,7 +187,7 @@ def fig6_claim(p: dict) -> dict:
     claim, src = 'the uncertainty increases during generation (towards t = 0)', 'AdaDiff Fig. 6'
     if 'uncertainty_by_t' not in p: return _claim(claim, src, VERDICTS[2], 'no AdaDiff model in this run')
     d = p['uncertainty_by_t']
-    rho = _spearman(d['model_time'], d['u_mean'])
+    rho = spearman_corr(d['model_time'], d['u_mean'])
     ev = (f"mean u {d['u_mean'][-1]:.3f} at t = {d['model_time'][-1]:.0f} and {d['u_mean'][0]:.3f} at "
           f"t = {d['model_time'][0]:.0f}; Spearman(t, u) = {rho:.2f}")
     return _claim(claim, src, VERDICTS[0] if rho < -0.5 else VERDICTS[1], ev, 'uncertainty_by_t')
@@ -212,7 +212,7 @@ def noise_easy_claim(res: dict) -> dict:
     if d['noise_easy']['schedule'] == d['data_easy']['schedule']:
         return _claim(claim, src, VERDICTS[2], f"ASE's calibrated schedule {d['data_easy']['schedule']} is its own "
                       "reverse at this target")
-    ne = next(r for r in res['rows'] if _row_id(r) == d['noise_easy']['row'])
+    ne = next(r for r in res['rows'] if row_id(r) == d['noise_easy']['row'])
     de, c = d['data_easy'], compare(ne, d['data_easy'])
     ev = (f"noise-easy {d['noise_easy']['schedule']} {fmt(ne)} {_SIGN[c]} "
           f"data-easy {de['schedule']} {fmt(de)} (layer ratios {ne['layer_ratio']:.3f} / {de['layer_ratio']:.3f})")

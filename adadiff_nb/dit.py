@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .uvit import (Attention, BlockState, Mlp, PatchEmbed, label_error, timestep_embedding, timestep_error,
                              unpatchify)
-from .checkpoint import CheckpointError, _unwrap, load_state_dict_checked, load_weights
+from .checkpoint import CheckpointError, unwrap_state_dict, load_state_dict_checked, load_weights
 
 # %% auto #0
 __all__ = ['DIT_PRESETS', 'sincos_pos_embed_2d', 'modulate', 'TimestepEmbedder', 'LabelEmbedder', 'TanhMlp', 'DiTBlock',
@@ -294,7 +294,7 @@ def official_dit_state(path, map_location) -> dict:
         return load_weights(path, map_location)                     # safetensors, or the house error message
     if isinstance(obj, dict) and isinstance(obj.get('ema'), dict):
         obj = obj['ema']
-    return _unwrap(obj)
+    return unwrap_state_dict(obj)
 
 # %% ../nbs/01c_dit.ipynb #6c032192
 def guess_dit_preset(sd: dict) -> str | None:

@@ -19,12 +19,12 @@ from .uvit import UViT, BlockState, PRESETS, create_uvit, timestep_embedding, un
 from .dit import DiT, DIT_PRESETS, FinalLayer, create_dit
 
 # %% auto #0
-__all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EE_OPTIONS', 'BACKBONES',
-           'BACKBONE_PROTOCOL', 'EXIT_SYNC', 'EE_PRESETS', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
-           'ExitCriterion', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput', 'layer_ratio', 'build_uem', 'EarlyExitUViT',
-           'init_weights', 'from_backbone', 'wrap', 'exit_output', 'exit_rule_checked', 'sync_points', 'set_exit_sync',
-           'block_modules', 'pow2_buckets', 'fine_buckets', 'forward', 'forward_train', 'is_early_exit_model',
-           'create_early_exit', 'static_exit_schedule', 'StaticSchedule', 'compile_exits', 'uncompile_exits']
+__all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EXIT_SYNC', 'EE_OPTIONS',
+           'BACKBONES', 'BACKBONE_PROTOCOL', 'EarlyExitUViT', 'EE_PRESETS', 'check_threshold', 'ExitHead',
+           'AdaLNExitHead', 'ExitCriterion', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput',
+           'layer_ratio', 'build_uem', 'EarlyExitModel', 'exit_rule_checked', 'ExitRows', 'block_modules',
+           'pow2_buckets', 'fine_buckets', 'ExitRunner', 'is_early_exit_model', 'create_early_exit',
+           'static_exit_schedule', 'StaticSchedule']
 
 # %% ../nbs/02_early_exit.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -141,8 +141,29 @@ def _gather_linear(x, weight, bias, g):
     b = bias[g]
     return y + b.view(b.shape[0], *([1] * (y.ndim - 2)), b.shape[-1])
 
+# %% ../nbs/02_early_exit.ipynb #1ba1edfc
+class TimeAwareUEM(ExitCriterion):
+    "Base of the timestep-aware UEMs: the weight group of each exit (`uem_params`) and the time context they read."
+    def setup(self, params: str, time_buckets: int, time_max: float, time_dim: int, reduce: str = 'mean'):
+        "Group indexing and time context of a timestep-aware UEM (set by the early-exit model)."
+        self.params, self.time_buckets, self.time_max, self.time_dim, self.reduce = (
+            params, int(time_buckets), float(time_max), int(time_dim), reduce)
+        return self
+
+    def context(self, timesteps) -> dict:
+        bucket = time_bucket(timesteps, self.time_buckets, self.time_max).to(timesteps.device)
+        return dict(temb=timestep_embedding(timesteps, self.time_dim), bucket=bucket)
+
+    def group(self, i: int, bucket):
+        "Weight group for exit i: an int (same for all rows) or a (b,) tensor of per-sample groups."
+        p = self.params
+        if p == 'per_layer': return i
+        if p == 'shared': return 0
+        if p == 'per_timestep': return bucket
+        return bucket + i * self.time_buckets
+
 # %% ../nbs/02_early_exit.ipynb #99dc8cb2
-class LinearUEM(ExitCriterion):
+class LinearUEM(TimeAwareUEM):
     "Timestep-aware linear UEM (Eq. 7): per patch token, sigmoid(W [LN(token), temb] + b) -> `patch_dim` uncertainties."
     def __init__(self, embed_dim: int, patch_dim: int, time_dim: int, groups: int, norm: bool = True):
         super().__init__()
@@ -168,8 +189,14 @@ class LinearUEM(ExitCriterion):
         tb = _gather_linear(temb, self.time_weight, self.bias, g)                 # (b, P): once per sample
         return torch.sigmoid(_gather_linear(tokens, self.weight, None, g) + tb[:, None, :])
 
+    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
+        "Mean (or max) of the per-token uncertainties; the map is their unpatchified image."
+        z = self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']))     # (b, N, patch_dim)
+        u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
+        return u, (unpatchify(z, bb.in_chans) if want_map else None)
+
 # %% ../nbs/02_early_exit.ipynb #10ef2121
-class AttentionUEM(ExitCriterion):
+class AttentionUEM(TimeAwareUEM):
     "The blog's attention probe: a learned query attends over LN(patch tokens); one sigmoid(w [pooled, temb] + b)."
     def __init__(
         self, embed_dim: int, time_dim: int, groups: int, attn_groups: int, num_heads: int = 1, norm: bool = True
@@ -206,44 +233,15 @@ class AttentionUEM(ExitCriterion):
         )
         return torch.sigmoid(_gather_linear(torch.cat([v, temb], dim=-1), self.out_weight, self.out_bias, g))[:, 0]
 
-# %% ../nbs/02_early_exit.ipynb #611cf6ce
-def _time_setup(self, params: str, time_buckets: int, time_max: float, time_dim: int, reduce: str = 'mean'):
-    "Group indexing and time context of a timestep-aware UEM (set by the early-exit model)."
-    self.params, self.time_buckets, self.time_max, self.time_dim, self.reduce = (
-        params, int(time_buckets), float(time_max), int(time_dim), reduce)
-    return self
-
-def _time_context(self, timesteps) -> dict:
-    bucket = time_bucket(timesteps, self.time_buckets, self.time_max).to(timesteps.device)
-    return dict(temb=timestep_embedding(timesteps, self.time_dim), bucket=bucket)
-
-def _group(self, i: int, bucket):
-    "Weight group for exit i: an int (same for all rows) or a (b,) tensor of per-sample groups."
-    p = self.params
-    if p == 'per_layer': return i
-    if p == 'shared': return 0
-    if p == 'per_timestep': return bucket
-    return bucket + i * self.time_buckets
-
-for _c in (LinearUEM, AttentionUEM):
-    _c.setup, _c.context, _c.group = _time_setup, _time_context, _group
-
-# %% ../nbs/02_early_exit.ipynb #6e9c56fe
-def _linear_uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
-    z = self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']))     # (b, N, patch_dim)
-    u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
-    return u, (unpatchify(z, bb.in_chans) if want_map else None)
-
-def _attention_uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
-    g_attn = i if self.attn_groups > 1 else 0
-    return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']), g_attn), None
-
-LinearUEM.uncertainty, AttentionUEM.uncertainty = _linear_uncertainty, _attention_uncertainty
+    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
+        "One probe value per sample (no map)."
+        g_attn = i if self.attn_groups > 1 else 0
+        return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']), g_attn), None
 
 # %% ../nbs/02_early_exit.ipynb #407f48dd
 @dataclass
 class EarlyExitOutput:
-    "Result of `EarlyExitUViT.forward`. Exit `L` (= `layers_total // B`) means the sample ran the full model."
+    "Result of `EarlyExitModel.forward`. Exit `L` (= `layers_total // B`) means the sample ran the full model."
     sample: torch.Tensor                          # (B, C, H, W) noise prediction
     exit_layer: torch.Tensor                      # (B,) long, exit index 0..L
     uncertainty: torch.Tensor                     # (B, L) float32, u_i where evaluated, NaN elsewhere
@@ -289,6 +287,7 @@ UEM_KINDS = ('linear', 'attention')
 UEM_PARAMS = ('per_layer', 'shared', 'per_timestep', 'per_layer_timestep')
 UEM_REDUCE = ('mean', 'max')
 UEM_COND = ('time', 'backbone')
+EXIT_SYNC = ('auto', 'every')                  # host-sync policies (or an int k)
 EE_OPTIONS = ('exit_head', 'uem', 'uem_params', 'uem_time_buckets', 'uem_time_max', 'uem_time_dim', 'uem_reduce',
               'uem_norm', 'uem_detach', 'uem_heads', 'uem_init_bias', 'uem_cond', 'backbone_arch')
 BACKBONES = dict(uvit=UViT, dit=DiT)
@@ -305,10 +304,10 @@ def _build_backbone(backbone, backbone_kw, arch: str = 'uvit') -> UViT | DiT:
     _choice('backbone_arch', arch, BACKBONES)
     if backbone is not None and not isinstance(backbone, dict):
         raise TypeError(f"backbone must be a dict of {BACKBONES[arch].__name__} constructor arguments, got "
-                        f"{type(backbone).__name__}; to wrap an existing backbone use EarlyExitUViT.from_backbone")
+                        f"{type(backbone).__name__}; to wrap an existing backbone use EarlyExitModel.from_backbone")
     bad = sorted(set(backbone_kw) - set(_ARGS[arch]))
     if bad:
-        raise TypeError(f"unknown EarlyExitUViT argument(s) {bad}; early-exit options are {list(EE_OPTIONS)}, "
+        raise TypeError(f"unknown EarlyExitModel argument(s) {bad}; early-exit options are {list(EE_OPTIONS)}, "
                         f"backbone ({BACKBONES[arch].__name__}) options are {list(_ARGS[arch])}")
     return BACKBONES[arch](**{**(backbone or {}), **backbone_kw})
 
@@ -361,8 +360,9 @@ def _head_class(bb) -> type:
     return EXIT_HEAD_CLASSES[bb.arch]
 
 # %% ../nbs/02_early_exit.ipynb #bb0c22ed
-class EarlyExitUViT(nn.Module):
-    "U-ViT with exit heads and an exit criterion at exits 0..L-1 for dynamic (threshold) or static exits."
+class EarlyExitModel(nn.Module):
+    """A backbone (U-ViT, DiT or a `BACKBONE_PROTOCOL` adapter of a diffusers DiT / PixArt) with exit heads and an exit
+    criterion at exits 0..L-1, for dynamic (threshold) or static exits. Each `forward` runs an `ExitRunner`."""
     arch = 'adadiff'
     def __init__(self, backbone: dict | nn.Module | None = None, exit_head: str = 'per_layer', uem: str = 'linear',
                  uem_params: str = 'per_layer', uem_time_buckets: int = 10, uem_time_max: float = 1000.,
@@ -425,58 +425,136 @@ class EarlyExitUViT(nn.Module):
         "The backbone's number of real class labels (0: unconditional)."
         return self.backbone.num_labels
 
-# %% ../nbs/02_early_exit.ipynb #b72ec53c
-def init_weights(self, heads_from_backbone: bool = False):
-    "All init of the early-exit parts in one place (the backbone inits itself): exit heads and the criterion."
-    for head in self.exit_heads:
-        head.copy_from(self.backbone) if heads_from_backbone else head.reset_parameters()
-    self.uem.init_weights(self.uem_init_bias)       # UEMs: u starts near sigmoid(uem_init_bias) = 0.5
+    # init and wrapping
+    def init_weights(self, heads_from_backbone: bool = False):
+        "All init of the early-exit parts in one place (the backbone inits itself): exit heads and the criterion."
+        for head in self.exit_heads:
+            head.copy_from(self.backbone) if heads_from_backbone else head.reset_parameters()
+        self.uem.init_weights(self.uem_init_bias)       # UEMs: u starts near sigmoid(uem_init_bias) = 0.5
 
-def from_backbone(cls, uvit: UViT | DiT, heads_from_backbone: bool = True, **ee_cfg) -> 'EarlyExitUViT':
-    "Wrap a (pretrained) `UViT` or `DiT`: copy its config and weights; per-layer exit heads start as copies of its head"
-    arch = next((k for k, c in BACKBONES.items() if isinstance(uvit, c)), None)
-    if arch is None:
-        raise TypeError(f"from_backbone expects a UViT or a DiT, got {type(uvit).__name__}")
-    m = cls(backbone=dict(uvit.config), **({} if arch == 'uvit' else dict(backbone_arch=arch)), **ee_cfg)
-    m.backbone.load_state_dict(uvit.state_dict())
-    m.init_weights(heads_from_backbone=heads_from_backbone)
-    p = next(uvit.parameters())
-    return m.to(device=p.device, dtype=p.dtype).train(uvit.training)
+    @classmethod
+    def from_backbone(cls, uvit: UViT | DiT, heads_from_backbone: bool = True, **ee_cfg) -> 'EarlyExitModel':
+        """Wrap a (pretrained) `UViT` or `DiT`: copy its config and weights; per-layer exit heads start as copies of
+        its head."""
+        arch = next((k for k, c in BACKBONES.items() if isinstance(uvit, c)), None)
+        if arch is None:
+            raise TypeError(f"from_backbone expects a UViT or a DiT, got {type(uvit).__name__}")
+        m = cls(backbone=dict(uvit.config), **({} if arch == 'uvit' else dict(backbone_arch=arch)), **ee_cfg)
+        m.backbone.load_state_dict(uvit.state_dict())
+        m.init_weights(heads_from_backbone=heads_from_backbone)
+        p = next(uvit.parameters())
+        return m.to(device=p.device, dtype=p.dtype).train(uvit.training)
 
-def wrap(cls, bb: nn.Module, head_class: type | None = None, heads_from_backbone: bool = True,
-         **ee_cfg) -> 'EarlyExitUViT':
-    """An early-exit model around an existing backbone object `bb` that follows `BACKBONE_PROTOCOL`, held by reference
-    (no weights are copied: training the heads leaves `bb` shared). Per-layer heads are `head_class` modules (default:
-    the one of `bb.arch`), started as copies of the backbone's own head."""
-    m = cls(backbone=bb, head_class=head_class, **ee_cfg)
-    m.init_weights(heads_from_backbone=heads_from_backbone)
-    p = next(bb.parameters())
-    return m.to(device=p.device, dtype=p.dtype).train(bb.training)
+    @classmethod
+    def wrap(cls, bb: nn.Module, head_class: type | None = None, heads_from_backbone: bool = True,
+             **ee_cfg) -> 'EarlyExitModel':
+        """An early-exit model around an existing backbone object `bb` that follows `BACKBONE_PROTOCOL`, held by
+        reference (no weights are copied: training the heads leaves `bb` shared). Per-layer heads are `head_class`
+        modules (default: the one of `bb.arch`), started as copies of the backbone's own head."""
+        m = cls(backbone=bb, head_class=head_class, **ee_cfg)
+        m.init_weights(heads_from_backbone=heads_from_backbone)
+        p = next(bb.parameters())
+        return m.to(device=p.device, dtype=p.dtype).train(bb.training)
 
-EarlyExitUViT.init_weights, EarlyExitUViT.from_backbone = init_weights, classmethod(from_backbone)
-EarlyExitUViT.wrap = classmethod(wrap)
+    # exit heads g_i and the criterion's inputs
+    def exit_output(self, i: int, h, state: BlockState | None = None) -> torch.Tensor:
+        """g_i(h): exit i's head (the backbone's own head at exit L, with exit_head='shared' or after the skip fusions).
+        With exit_head='skip_fusion' the skips are popped from `state`: pass a state of its own (`select` / `copy`)."""
+        bb = self.backbone
+        if self.exit_head_mode == 'skip_fusion' and i < self.num_layers:
+            if i < self.first_exit:
+                raise ValueError(f"exit {i} lies before the first exit ({self.first_exit}) of exit_head='skip_fusion'")
+            for j in range(i, self.num_layers):
+                h = bb.run_block(j, h, state, fuse_only=True)
+            return bb.decode(h, state)
+        if i >= self.num_layers or self.exit_head_mode == 'shared':
+            return bb.decode(h, state)
+        return self.exit_heads[i](h, state)
 
-# %% ../nbs/02_early_exit.ipynb #27e306eb
-def exit_output(self, i: int, h, state: BlockState | None = None) -> torch.Tensor:
-    """g_i(h): exit i's head (the backbone's own head at exit L, with exit_head='shared' or after the skip fusions).
-    With exit_head='skip_fusion' the skips are popped from `state`: pass a state of its own (`select` / `copy`)."""
-    bb = self.backbone
-    if self.exit_head_mode == 'skip_fusion' and i < self.num_layers:
-        if i < self.first_exit:
-            raise ValueError(f"exit {i} lies before the first exit ({self.first_exit}) of exit_head='skip_fusion'")
-        for j in range(i, self.num_layers):
-            h = bb.run_block(j, h, state, fuse_only=True)
-        return bb.decode(h, state)
-    if i >= self.num_layers or self.exit_head_mode == 'shared':
-        return bb.decode(h, state)
-    return self.exit_heads[i](h, state)
+    def _as_map(self, u) -> torch.Tensor:
+        "A per-sample uncertainty u (b,) broadcast to an image-shaped map (b, C, H, W)."
+        bb = self.backbone
+        return u.view(-1, 1, 1, 1).expand(-1, bb.in_chans, bb.img_size, bb.img_size)
 
-def _as_map(self, u) -> torch.Tensor:
-    "A per-sample uncertainty u (b,) broadcast to an image-shaped map (b, C, H, W)."
-    bb = self.backbone
-    return u.view(-1, 1, 1, 1).expand(-1, bb.in_chans, bb.img_size, bb.img_size)
+    def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
+        "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
+        if self.uem_cond == 'backbone' and 'temb' in ctx:
+            ctx['temb'] = state.cond.detach() if self.uem_detach else state.cond
+        return ctx
 
-EarlyExitUViT.exit_output, EarlyExitUViT._as_map = exit_output, _as_map
+    def criterion_context(self, timesteps, state: BlockState) -> dict:
+        "The criterion's per-row context for rows at model times `timesteps` with block state `state` (as `forward`'s)."
+        return self._uem_cond(state, self.uem.context(timesteps))
+
+    # the forwards: sampling (an `ExitRunner` per call) and training (every exit on the full batch)
+    def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return_maps: bool = False,
+                exit_groups=None):
+        """Early-exit forward -> `EarlyExitOutput`. `threshold`: None (full model), a float or a (B,) tensor in [0, 1];
+        a sample exits at the first exit i < L with u_i < threshold (threshold >= 1: at exit 0). `exit_layers`: (B,)
+        static exit indices instead (no criterion is evaluated). `return_maps`: the uncertainty map at each exit.
+        `exit_groups` (B,): rows with the same id leave together, at the first exit where all are below threshold."""
+        self.backbone.check_input(x, timesteps, y)
+        return ExitRunner(self, x, timesteps, threshold, exit_layers, exit_groups, return_maps).forward(x, timesteps, y)
+
+    def forward_train(self, x, timesteps, y=None) -> dict:
+        """All exits on the full batch: 'eps' (B,C,H,W) final output, 'exits' (L,B,C,H,W) g_i for i < L,
+        'u_map' (L,B,C,H,W) per-pixel uncertainties, 'u' (L,B) aggregated uncertainties. A learned-sigma DiT gives
+        its eps half only (the variance half is not trained by the AdaDiff losses)."""
+        bb, C = self.backbone, x.shape[1]
+        h, state = bb.embed(x, timesteps, y)
+        ctx, prev = self.criterion_context(timesteps, state), None
+        exits, umaps, us = [], [], []
+        for i in range(self.num_layers):
+            exits.append(self.exit_output(i, h, state.copy() if self.exit_head_mode == 'skip_fusion' else state)[:, :C])
+            hu = h.detach() if self.uem_detach else h
+            u, umap = self.uem.uncertainty(i, bb, hu, ctx, prev, want_map=True)
+            us.append(u)
+            umaps.append(self._as_map(u) if umap is None else umap)
+            prev = h if self.uem.needs_prev else None
+            h = bb.run_block(i, h, state)
+        eps = bb.decode(h, state)[:, :C]                                           # learned sigma: the eps half
+        return dict(eps=eps, exits=torch.stack(exits), u_map=torch.stack(umaps), u=torch.stack(us))
+
+    # runtime settings: host-sync policy and compiled, bucketed blocks
+    def sync_points(self, batch: int, threshold=None) -> frozenset:
+        "Exit points where a forward of `batch` rows at a scalar `threshold` reads its exit counts (`set_exit_sync`)."
+        L, pol = self.num_layers, self.exit_sync
+        if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
+            return frozenset(range(L))
+        if pol != 'auto':
+            return frozenset(i for i in range(L) if (i + 1) % pol == 0)
+        return self._sync_plan.get((batch, threshold), frozenset(range(L)))
+
+    def set_exit_sync(self, policy='auto') -> 'EarlyExitModel':
+        "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
+        is_int = isinstance(policy, int) and not isinstance(policy, bool)
+        ok = policy in EXIT_SYNC if isinstance(policy, str) else is_int
+        if not ok or isinstance(policy, int) and policy < 1:
+            raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every' or an int k >= 1 (exit "
+                             "points per host sync)")
+        self.exit_sync, self._sync_plan = policy, {}
+        return self
+
+    def compile_exits(self, buckets='fine', max_batch: int = 256, **compile_kw) -> 'EarlyExitModel':
+        """Compile the backbone's blocks with `torch.compile(dynamic=False, **compile_kw)` in place and pad running rows
+        to `buckets` ('fine', the default: `fine_buckets`; 'pow2': powers of two up to `max_batch`, fewer compiled
+        shapes but up to 2x padding; or a sequence of batch sizes). Returns the model."""
+        self._buckets = _check_buckets(buckets, max_batch)
+        need = 2 * (len(self._buckets) + 2)                       # shapes x block variants (U-ViT: with / without skip)
+        if torch._dynamo.config.recompile_limit < need:
+            torch._dynamo.config.recompile_limit = need
+        for blk in block_modules(self.backbone):
+            blk.compile(**{'dynamic': False, **compile_kw})
+        return self
+
+    def uncompile_exits(self) -> 'EarlyExitModel':
+        "Back to eager blocks and unpadded batches."
+        for blk in block_modules(self.backbone):
+            blk._compiled_call_impl = None
+        self._buckets = None
+        return self
+
+EarlyExitUViT = EarlyExitModel    # the old name (the class wraps U-ViT, DiT, diffusers DiT and PixArt)
 
 # %% ../nbs/02_early_exit.ipynb #56d3adb0
 _RULE_CHECKED = contextvars.ContextVar('adadiff_exit_rule_checked', default=False)
@@ -505,31 +583,6 @@ def _tau(threshold, B: int, device, checked: bool = False) -> torch.Tensor:
         raise ValueError(f"a threshold tensor must have shape () or (B,) = ({B},), got {tuple(t.shape)}")
     return t
 
-def _check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
-    lo, L = self.first_exit, self.num_layers
-    e = torch.as_tensor(exit_layers, device=device)
-    if e.is_floating_point() or e.dtype == torch.bool:
-        raise TypeError(f"exit_layers must be an integer tensor of exit indices, got dtype {e.dtype}")
-    e = e.long()
-    if e.ndim == 0:
-        e = e.expand(B)
-    if e.shape != (B,):
-        raise ValueError(f"exit_layers must have shape (B,) = ({B},), got {tuple(e.shape)}")
-    return e
-
-def _static_counts(self, e: torch.Tensor) -> list[int]:
-    "How many rows leave at each exit 0..L, with the range check: one host sync."
-    lo, L = self.first_exit, self.num_layers
-    if not len(e):
-        return [0] * (L + 1)
-    v = torch.cat([e.min()[None], e.max()[None], torch.bincount(e.clamp(0, L), minlength=L + 1)]).tolist()
-    if v[0] < lo or v[1] > L:
-        raise ValueError(f"exit_layers must lie in [{lo}, {L}] ({lo} = the first exit, {L} = full model); "
-                         f"got values in [{v[0]}, {v[1]}]")
-    return v[2:]
-
-EarlyExitUViT._check_exit_layers, EarlyExitUViT._static_counts = _check_exit_layers, _static_counts
-
 # %% ../nbs/02_early_exit.ipynb #623fe8a8
 @dataclass
 class _Plan:
@@ -551,47 +604,20 @@ def _check_groups(groups, B: int, device) -> torch.Tensor:
                          f"[{int(g.min())}, {int(g.max())}]")
     return g.long()
 
-def _plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
-    checked = _RULE_CHECKED.get()                  # inside `exit_rule_checked`: the rule was checked where it entered
-    if not checked and threshold is not None and exit_layers is not None:
-        raise ValueError("pass either threshold (dynamic exits) or exit_layers (static exits), not both")
-    crit = self.uem
-    if threshold is not None and not crit.dynamic:
-        raise ValueError(f"{type(self).__name__} exits by a fixed schedule ({crit!r}); it takes exit_layers, "
-                         "not a threshold")
-    if threshold is None and exit_layers is None and not crit.dynamic:
-        exit_layers = crit.exit_layers(timesteps)
-    B, dev = x.shape[0], x.device
-    if threshold is not None:
-        tau = _tau(threshold, B, dev, checked)
-        per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
-        per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
-        if exit_groups is not None:
-            per_row['group'] = _check_groups(exit_groups, B, dev)
-        key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
-        syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
-        return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
-    if exit_layers is None:
-        return _Plan('full')
-    ex = self._check_exit_layers(exit_layers, B, dev)
-    return _Plan('static', dict(exit=ex), self._static_counts(ex), syncs=1)
-
-EarlyExitUViT._plan = _plan
-
 # %% ../nbs/02_early_exit.ipynb #bc9ca1f1
 def _positions(m: torch.Tensor, n: int) -> torch.Tensor:
     "Positions of the `n` True entries of mask `m`, in order (one stable sort; `n` is known on the host)."
     return torch.argsort((~m).to(torch.uint8), stable=True)[:n]
 
 @dataclass
-class _Running:
-    "The rows of one early-exit forward still in the batch, and everything that must stay aligned with them."
+class ExitRows:
+    "The rows of a forward still in the batch, and everything that must stay aligned with them (row compaction)."
     rows: torch.Tensor            # original index of each row (B: a padding row)
     h: torch.Tensor               # their hidden tokens
     state: BlockState             # their skip stack / conditioning
     per_row: dict                 # criterion context, thresholds 'tau' or static exits 'exit'
-    live: torch.Tensor            # (n,) bool: not exited yet (exited rows stay masked until a compaction)
-    n_live: Optional[int]         # how many are live, when known on the host (None after a masked exit)
+    live: Optional[torch.Tensor] = None   # (n,) bool: not exited yet (exited rows stay masked until a compaction)
+    n_live: Optional[int] = None  # how many are live, when known on the host (None after a masked exit)
     prev: Optional[torch.Tensor] = None   # tokens before the last block (criteria with needs_prev)
     syncs: int = 0                # host synchronisations so far
     exact: bool = True            # every row computed so far was live (no masked rows, no padding)
@@ -603,12 +629,21 @@ class _Running:
         self.syncs += 1
         return [int(counts[0])] if len(counts) == 1 else torch.stack(counts).tolist()
 
+    def take(self, idx: torch.Tensor) -> 'ExitRows':
+        "A new row set of the rows at positions `idx`, with its own view of the skip stack."
+        sel = lambda v: None if v is None else v[idx]
+        return ExitRows(self.rows[idx], self.h[idx], self.state.select(idx),
+                        {k: v[idx] for k, v in self.per_row.items()}, sel(self.live), prev=sel(self.prev))
+
     def keep(self, idx: torch.Tensor):
         "Keep only the rows at positions `idx`."
-        self.rows, self.h, self.state = self.rows[idx], self.h[idx], self.state.select(idx)
-        self.per_row = {k: v[idx] for k, v in self.per_row.items()}
-        self.live = self.live[idx]
-        self.prev = None if self.prev is None else self.prev[idx]
+        t = self.take(idx)
+        self.rows, self.h, self.state, self.per_row, self.live, self.prev = (
+            t.rows, t.h, t.state, t.per_row, t.live, t.prev)
+
+    def split(self, m: torch.Tensor) -> tuple:
+        "(rows where `m`, rows where not), each a new row set (reads the mask: one host sync, not counted here)."
+        return self.take(m.nonzero()[:, 0]), self.take((~m).nonzero()[:, 0])
 
     def pad(self, n: int, B: int):
         "Pad to n rows with dead copies of the first row (original index B) so compiled blocks see bucketed shapes."
@@ -643,44 +678,13 @@ class _Results:
         if umap is not None and self.umap is not None:
             self.umap.index_copy_(0, rows, umap.detach().float())
 
-    def output(self, run: _Running, plan_syncs: int, rows_computed: int) -> EarlyExitOutput:
+    def output(self, run: ExitRows, plan_syncs: int, rows_computed: int) -> EarlyExitOutput:
         "The forward's result; `layers_run` is `rows_computed` when no row ran masked or padded, else read lazily."
         B, um = self.B, self.umap
         return EarlyExitOutput(sample=self.sample[:B], exit_layer=self.exit_layer[:B], uncertainty=self.unc[:B],
                                layers_total=B * self.L, uncertainty_map=None if um is None else um[:B],
                                host_syncs=run.syncs + plan_syncs, rows_computed=rows_computed,
                                known_layers_run=rows_computed if run.exact else None)
-
-# %% ../nbs/02_early_exit.ipynb #6293968f
-EXIT_SYNC = ('auto', 'every')
-
-def sync_points(self, batch: int, threshold=None) -> frozenset:
-    "Exit points at which a forward of `batch` rows at a scalar `threshold` reads its exit counts (`set_exit_sync`)."
-    L, pol = self.num_layers, self.exit_sync
-    if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
-        return frozenset(range(L))
-    if pol != 'auto':
-        return frozenset(i for i in range(L) if (i + 1) % pol == 0)
-    return self._sync_plan.get((batch, threshold), frozenset(range(L)))
-
-def _remember(self, run, plan):
-    "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
-    if plan.mode == 'threshold' and self.exit_sync == 'auto':
-        self._sync_plan.pop(plan.sync_key, None)
-        self._sync_plan[plan.sync_key] = frozenset(run.seen | {self.num_layers - 1})
-        while len(self._sync_plan) > 64:                                       # thresholds dragged in an app
-            self._sync_plan.pop(next(iter(self._sync_plan)))
-
-def set_exit_sync(self, policy='auto') -> 'EarlyExitUViT':
-    "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
-    ok = policy in EXIT_SYNC if isinstance(policy, str) else isinstance(policy, int) and not isinstance(policy, bool)
-    if not ok or isinstance(policy, int) and policy < 1:
-        raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every' or an int k >= 1 (exit points "
-                         "per host sync)")
-    self.exit_sync, self._sync_plan = policy, {}
-    return self
-
-EarlyExitUViT.sync_points, EarlyExitUViT._remember, EarlyExitUViT.set_exit_sync = sync_points, _remember, set_exit_sync
 
 # %% ../nbs/02_early_exit.ipynb #ed800a3a
 def block_modules(bb) -> list:
@@ -705,153 +709,180 @@ def fine_buckets(max_batch: int) -> tuple:
         b.add(min(k, int(max_batch)))
     return tuple(sorted(v for v in b | {int(max_batch)} if v <= max(int(max_batch), 1)))
 
-def _bucket(self, n: int) -> int:
-    "Rows a batch with n live rows is padded to: the smallest bucket >= n (n itself without buckets)."
-    return next((b for b in self._buckets if b >= n), n) if self._buckets and n else n
-
-EarlyExitUViT._bucket = _bucket
-
 # %% ../nbs/02_early_exit.ipynb #ab842ea2
-def _decide(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool):
-    "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
-    if plan.mode == 'static':
-        return (run.per_row['exit'] == i) & run.live, None
-    u, umap = self.uem.uncertainty(i, self.backbone, run.h, run.per_row, run.prev, want_map=want_map)
-    u, clean = u.detach().float(), run.n_live == len(run.rows)                 # clean: every row is live
-    res.unc[run.rows, i] = u if clean else torch.where(run.live, u, float('nan'))
-    m = u < run.per_row['tau_exit']
-    if 'group' in run.per_row:                                                 # 'joint': a group leaves together
-        g = run.per_row['group']
-        m = torch.zeros(res.B + 1, device=m.device).index_add_(0, g, (~m).float())[g] == 0
-    if want_map and umap is None:
-        umap = self._as_map(u)
-    return (m if clean else m & run.live), umap
+class ExitRunner:
+    """One early-exit forward of `model`: its plan, the running rows (`ExitRows`), the exit points where it reads
+    (the sync policy, remembered under 'auto'), bucket padding, deferred exits and the results."""
+    def __init__(self, model, x, timesteps, threshold=None, exit_layers=None, exit_groups=None,
+                 return_maps: bool = False):
+        self.model, self.bb, self.B, self.L = model, model.backbone, x.shape[0], model.num_layers
+        self.plan = plan = self.make_plan(x, timesteps, threshold, exit_layers, exit_groups)
+        shape = (self.bb.in_chans, self.bb.img_size, self.bb.img_size) if return_maps else None
+        self.res, self.run, self.rows_computed = _Results(self.B, self.L, x.device, shape), None, 0
+        self.want_map = return_maps and plan.mode == 'threshold'
+        self.points = model.sync_points(*plan.sync_key) if plan.mode == 'threshold' else ()
 
-def _emit(self, i: int, run: _Running, res: _Results, h, m, n: int, umap=None):
-    "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
-    idx = _positions(m, n)
-    state = run.state.select(idx) if self._head_needs_state else None          # U-ViT's per-layer heads need none
-    res.emit(run.rows[idx], self.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
+    def make_plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
+        "How this forward exits: checks the exit rule (unless `exit_rule_checked`) and builds the per-row tensors."
+        checked, crit = _RULE_CHECKED.get(), self.model.uem    # checked: the rule was checked where it entered
+        if not checked and threshold is not None and exit_layers is not None:
+            raise ValueError("pass either threshold (dynamic exits) or exit_layers (static exits), not both")
+        if threshold is not None and not crit.dynamic:
+            raise ValueError(f"{type(self.model).__name__} exits by a fixed schedule ({crit!r}); it takes "
+                             "exit_layers, not a threshold")
+        if threshold is None and exit_layers is None and not crit.dynamic:
+            exit_layers = crit.exit_layers(timesteps)
+        B, dev = x.shape[0], x.device
+        if threshold is not None:
+            tau = _tau(threshold, B, dev, checked)
+            per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
+            per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
+            if exit_groups is not None:
+                per_row['group'] = _check_groups(exit_groups, B, dev)
+            key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
+            syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
+            return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
+        if exit_layers is None:
+            return _Plan('full')
+        ex = self.check_exit_layers(exit_layers, B, dev)
+        return _Plan('static', dict(exit=ex), self.static_counts(ex), syncs=1)
 
-def _resolve(self, run: _Running, res: _Results, counts: list):
-    "Give the deferred exits their heads, now that their `counts` are read (one per pending exit)."
-    for (j, h, m, umap), n in zip(run.pending, counts):
-        if n:
-            self._emit(j, run, res, h, m, n, umap)
-            run.seen.add(j)
-    run.pending = []
+    def check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
+        "Static exits as a (B,) long tensor (values are checked by `static_counts`)."
+        e = torch.as_tensor(exit_layers, device=device)
+        if e.is_floating_point() or e.dtype == torch.bool:
+            raise TypeError(f"exit_layers must be an integer tensor of exit indices, got dtype {e.dtype}")
+        e = e.long()
+        if e.ndim == 0:
+            e = e.expand(B)
+        if e.shape != (B,):
+            raise ValueError(f"exit_layers must have shape (B,) = ({B},), got {tuple(e.shape)}")
+        return e
 
-EarlyExitUViT._decide, EarlyExitUViT._emit, EarlyExitUViT._resolve = _decide, _emit, _resolve
+    def static_counts(self, e: torch.Tensor) -> list[int]:
+        "How many rows leave at each exit 0..L, with the range check: one host sync."
+        lo, L = self.model.first_exit, self.L
+        if not len(e):
+            return [0] * (L + 1)
+        v = torch.cat([e.min()[None], e.max()[None], torch.bincount(e.clamp(0, L), minlength=L + 1)]).tolist()
+        if v[0] < lo or v[1] > L:
+            raise ValueError(f"exit_layers must lie in [{lo}, {L}] ({lo} = the first exit, {L} = full model); "
+                             f"got values in [{v[0]}, {v[1]}]")
+        return v[2:]
 
-# %% ../nbs/02_early_exit.ipynb #924b7f53
-def _exit_point(self, i: int, run: _Running, res: _Results, plan: _Plan, want_map: bool, sync: bool = True):
-    """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are known)
-    the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
-    if plan.mode == 'static' and not plan.counts[i]:                         # nobody leaves here: nothing to do
-        return run.n_live
-    m, umap = self._decide(i, run, res, plan, want_map)
-    if plan.mode == 'static':
-        n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]
-    elif sync and run.n_live == len(run.rows):                                # nothing deferred or dead
-        n_exit = run.read(m.sum())[0]
-        n_keep = run.n_live - n_exit
-    elif sync:
-        n_exit, n_keep, *deferred = run.read(m.sum(), (run.live & ~m).sum(), *(d[2].sum() for d in run.pending))
-        self._resolve(run, res, deferred)
-    else:                                                                      # deferred: no host sync
-        run.pending.append((i, run.h, m, umap))
-        run.live, run.n_live, run.exact = run.live & ~m, None, False
-        return None
-    if n_exit:
-        self._emit(i, run, res, run.h, m, n_exit, umap)
-        run.seen.add(i)
-        run.live = run.live & ~m
-    if n_keep and self._bucket(n_keep) < len(run.rows):                      # compact (and pad to the bucket)
-        run.keep(_positions(run.live, n_keep))
-        run.pad(self._bucket(n_keep), res.B)
-    run.n_live = n_keep
-    run.exact = run.exact and n_keep == len(run.rows)
-    return n_keep
+    def bucket(self, n: int) -> int:
+        "Rows a batch with n live rows is padded to: the smallest bucket >= n (n itself without buckets)."
+        b = self.model._buckets
+        return next((k for k in b if k >= n), n) if b and n else n
 
-EarlyExitUViT._exit_point = _exit_point
+    def forward(self, x, timesteps, y=None) -> EarlyExitOutput:
+        "Embed, then the blocks on the running rows with an exit point before each; the final head on the rest."
+        plan, bb = self.plan, self.bb
+        h, state = bb.embed(x, timesteps, y)
+        self.model._uem_cond(state, plan.per_row)
+        self.run = run = ExitRows(torch.arange(self.B, device=x.device), h, state, plan.per_row,
+                                  torch.ones(self.B, dtype=torch.bool, device=x.device), self.B)
+        for i in range(self.L):
+            if plan.mode != 'full' and self.exit_point(i, i in self.points) == 0:
+                return self.output()
+            self.rows_computed += len(run.rows)
+            if self.model.uem.needs_prev:
+                run.prev = run.h
+            run.h = bb.run_block(i, run.h, run.state)
+        return self.finish()
 
-# %% ../nbs/02_early_exit.ipynb #bce161f9
-def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
-    "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
-    if self.uem_cond == 'backbone' and 'temb' in ctx:
-        ctx['temb'] = state.cond.detach() if self.uem_detach else state.cond
-    return ctx
+    def decide(self, i: int):
+        "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
+        run, res = self.run, self.res
+        if self.plan.mode == 'static':
+            return (run.per_row['exit'] == i) & run.live, None
+        u, umap = self.model.uem.uncertainty(i, self.bb, run.h, run.per_row, run.prev, want_map=self.want_map)
+        u, clean = u.detach().float(), run.n_live == len(run.rows)                 # clean: every row is live
+        res.unc[run.rows, i] = u if clean else torch.where(run.live, u, float('nan'))
+        m = u < run.per_row['tau_exit']
+        if 'group' in run.per_row:                                                 # 'joint': a group leaves together
+            g = run.per_row['group']
+            m = torch.zeros(res.B + 1, device=m.device).index_add_(0, g, (~m).float())[g] == 0
+        if self.want_map and umap is None:
+            umap = self.model._as_map(u)
+        return (m if clean else m & run.live), umap
 
-EarlyExitUViT._uem_cond = _uem_cond
+    def emit(self, i: int, h, m, n: int, umap=None):
+        "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
+        idx, model = _positions(m, n), self.model
+        state = self.run.state.select(idx) if model._head_needs_state else None  # U-ViT's per-layer heads need none
+        self.res.emit(self.run.rows[idx], model.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
 
-def _finish(self, run: _Running, res: _Results, plan: _Plan, rows_computed: int) -> EarlyExitOutput:
-    "The final head on the rows still running; the output."
-    if run.pending or run.n_live is None:                                    # deferred exits since the last read
-        run.n_live, *deferred = run.read(run.live.sum(), *(d[2].sum() for d in run.pending))
-        self._resolve(run, res, deferred)
-    if run.n_live == len(run.rows):
-        res.emit(run.rows, self.backbone.decode(run.h, run.state), self.num_layers)
-    elif run.n_live:                                                           # the head on the live rows only
-        idx = _positions(run.live, run.n_live)
-        res.emit(run.rows[idx], self.backbone.decode(run.h[idx], run.state.select(idx)), self.num_layers)
-    self._remember(run, plan)
-    return res.output(run, plan.syncs, rows_computed)
+    def resolve(self, counts: list):
+        "Give the deferred exits their heads, now that their `counts` are read (one per pending exit)."
+        run = self.run
+        for (j, h, m, umap), n in zip(run.pending, counts):
+            if n:
+                self.emit(j, h, m, n, umap)
+                run.seen.add(j)
+        run.pending = []
 
-def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return_maps: bool = False,
-            exit_groups=None):
-    """Early-exit forward -> `EarlyExitOutput`. `threshold`: None (full model), a float or a (B,) tensor in [0, 1];
-    a sample exits at the first exit i < L with u_i < threshold (threshold >= 1: at exit 0). `exit_layers`: (B,)
-    static exit indices instead (no criterion is evaluated). `return_maps`: the uncertainty map at each exit.
-    `exit_groups` (B,): rows with the same id leave together, at the first exit where all are below threshold."""
-    bb = self.backbone
-    bb.check_input(x, timesteps, y)
-    plan = self._plan(x, timesteps, threshold, exit_layers, exit_groups)
-    B, L = x.shape[0], self.num_layers
-    res = _Results(B, L, x.device, (bb.in_chans, bb.img_size, bb.img_size) if return_maps else None)
-    h, state = bb.embed(x, timesteps, y)
-    self._uem_cond(state, plan.per_row)
-    run = _Running(torch.arange(B, device=x.device), h, state, plan.per_row, torch.ones(B, dtype=torch.bool,
-                   device=x.device), B)
-    rows_computed, want_map = 0, return_maps and plan.mode == 'threshold'
-    points = self.sync_points(*plan.sync_key) if plan.mode == 'threshold' else ()
-    for i in range(L):
-        if plan.mode != 'full' and self._exit_point(i, run, res, plan, want_map, i in points) == 0:
-            self._remember(run, plan)
-            return res.output(run, plan.syncs, rows_computed)
-        rows_computed += len(run.rows)
-        if self.uem.needs_prev:
-            run.prev = run.h
-        run.h = bb.run_block(i, run.h, run.state)
-    return self._finish(run, res, plan, rows_computed)
+    def exit_point(self, i: int, sync: bool = True):
+        """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are
+        known) the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
+        run, plan = self.run, self.plan
+        if plan.mode == 'static' and not plan.counts[i]:                         # nobody leaves here: nothing to do
+            return run.n_live
+        m, umap = self.decide(i)
+        if plan.mode == 'static':
+            n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]
+        elif sync and run.n_live == len(run.rows):                                # nothing deferred or dead
+            n_exit = run.read(m.sum())[0]
+            n_keep = run.n_live - n_exit
+        elif sync:
+            n_exit, n_keep, *deferred = run.read(m.sum(), (run.live & ~m).sum(), *(d[2].sum() for d in run.pending))
+            self.resolve(deferred)
+        else:                                                                      # deferred: no host sync
+            run.pending.append((i, run.h, m, umap))
+            run.live, run.n_live, run.exact = run.live & ~m, None, False
+            return None
+        if n_exit:
+            self.emit(i, run.h, m, n_exit, umap)
+            run.seen.add(i)
+            run.live = run.live & ~m
+        if n_keep and self.bucket(n_keep) < len(run.rows):                       # compact (and pad to the bucket)
+            run.keep(_positions(run.live, n_keep))
+            run.pad(self.bucket(n_keep), self.B)
+        run.n_live = n_keep
+        run.exact = run.exact and n_keep == len(run.rows)
+        return n_keep
 
-EarlyExitUViT._finish, EarlyExitUViT.forward = _finish, forward
+    def finish(self) -> EarlyExitOutput:
+        "The final head on the rows still running; the output."
+        run, res, L = self.run, self.res, self.L
+        if run.pending or run.n_live is None:                                    # deferred exits since the last read
+            run.n_live, *deferred = run.read(run.live.sum(), *(d[2].sum() for d in run.pending))
+            self.resolve(deferred)
+        if run.n_live == len(run.rows):
+            res.emit(run.rows, self.bb.decode(run.h, run.state), L)
+        elif run.n_live:                                                           # the head on the live rows only
+            idx = _positions(run.live, run.n_live)
+            res.emit(run.rows[idx], self.bb.decode(run.h[idx], run.state.select(idx)), L)
+        return self.output()
 
-# %% ../nbs/02_early_exit.ipynb #a5553570
-def forward_train(self, x, timesteps, y=None) -> dict:
-    """All exits on the full batch: 'eps' (B,C,H,W) final output, 'exits' (L,B,C,H,W) g_i for i < L,
-    'u_map' (L,B,C,H,W) per-pixel uncertainties, 'u' (L,B) aggregated uncertainties. A learned-sigma DiT gives
-    its eps half only (the variance half is not trained by the AdaDiff losses)."""
-    bb, C = self.backbone, x.shape[1]
-    h, state = bb.embed(x, timesteps, y)
-    ctx, prev = self._uem_cond(state, self.uem.context(timesteps)), None
-    exits, umaps, us = [], [], []
-    for i in range(self.num_layers):
-        exits.append(self.exit_output(i, h, state.copy() if self.exit_head_mode == 'skip_fusion' else state)[:, :C])
-        hu = h.detach() if self.uem_detach else h
-        u, umap = self.uem.uncertainty(i, bb, hu, ctx, prev, want_map=True)
-        us.append(u)
-        umaps.append(self._as_map(u) if umap is None else umap)
-        prev = h if self.uem.needs_prev else None
-        h = bb.run_block(i, h, state)
-    eps = bb.decode(h, state)[:, :C]                                           # learned sigma: the eps half
-    return dict(eps=eps, exits=torch.stack(exits), u_map=torch.stack(umaps), u=torch.stack(us))
+    def remember(self):
+        "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
+        model, key = self.model, self.plan.sync_key
+        if self.plan.mode == 'threshold' and model.exit_sync == 'auto':
+            model._sync_plan.pop(key, None)
+            model._sync_plan[key] = frozenset(self.run.seen | {self.L - 1})
+            while len(model._sync_plan) > 64:                                       # thresholds dragged in an app
+                model._sync_plan.pop(next(iter(model._sync_plan)))
 
-EarlyExitUViT.forward_train = forward_train
+    def output(self) -> EarlyExitOutput:
+        "Remember the sync points ('auto'); the forward's result."
+        self.remember()
+        return self.res.output(self.run, self.plan.syncs, self.rows_computed)
 
 # %% ../nbs/02_early_exit.ipynb #6af46cd0
 def is_early_exit_model(model) -> bool:
-    "True when `model` exits early: an `EarlyExitUViT` (any criterion) or a wrapper exposing `num_exits`."
-    if isinstance(model, EarlyExitUViT) or getattr(model, 'num_exits', None) is not None:
+    "True when `model` exits early: an `EarlyExitModel` (any criterion) or a wrapper exposing `num_exits`."
+    if isinstance(model, EarlyExitModel) or getattr(model, 'num_exits', None) is not None:
         return True
     try:
         return 'threshold' in inspect.signature(getattr(model, 'forward', model)).parameters
@@ -876,7 +907,7 @@ def _ee_preset(preset: str, **ee_defaults):
     arch = 'dit' if preset in DIT_PRESETS else 'uvit'
     def build(**kw):
         ee = {**ee_defaults, 'backbone_arch': arch, **{k: v for k, v in kw.items() if k in EE_OPTIONS}}
-        return EarlyExitUViT(backbone=_backbone_config(preset, **{k: v for k, v in kw.items() if k not in EE_OPTIONS}),
+        return EarlyExitModel(backbone=_backbone_config(preset, **{k: v for k, v in kw.items() if k not in EE_OPTIONS}),
                              **ee)
     build.__name__ = build.__qualname__ = _ee_name(preset).replace('-', '_').replace('/', '_')
     build.__doc__ = f"Early-exit model on the `{preset}` backbone (early-exit options or backbone overrides as kwargs)."
@@ -884,7 +915,7 @@ def _ee_preset(preset: str, **ee_defaults):
 
 EE_PRESETS: dict = {_ee_name(k): _ee_preset(k) for k in [*PRESETS, *DIT_PRESETS]}
 
-def create_early_exit(name: str, **kw) -> EarlyExitUViT:
+def create_early_exit(name: str, **kw) -> EarlyExitModel:
     "Build an early-exit preset by name (see `EE_PRESETS`); keywords: `EE_OPTIONS` or backbone overrides."
     if name not in EE_PRESETS:
         raise ValueError(f"unknown early-exit preset {name!r}; choose one of {sorted(EE_PRESETS)}")
@@ -943,24 +974,3 @@ def _check_buckets(buckets, max_batch) -> tuple:
     if not b or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in b):
         raise ValueError(f"buckets must be 'pow2' or a sequence of positive ints (batch sizes), got {buckets!r}")
     return tuple(sorted(set(b)))
-
-def compile_exits(self, buckets='fine', max_batch: int = 256, **compile_kw) -> 'EarlyExitUViT':
-    """Compile the backbone's blocks with `torch.compile(dynamic=False, **compile_kw)` in place and pad running rows
-    to `buckets` ('fine', the default: `fine_buckets`; 'pow2': powers of two up to `max_batch`, fewer compiled
-    shapes but up to 2x padding; or a sequence of batch sizes). Returns the model."""
-    self._buckets = _check_buckets(buckets, max_batch)
-    need = 2 * (len(self._buckets) + 2)                       # shapes x block variants (U-ViT: with / without skip)
-    if torch._dynamo.config.recompile_limit < need:
-        torch._dynamo.config.recompile_limit = need
-    for blk in block_modules(self.backbone):
-        blk.compile(**{'dynamic': False, **compile_kw})
-    return self
-
-def uncompile_exits(self) -> 'EarlyExitUViT':
-    "Back to eager blocks and unpadded batches."
-    for blk in block_modules(self.backbone):
-        blk._compiled_call_impl = None
-    self._buckets = None
-    return self
-
-EarlyExitUViT.compile_exits, EarlyExitUViT.uncompile_exits = compile_exits, uncompile_exits

@@ -27,8 +27,8 @@ from .autoencoder import (CacheError, LatentCache, check_weight_dir, describe_fi
 
 # %% auto #0
 __all__ = ['CLIP_MODEL_FILES', 'CLIP_TOKENIZER_FILES', 'CLIP_HOWTO', 'TEXT_FORMAT', 'TEXT_TOOL', 'check_prompts', 'read_prompts',
-           'clip_dirs', 'TextEncoder', 'write_tiny_clip', 'precompute_text_features', 'TextFeatureCache',
-           'LatentTextDataset', 'load_text_encoder', 'build_parser', 'main']
+           'clip_dirs', 'TextEncoder', 'write_tiny_clip', 'flat_prompts', 'precompute_text_features',
+           'TextFeatureCache', 'LatentTextDataset', 'load_text_encoder', 'build_parser', 'main']
 
 # %% ../nbs/01e_text.ipynb #58c94512
 def check_prompts(prompts) -> list[str]:
@@ -171,7 +171,7 @@ def write_tiny_clip(path, width: int = 32, seed: int = 0) -> Path:
 TEXT_FORMAT = 'adadiff-text'
 TEXT_TOOL = 'adadiff-text-features (or adadiff_nb.text_encoder.precompute_text_features)'
 
-def _flat_prompts(prompts) -> tuple[list[str], list[int]]:
+def flat_prompts(prompts) -> tuple[list[str], list[int]]:
     "(all captions in order, offsets (N + 1,)) of prompts: a list of strings or of lists of strings."
     items = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(items, (list, tuple)) or not items:
@@ -190,7 +190,7 @@ def precompute_text_features(prompts, encoder: TextEncoder, path, batch_size: in
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     path = check_output_file(path, 'path')
-    flat, offsets = _flat_prompts(prompts)
+    flat, offsets = flat_prompts(prompts)
     N, D = encoder.context_shape
     specs = {'context': (dtype, (len(flat), N, D)), 'offsets': (torch.int64, (len(offsets),))}
     meta = dict(format=TEXT_FORMAT, version=1, n=len(offsets) - 1, n_prompts=len(flat),

@@ -29,13 +29,14 @@ from .autoencoder import CacheError, LatentCache
 from .text_encoder import LatentTextDataset, TextEncoder, TextFeatureCache
 
 # %% auto #0
-__all__ = ['EMPTY_HOWTO', 'CKPT_FORMAT', 'DataStream', 'LatentData', 'load_empty_context', 'EMA', 'WarmupLR', 'flatten_state',
-           'unflatten_state', 'save_optimizer', 'load_optimizer', 'rng_state', 'set_rng_state', 'TrainState',
-           'checkpoint_problem', 'check_train_checkpoint', 'read_train_checkpoint', 'list_checkpoints',
-           'checkpoint_dir', 'prune_checkpoints', 'newest_valid_checkpoint', 'latest_checkpoint',
-           'remove_unfinished_writes', 'NonFiniteLossError', 'StepConfig', 'drop_labels', 'drop_context', 'train_step',
-           'finetune', 'MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig',
-           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
+__all__ = ['EMPTY_HOWTO', 'CKPT_FORMAT', 'mix_seed', 'DataStream', 'LatentData', 'load_empty_context', 'EMA', 'WarmupLR',
+           'flatten_state', 'unflatten_state', 'save_optimizer', 'load_optimizer', 'tensor_to_b64', 'b64_to_tensor',
+           'rng_state', 'set_rng_state', 'TrainState', 'checkpoint_problem', 'check_train_checkpoint',
+           'read_train_checkpoint', 'list_checkpoints', 'checkpoint_dir', 'prune_checkpoints',
+           'newest_valid_checkpoint', 'latest_checkpoint', 'remove_unfinished_writes', 'NonFiniteLossError',
+           'StepConfig', 'drop_labels', 'drop_context', 'train_step', 'finetune', 'MODES', 'LOGGERS', 'PRECISIONS',
+           'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'LossConfig',
+           'RunConfig', 'TrainConfig', 'load_train_config']
 
 # %% ../nbs/04_train.ipynb #845c73b3
 from .train_config import (MODES, LOGGERS, PRECISIONS, SECTIONS, TRAIN_PRESETS, ConfigError, ModelConfig,
@@ -46,7 +47,7 @@ _all_ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigE
          'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
 
 # %% ../nbs/04_train.ipynb #5ca3e481
-def _mix_seed(*parts) -> int:
+def mix_seed(*parts) -> int:
     "A 63-bit seed from any parts (stable across runs and platforms)."
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') & ((1 << 63) - 1)
 
@@ -65,7 +66,7 @@ class DataStream:
     def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         "Permutation and flip mask of `epoch`."
         if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, 'data', epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 'data', epoch))
             perm = torch.randperm(self.n, generator=g)
             flips = (torch.rand(self.n, generator=g) < 0.5) if self.flip else torch.zeros(self.n, dtype=torch.bool)
             self._cache = (epoch, perm, flips)
@@ -87,7 +88,7 @@ def next(self: DataStream) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (b, C, S, S), long labels (b,) or float contexts (b, N, D)) of this process's share of the next
     global batch. A data set with `reseed(seed)` (`LatentData`) is reseeded from (seed, epoch, position) first."""
     idx, fl = self.next_indices()
-    if hasattr(self.ds, 'reseed'): self.ds.reseed(_mix_seed(self.seed, 'draw', self.epoch, self.pos, self.rank))
+    if hasattr(self.ds, 'reseed'): self.ds.reseed(mix_seed(self.seed, 'draw', self.epoch, self.pos, self.rank))
     if hasattr(self.ds, 'get_batch'): x, y = self.ds.get_batch(idx)
     else:
         items = [self.ds[int(i)] for i in idx]
@@ -242,23 +243,29 @@ def load_optimizer(path) -> dict:
     return unflatten_state(load_weights(path), skel)
 
 # %% ../nbs/04_train.ipynb #48f9ab58
-def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-def _unb64(s: str) -> torch.Tensor: return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+def tensor_to_b64(t: torch.Tensor) -> str:
+    "The bytes of `t` (an RNG state, uint8) as base64 text, for JSON."
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+def b64_to_tensor(s: str) -> torch.Tensor:
+    "The uint8 tensor `tensor_to_b64` wrote as `s`."
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 def rng_state(noise_states: list | None = None) -> dict:
     "JSON-safe RNG states: torch CPU/CUDA, numpy, python `random`, and the per-process noise generators."
     np_st, py = np.random.get_state(), random.getstate()
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return dict(torch_cpu=_b64(torch.get_rng_state()), torch_cuda=[_b64(s) for s in torch.cuda.get_rng_state_all()]
-                if cuda else [], numpy=[np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])],
+    cuda_states = [tensor_to_b64(s) for s in torch.cuda.get_rng_state_all()] if cuda else []
+    return dict(torch_cpu=tensor_to_b64(torch.get_rng_state()), torch_cuda=cuda_states,
+                numpy=[np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])],
                 python=[py[0], list(py[1]), py[2]], noise=list(noise_states or []))
 
 def set_rng_state(st: dict):
     "Restore the global RNG states saved by `rng_state` (the noise generators are restored by `TrainState`)."
-    torch.set_rng_state(_unb64(st['torch_cpu']))
+    torch.set_rng_state(b64_to_tensor(st['torch_cpu']))
     cs = st.get('torch_cuda')
     if cs and torch.cuda.is_available() and len(cs) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cs])
+        torch.cuda.set_rng_state_all([b64_to_tensor(s) for s in cs])
     n, p = st['numpy'], st['python']
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     random.setstate((p[0], tuple(p[1]), p[2]))
@@ -282,7 +289,8 @@ class TrainState:
     def state_dict(self, noise_states: list | None = None) -> dict:
         "{'model', 'ema', 'optimizer': tensor dicts / optimizer state, 'state': JSON-safe step, rng, data, lr}."
         lr = asdict(self.lr_rule) if is_dataclass(self.lr_rule) else None
-        state = dict(format=CKPT_FORMAT, step=self.step, rng=rng_state(noise_states or [_b64(self.noise.get_state())]),
+        rng = rng_state(noise_states or [tensor_to_b64(self.noise.get_state())])
+        state = dict(format=CKPT_FORMAT, step=self.step, rng=rng,
                      data=self.stream.state() if self.stream is not None else None, lr_rule=lr)
         return dict(model=self.model.state_dict(), ema=self.ema.state_dict() if self.ema is not None else None,
                     optimizer=self.optimizer.state_dict(), state=state)
@@ -300,11 +308,11 @@ def load_state_dict(self: TrainState, sd: dict, source: str = 'checkpoint', worl
     self.step = int(st['step'])
     set_rng_state(st['rng'])
     ns = st['rng'].get('noise', [])
-    if len(ns) == world: self.noise.set_state(_unb64(ns[self.rank]))
+    if len(ns) == world: self.noise.set_state(b64_to_tensor(ns[self.rank]))
     else:
         if warn: warnings.warn(f"resume: checkpoint has {len(ns)} noise generator states but {world} processes; "
                                "reseeding noise from (seed, rank, step)")
-        self.noise.manual_seed(_mix_seed(self.seed, 'noise', self.rank, self.step))
+        self.noise.manual_seed(mix_seed(self.seed, 'noise', self.rank, self.step))
     if self.stream is not None and st.get('data') is not None: self.stream.load_state(st['data'])
     return self
 
@@ -585,7 +593,7 @@ def finetune(model: nn.Module, loss_fn: Callable, steps: int, data: str = 'cifar
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     state = TrainState(model, opt, EMA(model, ema_decay, warmup=True), WarmupLR(lr, warmup_steps), seed=seed,
-                       noise=torch.Generator().manual_seed(_mix_seed(seed, 'finetune-noise')),
+                       noise=torch.Generator().manual_seed(mix_seed(seed, 'finetune-noise')),
                        stream=DataStream(ds, batch_size, seed, flip=True))
     cfg = StepConfig(get_schedule(schedule), loss_fn, grad_clip, device=device, params=params)
     log, t0 = [], time.time()

@@ -12,17 +12,17 @@ import argparse, dataclasses, json, shlex, sys, warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .train_config import ConfigError, TrainConfig, load_train_config, TRAIN_PRESETS, SECTIONS, _KEYS
+from .train_config import ConfigError, TrainConfig, load_train_config, TRAIN_PRESETS, SECTIONS, CONFIG_KEYS
 from .checkpoint import CheckpointError, RecoveryWarning
 from .train import NonFiniteLossError, check_train_checkpoint, newest_valid_checkpoint
-from .train_loop import TrainInputError, TrainInterrupted, train, read_log, _fmt
+from .train_loop import TrainInputError, TrainInterrupted, train, read_log, fmt_loss
 
 # %% auto #0
 __all__ = ['build_parser', 'config_from_args', 'main']
 
 # %% ../nbs/04b_train_cli.ipynb #5453dedd
 def _field(name: str):
-    return next(f for f in fields(SECTIONS[_KEYS[name]]) if f.name == name)
+    return next(f for f in fields(SECTIONS[CONFIG_KEYS[name]]) if f.name == name)
 
 def _parse_value(name: str, s: str):
     "Parse a command-line string for config field `name` (JSON for dicts/tuples, 'none' for None)."
@@ -78,10 +78,10 @@ def _overrides(args) -> dict:
         if '=' not in kv: raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split('=', 1)
         sec, _, k = k.rpartition('.')
-        if k not in _KEYS or sec not in ('', _KEYS[k]):
-            raise ConfigError(f"--set: unknown config key {kv.split('=', 1)[0]!r}; valid keys: {sorted(_KEYS)}")
+        if k not in CONFIG_KEYS or sec not in ('', CONFIG_KEYS[k]):
+            raise ConfigError(f"--set: unknown config key {kv.split('=', 1)[0]!r}; valid keys: {sorted(CONFIG_KEYS)}")
         ov[k] = _parse_value(k, v)
-    return {**ov, **{k: _parse_value(k, getattr(args, k)) for k in _KEYS if k in vars(args)}}
+    return {**ov, **{k: _parse_value(k, getattr(args, k)) for k in CONFIG_KEYS if k in vars(args)}}
 
 def _resume_config(args, ov: dict) -> dict | None:
     """The run config of the checkpoint `--resume` continues: the named one, or the newest sound one of the run's
@@ -114,7 +114,7 @@ def _train_diffusers(args, cfg: TrainConfig, command: str) -> int:
     if args.resume:
         raise TrainInputError("--resume is not supported with --diffusers-model (head training is short: start again)")
     res = train_diffusers(args.diffusers_model, cfg, command=command)
-    losses = ', '.join(f'{k}={_fmt(v)}' for k, v in res['losses'].items() if k not in ('step', 'lr'))
+    losses = ', '.join(f'{k}={fmt_loss(v)}' for k, v in res['losses'].items() if k not in ('step', 'lr'))
     ratios = ', '.join(f'{k:g}: {v:.3f}' for k, v in res['layer_ratio'].items())
     print(f"adadiff-train: done at step {res['step']}: {losses}\n  exit heads: {res['heads']}\n"
           f"  layer ratio by threshold: {ratios}\n  log: {res['log']}", flush=True)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adadiff-train: {what}", file=sys.stderr)
             return 130
     if res.get('final_model'):
-        losses = ', '.join(f'{k}={_fmt(v)}' for k, v in res['losses'].items())
+        losses = ', '.join(f'{k}={fmt_loss(v)}' for k, v in res['losses'].items())
         print(f"adadiff-train: done at step {res['step']}: {losses}\n  final model: {res['final_model']}\n"
               f"  EMA model:   {res['final_ema']}\n  log: {res['log']}", flush=True)
     return 0

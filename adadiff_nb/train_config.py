@@ -18,9 +18,9 @@ from .dit import DIT_PRESETS
 from .losses import REDUCTIONS, LAYER_REDUCE
 
 # %% auto #0
-__all__ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache', 'toml_module',
-           'load_train_config']
+__all__ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'CONFIG_KEYS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig',
+           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache',
+           'toml_module', 'load_train_config']
 
 # %% ../nbs/04_config.ipynb #2fa0b212
 MODES = ('scratch', 'backbone', 'finetune', 'frozen')
@@ -128,7 +128,7 @@ class RunConfig:
     progress: bool = _f(True, 'tqdm progress bar')
 
 SECTIONS = dict(model=ModelConfig, data=DataConfig, optim=OptimConfig, loss=LossConfig, run=RunConfig)
-_KEYS = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}   # flat key -> its section
+CONFIG_KEYS = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}   # flat key -> its section
 
 # %% ../nbs/04_config.ipynb #e473538f
 _DIT_ONLY = ('input_size', 'in_channels', 'hidden_size', 'class_dropout_prob', 'learn_sigma')
@@ -284,18 +284,18 @@ TRAIN_PRESETS: dict = {
 def _is_section(key: str, v) -> bool:
     "Is `{key: v}` a section? ('model' is also a field: a dict of ModelConfig field names is the section.)"
     if key not in SECTIONS or not isinstance(v, dict): return False
-    return key != 'model' or all(k in _KEYS and _KEYS[k] == 'model' for k in v)
+    return key != 'model' or all(k in CONFIG_KEYS and CONFIG_KEYS[k] == 'model' for k in v)
 
 def _sectioned(d: dict, where: str) -> dict:
     "{section: {key: value}} from flat keys, sections or both; unknown keys raise `ConfigError`."
     out, unknown = {s: {} for s in SECTIONS}, []
     for k, v in d.items():
         if _is_section(k, v):
-            unknown += [f'{k}.{kk}' for kk in v if _KEYS.get(kk) != k]
+            unknown += [f'{k}.{kk}' for kk in v if CONFIG_KEYS.get(kk) != k]
             out[k].update(v)
-        elif k in _KEYS: out[_KEYS[k]][k] = v
+        elif k in CONFIG_KEYS: out[CONFIG_KEYS[k]][k] = v
         else: unknown.append(k)
-    if unknown: raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(_KEYS)}")
+    if unknown: raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(CONFIG_KEYS)}")
     return out
 
 def _normalize(d: dict) -> dict:

@@ -21,12 +21,12 @@ from .early_exit import EarlyExitUViT
 from .autoencoder import LatentAutoencoder, LatentCache, precompute_latents
 from .pipelines import ADAPTERS, DiTAdapter, PixArtAdapter, TextCond, make_adapter, write_exit_heads
 from .text_encoder import TextEncoder, TextFeatureCache, check_prompts, precompute_text_features, read_prompts
-from .text_encoder import _flat_prompts
+from .text_encoder import flat_prompts
 from .train_config import ConfigError, TrainConfig, load_train_config
 from .train import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConfig, load_empty_context,
-                              train_step, _mix_seed)
+                              train_step, mix_seed)
 from .autoencoder import CacheError
-from .train_loop import CSVLog, LoopLoss, TrainInputError, _Forward, _Meter, _accelerator
+from .train_loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, make_accelerator
 
 # %% auto #0
 __all__ = ['PROMPT_KIND', 'load_diffusers_model', 'pack_prompts', 'unpack_prompts', 'PromptEncoder', 'empty_prompt_path',
@@ -234,7 +234,7 @@ def _state(cfg: TrainConfig, ee, stream, acc) -> TrainState:
     o, seed, rank = cfg.optim, cfg.run.seed, acc.process_index
     opt = torch.optim.AdamW(list(ee.parameters()), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     return TrainState(ee, opt, EMA(ee, o.ema_decay), WarmupLR(o.lr, o.warmup_steps), stream=stream, seed=seed,
-                      rank=rank, noise=torch.Generator().manual_seed(_mix_seed(seed, 'noise', rank)))
+                      rank=rank, noise=torch.Generator().manual_seed(mix_seed(seed, 'noise', rank)))
 
 # %% ../nbs/04aa_train_diffusers.ipynb #3e8c29bd
 def _text_pipeline(model, tr, vae):
@@ -249,7 +249,7 @@ def _text_pipeline(model, tr, vae):
 
 def _same_captions(cache: Path, captions: list) -> bool:
     "True when prompt cache `cache` holds exactly `captions` (so a run can reuse it)."
-    flat, offsets = _flat_prompts(captions)
+    flat, offsets = flat_prompts(captions)
     try: c = TextFeatureCache(cache)
     except (CacheError, FileNotFoundError): return False
     return c.metadata.get('prompts') == flat and c.offsets.tolist() == offsets
@@ -305,7 +305,7 @@ def measured_layer_ratios(ee, ds, schedule, thresholds=(0.05, 0.1, 0.2, 0.3), n:
 # %% ../nbs/04aa_train_diffusers.ipynb #2e2c1fd8
 def _loop(state: TrainState, step_cfg: StepConfig, steps: int, log_every: int, log, main: bool) -> list[dict]:
     "`train_step` until `steps`; a log row (means since the last one, as `adadiff-train` logs them) every `log_every`."
-    rows, meter = [], _Meter()
+    rows, meter = [], LossMeter()
     while state.step < steps:
         res = train_step(state, state.stream.next(), step_cfg)
         meter.add(res)
@@ -323,7 +323,7 @@ def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command:
     ratios."""
     cfg = load_train_config(cfg if not isinstance(cfg, TrainConfig) else cfg.to_dict(), **overrides)
     tr, vae = load_diffusers_model(model)
-    acc, out = _accelerator(cfg, early=True), Path(cfg.run.out).expanduser()
+    acc, out = make_accelerator(cfg, early=True), Path(cfg.run.out).expanduser()
     bb = _frozen_adapter(tr.to(acc.device))
     text, null = _prompt_setup(model, tr, vae, bb, cfg, out, acc.device)
     ds = latent_data(cfg.data.data, bb, vae, out, acc.device, prompts=text, flip=cfg.data.flip)
@@ -332,7 +332,7 @@ def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command:
     ee = _wrap_frozen(bb, cfg)
     stream = DataStream(ds, cfg.data.batch_size, cfg.run.seed, False, acc.process_index, acc.num_processes)
     state = _state(cfg, ee, stream, acc)
-    fwd, state.optimizer = acc.prepare(_Forward(ee, True), state.optimizer)
+    fwd, state.optimizer = acc.prepare(TrainForward(ee, True), state.optimizer)
     sch = get_schedule(cfg.loss.schedule)
     step_cfg = StepConfig(sch, LoopLoss(cfg.loss, True), cfg.optim.grad_clip, cfg.optim.ema_every, acc.device,
                           bb.num_labels > 0 or text is not None, fwd, acc, list(ee.parameters()), cfg.loss.p_uncond,

@@ -32,13 +32,14 @@ from . import data as _data
 from .autoencoder import LatentAutoencoder
 from .train_config import ConfigError, TrainConfig, load_train_config, backbone_family, is_latent_cache
 from .train import (DataStream, EMA, WarmupLR, TrainState, StepConfig, train_step, NonFiniteLossError,
-                              _mix_seed, _b64, list_checkpoints, checkpoint_dir, prune_checkpoints,
+                              mix_seed, tensor_to_b64, list_checkpoints, checkpoint_dir, prune_checkpoints,
                               read_train_checkpoint, newest_valid_checkpoint, remove_unfinished_writes, LatentData,
                               load_empty_context, EMPTY_HOWTO)
 
 # %% auto #0
 __all__ = ['SYNC_DIR_ENV', 'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init', 'sample_images',
-           'read_log', 'CSVLog', 'TrainInputError', 'backbone_forward', 'LoopLoss', 'TrainInterrupted', 'train']
+           'read_log', 'CSVLog', 'TrainInputError', 'backbone_forward', 'TrainForward', 'LoopLoss', 'make_accelerator',
+           'fmt_loss', 'LossMeter', 'TrainInterrupted', 'train']
 
 # %% ../nbs/04a_train_loop.ipynb #a5332bfe
 def _early_exit_cls():
@@ -214,7 +215,7 @@ def backbone_forward(bb: nn.Module, x, t, y=None) -> torch.Tensor:
     for i in range(bb.num_layers): h = bb.run_block(i, h, state)
     return bb.decode(h, state)
 
-class _Forward(nn.Module):
+class TrainForward(nn.Module):
     "Routes DDP's forward to `forward_train` (early-exit models), `backbone_forward` (a DiT) or the plain forward."
     def __init__(self, model, early: bool):
         super().__init__()
@@ -238,7 +239,8 @@ class LoopLoss:
                             reduction=c.reduction, layer_reduce=c.layer_reduce, **c.loss_kw)
 
 # %% ../nbs/04a_train_loop.ipynb #d6202102
-def _accelerator(cfg: TrainConfig, early: bool):
+def make_accelerator(cfg: TrainConfig, early: bool):
+    "The run's `accelerate.Accelerator`: device, mixed precision (bf16 only where supported) and DDP settings."
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -296,7 +298,9 @@ def _param_checksum(model: nn.Module) -> str:
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
-def _fmt(v: float) -> str: return f'{v:.4g}'
+def fmt_loss(v: float) -> str:
+    "A loss term as 4 significant digits (progress bar, log lines)."
+    return f'{v:.4g}'
 
 # %% ../nbs/04a_train_loop.ipynb #5e221e0d
 _RUN_DEFINING = ('model', 'model_kw', 'exit_kw', 'mode', 'schedule', 'data', 'text_features', 'batch_size', 'seed',
@@ -531,7 +535,7 @@ def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
         cfg = load_train_config(cfg) if not isinstance(cfg, TrainConfig) else cfg.validate()
         _check_out(Path(cfg.run.out).expanduser())
         early = cfg.model.mode != 'backbone'
-        acc = _accelerator(cfg, early)
+        acc = make_accelerator(cfg, early)
         ck = _resume_source(cfg, resume, overwrite, acc.is_main_process)
         model, arch, loaded = _build_model(cfg, ck, acc.is_main_process)
         bb = getattr(model, 'backbone', model)
@@ -545,7 +549,7 @@ def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
         state = _make_state(cfg, model, params, stream, acc, ck)
     except (ConfigError, TrainInputError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise TrainInputError(str(e)) from e
-    fwd, state.optimizer = acc.prepare(_Forward(model, early), state.optimizer)
+    fwd, state.optimizer = acc.prepare(TrainForward(model, early), state.optimizer)
     cond = bb.num_labels > 0 or getattr(bb, 'context_shape', None) is not None
     step_cfg = StepConfig(get_schedule(cfg.loss.schedule), LoopLoss(cfg.loss, early), cfg.optim.grad_clip,
                           cfg.optim.ema_every, acc.device, cond, fwd, acc, params, cfg.loss.p_uncond, bb.null_class,
@@ -565,7 +569,7 @@ def _make_state(cfg: TrainConfig, model, params, stream, acc, ck) -> TrainState:
     model.to(acc.device)
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     state = TrainState(model, opt, EMA(model, o.ema_decay), WarmupLR(o.lr, o.warmup_steps), stream=stream, seed=seed,
-                       rank=rank, noise=torch.Generator().manual_seed(_mix_seed(seed, 'noise', rank)))
+                       rank=rank, noise=torch.Generator().manual_seed(mix_seed(seed, 'noise', rank)))
     if ck is not None: state.load_state_dict(ck, str(ck['path']), acc.num_processes, warn=acc.is_main_process)
     return state
 
@@ -599,7 +603,7 @@ def _checkpoint(run: _Run):
         sd.mkdir(parents=True, exist_ok=True)
         with open(sd / f'rank{rank}.jsonl', 'a') as f:
             f.write(json.dumps(dict(step=st.step, rank=rank, sha256=mine)) + '\n')
-    noise = gather_object([_b64(st.noise.get_state())]) if world > 1 else [_b64(st.noise.get_state())]
+    noise = gather_object([tensor_to_b64(st.noise.get_state())]) if world > 1 else [tensor_to_b64(st.noise.get_state())]
     sums = gather_object([mine]) if world > 1 else [mine]
     if run.main:
         if len(set(sums)) > 1:
@@ -626,7 +630,7 @@ def _sample_grid(run: _Run) -> Path:
     return save_grid(imgs, run.out / 'samples' / f'step_{run.state.step:08d}.png')
 
 # %% ../nbs/04a_train_loop.ipynb #65198050
-class _Meter:
+class LossMeter:
     "Means of the loss terms and the gradient norm since the last log row (over all processes)."
     def __init__(self): self.sums, self.n, self.t0, self.terms, self.row = {}, 0, time.time(), {}, {}
     def add(self, res: dict):
@@ -651,14 +655,15 @@ class _Meter:
         return self.row
 
 # %% ../nbs/04a_train_loop.ipynb #6d2f3a8c
-def _after_step(run: _Run, res: dict, meter: _Meter, log, bar, on_step):
+def _after_step(run: _Run, res: dict, meter: LossMeter, log, bar, on_step):
     "Log row, progress bar, checkpoint, sample grid and callback after a step."
     cfg, st = run.cfg, run.state
     meter.add(res)
     if st.step % cfg.run.log_every == 0 or st.step == cfg.optim.steps:
         row = meter.flush(run, res['lr'])
         if log is not None: log.log(row)
-        if run.main: bar.set_postfix({k: _fmt(v) for k, v in meter.terms.items() if k != 'grad_norm'}, refresh=False)
+        if run.main:
+            bar.set_postfix({k: fmt_loss(v) for k, v in meter.terms.items() if k != 'grad_norm'}, refresh=False)
     bar.update(1)
     if cfg.run.ckpt_every and st.step % cfg.run.ckpt_every == 0 and st.step < cfg.optim.steps: _checkpoint(run)
     grids = cfg.run.sample_every and (run.latent is None or run.latent.autoencoder is not None)
@@ -676,7 +681,7 @@ def _guarded_step(run: _Run) -> dict:
                                  "resume with --resume.") from None
 
 # %% ../nbs/04a_train_loop.ipynb #afcc4a5f
-def _finish(run: _Run, meter: _Meter) -> dict:
+def _finish(run: _Run, meter: LossMeter) -> dict:
     "Final checkpoint and models; the result dict of `train`."
     st, cfg, out = run.state, run.cfg, run.out
     if run.last_ckpt is None or Path(run.last_ckpt).name != f'step_{st.step:08d}': _checkpoint(run)
@@ -721,7 +726,7 @@ def _deferred_sigint(enabled: bool):
     finally: signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # %% ../nbs/04a_train_loop.ipynb #e43f8f8a
-def _loop(run: _Run, meter: _Meter, on_step) -> bool:
+def _loop(run: _Run, meter: LossMeter, on_step) -> bool:
     "Steps until `steps` or a Ctrl-C (then a checkpoint of the last step, if it has none); True if interrupted."
     from tqdm.auto import tqdm
     st, steps = run.state, run.cfg.optim.steps
@@ -748,7 +753,7 @@ def train(cfg: TrainConfig | str | dict, resume: bool | str = False, overwrite: 
     `accelerate` package (the `train` extra) a `MissingExtraError` says so before anything is read or built."""
     require('accelerate', 'adadiff-train / train()', 'train')
     run = _setup(cfg, resume, overwrite, command)
-    meter = _Meter()
+    meter = LossMeter()
     try:
         if _loop(run, meter, on_step): raise TrainInterrupted(run.state.step, run.last_ckpt, saved=True)
         return _finish(run, meter)

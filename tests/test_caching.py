@@ -164,7 +164,7 @@ def test_bad_options_give_clear_errors(bb, ee):
         (lambda: DeepCacheUViT(bb, mode='cubic'), "choose one of ['uniform', 'quadratic']"),
         (lambda: DeepCacheUViT(bb, mode='quadratic'), 'pass steps'),
         (lambda: CACHE_METHODS['deepcache'](bb, dict(brnach=1)), "unknown deepcache option(s) ['brnach']"),
-        (lambda: CACHE_METHODS['adadiff_cache'](bb, {}), 'needs an EarlyExitUViT'),
+        (lambda: CACHE_METHODS['adadiff_cache'](bb, {}), 'needs an EarlyExitModel'),
         (lambda: CACHE_METHODS['adadiff_cache'](ee, dict(threshold=-1)), 'outside [0, 1]'),
         (lambda: CACHE_METHODS['adadiff_cache'](ee, dict(branch=1, min_branch=2)), 'min_branch must be'),
         (lambda: CACHE_METHODS['l2c'](bb, {}), 'l2c needs steps'),

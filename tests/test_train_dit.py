@@ -13,7 +13,7 @@ import torch.nn as nn
 from adadiff_nb.checkpoint import load_model, load_weights, save_model
 from adadiff_nb.diffusion import get_schedule
 from adadiff_nb.dit import create_dit
-from adadiff_nb.train import DataStream, _mix_seed
+from adadiff_nb.train import DataStream, mix_seed
 from adadiff_nb.train_config import load_train_config
 from adadiff_nb.train_loop import read_log, train
 from adadiff_nb.train_cli import main
@@ -63,7 +63,7 @@ def expected_labels(npz, steps: int, p: float, null: int, start: int = 0) -> lis
     by `null` where a uniform draw from the run's noise generator (after the times and the noise) is below p."""
     y_all = torch.as_tensor(np.load(npz)['train_y']).long()
     stream, sch = DataStream(list(range(len(y_all))), BS, SEED, flip=True), get_schedule('linear')
-    g = torch.Generator().manual_seed(_mix_seed(SEED, 'noise', 0))
+    g = torch.Generator().manual_seed(mix_seed(SEED, 'noise', 0))
     out = []
     for _ in range(steps):
         idx, _ = stream.next_indices()

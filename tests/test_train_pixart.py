@@ -15,7 +15,7 @@ from adadiff_nb.diffusion import get_schedule
 from adadiff_nb.pipelines import (TextCond, disable_early_exit, early_exit_model, load_exit_heads,
                                   tiny_pixart_pipeline)
 from adadiff_nb.text_encoder import TextFeatureCache
-from adadiff_nb.train import DataStream, _mix_seed
+from adadiff_nb.train import DataStream, mix_seed
 from adadiff_nb.train_cli import main
 from adadiff_nb.train_diffusers import (TrainInputError, empty_prompt_path, pack_prompts, precompute_prompt_embeddings,
                                         train_diffusers)
@@ -78,7 +78,7 @@ def record_contexts(tr):
 def expected_drops(steps: int, p: float) -> list:
     "(indices, dropped) per step: the data stream's order, and train_step's dropout draws from the noise generator."
     stream, sch = DataStream(list(range(N)), BS, SEED, flip=False), get_schedule('linear')
-    g = torch.Generator().manual_seed(_mix_seed(SEED, 'noise', 0))
+    g = torch.Generator().manual_seed(mix_seed(SEED, 'noise', 0))
     out = []
     for _ in range(steps):
         idx, _ = stream.next_indices()
