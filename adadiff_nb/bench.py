@@ -27,11 +27,13 @@ from .analysis import LOG_TICKS
 from .calibrate import calibrate_threshold, calibrate_static_schedule, sampler_model_times
 from .baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusion_loss, adadiff_train_loss,
                                   ase_train_loss, berxit_train_loss, calm_train_loss, small_model_config)
+from .methods import METHODS, FULL, method_spec, method_names, method_label, method_families, fixed_rule, \
+    cost_model, resolve
 
 # %% auto #0
 __all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'COUNT_MINIMA', 'RUN_ELSEWHERE', 'LOSS_VERSIONS',
-           'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS', 'check_count', 'check_seed', 'check_reductions',
-           'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
+           'TABLE1_ROWS', 'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS', 'check_count', 'check_seed',
+           'check_reductions', 'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
            'comparison_config', 'spec_key', 'state_sha', 'cached_model', 'load_backbone', 'train_info',
            'make_finetuner', 'build_methods', 'quality_proxy', 'real_images', 'sample_timed', 'comparison_backbone',
            'method_exit_rule', 'run_environment', 'comparison_noise', 'run_comparison', 'format_table',
@@ -42,11 +44,10 @@ __all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'COUNT_MINI
            'exit_grid_table', 'add_timing_args', 'write_bench_json']
 
 # %% ../nbs/07_bench.ipynb #6e72a5e8
-ALL_METHODS = ('full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'static', 'small')
-DYNAMIC = ('adadiff', 'berxit', 'calm')
-METHOD_LABELS = {'full': 'U-ViT (full)', 'adadiff_full': 'AdaDiff, no early exit', 'adadiff': 'AdaDiff',
-                 'ase': 'Static EE (ASE)', 'ase_paper': 'Static EE (ASE, paper schedule)', 'berxit': 'BERxiT',
-                 'calm': 'CALM', 'static': 'Static exit (one layer)', 'small': 'Small model (scratch)'}
+# snapshots of the registry (`adadiff_nb.methods.METHODS`) at import; the functions below read it live
+ALL_METHODS = method_names(harness='bench')
+DYNAMIC = method_names(rule='threshold', harness='bench')
+METHOD_LABELS = {m: method_label(m) for m in ALL_METHODS}
 
 # %% ../nbs/07_bench.ipynb #c13a9fe9
 _BASE = dict(data='cifar10_partial', schedule='linear', sampler='ddim', sampler_opts={}, target_reduction=0.4,
@@ -175,8 +176,9 @@ def comparison_config(name: str, **overrides) -> dict:
     bad = [k for k in overrides if k not in cfg]
     if bad: raise ValueError(f"unknown comparison setting(s) {bad}; valid: {sorted(cfg)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = [m for m in cfg['methods'] if m not in ALL_METHODS]
-    if unknown: raise ValueError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
+    known = method_names(harness='bench')
+    unknown = [m for m in cfg['methods'] if m not in known]
+    if unknown: raise ValueError(f"unknown method(s) {unknown}; choose from {list(known)}")
     cfg['name'] = name
     return check_comparison(cfg)
 
@@ -291,16 +293,19 @@ def build_methods(cfg: dict, backbone: UViT, work: Path, log=print) -> dict:
     methods, out, ft = cfg['methods'], {}, make_finetuner(cfg)
     common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
                   lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
-    if 'full' in methods: out['full'] = (backbone, dict(trained='backbone as given'))
-    if any(m in methods for m in ('adadiff', 'adadiff_full', 'static')):
+    if FULL in methods: out[FULL] = (backbone, dict(trained='backbone as given'))
+    on_ada = ('adadiff',) + method_names(harness='bench', where=lambda s: s.parent == 'adadiff')
+    if any(m in methods for m in on_ada):
         ada = _build_adadiff(cfg, backbone, work, common, ft, log)
-        for name in ('adadiff', 'adadiff_full', 'static'):
+        for name in on_ada:
             if name in methods: out[name] = ada
     if 'ase' in methods: out['ase'] = _build_ase(cfg, backbone, work, common, ft, log)
     if 'ase_paper' in methods: out['ase_paper'] = _build_ase(cfg, backbone, work, common, ft, log, paper=True)
-    for name, cls, loss in (('berxit', BERxiTUViT, berxit_train_loss), ('calm', CALMUViT, calm_train_loss)):
-        if name in methods: out[name] = _build_dynamic(name, cls, loss, backbone, work, common, ft,
-                                                       cfg['finetune_steps'], log)
+    for name in method_names(kind='dynamic exit', harness='bench', where=lambda s: s.baseline):
+        if name in methods:
+            s = method_spec(name)
+            out[name] = _build_dynamic(name, resolve(s.build), resolve(s.loss), backbone, work, common, ft,
+                                       cfg['finetune_steps'], log)
     if 'small' in methods: out['small'] = _build_small(cfg, backbone, work, common, ft, log)
     return out
 
@@ -355,23 +360,23 @@ def comparison_backbone(cfg: dict, work: Path, log) -> tuple:
 # %% ../nbs/07_bench.ipynb #2dcbb876
 def method_exit_rule(method: str, model, target: float, cfg: dict, x_C, L: int) -> tuple:
     "(rule, calibration): the threshold / exit layer of `method` at `target`, calibrated on `x_C` when dynamic."
-    rule, calib, t0 = dict(), None, time.time()
-    if method in DYNAMIC:
+    rule, calib, t0, kind = dict(), None, time.time(), method_spec(method).rule
+    if kind == 'threshold':
         c = calibrate_threshold(model, x_C, cfg['sampler'], cfg['schedule'], cfg['steps'], target_reduction=target,
                                 tol=cfg['tol'], max_iter=cfg['calib_max_iter'], sampler_opts=cfg['sampler_opts'])
         rule['threshold'] = c['threshold']
         calib = {k: c[k] for k in ('threshold', 'target_reduction', 'achieved_reduction', 'within_tol', 'tol', 'runs',
                                    'estimated_threshold', 'calibration_batch', 'history')}
         calib['seconds'] = round(time.time() - t0, 2)
-    elif method == 'adadiff_full': rule['threshold'] = 0.
-    elif method == 'static': rule['exit_layers'] = int(round((1 - target) * L))
+    elif kind == 'static': rule['exit_layers'] = int(round((1 - target) * L))
+    else: rule.update(fixed_rule(method))
     return rule, calib
 
 # %% ../nbs/07_bench.ipynb #f4d00029
 def _row(method, model, info, target, rule, r, L) -> dict:
     "The measured row of one method at one target (quality and speed-ups are added by `_add_quality`)."
     st = r['stats']
-    row = dict(method=method, label=METHOD_LABELS[method], target_reduction=target if method != 'full' else 0.,
+    row = dict(method=method, label=method_label(method), target_reduction=target if method != FULL else 0.,
                threshold=_fmt_schedule(rule.get('threshold')), exit_layer=rule.get('exit_layers'),
                schedule=info.get('schedule'), layer_ratio=st['layer_ratio'], layer_reduction=st['layer_reduction'],
                avg_layers=st['avg_layers'], gflops_per_eval=st['gflops_per_eval'],
@@ -379,7 +384,7 @@ def _row(method, model, info, target, rule, r, L) -> dict:
                layer_ratio_by_bucket=st['layer_ratio_by_bucket'], exit_histogram=st['exit_histogram'],
                seconds=round(r['seconds'], 3), median_batch_seconds=r['median_batch_seconds'],
                batch_seconds=[round(v, 4) for v in r['batch_seconds']])
-    if method == 'small':                                         # its layer ratio: its blocks / the full model's
+    if cost_model(method) == 'blocks':                            # its layer ratio: its blocks / the full model's
         row.update(small_blocks=model.num_layers, layer_ratio=model.num_layers / L,
                    layer_reduction=1 - model.num_layers / L, avg_layers=float(model.num_layers))
     return row
@@ -401,23 +406,23 @@ def _evaluate(cfg, models, x_T, x_C, ref, clf, L, gflops_full, log) -> tuple:
     "(rows, sweep): every method at the primary target (the full model first), the dynamic / static ones at the rest."
     targets = [cfg['target_reduction']] + [t for t in cfg['sweep_targets'] if t != cfg['target_reduction']]
     rows, sweep, full_samples, full_time = [], [], None, None
-    order = [m for m in ALL_METHODS if m in cfg['methods']]
-    if 'full' in order: order = ['full'] + [m for m in order if m != 'full']
+    order = [m for m in method_names(harness='bench') if m in cfg['methods']]
+    if FULL in order: order = [FULL] + [m for m in order if m != FULL]
     for target in targets:
         primary = target == cfg['target_reduction']
         for method in order:
-            if not primary and method not in DYNAMIC + ('static',): continue
+            if not primary and method_spec(method).rule not in ('threshold', 'static'): continue
             model, info = models[method]
             model = model.eval()
             rule, calib = method_exit_rule(method, model, target, cfg, x_C, L)
-            if method == 'full' and full_samples is not None: continue
+            if method == FULL and full_samples is not None: continue
             r = sample_timed(model, x_T, cfg, cfg['batch'], **rule)
-            if method == 'full': full_samples, full_time = r['samples'], r['median_batch_seconds']
+            if method == FULL: full_samples, full_time = r['samples'], r['median_batch_seconds']
             row = _add_quality(_row(method, model, info, target, rule, r, L), r, ref, clf, full_samples, full_time,
                                gflops_full)
             row['training'] = {k: v for k, v in info.items() if k not in ('schedule_calibration',)}
             if calib is not None: row['calibration'] = calib
-            if method == 'ase': row['calibration'] = info.get('schedule_calibration')
+            if 'schedule_calibration' in info: row['calibration'] = info['schedule_calibration']
             (rows if primary else sweep).append(row)
             log(f"  {method:12s} target {target:.2f}: reduction {row['layer_reduction']:.3f}, proxy-FD "
                 f"{row['proxy_fd']:.3f}, PSNR {row.get('psnr_vs_full', float('inf')):.2f} dB, {row['seconds']:.1f} s")
@@ -504,17 +509,17 @@ def format_table(res: dict) -> str:
     for r in res['rows']:
         rule = (
             f"tau={r['threshold']:.4g}"
-            if isinstance(r.get('threshold'), float) and r['method'] != 'adadiff_full'
+            if isinstance(r.get('threshold'), float) and 'threshold' not in fixed_rule(r['method'])
             else (
                 f"tau={r['threshold']}"
-                if r.get('threshold') is not None and r['method'] != 'adadiff_full'
+                if r.get('threshold') is not None and 'threshold' not in fixed_rule(r['method'])
                 else (
                     f"exit {r['exit_layer']}"
                     if r.get('exit_layer') is not None
                     else (
                         f"keep {r['schedule']}"
                         if r.get('schedule') is not None
-                        else f"{r.get('small_blocks')} blocks" if r['method'] == 'small' else ''
+                        else f"{r.get('small_blocks')} blocks" if cost_model(r['method']) == 'blocks' else ''
                     )
                 )
             )
@@ -533,6 +538,9 @@ def format_table(res: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/07_bench.ipynb #4534d3c2
+# the paper's Table 1 row order; any other registered method follows
+TABLE1_ROWS = ('berxit', 'calm', 'ase_paper', 'ase', 'static', 'small', 'adadiff')
+
 def table1_markdown(res: dict) -> str:
     "The rows in the layout of the paper's Table 1 (methods w/o and w/ adaptive computation; FID replaced by proxy-FD)."
     by = {r['method']: r for r in res['rows']}
@@ -546,14 +554,14 @@ def table1_markdown(res: dict) -> str:
         return f"| {r['label']} | {quality} | {ratio} | {gs} | {speed} |"
     out = ["| Methods | proxy-FD | PSNR vs full (dB) | Layers Ratio | GFLOPs / eval | speed-up measured / ideal |",
            "|---|---|---|---|---|---|", "| *Models w/o adaptive computation* | | | | | |"]
-    out += [line(by[m]) for m in ('full', 'adadiff_full') if m in by]
+    out += [line(by[m]) for m in method_names(kind='reference') if m in by]
     out.append("| *Models w/ adaptive computation* | | | | | |")
-    out += [line(by[m]) for m in ('berxit', 'calm', 'ase_paper', 'ase', 'static', 'small', 'adadiff') if m in by]
+    rest = [m for m in method_names(where=lambda s: s.kind != 'reference') if m not in TABLE1_ROWS]
+    out += [line(by[m]) for m in TABLE1_ROWS + tuple(rest) if m in by]
     return '\n'.join(out)
 
 # %% ../nbs/07_bench.ipynb #24fb7b5c
-METHOD_FAMILIES = {'reference': ('full', 'adadiff_full'), 'dynamic early exit': ('adadiff', 'berxit', 'calm'),
-                   'static exit / small model': ('static', 'ase', 'ase_paper', 'small')}
+METHOD_FAMILIES = method_families(ALL_METHODS)   # the bench methods' colour families, from the registry
 FAMILY_SCALES = {'reference': 'Greys', 'dynamic early exit': 'Blues', 'static exit / small model': 'Greens',
                  'caching': 'Oranges', 'AdaDiff ablation': 'Purples'}
 _SYMBOLS = ('circle', 'square', 'diamond', 'triangle-up', 'x', 'star', 'triangle-down', 'cross', 'pentagon')
@@ -561,10 +569,11 @@ _DASHES = ('solid', 'dot', 'dash', 'dashdot', 'longdash', 'longdashdot')
 
 def method_styles(families: dict | None = None) -> dict:
     """{method: family, color, symbol, dash}: one hue family per kind of method (`families` {kind: methods}, default
-    `METHOD_FAMILIES`; hues from `FAMILY_SCALES`), its members told apart by shade, marker symbol and dash."""
+    the registry's bench methods by `MethodSpec.family`; hues from `FAMILY_SCALES`), its members told apart by
+    shade, marker symbol and dash."""
     from plotly.colors import sample_colorscale
     out = {}
-    for kind, ms in (families or METHOD_FAMILIES).items():
+    for kind, ms in (families or method_families(method_names(harness='bench'))).items():
         shades = sample_colorscale(FAMILY_SCALES.get(kind, 'Greys'), list(np.linspace(1., .5, max(len(ms), 2))))
         out.update({m: dict(family=kind, color=shades[j], symbol=_SYMBOLS[j % len(_SYMBOLS)],
                             dash=_DASHES[j % len(_DASHES)]) for j, m in enumerate(ms)})
@@ -587,11 +596,11 @@ def make_figures(res: dict) -> dict:
     for m in [m for m in st if any(r['method'] == m for r in rows)]:
         rs = sorted([r for r in rows if r['method'] == m], key=lambda r: r['layer_reduction'])
         xr, s = [100 * (1 - r['layer_ratio']) for r in rs], st[m]
-        kw = dict(mode='lines+markers' if len(rs) > 1 else 'markers', name=METHOD_LABELS[m], legendgroup=s['family'],
+        kw = dict(mode='lines+markers' if len(rs) > 1 else 'markers', name=method_label(m), legendgroup=s['family'],
                   legendgrouptitle_text=s['family'], marker=dict(color=s['color'], symbol=s['symbol'], size=8),
                   line=dict(color=s['color'], dash=s['dash']))
         q.add_trace(go.Scatter(x=xr, y=[r['proxy_fd'] for r in rs], **kw), 1, 1)
-        if m != 'full':
+        if m != FULL:
             q.add_trace(go.Scatter(x=xr, y=[r.get('psnr_vs_full') for r in rs], showlegend=False, **kw), 1, 2)
     q.update_xaxes(title_text='layer reduction (%)')
     q.update_yaxes(type='log', tickvals=LOG_TICKS, row=1, col=1)

@@ -25,9 +25,9 @@ from .sampling import schedule_for
 
 # %% auto #0
 __all__ = ['CACHE_MODES', 'CACHE_METHODS', 'shallow_blocks', 'cached_block', 'full_steps', 'cache_layer_ratio', 'full_pass',
-           'shallow_pass', 'CacheOutput', 'CachedModel', 'flop_costs', 'analytic_layer_ratio', 'DeepCacheUViT',
-           'residual_pass', 'routed_pass', 'Router', 'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective',
-           'train_router', 'l2c_eval', 'AdaDiffCacheUViT', 'build_deepcache', 'build_adadiff_cache', 'build_l2c']
+           'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass', 'routed_pass', 'Router',
+           'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router', 'l2c_eval', 'AdaDiffCacheUViT',
+           'build_deepcache', 'build_adadiff_cache', 'build_l2c']
 
 # %% ../nbs/06b_caching.ipynb #df0ceb16
 def _num_in(bb) -> int:
@@ -205,48 +205,41 @@ class CachedModel(nn.Module):
         "Whether step i runs the full model (and refreshes the cache)."
         return True
 
-# %% ../nbs/06b_caching.ipynb #acb1c6b1
-def _continues(self, x, t) -> bool:
-    "Whether a call on (x, t) continues the current run: same batch layout, strictly smaller model time."
-    if self._last is None:
-        return False
-    key, t_last = self._last
-    return key == (tuple(x.shape), x.device, x.dtype) and float(t.max()) < t_last
+    def _continues(self, x, t) -> bool:
+        "Whether a call on (x, t) continues the current run: same batch layout, strictly smaller model time."
+        if self._last is None:
+            return False
+        key, t_last = self._last
+        return key == (tuple(x.shape), x.device, x.dtype) and float(t.max()) < t_last
 
-@torch.no_grad()
-def _forward(self, x, timesteps, y=None, **kw):
-    "One step of the run -> `CacheOutput` (auto-resets when the call starts a new run)."
-    if kw:
-        raise ValueError(f"{type(self).__name__} takes no {sorted(kw)}: a caching method's settings (interval, "
-                         "branch, threshold, ...) are fixed when it is built (CACHE_METHODS[name](model, cfg))")
-    if self.auto_reset and not _continues(self, x, timesteps):
-        self.reset()
-    i = self.step
-    if self.steps is not None and i >= self.steps:
-        raise ValueError(f"step {i} is past the {self.steps} model calls this {self.method} model was built for; "
-                         "build it with steps = the sampler's number of model calls, or call reset() between runs")
-    eps, blocks, syncs, unc = self._step(i, x, timesteps, y)
-    self.step, self._last = i + 1, ((tuple(x.shape), x.device, x.dtype), float(timesteps.max()))
-    return CacheOutput(eps, blocks, x.shape[0] * self.num_layers, i, not self.is_full(i), syncs + 1, unc)
+    @torch.no_grad()
+    def forward(self, x, timesteps, y=None, **kw):
+        "One step of the run -> `CacheOutput` (auto-resets when the call starts a new run)."
+        if kw:
+            raise ValueError(f"{type(self).__name__} takes no {sorted(kw)}: a caching method's settings (interval, "
+                             "branch, threshold, ...) are fixed when it is built (CACHE_METHODS[name](model, cfg))")
+        if self.auto_reset and not self._continues(x, timesteps):
+            self.reset()
+        i = self.step
+        if self.steps is not None and i >= self.steps:
+            raise ValueError(f"step {i} is past the {self.steps} model calls this {self.method} model was built for; "
+                             "build it with steps = the sampler's number of model calls, or call reset() between runs")
+        eps, blocks, syncs, unc = self._step(i, x, timesteps, y)
+        self.step, self._last = i + 1, ((tuple(x.shape), x.device, x.dtype), float(timesteps.max()))
+        return CacheOutput(eps, blocks, x.shape[0] * self.num_layers, i, not self.is_full(i), syncs + 1, unc)
 
-CachedModel.forward = _forward
+    def flop_costs(self) -> dict:
+        "Per-image FLOPs for `CostMeter` on the block-evaluation axis: a computed block at the mean block cost."
+        c = dict(backbone_flops(self.backbone))
+        L = len(c['blocks'])
+        mean = sum(c['blocks']) / L
+        return dict(c, blocks=[mean] * L, exit_head=[c['head']] * L, uem=self._uem_flops(), uem_call=0)
 
-# %% ../nbs/06b_caching.ipynb #a27a5767
-def flop_costs(self) -> dict:
-    "Per-image FLOPs for `CostMeter` on the block-evaluation axis: a computed block at the mean block cost."
-    c = dict(backbone_flops(self.backbone))
-    L = len(c['blocks'])
-    mean = sum(c['blocks']) / L
-    return dict(c, blocks=[mean] * L, exit_head=[c['head']] * L, uem=self._uem_flops(), uem_call=0)
+    def _uem_flops(self) -> int: return 0
 
-def _uem_flops(self) -> int: return 0
-
-def analytic_layer_ratio(self, n: int) -> float:
-    "The layer ratio a run of `n` calls should measure (each method's own formula)."
-    raise NotImplementedError
-
-CachedModel.flop_costs, CachedModel._uem_flops, CachedModel.analytic_layer_ratio = (flop_costs, _uem_flops,
-                                                                                    analytic_layer_ratio)
+    def analytic_layer_ratio(self, n: int) -> float:
+        "The layer ratio a run of `n` calls should measure (each method's own formula)."
+        raise NotImplementedError
 
 # %% ../nbs/06b_caching.ipynb #69eabc3a
 class DeepCacheUViT(CachedModel):
@@ -274,20 +267,17 @@ class DeepCacheUViT(CachedModel):
         "The blocks whose outputs a full step keeps."
         return {cached_block(_num_in(self.backbone), self.branch)}
 
-# %% ../nbs/06b_caching.ipynb #6d09f4d7
-def _deepcache_step(self, i, x, t, y):
-    "A full step (refreshing the cache) or a shallow one; (eps, blocks per row, host syncs, None)."
-    if self.is_full(i) or not self.cache:
-        eps, self.cache = full_pass(self.backbone, x, t, y, self.cache_keys())
-        return eps, torch.full((x.shape[0],), self.num_layers, dtype=torch.long, device=x.device), 0, None
-    eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch)
-    return eps, 2 * depth, syncs, None
+    def _step(self, i, x, t, y):
+        "A full step (refreshing the cache) or a shallow one; (eps, blocks per row, host syncs, None)."
+        if self.is_full(i) or not self.cache:
+            eps, self.cache = full_pass(self.backbone, x, t, y, self.cache_keys())
+            return eps, torch.full((x.shape[0],), self.num_layers, dtype=torch.long, device=x.device), 0, None
+        eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch)
+        return eps, 2 * depth, syncs, None
 
-def _deepcache_ratio(self, n: int) -> float:
-    full = sorted(self._full) if self._full is not None else full_steps(n, self.interval)
-    return cache_layer_ratio(n, [s for s in full if s < n], self.num_layers, 2 * self.branch)
-
-DeepCacheUViT._step, DeepCacheUViT.analytic_layer_ratio = _deepcache_step, _deepcache_ratio
+    def analytic_layer_ratio(self, n: int) -> float:
+        full = sorted(self._full) if self._full is not None else full_steps(n, self.interval)
+        return cache_layer_ratio(n, [s for s in full if s < n], self.num_layers, 2 * self.branch)
 
 # %% ../nbs/06b_caching.ipynb #dc27605b
 def _n_skip_in(bb) -> int:
@@ -387,21 +377,18 @@ class L2CUViT(CachedModel):
         self.mask = router_mask(self.router().detach().cpu(), self.routed, remove, threshold).to(self.mask.device)
         return self
 
-# %% ../nbs/06b_caching.ipynb #2c6c1fc5
-def _l2c_step(self, i, x, t, y):
-    "A full step (recording the residuals) or a routed one; (eps, blocks per row, host syncs, None)."
-    B, dev = x.shape[0], x.device
-    if self.is_full(i) or not self.cache:
-        eps, self.cache = residual_pass(self.backbone, x, t, y)
-        return eps, torch.full((B,), self.num_layers, dtype=torch.long, device=dev), 0, None
-    gate = self.mask[i].tolist()
-    eps = routed_pass(self.backbone, x, t, y, self.cache, gate)
-    return eps, torch.full((B,), sum(gate), dtype=torch.long, device=dev), 0, None
+    def _step(self, i, x, t, y):
+        "A full step (recording the residuals) or a routed one; (eps, blocks per row, host syncs, None)."
+        B, dev = x.shape[0], x.device
+        if self.is_full(i) or not self.cache:
+            eps, self.cache = residual_pass(self.backbone, x, t, y)
+            return eps, torch.full((B,), self.num_layers, dtype=torch.long, device=dev), 0, None
+        gate = self.mask[i].tolist()
+        eps = routed_pass(self.backbone, x, t, y, self.cache, gate)
+        return eps, torch.full((B,), sum(gate), dtype=torch.long, device=dev), 0, None
 
-def _l2c_ratio(self, n: int) -> float:
-    return float(self.mask[:n].sum()) / (n * self.num_layers)
-
-L2CUViT._step, L2CUViT.analytic_layer_ratio = _l2c_step, _l2c_ratio
+    def analytic_layer_ratio(self, n: int) -> float:
+        return float(self.mask[:n].sum()) / (n * self.num_layers)
 
 # %% ../nbs/06b_caching.ipynb #175914e5
 @torch.no_grad()
@@ -511,25 +498,22 @@ class AdaDiffCacheUViT(DeepCacheUViT):
     def _uem_flops(self) -> int:
         return uem_flops(self.ee.config, self.backbone.config)[0]
 
-# %% ../nbs/06b_caching.ipynb #0d25e8b1
-def _adadiff_cache_step(self, i, x, t, y):
-    "A full step, or a cached step whose rows stop where the UEM is certain; the UEM values go to `uncertainty`."
-    if self.is_full(i) or not self.cache:
-        return _deepcache_step(self, i, x, t, y)
-    ee, B, L = self.ee, x.shape[0], self.num_layers
-    unc = torch.full((B, L), float('nan'), device=x.device)
+    def _step(self, i, x, t, y):
+        "A full step, or a cached step whose rows stop where the UEM is certain; the UEM values go to `uncertainty`."
+        if self.is_full(i) or not self.cache:
+            return super()._step(i, x, t, y)
+        ee, B, L = self.ee, x.shape[0], self.num_layers
+        unc = torch.full((B, L), float('nan'), device=x.device)
 
-    def exit_fn(j, rows):
-        if not rows.per_row:
-            rows.per_row.update(ee.criterion_context(t[rows.rows], rows.state))
-        u, _ = ee.uem.uncertainty(j, self.backbone, rows.h, rows.per_row)
-        unc[rows.rows, j] = u.detach().float()
-        return u < self.tau
+        def exit_fn(j, rows):
+            if not rows.per_row:
+                rows.per_row.update(ee.criterion_context(t[rows.rows], rows.state))
+            u, _ = ee.uem.uncertainty(j, self.backbone, rows.h, rows.per_row)
+            unc[rows.rows, j] = u.detach().float()
+            return u < self.tau
 
-    eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch, exit_fn, self.min_branch)
-    return eps, 2 * depth, syncs, unc
-
-AdaDiffCacheUViT._step = _adadiff_cache_step
+        eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch, exit_fn, self.min_branch)
+        return eps, 2 * depth, syncs, unc
 
 # %% ../nbs/06b_caching.ipynb #b014a671
 _DC_KEYS = ('interval', 'branch', 'mode', 'steps', 'center', 'power')

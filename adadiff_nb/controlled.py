@@ -28,6 +28,7 @@ from .metrics import compute_activations, stats_from_activations, frechet_distan
 from .calibrate import sampler_model_times
 from .default_model import default_model_dir
 from .analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability, bootstrap_interval
+from .methods import METHODS, FULL, method_spec, method_names, cost_model
 
 # %% auto #0
 __all__ = ['BOOTSTRAP', 'FD_REASON', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED',
@@ -117,25 +118,18 @@ def sample_quality(samples, ref: dict, full=None, n_boot: int = 200, seed: int =
     return q
 
 # %% ../nbs/07b_controlled.ipynb #0f279abe
-ABLATIONS = {
-    'adadiff_no_ual': dict(loss=dict(beta=0.), note="without L_UAL (the paper's Table 6)"),
-    'adadiff_uem_timestep': dict(ee=dict(uem_params='per_timestep'), note='UEM per timestep bucket, shared by layers'),
-    'adadiff_uem_layer_timestep': dict(ee=dict(uem_params='per_layer_timestep'), note='UEM per layer and timestep'),
-    'adadiff_uem_attention': dict(ee=dict(uem='attention'), note='attention-probe UEM'),
-    'adadiff_frozen': dict(frozen=True, note='backbone frozen: only exit heads and UEMs train'),
-    'adadiff_l_layer': dict(loss=dict(gamma=1.), note="the blog's fourth loss (unweighted layer-wise L_n, gamma=1)"),
-    'adadiff_detach_u': dict(loss=dict(detach_u=True), note='u detached inside L_UAL (constant weights 1 - u)'),
-}
-DERIVED = {'adadiff_full': 'adadiff', 'static': 'adadiff', 'adadiff_cache': 'adadiff'}   # on their parent's model
-BASELINES = ('ase', 'ase_paper', 'berxit', 'calm', 'small', 'l2c', 'deepcache')
-CACHE_NAMES = ('deepcache', 'l2c', 'adadiff_cache')
-TRAINING_FREE = ('full', 'deepcache')
+# views of the method registry (`adadiff_nb.methods.METHODS`) taken at import
+ABLATIONS = {n: dict(METHODS[n].options, note=METHODS[n].note) for n in method_names(kind='ablation')}
+DERIVED = {n: s.parent for n, s in METHODS.items() if s.parent}      # run on their parent's model
+BASELINES = method_names(where=lambda s: s.baseline)
+CACHE_NAMES = method_names(kind='cache')
+TRAINING_FREE = method_names(where=lambda s: s.training_free)
 
 # %% ../nbs/07b_controlled.ipynb #e6233bcf
 def rule_kind(method: str) -> str:
     "'dynamic', 'static' or 'fixed': how `method` reaches a target layer reduction."
-    if method in bench.DYNAMIC or method in ABLATIONS or method == 'adadiff_cache': return 'dynamic'
-    return {'static': 'static', 'l2c': 'budget'}.get(method, 'fixed')
+    rule = METHODS[method].rule if method in METHODS else None
+    return {'threshold': 'dynamic', 'static': 'static', 'budget': 'budget'}.get(rule, 'fixed')
 
 def _rule_alias(method: str) -> str:
     "The name `bench.method_exit_rule` knows for `method`'s rule."
@@ -150,12 +144,14 @@ def cache_methods() -> dict:
 
 def known_methods() -> tuple:
     "Every method the controlled runner can build: the harness's, the ablations, the available caching peers."
-    return tuple(bench.ALL_METHODS) + tuple(ABLATIONS) + tuple(m for m in CACHE_NAMES if m in cache_methods())
+    return (method_names(harness='bench') + method_names(kind='ablation')
+            + tuple(m for m in method_names(kind='cache') if m in cache_methods()))
 
 # %% ../nbs/07b_controlled.ipynb #bb0435c9
 def _build_ablation(name: str, cfg: dict, backbone, work: Path, log=print) -> tuple:
     "(model, info) of ablation `name`, fine-tuned from `backbone` for cfg['finetune_steps'] steps (cached)."
-    spec, K = ABLATIONS[name], cfg['finetune_steps']
+    s, K = method_spec(name), cfg['finetune_steps']
+    spec = dict(s.options, note=s.note)
     common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
                   lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
     def b():
@@ -175,11 +171,11 @@ def unit_cfg(cfg: dict, steps: int, seed: int) -> dict:
 def build_unit(method: str, cfg: dict, backbone, work: Path, steps: int, seed: int, log=print) -> tuple:
     "(model, info) of `method` at budget `steps` and training `seed`, cached under WORK/b<steps>_s<seed>/."
     ucfg, uwork = unit_cfg(cfg, steps, seed), Path(work) / f'b{steps}_s{seed}'
-    if method == 'full': return backbone, dict(trained='backbone as given')
-    if method in ABLATIONS: return _build_ablation(method, ucfg, backbone, uwork, log)
+    if method == FULL: return backbone, dict(trained='backbone as given')
+    if method in method_names(kind='ablation'): return _build_ablation(method, ucfg, backbone, uwork, log)
     if method == 'deepcache': return cache_methods()[method](backbone, dict(cfg['deepcache'])), dict(training_free=True)
     if method == 'l2c': return _build_l2c(ucfg, backbone, uwork, log)
-    if method not in bench.ALL_METHODS:
+    if method not in method_names(harness='bench'):
         raise ValueError(f"unknown method {method!r}; choose from {list(known_methods())}")
     return build_methods(dict(ucfg, methods=[method]), backbone, uwork, log)[method]
 
@@ -243,20 +239,22 @@ def calibrate_cache_threshold(model, target: float, ctx: dict, iters: int = 8) -
                 runs=len(hist))
 
 # %% ../nbs/07b_controlled.ipynb #736147cd
-_TRAINED = ['adadiff', 'ase', 'ase_paper', 'berxit', 'calm', 'small'] + list(ABLATIONS)
+def _untrained(s): return bool(s.training_free or s.parent)      # runs the backbone or its parent's model
+_UNTRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != 'cache' and _untrained(s)))
+_TRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != 'cache' and not _untrained(s)))
 CONTROLLED = {
     'full': dict(base='cifar16_cpu', budgets=[300, 1500], batch_size=64, seeds=[0, 1], n=1024, batch=64, steps=50,
                  targets=[0.4, 0.25, 0.55], promote=3, n_boot=200, time_repeats=3, time_warmup=1,
                  deepcache=dict(interval=3), adadiff_cache=dict(interval=3, branch=2),
                  compare_backbones=['default'], probe_n=256,
-                 methods=['full', 'adadiff_full', 'static'] + _TRAINED + list(CACHE_NAMES),
+                 methods=_UNTRAINED + _TRAINED + list(CACHE_NAMES),
                  description='uvit_cpu16 backbone (16x16 CIFAR-10 subset); every method fine-tuned on the same images '
                              'per budget'),
     'quick': dict(base='tiny', budgets=[4, 8], batch_size=8, seeds=[0, 1], n=24, batch=12, steps=4, targets=[0.4, 0.2],
                   promote=2, n_boot=20, time_repeats=1, time_warmup=0, calib_n=8, calib_max_iter=2, tol=0.1,
                   deepcache=dict(interval=2), adadiff_cache=dict(interval=2, branch=2),
                   compare_backbones=[], probe_n=8,
-                  backbone_steps=30, methods=['full', 'adadiff_full', 'static'] + _TRAINED + list(CACHE_NAMES),
+                  backbone_steps=30, methods=_UNTRAINED + _TRAINED + list(CACHE_NAMES),
                   description='pipeline check on uvit_tiny (8x8): the numbers mean nothing'),
 }
 
@@ -344,7 +342,7 @@ def _rule_fields(rule: dict) -> dict:
 def _row(method, target, r, q, ctx, unit) -> dict:
     "One row: the rule's cost (layer ratio, ideal and sequential speed-ups) and the quality with its intervals."
     st, cfg, model = r['stats'], ctx['cfg'], ctx['model']
-    ratio = model.num_layers / ctx['L'] if method == 'small' else st['layer_ratio']
+    ratio = model.num_layers / ctx['L'] if cost_model(method) == 'blocks' else st['layer_ratio']
     free = unit['steps'] == 0
     row = dict(method=method, budget_steps=unit['steps'], batch_size=0 if free else cfg['batch_size'],
                train_images=0 if free else unit['steps'] * cfg['batch_size'], seeds=[unit['seed']],
@@ -578,7 +576,7 @@ def seed_summary(rows: list) -> list:
 def _units(cfg: dict, rows: list) -> list:
     "The units of the whole run in order, with each budget's plan computed from `rows` (those finished so far)."
     units = [dict(method='full', steps=0, seed=cfg['seeds'][0])] if 'full' in cfg['methods'] else []
-    units += [dict(method=m, steps=0, seed=cfg['seeds'][0]) for m in cfg['methods'] if m in TRAINING_FREE[1:]]
+    units += [dict(method=m, steps=0, seed=cfg['seeds'][0]) for m in cfg['methods'] if m in TRAINING_FREE and m != FULL]
     for k in range(len(cfg['budgets'])):
         p = budget_plan(cfg, rows, k)
         units += [dict(method=m, steps=p['steps'], seed=cfg['seeds'][0]) for m in p['methods']]

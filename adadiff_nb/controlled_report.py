@@ -9,8 +9,9 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/controlled_report.html.md"""
 # %% ../nbs/07c_controlled_report.ipynb #bf045757
 from __future__ import annotations
 import numpy as np
-from .controlled import ABLATIONS, CACHE_NAMES, row_id
-from .bench import METHOD_FAMILIES, method_styles, right_legend
+from .controlled import row_id
+from .bench import method_styles, right_legend
+from .methods import method_names, method_families
 from .analysis import spearman_corr, LOG_TICKS
 
 # %% auto #0
@@ -285,14 +286,14 @@ def _vs(res: dict, m: str, base: str, b: int, t0: float) -> str:
 def ablation_table(res: dict) -> list:
     "AdaDiff and its ablations at the first budget's primary target, best first, each against AdaDiff at equal ratio."
     b, t0 = _budgets(res)[0], res['config']['targets'][0]
-    rows = [r for m in ['adadiff', *ABLATIONS] if (r := point(res, m, b, t0)) is not None]
+    rows = [r for m in ['adadiff', *method_names(kind='ablation')] if (r := point(res, m, b, t0)) is not None]
     return [dict(method=r['method'], note=res.get('ablations', {}).get(r['method'], 'AdaDiff as the paper defines it'),
                  proxy_fd=r['proxy_fd'], ci=ci(r), layer_ratio=r['layer_ratio'], seeds=r['seeds'],
                  vs_adadiff=_vs(res, r['method'], 'adadiff', b, t0))
             for r in sorted(rows, key=lambda r: r['proxy_fd'])]
 
 # %% ../nbs/07c_controlled_report.ipynb #c1a8fd52
-REPORT_FAMILIES = dict(METHOD_FAMILIES, caching=CACHE_NAMES, **{'AdaDiff ablation': tuple(ABLATIONS)})
+REPORT_FAMILIES = method_families()   # every registered method by colour family (at import; `report_styles` is live)
 
 def _go():
     import plotly.graph_objects as go
@@ -300,8 +301,8 @@ def _go():
     return go, make_subplots
 
 def report_styles(methods) -> dict:
-    "`bench.method_styles` of `REPORT_FAMILIES`, in their order, plus grey for any other of `methods`."
-    st = method_styles(REPORT_FAMILIES)
+    "`bench.method_styles` of the registry's colour families, in their order, plus grey for any other of `methods`."
+    st = method_styles(method_families())
     extra = [m for m in methods if m not in st]
     return dict(st, **method_styles({'other': tuple(extra)})) if extra else st
 

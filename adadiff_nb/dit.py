@@ -18,8 +18,7 @@ from .checkpoint import CheckpointError, unwrap_state_dict, load_state_dict_chec
 
 # %% auto #0
 __all__ = ['DIT_PRESETS', 'sincos_pos_embed_2d', 'modulate', 'TimestepEmbedder', 'LabelEmbedder', 'TanhMlp', 'DiTBlock',
-           'FinalLayer', 'DiT', 'initialize_weights', 'check_input', 'embed', 'run_block', 'decode', 'patch_tokens',
-           'forward', 'create_dit', 'official_dit_state', 'guess_dit_preset', 'load_official_dit']
+           'FinalLayer', 'DiT', 'create_dit', 'official_dit_state', 'guess_dit_preset', 'load_official_dit']
 
 # %% ../nbs/01c_dit.ipynb #0bc42950
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -169,101 +168,88 @@ class DiT(nn.Module):
         "Number of real class labels (the null class not counted); 0 for an unconditional DiT."
         return self.num_classes
 
-# %% ../nbs/01c_dit.ipynb #e938ba29
-def initialize_weights(self):
-    "Official DiT init: xavier linears, fixed sin-cos pos_embed, normal(0.02) embeddings, zeroed adaLN and output."
-    for m in self.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    grid = int(round(self.num_patches ** 0.5))
-    self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, grid, self.pos_embed.device).unsqueeze(0))
-    w = self.x_embedder.proj.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(self.x_embedder.proj.bias)
-    if self.y_embedder is not None:
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-    for lin in [blk.adaLN_modulation[-1] for blk in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                     self.final_layer.linear]:
-        nn.init.zeros_(lin.weight)
-        nn.init.zeros_(lin.bias)
+    def initialize_weights(self):
+        "Official DiT init: xavier linears, fixed sin-cos pos_embed, normal(0.02) embeddings, zeroed adaLN and output."
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        grid = int(round(self.num_patches ** 0.5))
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, grid, self.pos_embed.device).unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for lin in [blk.adaLN_modulation[-1] for blk in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                         self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
-DiT.initialize_weights = initialize_weights
+    def _label_error(self, y, B) -> str | None:
+        if y is None and self.num_classes and self.null_class is None:
+            return ("class labels y are required: this DiT is class-conditional and has no null class "
+                    "(class_dropout_prob=0)")
+        rows = self.num_classes + int(self.null_class is not None)
+        return label_error(y, B, rows, self.null_class)
 
-# %% ../nbs/01c_dit.ipynb #6cf12bf2
-def _label_error(self, y, B) -> str | None:
-    if y is None and self.num_classes and self.null_class is None:
-        return ("class labels y are required: this DiT is class-conditional and has no null class "
-                "(class_dropout_prob=0)")
-    rows = self.num_classes + int(self.null_class is not None)
-    return label_error(y, B, rows, self.null_class)
+    def check_input(self, x, timesteps, y=None):
+        "Raise a clear error when `x`, `timesteps` or `y` do not fit this model."
+        C, S = self.in_chans, self.img_size
+        if x.ndim != 4:
+            msg = f"expected images of shape (B, {C}, {S}, {S}), got a {x.ndim}-D tensor of shape {tuple(x.shape)}"
+        elif x.shape[1] != C:
+            msg = (f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                   f"this model was built with in_channels={C}")
+        elif tuple(x.shape[2:]) != (S, S):
+            msg = (f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; "
+                   f"this model was built with input_size={S}")
+        else:                                   # timesteps: shape, and finite values when on the CPU (no host sync)
+            msg = timestep_error(timesteps, x.shape[0]) or self._label_error(y, x.shape[0])
+        if msg:
+            raise ValueError(msg)
 
-# %% ../nbs/01c_dit.ipynb #f2587a65
-def check_input(self, x, timesteps, y=None):
-    "Raise a clear error when `x`, `timesteps` or `y` do not fit this model."
-    C, S = self.in_chans, self.img_size
-    if x.ndim != 4:
-        msg = f"expected images of shape (B, {C}, {S}, {S}), got a {x.ndim}-D tensor of shape {tuple(x.shape)}"
-    elif x.shape[1] != C:
-        msg = (f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-               f"this model was built with in_channels={C}")
-    elif tuple(x.shape[2:]) != (S, S):
-        msg = f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with input_size={S}"
-    else:                                   # timesteps: shape, and finite values when on the CPU (no host sync)
-        msg = timestep_error(timesteps, x.shape[0]) or _label_error(self, y, x.shape[0])
-    if msg:
-        raise ValueError(msg)
+    def embed(self, x, timesteps, y=None, force_drop_ids=None) -> tuple[torch.Tensor, BlockState]:
+        "Check the input; patch tokens + pos_embed (B, L, D) and a `BlockState` with `cond` = t_emb + y_emb (B, D)."
+        self.check_input(x, timesteps, y)
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(timesteps)
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+            c = c + self.y_embedder(y, False, force_drop_ids)              # no random drop: the caller decides
+        return h, BlockState(cond=c)
 
-DiT.check_input = check_input
+    def run_block(self, i: int, h: torch.Tensor, state: BlockState, fuse_only: bool = False) -> torch.Tensor:
+        "Block `i` (0-based) on tokens `h`, conditioned on `state.cond`. DiT has no skips, so no `fuse_only`."
+        if fuse_only:
+            raise ValueError("DiT has no long-skip fusion (fuse_only=True is for U-ViT's out-blocks); "
+                             "drop the block instead of fusing it")
+        return self.blocks[i](h, state.cond)
 
-# %% ../nbs/01c_dit.ipynb #c740b38e
-def embed(self, x, timesteps, y=None, force_drop_ids=None) -> tuple[torch.Tensor, BlockState]:
-    "Check the input; patch tokens + pos_embed (B, L, D) and a `BlockState` with `cond` = t_emb + y_emb (B, D)."
-    self.check_input(x, timesteps, y)
-    h = self.x_embedder(x) + self.pos_embed
-    c = self.t_embedder(timesteps)
-    if self.y_embedder is not None:
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        c = c + self.y_embedder(y, False, force_drop_ids)              # no random drop: the caller decides
-    return h, BlockState(cond=c)
+    def decode(self, h: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
+        """Final adaLN layer on `state.cond`, then unpatchify -> (B, out_channels, H, W) (2*in_channels with
+        learn_sigma)."""
+        if state is None or state.cond is None:
+            raise ValueError("DiT's final layer is conditioned on time and class: "
+                             "pass the BlockState that embed returned")
+        return unpatchify(self.final_layer(h, state.cond), self.out_channels)
 
-DiT.embed = embed
+    def patch_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        "The image tokens of `h`: all of them (DiT has no extra tokens)."
+        return h
 
-# %% ../nbs/01c_dit.ipynb #ecda99a0
-def run_block(self, i: int, h: torch.Tensor, state: BlockState, fuse_only: bool = False) -> torch.Tensor:
-    "Block `i` (0-based) on tokens `h`, conditioned on `state.cond`. DiT has no skips, so no `fuse_only`."
-    if fuse_only:
-        raise ValueError("DiT has no long-skip fusion (fuse_only=True is for U-ViT's out-blocks); "
-                         "drop the block instead of fusing it")
-    return self.blocks[i](h, state.cond)
-
-DiT.run_block = run_block
-
-# %% ../nbs/01c_dit.ipynb #470674e1
-def decode(self, h: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
-    "Final adaLN layer on `state.cond`, then unpatchify -> (B, out_channels, H, W) (2*in_channels with learn_sigma)."
-    if state is None or state.cond is None:
-        raise ValueError("DiT's final layer is conditioned on time and class: pass the BlockState that embed returned")
-    return unpatchify(self.final_layer(h, state.cond), self.out_channels)
-
-def patch_tokens(self, h: torch.Tensor) -> torch.Tensor:
-    "The image tokens of `h`: all of them (DiT has no extra tokens)."
-    return h
-
-def forward(self, x, timesteps, y=None, force_drop_ids=None):
-    "The official forward: in training mode labels drop to the null class with `class_dropout_prob`, as DiT does."
-    emb = self.y_embedder
-    if self.training and emb is not None and emb.dropout_prob > 0 and y is not None and force_drop_ids is None:
-        force_drop_ids = (torch.rand(y.shape[0], device=y.device) < emb.dropout_prob).long()
-    h, state = self.embed(x, timesteps, y, force_drop_ids)
-    for i in range(self.num_layers):
-        h = self.run_block(i, h, state)
-    return self.decode(h, state)
-
-DiT.decode, DiT.patch_tokens, DiT.forward = decode, patch_tokens, forward
+    def forward(self, x, timesteps, y=None, force_drop_ids=None):
+        "The official forward: in training mode labels drop to the null class with `class_dropout_prob`, as DiT does."
+        emb = self.y_embedder
+        if self.training and emb is not None and emb.dropout_prob > 0 and y is not None and force_drop_ids is None:
+            force_drop_ids = (torch.rand(y.shape[0], device=y.device) < emb.dropout_prob).long()
+        h, state = self.embed(x, timesteps, y, force_drop_ids)
+        for i in range(self.num_layers):
+            h = self.run_block(i, h, state)
+        return self.decode(h, state)
 
 # %% ../nbs/01c_dit.ipynb #c98d5607
 _SIZES = {'XL': dict(depth=28, hidden_size=1152, num_heads=16), 'L': dict(depth=24, hidden_size=1024, num_heads=16),

@@ -18,10 +18,9 @@ import einops
 
 # %% auto #0
 __all__ = ['PRESETS', 'timestep_embedding', 'patchify', 'unpatchify', 'Attention', 'Mlp', 'PatchEmbed', 'Block', 'BlockState',
-           'extra_tokens', 'UViT', 'init_weights', 'label_error', 'context_error', 'timestep_error', 'check_input',
-           'embed', 'run_block', 'decode', 'patch_tokens', 'forward', 'uvit_s2_cifar10', 'uvit_s4_celeba64',
-           'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_h2_imagenet256', 'uvit_s2_mscoco', 'uvit_s2_deep_mscoco',
-           'uvit_tiny', 'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
+           'extra_tokens', 'label_error', 'context_error', 'timestep_error', 'UViT', 'uvit_s2_cifar10',
+           'uvit_s4_celeba64', 'uvit_m4_imagenet64', 'uvit_l2_imagenet256', 'uvit_h2_imagenet256', 'uvit_s2_mscoco',
+           'uvit_s2_deep_mscoco', 'uvit_tiny', 'uvit_cpu16', 'uvit_cpu32', 'create_uvit', 'count_params']
 
 # %% ../nbs/01_uvit.ipynb #f9cde968
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -160,86 +159,6 @@ def extra_tokens(config: dict) -> int:
     n_ctx = config.get('num_clip_token', 77) if config.get('clip_dim') else 0
     return 1 + int(config.get('num_classes', -1) > 0) + n_ctx
 
-# %% ../nbs/01_uvit.ipynb #1dbbbe00
-class UViT(nn.Module):
-    """U-ViT (Bao et al. 2023): tokens [(class), time, (text context), patches] -> in-blocks -> mid-block ->
-    out-blocks -> image. `clip_dim`: the text-to-image model (`libs/uvit_t2i.py`), conditioned on a
-    (B, num_clip_token, clip_dim) context."""
-    arch = 'uvit'
-    def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4.,
-                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True, null_class=False,
-                 clip_dim=None, num_clip_token=77):
-        super().__init__()
-        _check_uvit_args(img_size, patch_size, depth, num_classes, null_class, clip_dim, num_clip_token)
-        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                           mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=skip)
-        if null_class:
-            self.config['null_class'] = True                # only when set: older configs stay byte-identical
-        if clip_dim is not None:
-            self.config.update(clip_dim=clip_dim, num_clip_token=num_clip_token)
-        self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
-        self.num_classes = num_classes
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.num_patches = (img_size // patch_size) ** 2
-        self.time_embed = _time_mlp(embed_dim) if mlp_time_embed else nn.Identity()
-        if num_classes > 0:
-            self.label_emb = nn.Embedding(num_classes, embed_dim)
-        self.clip_dim = clip_dim
-        if clip_dim is not None:
-            self.context_embed = nn.Linear(clip_dim, embed_dim)
-        self.extras = extra_tokens(self.config)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
-        mk = lambda skip_: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=skip_)
-        self.in_blocks = nn.ModuleList([mk(False) for _ in range(depth // 2)])
-        self.mid_block = mk(False)
-        self.out_blocks = nn.ModuleList([mk(skip) for _ in range(depth // 2)])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.patch_dim = patch_size ** 2 * in_chans
-        self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
-        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
-        self.init_weights()
-
-    @property
-    def num_layers(self) -> int:
-        "Number of transformer blocks: depth//2 in + 1 mid + depth//2 out."
-        return 2 * len(self.in_blocks) + 1
-
-    def layers(self) -> list:
-        "The blocks in execution order (in-blocks, mid-block, out-blocks)."
-        return [*self.in_blocks, self.mid_block, *self.out_blocks]
-
-# %% ../nbs/01_uvit.ipynb #b7419ec8
-def _null_class(self) -> int | None:
-    "Label of the unconditional (null) class: the last label when built with `null_class=True`, as U-ViT does."
-    return self.num_classes - 1 if self.config.get('null_class') else None
-
-def _num_labels(self) -> int:
-    "Number of real class labels (the null class not counted); 0 for an unconditional or text-to-image model."
-    return max(self.num_classes, 0) - int(self.null_class is not None)
-
-def _context_shape(self) -> tuple[int, int] | None:
-    "(num_clip_token, clip_dim) of the text context `y` a text-to-image model takes; None for other models."
-    return None if self.clip_dim is None else (self.config['num_clip_token'], self.clip_dim)
-
-UViT.null_class, UViT.num_labels = property(_null_class), property(_num_labels)
-UViT.context_shape = property(_context_shape)
-
-# %% ../nbs/01_uvit.ipynb #f02828a6
-def init_weights(self):
-    "All weight init in one place: truncated-normal(0.02) linears and pos_embed, zero biases, unit LayerNorms."
-    nn.init.trunc_normal_(self.pos_embed, std=.02)
-    for m in self.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-UViT.init_weights = init_weights
-
 # %% ../nbs/01_uvit.ipynb #bb38d848
 def label_error(y, B: int, num_classes: int, null_class: int | None = None) -> str | None:
     "Why labels `y` do not fit a model with `num_classes` label rows (0: unconditional), or None when they do."
@@ -295,90 +214,148 @@ def timestep_error(timesteps, B: int) -> str | None:
         return f"t holds NaN or infinite timesteps ({int(bad.sum())} of {B}); pass finite model times"
     return None
 
-# %% ../nbs/01_uvit.ipynb #633baa86
-def _shape_error(self, x, timesteps, y=None) -> str | None:
-    C, S = self.in_chans, self.img_size
-    if x.ndim != 4:
-        return f"expected images of shape (B, {C}, {S}, {S}), got a {x.ndim}-D tensor of shape {tuple(x.shape)}"
-    if x.shape[1] != C:
-        return (f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                f"this model was built with in_chans={C}")
-    if tuple(x.shape[2:]) != (S, S):
-        return f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with img_size={S}"
-    msg = timestep_error(timesteps, x.shape[0]) or context_error(y, x.shape[0], self.context_shape)
-    if msg or self.context_shape is not None:
-        return msg
-    if y is None and self.num_classes > 0 and self.null_class is None:
-        return (f"class labels y are required: the model is class-conditional ({self.num_classes} classes) and has "
-                "no null class; pass y, or build it with null_class=True to allow unconditional calls")
-    return label_error(y, x.shape[0], max(self.num_classes, 0), self.null_class)
+# %% ../nbs/01_uvit.ipynb #1dbbbe00
+class UViT(nn.Module):
+    """U-ViT (Bao et al. 2023): tokens [(class), time, (text context), patches] -> in-blocks -> mid-block ->
+    out-blocks -> image. `clip_dim`: the text-to-image model (`libs/uvit_t2i.py`), conditioned on a
+    (B, num_clip_token, clip_dim) context."""
+    arch = 'uvit'
+    def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4.,
+                 qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True, null_class=False,
+                 clip_dim=None, num_clip_token=77):
+        super().__init__()
+        _check_uvit_args(img_size, patch_size, depth, num_classes, null_class, clip_dim, num_clip_token)
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=skip)
+        if null_class:
+            self.config['null_class'] = True                # only when set: older configs stay byte-identical
+        if clip_dim is not None:
+            self.config.update(clip_dim=clip_dim, num_clip_token=num_clip_token)
+        self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.time_embed = _time_mlp(embed_dim) if mlp_time_embed else nn.Identity()
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes, embed_dim)
+        self.clip_dim = clip_dim
+        if clip_dim is not None:
+            self.context_embed = nn.Linear(clip_dim, embed_dim)
+        self.extras = extra_tokens(self.config)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
+        mk = lambda skip_: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=skip_)
+        self.in_blocks = nn.ModuleList([mk(False) for _ in range(depth // 2)])
+        self.mid_block = mk(False)
+        self.out_blocks = nn.ModuleList([mk(skip) for _ in range(depth // 2)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.patch_dim = patch_size ** 2 * in_chans
+        self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.init_weights()
 
-def check_input(self, x, timesteps, y=None):
-    "Raise a clear error when `x`, `timesteps` or `y` do not fit this model."
-    msg = _shape_error(self, x, timesteps, y)
-    if msg:
-        raise ValueError(msg)
+    @property
+    def num_layers(self) -> int:
+        "Number of transformer blocks: depth//2 in + 1 mid + depth//2 out."
+        return 2 * len(self.in_blocks) + 1
 
-UViT.check_input = check_input
+    def layers(self) -> list:
+        "The blocks in execution order (in-blocks, mid-block, out-blocks)."
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
-# %% ../nbs/01_uvit.ipynb #8903b8fb
-def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
-    """Check the input; tokens [(class), time, (context), patches] + pos_embed before the first block (the official
-    orders), and a fresh `BlockState`."""
-    self.check_input(x, timesteps, y)
-    x = self.patch_embed(x)                                                  # (B, L, D)
-    tok = [self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)]  # (B, 1, D)
-    if self.clip_dim is not None:                                           # text context after the time token
-        tok.append(self.context_embed(y.to(self.context_embed.weight.dtype)))
-    elif self.num_classes > 0:                                              # label token first; y=None: null class
-        y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long) if y is None else y
-        tok.insert(0, self.label_emb(y).unsqueeze(1))
-    return torch.cat([*tok, x], dim=1) + self.pos_embed, BlockState()
+    @property
+    def null_class(self) -> int | None:
+        "Label of the unconditional (null) class: the last label when built with `null_class=True`, as U-ViT does."
+        return self.num_classes - 1 if self.config.get('null_class') else None
 
-UViT.embed = embed
+    @property
+    def num_labels(self) -> int:
+        "Number of real class labels (the null class not counted); 0 for an unconditional or text-to-image model."
+        return max(self.num_classes, 0) - int(self.null_class is not None)
 
-# %% ../nbs/01_uvit.ipynb #343f3547
-def run_block(self, i: int, h: torch.Tensor, state: BlockState, fuse_only: bool = False) -> torch.Tensor:
-    """Block `i` (0-based, execution order) on tokens `h`: in-blocks push their output on the skip stack, out-blocks
-    pop and fuse it. `fuse_only`: run only an out-block's skip fusion (ASE's decoder dropping)."""
-    n_in = len(self.in_blocks)
-    if i > n_in:
-        blk = self.out_blocks[i - n_in - 1]
-        skip = state.pop()
-        return blk.fuse(h, skip) if fuse_only else blk(h, skip)
-    if fuse_only:
-        raise ValueError(f"block {i} is not an out-block; only out-blocks (> {n_in}) have a skip fusion to keep")
-    if i == n_in:
-        return self.mid_block(h)
-    h = self.in_blocks[i](h)
-    state.push(h)
-    return h
+    @property
+    def context_shape(self) -> tuple[int, int] | None:
+        "(num_clip_token, clip_dim) of the text context `y` a text-to-image model takes; None for other models."
+        return None if self.clip_dim is None else (self.config['num_clip_token'], self.clip_dim)
 
-UViT.run_block = run_block
+    def init_weights(self):
+        "All weight init in one place: truncated-normal(0.02) linears and pos_embed, zero biases, unit LayerNorms."
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
-# %% ../nbs/01_uvit.ipynb #79b085f4
-def decode(self, h: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
-    "Final head: norm -> decoder_pred -> drop extra tokens -> unpatchify -> 3x3 conv. (B, C, H, W)."
-    h = self.decoder_pred(self.norm(h))                                      # (B, N, p*p*C)
-    return self.final_layer(unpatchify(h[:, self.extras:, :], self.in_chans))
+    def _shape_error(self, x, timesteps, y=None) -> str | None:
+        C, S = self.in_chans, self.img_size
+        if x.ndim != 4:
+            return f"expected images of shape (B, {C}, {S}, {S}), got a {x.ndim}-D tensor of shape {tuple(x.shape)}"
+        if x.shape[1] != C:
+            return (f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                    f"this model was built with in_chans={C}")
+        if tuple(x.shape[2:]) != (S, S):
+            return f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this model was built with img_size={S}"
+        msg = timestep_error(timesteps, x.shape[0]) or context_error(y, x.shape[0], self.context_shape)
+        if msg or self.context_shape is not None:
+            return msg
+        if y is None and self.num_classes > 0 and self.null_class is None:
+            return (f"class labels y are required: the model is class-conditional ({self.num_classes} classes) and has "
+                    "no null class; pass y, or build it with null_class=True to allow unconditional calls")
+        return label_error(y, x.shape[0], max(self.num_classes, 0), self.null_class)
 
-def patch_tokens(self, h: torch.Tensor) -> torch.Tensor:
-    "The image tokens of `h` (B, N, D), without the extra (time, class, context) tokens."
-    return h[:, self.extras:]
+    def check_input(self, x, timesteps, y=None):
+        "Raise a clear error when `x`, `timesteps` or `y` do not fit this model."
+        msg = self._shape_error(x, timesteps, y)
+        if msg:
+            raise ValueError(msg)
 
-def forward(self, x, timesteps, y=None):
-    h, state = self.embed(x, timesteps, y)
-    for i in range(self.num_layers):
-        h = self.run_block(i, h, state)
-    return self.decode(h, state)
+    def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
+        """Check the input; tokens [(class), time, (context), patches] + pos_embed before the first block (the official
+        orders), and a fresh `BlockState`."""
+        self.check_input(x, timesteps, y)
+        x = self.patch_embed(x)                                                  # (B, L, D)
+        tok = [self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)]  # (B, 1, D)
+        if self.clip_dim is not None:                                           # text context after the time token
+            tok.append(self.context_embed(y.to(self.context_embed.weight.dtype)))
+        elif self.num_classes > 0:                                              # label token first; y=None: null class
+            y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long) if y is None else y
+            tok.insert(0, self.label_emb(y).unsqueeze(1))
+        return torch.cat([*tok, x], dim=1) + self.pos_embed, BlockState()
 
-UViT.embed, UViT.run_block, UViT.decode, UViT.patch_tokens, UViT.forward = (
-    embed,
-    run_block,
-    decode,
-    patch_tokens,
-    forward,
-)
+    def run_block(self, i: int, h: torch.Tensor, state: BlockState, fuse_only: bool = False) -> torch.Tensor:
+        """Block `i` (0-based, execution order) on tokens `h`: in-blocks push their output on the skip stack, out-blocks
+        pop and fuse it. `fuse_only`: run only an out-block's skip fusion (ASE's decoder dropping)."""
+        n_in = len(self.in_blocks)
+        if i > n_in:
+            blk = self.out_blocks[i - n_in - 1]
+            skip = state.pop()
+            return blk.fuse(h, skip) if fuse_only else blk(h, skip)
+        if fuse_only:
+            raise ValueError(f"block {i} is not an out-block; only out-blocks (> {n_in}) have a skip fusion to keep")
+        if i == n_in:
+            return self.mid_block(h)
+        h = self.in_blocks[i](h)
+        state.push(h)
+        return h
+
+    def decode(self, h: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
+        "Final head: norm -> decoder_pred -> drop extra tokens -> unpatchify -> 3x3 conv. (B, C, H, W)."
+        h = self.decoder_pred(self.norm(h))                                      # (B, N, p*p*C)
+        return self.final_layer(unpatchify(h[:, self.extras:, :], self.in_chans))
+
+    def patch_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        "The image tokens of `h` (B, N, D), without the extra (time, class, context) tokens."
+        return h[:, self.extras:]
+
+    def forward(self, x, timesteps, y=None):
+        h, state = self.embed(x, timesteps, y)
+        for i in range(self.num_layers):
+            h = self.run_block(i, h, state)
+        return self.decode(h, state)
 
 # %% ../nbs/01_uvit.ipynb #80225c30
 _S2 = dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False)

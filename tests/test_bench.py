@@ -98,3 +98,22 @@ def test_controlled_through_bench_main_points_to_adadiff_bench(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert 'adadiff-bench command' in err and 'controlled.main' in err and 'unknown' not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registered_method_is_picked_up_without_editing_other_modules():
+    "A toy method registered here is listed, labelled, coloured and given its rule kind by bench, controlled, report."
+    from adadiff_nb import bench, controlled, controlled_report
+    from adadiff_nb.methods import MethodSpec, register_method, unregister_method, method_names, method_label
+    assert 'toy_exit' not in method_names() and controlled.rule_kind('toy_exit') == 'fixed'
+    register_method(MethodSpec('toy_exit', 'Toy exit', 'dynamic exit', 'threshold', 'dynamic early exit'))
+    try:
+        assert 'toy_exit' in method_names(harness='bench') and method_label('toy_exit') == 'Toy exit'
+        assert bench.comparison_config('tiny', methods=['full', 'toy_exit'])['methods'] == ['full', 'toy_exit']
+        assert bench.method_styles()['toy_exit']['family'] == 'dynamic early exit'
+        assert controlled.rule_kind('toy_exit') == 'dynamic' and 'toy_exit' in controlled.known_methods()
+        assert controlled_report.report_styles(['toy_exit'])['toy_exit']['family'] == 'dynamic early exit'
+    finally:
+        unregister_method('toy_exit')
+    assert 'toy_exit' not in bench.method_styles() and 'toy_exit' not in controlled.known_methods()
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['toy_exit'\]"):
+        bench.comparison_config('tiny', methods=['toy_exit'])
