@@ -38,7 +38,7 @@ def test_every_notebook_has_a_page():
 
 def test_api_pages_have_show_doc():
     html = (DOCS / 'early_exit.html').read_text()
-    for name in ('check_threshold', 'earlyexituvit', 'create_early_exit'):
+    for name in ('check_threshold', 'earlyexitmodel', 'create_early_exit'):
         assert f'id="{name}"' in html, f'early_exit.html has no show_doc section #{name}'
     assert 'def check_threshold(' in html or 'check_threshold</span>(' in html, 'no rendered signature'
 
@@ -88,7 +88,7 @@ def test_api_page_renders_and_links(site, page):
     assert page.locator('h3#load_default').is_visible()
     page.goto(f'{site}/early_exit.html')
     assert page.locator('h1').first.inner_text().startswith('Early-exit U-ViT')
-    for name in ('check_threshold', 'earlyexituvit'):
+    for name in ('check_threshold', 'earlyexitmodel'):
         assert page.locator(f'h3#{name}').is_visible(), f'no show_doc heading #{name}'
     signature = page.locator('pre', has_text='check_threshold(').first
     assert signature.is_visible()
