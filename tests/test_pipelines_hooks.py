@@ -12,18 +12,9 @@ from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, appl
 from adadiff_nb.pipelines import (HOOK_NAME, disable_early_exit, early_exit_model, enable_early_exit, exit_stats,
                                   set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
 
+from pipeline_helpers import images, one_line   # tests/pipeline_helpers.py
+
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
-
-
-def images(pipe, labels=(1, 5)):
-    return pipe(class_labels=list(labels), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                output_type='pt').images
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert '\n' not in msg, msg
-    return msg
 
 
 def plain_state(tr) -> tuple:

@@ -16,23 +16,14 @@ from adadiff_nb.pipelines import (ExitHeadsMismatchError, disable_early_exit, ea
                                   exit_stats, load_exit_heads, save_exit_heads, set_exit_threshold, tiny_dit_pipeline)
 from adadiff_nb.uvit import create_uvit
 
+from pipeline_helpers import images, one_line   # tests/pipeline_helpers.py
+
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
 def dit():
     return tiny_dit_pipeline(num_layers=3)
-
-
-def images(pipe):
-    return pipe(class_labels=[1, 5], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                output_type='pt').images
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert '\n' not in msg, msg
-    return msg
 
 
 def attached(pipe) -> tuple:
