@@ -450,10 +450,15 @@ class EarlyExitHook:
         return True
 
     def new_forward(self, module, *args, **kwargs):
-        check_composable(module)
+        starts = self.pipe is None or self.new_call()     # composability: once per pipeline call, not per step
+        if starts:
+            try: check_composable(module)
+            except RuntimeError:
+                self.timesteps = None                     # the next forward checks again
+                raise
         x = kwargs.get('hidden_states', args[0] if args else None)
         dev = x.device if torch.is_tensor(x) else None
-        if self.pipe is not None and self.new_call():
+        if self.pipe is not None and starts:
             self.ctl.records, self.ctl.seconds = [], None
             sync(dev)
             self.t0 = time.perf_counter()
