@@ -2,7 +2,7 @@
 
 An early-exit DiT preset with random weights (timing does not depend on training) runs a batch whose samples
 leave at static exit layers spread so that `--skip` of the block evaluations are skipped; it is timed against
-the plain backbone on the same batch, interleaved (`adadiff_nb.bench.bench_dit_exits`). Printed and written to
+the plain backbone on the same batch, interleaved (`experiments.bench.bench_dit_exits`). Printed and written to
 `--out` (JSON): measured speed-up, the ideal ones (1/layer ratio, analytic FLOPs, measured parts), their ratio
 (efficiency; issue 10's target is >= 0.85 at ~40% skipped, batch 64), per-part costs and peak memory.
 `--guidance` adds the guided batch (two rows per sample, labels [y; null]).
@@ -12,12 +12,12 @@ the plain backbone on the same batch, interleaved (`adadiff_nb.bench.bench_dit_e
 from __future__ import annotations
 import argparse, sys, time
 import torch
-from adadiff_nb.bench import add_timing_args, bench_dit_exits, exit_bench_table, write_bench_json
+from adadiff_nb.experiments.bench import add_timing_args, bench_dit_exits, exit_bench_table, write_bench_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--preset', default='DiT-S/2', help='DiT preset (adadiff_nb.dit.DIT_PRESETS)')
+    p.add_argument('--preset', default='DiT-S/2', help='DiT preset (adadiff_nb.models.dit.DIT_PRESETS)')
     p.add_argument('--input-size', type=int, default=16, help='latent size (16: 64 tokens with patch 2)')
     p.add_argument('--in-channels', type=int, default=4)
     p.add_argument('--num-classes', type=int, default=1000)

@@ -2,7 +2,7 @@
 
 U-ViT-S/2 at 32x32 (the paper's CIFAR-10 model) and DiT-XL/2 on 32x32x4 latents, random weights (timing does not
 depend on training). In each group (model, batch, mode, precision) the plain backbone and the early-exit model at
-every skip level run on the same batch and noise, timed in turns (`adadiff_nb.bench.bench_exit_group`): CUDA
+every skip level run on the same batch and noise, timed in turns (`adadiff_nb.experiments.bench.bench_exit_group`): CUDA
 events on a GPU, `time.perf_counter` on a CPU. Static exits are drawn per sample to skip the requested share of
 block evaluations; `--rules threshold` adds the dynamic path (UEM, exit decisions on the device, host syncs) at a
 threshold searched to skip about as much, under each `--sync-policies` policy. `--reduced` shrinks the widths so a
@@ -14,7 +14,8 @@ threshold searched to skip about as much, under each `--sync-policies` policy. `
 from __future__ import annotations
 import argparse, sys, time
 import torch
-from adadiff_nb.bench import BENCH_ARCHS, add_timing_args, bench_exit_grid, exit_grid_table, write_bench_json
+from adadiff_nb.experiments.bench import (BENCH_ARCHS, add_timing_args, bench_exit_grid, exit_grid_table,
+                                          write_bench_json)
 
 
 def _policy(v: str):

@@ -15,8 +15,8 @@ efficiency = measured / ideal.
 from __future__ import annotations
 import argparse
 import torch
-from adadiff_nb.bench import time_interleaved
-from adadiff_nb.early_exit import create_early_exit, layer_ratio
+from adadiff_nb.experiments.bench import time_interleaved
+from adadiff_nb.exits.early_exit import create_early_exit, layer_ratio
 
 
 def calibrate(model, x, t, target_ratio: float, iters: int = 60) -> float:
@@ -36,7 +36,8 @@ def calibrate(model, x, t, target_ratio: float, iters: int = 60) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--preset', default='adadiff_cpu32', help='early-exit preset (adadiff_nb.early_exit.EE_PRESETS)')
+    p.add_argument('--preset', default='adadiff_cpu32', 
+                   help='early-exit preset (adadiff_nb.exits.early_exit.EE_PRESETS)')
     p.add_argument('--embed-dim', type=int, default=128)
     p.add_argument('--depth', type=int, default=6, help='U-ViT depth (depth+1 blocks)')
     p.add_argument('--num-heads', type=int, default=2)

@@ -5,7 +5,7 @@ rows of a sample leave at the first exit where both are below the threshold; wit
 its own. For each policy and threshold this samples `--n` images (same noise, same labels: the classes cycled),
 measures the layer ratio of all rows, proxy-FD / proxy-KID against the CIFAR-10 test slice, the proxy classifier's
 accuracy for the requested classes and the PSNR to the full model's guided samples, then interpolates both
-policies' quality at common layer ratios (`adadiff_nb.guidance_eval`). A paired bootstrap over images gives 95%
+policies' quality at common layer ratios (`adadiff_nb.experiments.guidance`). A paired bootstrap over images gives 95%
 intervals for the PSNR and accuracy differences at equal ratio. Written to `--out` (JSON) and printed.
 
     OMP_NUM_THREADS=1 python bench/bench_guidance_policies.py --clip-denoised --out results/cifar16_cond_guidance.json
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse, shlex, sys, time
 import numpy as np
 import torch
-from adadiff_nb.checkpoint import atomic_write_json, load_model
-from adadiff_nb.default_model import EMBEDDED_MODELS, load_default
-from adadiff_nb.guidance_eval import (bootstrap_equal_ratio, compare_guidance_policies, equal_ratio_table,
+from adadiff_nb.models.checkpoint import atomic_write_json, load_model
+from adadiff_nb.models.default_model import EMBEDDED_MODELS, load_default
+from adadiff_nb.experiments.guidance import (bootstrap_equal_ratio, compare_guidance_policies, equal_ratio_table,
                                       guidance_table, policy_curves_at_equal_ratio)
 
 

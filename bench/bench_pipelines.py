@@ -1,9 +1,10 @@
-"""A diffusers `DiTPipeline` with and without early exits (`adadiff_nb.pipelines`): measured vs ideal speed-up.
+"""A diffusers `DiTPipeline` with and without early exits (`adadiff_nb.integrations.diffusers`): measured vs ideal
+speed-up.
 
 A pipeline of random components (timing does not depend on training) samples a batch of class labels with
 classifier-free guidance (2 rows per image) at batch 1, 8 and 32; the plain pipeline is timed against the same
 pipeline with static exits at a few layer ratios (every row leaves at layer round(ratio * L)), interleaved
-(`adadiff_nb.bench.time_interleaved`), and each run prints the measured speed-up beside the ideal ones
+(`adadiff_nb.experiments.bench.time_interleaved`), and each run prints the measured speed-up beside the ideal ones
 (1 / layer ratio and the analytic GFLOPs of `exit_stats`). `--thresholds` adds threshold exits (untrained heads:
 their layer ratio is whatever the random UEMs give). On CPU the DiT is small (`--size small`); with a GPU the
 default is DiT-XL/2 size in bf16 (`--size xl`).
@@ -14,9 +15,9 @@ default is DiT-XL/2 size in bf16 (`--size xl`).
 from __future__ import annotations
 import argparse, sys, time
 import torch
-from adadiff_nb.bench import add_timing_args, time_interleaved, write_bench_json
-from adadiff_nb.cost import speedup
-from adadiff_nb.pipelines import (disable_early_exit, early_exit_model, enable_early_exit, exit_stats,
+from adadiff_nb.experiments.bench import add_timing_args, time_interleaved, write_bench_json
+from adadiff_nb.evaluation.cost import speedup
+from adadiff_nb.integrations.diffusers import (disable_early_exit, early_exit_model, enable_early_exit, exit_stats,
                                   set_exit_threshold, tiny_dit_pipeline)
 
 SIZES = dict(tiny=dict(num_layers=4, sample_size=8, heads=2, head_dim=8),

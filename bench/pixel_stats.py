@@ -10,10 +10,10 @@ at the ends of the range (|x| > 0.98), plus the MSE between the full model's and
 from __future__ import annotations
 import argparse
 import torch
-from adadiff_nb.bench import load_backbone
-from adadiff_nb.caching import CACHE_METHODS
+from adadiff_nb.experiments.bench import load_backbone
+from adadiff_nb.exits.caching import CACHE_METHODS
 from adadiff_nb.data import get_dataset
-from adadiff_nb.sampling import sample_batches
+from adadiff_nb.sampling.run import sample_batches
 
 
 def stats(x: torch.Tensor) -> dict:

@@ -17,11 +17,11 @@ DYNAMIC = {'adadiff', 'berxit', 'calm', 'adadiff_official'}          # archs tha
 
 
 def _models() -> dict:
-    from adadiff_nb.uvit import UViT, create_uvit
-    from adadiff_nb.early_exit import create_early_exit
-    from adadiff_nb.baselines import StaticDropUViT, BERxiTUViT, CALMUViT
-    from adadiff_nb.dit import DiT
-    from adadiff_nb.official_adadiff import OfficialAdaDiffUViT
+    from adadiff_nb.models.uvit import UViT, create_uvit
+    from adadiff_nb.exits.early_exit import create_early_exit
+    from adadiff_nb.exits.baselines import StaticDropUViT, BERxiTUViT, CALMUViT
+    from adadiff_nb.models.dit import DiT
+    from adadiff_nb.models.official_adadiff import OfficialAdaDiffUViT
     torch.manual_seed(0)
     bb = dict(create_uvit('uvit_tiny').config)
     return dict(uvit=UViT(**bb), adadiff=create_early_exit('adadiff_tiny'),
@@ -35,7 +35,7 @@ def _models() -> dict:
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory) -> dict:
     "arch name -> directory written by save_model."
-    from adadiff_nb.checkpoint import save_model
+    from adadiff_nb.models.checkpoint import save_model
     root = tmp_path_factory.mktemp('archs')
     out = {}
     for name, model in _models().items():
@@ -45,14 +45,14 @@ def saved(tmp_path_factory) -> dict:
 
 
 def test_table_covers_every_saved_arch():
-    from adadiff_nb.checkpoint import ARCHS
+    from adadiff_nb.models.checkpoint import ARCHS
     assert sorted(ARCHS) == sorted(_models())
 
 
 def test_load_model_in_a_fresh_interpreter(saved):
-    "Only adadiff_nb.checkpoint is imported; each arch's module is found through the fixed table."
+    "Only adadiff_nb.models.checkpoint is imported; each arch's module is found through the fixed table."
     code = ("import json, sys\n"
-            "from adadiff_nb.checkpoint import load_model\n"
+            "from adadiff_nb.models.checkpoint import load_model\n"
             "before = {m for m in sys.modules if m.startswith('adadiff_nb.')}\n"
             "out = {}\n"
             "for name, path in json.loads(sys.argv[1]).items():\n"
@@ -64,14 +64,14 @@ def test_load_model_in_a_fresh_interpreter(saved):
                        cwd=saved['uvit'].parent, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert 'adadiff_nb.early_exit' not in res['before'] and 'adadiff_nb.baselines' not in res['before']
-    from adadiff_nb.checkpoint import ARCHS
+    assert 'adadiff_nb.exits.early_exit' not in res['before'] and 'adadiff_nb.exits.baselines' not in res['before']
+    from adadiff_nb.models.checkpoint import ARCHS
     for name, (arch, cls, training) in res['models'].items():
         assert arch == name and cls == ARCHS[name] and training is False
 
 
 def test_loaded_models_match_the_saved_ones(saved):
-    from adadiff_nb.checkpoint import load_model
+    from adadiff_nb.models.checkpoint import load_model
     models = _models()
     x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10., 700.])
     for name, path in saved.items():
@@ -99,7 +99,7 @@ def test_adadiff_sample_cli_round_trip(saved, name, tmp_path):
 
 
 def test_unknown_arch_names_the_known_ones(tmp_path):
-    from adadiff_nb.checkpoint import CheckpointError, load_model, save_safetensors
+    from adadiff_nb.models.checkpoint import CheckpointError, load_model, save_safetensors
     rec = {'adadiff_nb': dict(arch='mystery', config={})}
     save_safetensors({'w': torch.zeros(1)}, tmp_path / 'model.safetensors', rec)
     known = r"unknown architecture 'mystery'.*'adadiff', 'adadiff_official', 'ase', 'berxit', 'calm', 'dit', 'uvit'"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 diffusers = pytest.importorskip('diffusers')
 
-from adadiff_nb.autoencoder import (TINY_VAE_CONFIG, CacheError, LatentAutoencoder, LatentCache, check_compatible,
-                                    precompute_latents)
-from adadiff_nb.uvit import uvit_tiny
+from adadiff_nb.models.autoencoder import (TINY_VAE_CONFIG, CacheError, LatentAutoencoder, LatentCache,
+                                           check_compatible, precompute_latents)
+from adadiff_nb.models.uvit import uvit_tiny
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +115,7 @@ def test_cli_writes_a_cache_of_an_image_folder(vae_dir, tmp_path):
         for k in range(2):
             img = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
             img.save(tmp_path / 'imgs' / cls / f'{k}.png')
-    cmd = [sys.executable, '-m', 'adadiff_nb.autoencoder', str(tmp_path / 'imgs'), '--vae', str(vae_dir),
+    cmd = [sys.executable, '-m', 'adadiff_nb.models.autoencoder', str(tmp_path / 'imgs'), '--vae', str(vae_dir),
            '--out', str(tmp_path / 'lat.safetensors'), '--img-size', '16', '--device', 'cpu']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

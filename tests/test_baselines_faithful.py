@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb import baselines as B
-from adadiff_nb import calibrate as C
-from adadiff_nb.cost import full_eval_flops, uvit_flops
-from adadiff_nb.losses import l_u, l_ual
-from adadiff_nb.uvit import create_uvit, uvit_s2_cifar10
+from adadiff_nb.exits import baselines as B
+from adadiff_nb.exits import calibrate as C
+from adadiff_nb.evaluation.cost import full_eval_flops, uvit_flops
+from adadiff_nb.training.losses import l_u, l_ual
+from adadiff_nb.models.uvit import create_uvit, uvit_s2_cifar10
 
 torch.set_num_threads(1)
 

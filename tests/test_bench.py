@@ -13,7 +13,7 @@ METHODS = ['full', 'adadiff_full', 'adadiff', 'ase', 'ase_paper', 'berxit', 'cal
 
 def _bench(args, timeout=300):
     return subprocess.run(
-        [PY, '-m', 'adadiff_nb.bench', *args], env=ENV, capture_output=True, text=True, timeout=timeout
+        [PY, '-m', 'adadiff_nb.experiments.bench', *args], env=ENV, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -42,7 +42,7 @@ def test_bad_input_exits_2(tmp_path):
 def _refused(root, argv, monkeypatch, capsys):
     "Exit status and stderr of `adadiff-bench argv` in-process, with every model forward an error (nothing may run)."
     import torch
-    from adadiff_nb import controlled
+    from adadiff_nb.experiments import controlled
 
     def no_forward(self, *a, **k):
         raise AssertionError(f"{type(self).__name__} ran before the bad input was refused")
@@ -92,7 +92,7 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys
 
 
 def test_controlled_through_bench_main_points_to_adadiff_bench(tmp_path, monkeypatch, capsys):
-    from adadiff_nb import bench
+    from adadiff_nb.experiments import bench
     monkeypatch.chdir(tmp_path)
     assert bench.main(['--comparison', 'controlled']) == 2
     err = capsys.readouterr().err
@@ -102,8 +102,11 @@ def test_controlled_through_bench_main_points_to_adadiff_bench(tmp_path, monkeyp
 
 def test_a_registered_method_is_picked_up_without_editing_other_modules():
     "A toy method registered here is listed, labelled, coloured and given its rule kind by bench, controlled, report."
-    from adadiff_nb import bench, controlled, controlled_report
-    from adadiff_nb.methods import MethodSpec, register_method, unregister_method, method_names, method_label
+    from adadiff_nb.experiments import bench
+    from adadiff_nb.experiments import controlled
+    from adadiff_nb.experiments import report as controlled_report
+    from adadiff_nb.experiments.methods import (MethodSpec, register_method, unregister_method, method_names,
+                                                method_label)
     assert 'toy_exit' not in method_names() and controlled.rule_kind('toy_exit') == 'fixed'
     register_method(MethodSpec('toy_exit', 'Toy exit', 'dynamic exit', 'threshold', 'dynamic early exit'))
     try:

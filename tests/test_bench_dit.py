@@ -1,4 +1,4 @@
-"""The early-exit DiT benchmark (`adadiff_nb.bench.bench_dit_exits`, `bench/bench_dit_exits.py`) on tiny DiTs: the
+"""The early-exit DiT benchmark (`experiments.bench.bench_dit_exits`, `bench/bench_dit_exits.py`) on tiny DiTs: the
 static exits skip what was asked, each row's output is `forward_train`'s at its exit, the ideal speed-ups match a
 FLOP count written here, and the command line writes its JSON. No timing thresholds: timings are only checked to
 exist and be positive."""
@@ -6,8 +6,8 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from adadiff_nb.bench import bench_dit_exits, build_bench_dit, exit_bench_inputs
-from adadiff_nb.dit import FinalLayer
+from adadiff_nb.experiments.bench import bench_dit_exits, build_bench_dit, exit_bench_inputs
+from adadiff_nb.models.dit import FinalLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}

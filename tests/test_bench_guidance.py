@@ -5,8 +5,8 @@ import importlib.util, json
 from pathlib import Path
 import numpy as np
 import torch
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.early_exit import create_early_exit
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.exits.early_exit import create_early_exit
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'bench' / 'bench_guidance_policies.py'
 

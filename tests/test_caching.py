@@ -1,11 +1,12 @@
-"Caching peers (adadiff_nb.caching): exact reductions, real block skipping, the layer-ratio axis, L2C training, resets."
+"Caching peers (adadiff_nb.exits.caching): exact reductions, real block skipping, the layer-ratio axis,
+L2C training, resets."
 import pytest
 import torch
-from adadiff_nb.uvit import uvit_tiny, timestep_embedding
-from adadiff_nb.early_exit import EarlyExitUViT, block_modules
-from adadiff_nb.sampling import sample_batches
-from adadiff_nb.caching import (CACHE_METHODS, DeepCacheUViT, L2CUViT, AdaDiffCacheUViT, full_steps, shallow_blocks,
-                                trajectories, train_router, l2c_eval)
+from adadiff_nb.models.uvit import uvit_tiny, timestep_embedding
+from adadiff_nb.exits.early_exit import EarlyExitUViT, block_modules
+from adadiff_nb.sampling.run import sample_batches
+from adadiff_nb.exits.caching import (CACHE_METHODS, DeepCacheUViT, L2CUViT, AdaDiffCacheUViT, full_steps,
+                                      shallow_blocks, trajectories, train_router, l2c_eval)
 
 torch.set_num_threads(1)
 

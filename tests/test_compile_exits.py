@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from adadiff_nb.early_exit import create_early_exit, block_modules
+from adadiff_nb.exits.early_exit import create_early_exit, block_modules
 
 
 def _model():

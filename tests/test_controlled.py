@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adadiff_nb.controlled import BOOTSTRAP, FD_REASON
+from adadiff_nb.experiments.controlled import BOOTSTRAP, FD_REASON
 
 PY = sys.executable
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
@@ -18,7 +18,7 @@ ABLATIONS = ('adadiff_no_ual', 'adadiff_uem_timestep', 'adadiff_uem_layer_timest
 
 
 def _run(args, timeout=240):
-    code = 'import sys; from adadiff_nb.controlled import main; sys.exit(main(sys.argv[1:]))'
+    code = 'import sys; from adadiff_nb.experiments.controlled import main; sys.exit(main(sys.argv[1:]))'
     return subprocess.run([PY, '-c', code, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,7 +52,7 @@ def _check_rows(res):
 
 def _check_report(res):
     "The report reads the run: the backbone's quality both ways, the probes, a verdict per claim, the figures."
-    from adadiff_nb.controlled_report import claims, VERDICTS, matched_table, pareto_figure, probe_figure
+    from adadiff_nb.experiments.report import claims, VERDICTS, matched_table, pareto_figure, probe_figure
     assert [(q['model'], q['clip_denoised']) for q in res['backbone_quality']] == [('backbone', False),
                                                                                   ('backbone', True)]
     assert {'layer_mse', 'loss_by_timestep', 'uncertainty_by_t', 'exit_trend', 'ase_data_easy'} <= set(res['probes'])
@@ -126,9 +126,10 @@ def _options_without_help(text):
 
 
 def test_help_lists_every_comparison_and_every_option_has_help():
-    from adadiff_nb import bench, controlled
+    from adadiff_nb.experiments import bench
+    from adadiff_nb.experiments import controlled
     env = {**ENV, 'COLUMNS': '100'}
-    code = 'import sys; from adadiff_nb.controlled import main; sys.exit(main(sys.argv[1:]))'
+    code = 'import sys; from adadiff_nb.experiments.controlled import main; sys.exit(main(sys.argv[1:]))'
     top = subprocess.run([PY, '-c', code, '--help'], env=env, capture_output=True, text=True, timeout=60)
     own = subprocess.run([PY, '-c', code, '--comparison', 'controlled', '--help'], env=env, capture_output=True,
                          text=True, timeout=60)
@@ -162,7 +163,7 @@ def test_help_lists_every_comparison_and_every_option_has_help():
 def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, msg):
     "In-process, every model forward an error: each bad option exits 2 with one line, and nothing is made."
     import torch
-    from adadiff_nb.controlled import main
+    from adadiff_nb.experiments.controlled import main
     (tmp_path / 'afile').write_text('not a directory\n')
     (tmp_path / 'empty').mkdir()
     paths = dict(FILE=tmp_path / 'afile', UNDER_FILE=tmp_path / 'afile' / 'sub', EMPTY=tmp_path / 'empty',

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adadiff_nb.checkpoint import CheckpointError
-from adadiff_nb.dit import DIT_PRESETS, create_dit, load_official_dit
-from adadiff_nb.uvit import count_params
+from adadiff_nb.models.checkpoint import CheckpointError
+from adadiff_nb.models.dit import DIT_PRESETS, create_dit, load_official_dit
+from adadiff_nb.models.uvit import count_params
 
 FREQ = 256  # sinusoid width of the official TimestepEmbedder
 

@@ -1,4 +1,4 @@
-"""adadiff_nb.metrics against independent references: the Frechet distance against pytorch-fid's
+"""adadiff_nb.evaluation.metrics against independent references: the Frechet distance against pytorch-fid's
 `calculate_frechet_distance` and a from-scratch eigendecomposition formula, KID against a naive
 O(n^2) loop, and the whole feature pipeline (PNG folder -> pytorch-fid's InceptionV3 -> statistics)
 against pytorch-fid's own `get_activations` / `calculate_activation_statistics` on the same files
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb import metrics as M
+from adadiff_nb.evaluation import metrics as M
 
 pytorch_fid = pytest.importorskip('pytorch_fid')
 from pytorch_fid import fid_score  # noqa: E402

@@ -33,9 +33,9 @@ import torch
 hypothesis = pytest.importorskip('hypothesis')
 from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
-from adadiff_nb import sample as sample_cli  # noqa: E402
-from adadiff_nb.samplers import SAMPLERS  # noqa: E402
-from adadiff_nb.sampling import sample_batches, model_image_shape  # noqa: E402
+from adadiff_nb.apps import sample_cli  # noqa: E402
+from adadiff_nb.sampling.samplers import SAMPLERS  # noqa: E402
+from adadiff_nb.sampling.run import sample_batches, model_image_shape  # noqa: E402
 
 FUZZ = dict(deadline=None, derandomize=True, database=None, print_blob=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
@@ -477,7 +477,7 @@ def _run_dir(ckpt: str, out_key: str, kw: dict):
         check_sample_output(dict(rc=0, argv=[what]), out, before, None if shard else kw['n'], shard)
 
 
-from adadiff_nb.sample import sample_to_dir  # noqa: E402
+from adadiff_nb.apps.sample_cli import sample_to_dir  # noqa: E402
 
 
 @settings(max_examples=60, **FUZZ)
@@ -495,7 +495,7 @@ def test_fuzz_sample_to_dir(call):
 
 
 # ---------------------------------------------------------------------------------------------------- adadiff-train
-from adadiff_nb import train_cli  # noqa: E402
+from adadiff_nb.apps import train_cli  # noqa: E402
 
 _TRAIN_OPTS = [
     _opt('--steps', (OK, ['1', '2']), (BAD, ['0', '-1', 'x', '', '1e9', 'nan', '1.5'])),
@@ -571,7 +571,7 @@ def _run_train_items(items: list):
         _no_temp_files(out if out.is_dir() else out.parent, what)
         final = out / 'final' / 'model.safetensors'
         if res['rc'] == 0:
-            from adadiff_nb.checkpoint import load_model
+            from adadiff_nb.models.checkpoint import load_model
             for d in ('final', 'final_ema'):
                 assert (out / d / 'model.safetensors').is_file(), f"{what}: exit 0 but no {out / d}"
             load_model(out / 'final')
@@ -594,7 +594,7 @@ def test_fuzz_train_cli(items):
 
 
 # ---------------------------------------------------------------------------------------------------- adadiff-bench
-from adadiff_nb import controlled  # noqa: E402
+from adadiff_nb.experiments import controlled  # noqa: E402
 
 _BENCH_COMMON = [
     _opt('--methods', (OK, ['full', 'full,adadiff']), (BAD, ['nope', 'full,nope', 'ü'])),
@@ -677,7 +677,7 @@ def test_fuzz_bench_cli(items):
 @pytest.fixture(scope='module')
 def tiny_vae_dir(tmp_path_factory):
     diffusers = pytest.importorskip('diffusers')
-    from adadiff_nb.autoencoder import TINY_VAE_CONFIG
+    from adadiff_nb.models.autoencoder import TINY_VAE_CONFIG
     d = tmp_path_factory.mktemp('vae')
     torch.manual_seed(0)
     with contextlib.redirect_stderr(io.StringIO()): diffusers.AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(d)
@@ -687,7 +687,7 @@ def tiny_vae_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def tiny_clip_dir(tmp_path_factory):
     pytest.importorskip('transformers')
-    from adadiff_nb.text_encoder import write_tiny_clip
+    from adadiff_nb.models.text_encoder import write_tiny_clip
     with contextlib.redirect_stderr(io.StringIO()): return write_tiny_clip(tmp_path_factory.mktemp('clip'))
 
 
@@ -771,12 +771,12 @@ def _run_cache_items(items: list, prog: str, main, extra: dict, load):
 
 
 def _run_latents_items(items, vae, clip=None):
-    from adadiff_nb.autoencoder import LatentCache, main
+    from adadiff_nb.models.autoencoder import LatentCache, main
     _run_cache_items(items, 'adadiff-latents', main, dict(VAE=vae, CLIP=clip or vae / 'none'), LatentCache)
 
 
 def _run_text_items(items, clip, vae=None):
-    from adadiff_nb.text_encoder import TextFeatureCache, main
+    from adadiff_nb.models.text_encoder import TextFeatureCache, main
     _run_cache_items(items, 'adadiff-text-features', main, dict(CLIP=clip, VAE=vae or clip / 'none'), TextFeatureCache)
 
 

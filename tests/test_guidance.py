@@ -4,12 +4,12 @@ import io, json, contextlib
 import numpy as np
 import pytest
 import torch
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.cost import forward_flops
-from adadiff_nb.early_exit import create_early_exit
-from adadiff_nb.sample import main
-from adadiff_nb.sampling import sample_batches, images_uint8
-from adadiff_nb.samplers import GUIDANCE_POLICIES
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.evaluation.cost import forward_flops
+from adadiff_nb.exits.early_exit import create_early_exit
+from adadiff_nb.apps.sample_cli import main
+from adadiff_nb.sampling.run import sample_batches, images_uint8
+from adadiff_nb.sampling.samplers import GUIDANCE_POLICIES
 
 torch.set_num_threads(1)
 

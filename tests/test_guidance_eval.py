@@ -4,11 +4,11 @@ interpolation against numpy on a made-up result."""
 import numpy as np
 import pytest
 import torch
-from adadiff_nb.early_exit import create_early_exit
-from adadiff_nb.sampling import sample_batches
-from adadiff_nb.metrics import ProxyClassifier, compute_activations, kid_from_activations, proxy_fd, psnr
-from adadiff_nb.analysis import analysis_data
-from adadiff_nb.guidance_eval import compare_guidance_policies, policy_curves_at_equal_ratio, guidance_table
+from adadiff_nb.exits.early_exit import create_early_exit
+from adadiff_nb.sampling.run import sample_batches
+from adadiff_nb.evaluation.metrics import ProxyClassifier, compute_activations, kid_from_activations, proxy_fd, psnr
+from adadiff_nb.evaluation.analysis import analysis_data
+from adadiff_nb.experiments.guidance import compare_guidance_policies, policy_curves_at_equal_ratio, guidance_table
 
 TAUS, N, STEPS, S = [0., 0.5, 1.], 6, 2, 2.5
 

@@ -60,11 +60,11 @@ LEAN = textwrap.dedent('''
     for name in {optional!r}: sys.modules[name] = None          # as if not installed
     import importlib
     for m in {modules!r}: importlib.import_module('adadiff_nb.' + m)
-    from adadiff_nb.default_model import load_default
-    from adadiff_nb.sample import main
+    from adadiff_nb.models.default_model import load_default
+    from adadiff_nb.apps.sample_cli import main
     load_default('cpu')
     main(['--checkpoint', 'default', '--steps', '2', '--n', '2', '--out', 'lean', '--quiet'])
-    from adadiff_nb.metrics import fid_inception
+    from adadiff_nb.evaluation.metrics import fid_inception
     try: fid_inception('random')
     except ImportError as e: print('FID:', e)
 ''')

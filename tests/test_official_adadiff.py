@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adadiff_nb.checkpoint import CheckpointError, load_model, register_arch, save_model
-from adadiff_nb.official_adadiff import (OfficialAdaDiffUViT, load_official_adadiff, official_state_dict,
+from adadiff_nb.models.checkpoint import CheckpointError, load_model, register_arch, save_model
+from adadiff_nb.models.official_adadiff import (OfficialAdaDiffUViT, load_official_adadiff, official_state_dict,
                                          official_threshold)
 
 TINY = dict(img=8, p=2, C=3, D=32, depth=4, heads=2, mlp=2)

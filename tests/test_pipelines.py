@@ -1,4 +1,5 @@
-"""`adadiff_nb.pipelines` on tiny random diffusers pipelines built from configs (offline): threshold=0 leaves the
+"""`adadiff_nb.integrations.diffusers` on tiny random diffusers pipelines built from configs (offline): threshold=0
+leaves the
 images unchanged, threshold=1 runs no block (forward hooks count block calls), an exited row equals a head applied
 to the blocks run by hand here, guidance pairs leave together under 'joint', disable restores the original forward,
 adapter files round-trip and refuse a different base model, and a diffusers version outside the tested range is
@@ -7,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from adadiff_nb.pipelines import (ExitHeadsMismatchError, check_diffusers_version, disable_early_exit,
+from adadiff_nb.integrations.diffusers import (ExitHeadsMismatchError, check_diffusers_version, disable_early_exit,
                                   early_exit_model, enable_early_exit, exit_stats, load_exit_heads, reset_exit_stats,
                                   save_exit_heads, set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
 

@@ -9,8 +9,8 @@ import torch
 from accelerate import cpu_offload
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, apply_first_block_cache
 
-from adadiff_nb.pipelines import (HOOK_NAME, disable_early_exit, early_exit_model, enable_early_exit, exit_stats,
-                                  set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
+from adadiff_nb.integrations.diffusers import (HOOK_NAME, disable_early_exit, early_exit_model, enable_early_exit,
+                                               exit_stats, set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
 
 from pipeline_helpers import images, one_line   # tests/pipeline_helpers.py
 

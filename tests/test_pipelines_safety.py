@@ -1,4 +1,5 @@
-"""Nothing lost, nothing silent (issue 26) for `adadiff_nb.pipelines` and `adadiff_nb.checkpoint`, on tiny random
+"""Nothing lost, nothing silent (issue 26) for `adadiff_nb.integrations.diffusers` and `adadiff_nb.models.checkpoint`,
+on tiny random
 diffusers pipelines built from configs (offline): a refused exit rule (threshold=None, NaN, threshold and exit_layer
 together) changes nothing, a failure in the middle of attaching puts back what was attached, heads trained on other
 weights of the same config are refused (or attached with a warning when allowed), an adapter without a weights
@@ -10,11 +11,12 @@ import warnings
 import pytest
 import torch
 
-import adadiff_nb.pipelines as pl
-from adadiff_nb.checkpoint import CheckpointError, load_model, save_model, save_safetensors
-from adadiff_nb.pipelines import (ExitHeadsMismatchError, disable_early_exit, early_exit_model, enable_early_exit,
-                                  exit_stats, load_exit_heads, save_exit_heads, set_exit_threshold, tiny_dit_pipeline)
-from adadiff_nb.uvit import create_uvit
+import adadiff_nb.integrations.diffusers as pl
+from adadiff_nb.models.checkpoint import CheckpointError, load_model, save_model, save_safetensors
+from adadiff_nb.integrations.diffusers import (ExitHeadsMismatchError, disable_early_exit, early_exit_model,
+                                               enable_early_exit, exit_stats, load_exit_heads, save_exit_heads,
+                                               set_exit_threshold, tiny_dit_pipeline)
+from adadiff_nb.models.uvit import create_uvit
 
 from pipeline_helpers import images, one_line   # tests/pipeline_helpers.py
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.early_exit import EarlyExitUViT
-from adadiff_nb.uvit import create_uvit
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.exits.early_exit import EarlyExitUViT
+from adadiff_nb.models.uvit import create_uvit
 
 PY = sys.executable
 ENV = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
@@ -28,7 +28,8 @@ AVERAGED = ('mse_vs_full', 'psnr_vs_full')
 
 
 def _sample(args, launcher=(), timeout=240, ok=True):
-    res = subprocess.run([PY, *launcher, '-m', 'adadiff_nb.sample', *map(str, args)], env=ENV, capture_output=True,
+    res = subprocess.run([PY, *launcher, '-m', 'adadiff_nb.apps.sample_cli', *map(str, args)], env=ENV,
+                         capture_output=True,
                          text=True, timeout=timeout)
     if not ok: return res
     assert res.returncode == 0, res.stdout + res.stderr

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.early_exit import EarlyExitUViT
-from adadiff_nb.sample import main
-from adadiff_nb.uvit import create_uvit
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.exits.early_exit import EarlyExitUViT
+from adadiff_nb.apps.sample_cli import main
+from adadiff_nb.models.uvit import create_uvit
 
 torch.set_num_threads(1)
 SEEDS = range(int(os.environ.get('ADADIFF_FAULT_SEEDS', 3)))
@@ -43,7 +43,7 @@ def _main(args): return main([str(a) for a in args])
 def _kill_at_random(args, rng, window: float):
     """Start adadiff-sample in a subprocess; once its first progress bar appears (its work has begun) wait a random
     time in [0, window] and SIGKILL it (unless it has finished) -> its exit code."""
-    p = subprocess.Popen([sys.executable, '-m', 'adadiff_nb.sample', *map(str, args)], env=ENV,
+    p = subprocess.Popen([sys.executable, '-m', 'adadiff_nb.apps.sample_cli', *map(str, args)], env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         p.stderr.read(1)                                       # blocks until the first bar (or the exit)

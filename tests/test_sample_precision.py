@@ -4,9 +4,9 @@ lies within a small margin of the threshold. Evaluations after a sample's first 
 from there on the two runs denoise different images. Prints how many decisions differ."""
 import torch
 
-from adadiff_nb.default_model import default_threshold
-from adadiff_nb.sample import load_sampling_model
-from adadiff_nb.sampling import sample_batches
+from adadiff_nb.models.default_model import default_threshold
+from adadiff_nb.apps.sample_cli import load_sampling_model
+from adadiff_nb.sampling.run import sample_batches
 
 MARGIN = 0.002    # |u - tau| below this (4 bf16 ulps at tau = 0.075: 8 significant bits) may flip the decision
 

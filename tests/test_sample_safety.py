@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import adadiff_nb
-from adadiff_nb import sample as S
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.early_exit import EarlyExitUViT
-from adadiff_nb.sample import GRID_IMAGES, main, sample_to_dir
-from adadiff_nb.sampling import sample_batches
-from adadiff_nb.uvit import create_uvit
+from adadiff_nb.apps import sample_cli as S
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.exits.early_exit import EarlyExitUViT
+from adadiff_nb.apps.sample_cli import GRID_IMAGES, main, sample_to_dir
+from adadiff_nb.sampling.run import sample_batches
+from adadiff_nb.models.uvit import create_uvit
 
 torch.set_num_threads(1)
 
@@ -264,7 +264,8 @@ def test_sample_to_dir_checks_its_arguments_before_compute(ckpt, tmp_path, no_co
 @pytest.fixture
 def checks(monkeypatch):
     "Count the calls of the threshold check and of the early-exit test wherever they are bound (`calls[name]`)."
-    from adadiff_nb import early_exit as EE, samplers as SP
+    from adadiff_nb.exits import early_exit as EE
+    from adadiff_nb.sampling import samplers as SP
     calls = {'check_threshold': 0, 'is_early_exit_model': 0}
     def counted(name, fn):
         def f(*a, **k):

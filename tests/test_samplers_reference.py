@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb.diffusion import get_schedule
-from adadiff_nb.samplers import sample_ddim, sample_ddpm, sample_dpm_solver_pp_2m
+from adadiff_nb.sampling.diffusion import get_schedule
+from adadiff_nb.sampling.samplers import sample_ddim, sample_ddpm, sample_dpm_solver_pp_2m
 
 diffusers = pytest.importorskip('diffusers')
 LIN = get_schedule('linear')
@@ -66,13 +66,13 @@ def _cli():
     exe = Path(sys.executable).parent / 'adadiff-sample'
     if exe.exists(): return [str(exe)]
     # the console script appears after `pip install -e .`; until then run the same entry point
-    return [sys.executable, '-c', 'import sys; from adadiff_nb.sample import main; sys.exit(main())']
+    return [sys.executable, '-c', 'import sys; from adadiff_nb.apps.sample_cli import main; sys.exit(main())']
 
 
 def test_console_script(tmp_path):
-    from adadiff_nb.checkpoint import save_model
-    from adadiff_nb.uvit import create_uvit
-    try: from adadiff_nb.early_exit import EarlyExitUViT
+    from adadiff_nb.models.checkpoint import save_model
+    from adadiff_nb.models.uvit import create_uvit
+    try: from adadiff_nb.exits.early_exit import EarlyExitUViT
     except ImportError: EarlyExitUViT = None
     torch.manual_seed(0)
     if EarlyExitUViT is not None:

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb.autoencoder import TINY_VAE_CONFIG, LatentAutoencoder, load_latent_record, save_latent_record
-from adadiff_nb.checkpoint import save_model
-from adadiff_nb.early_exit import create_early_exit
-from adadiff_nb.sample import main, sample_to_dir
-from adadiff_nb.sampling import images_uint8, sample_batches
-from adadiff_nb.text_encoder import TextEncoder, write_tiny_clip
+from adadiff_nb.models.autoencoder import TINY_VAE_CONFIG, LatentAutoencoder, load_latent_record, save_latent_record
+from adadiff_nb.models.checkpoint import save_model
+from adadiff_nb.exits.early_exit import create_early_exit
+from adadiff_nb.apps.sample_cli import main, sample_to_dir
+from adadiff_nb.sampling.run import images_uint8, sample_batches
+from adadiff_nb.models.text_encoder import TextEncoder, write_tiny_clip
 
 torch.set_num_threads(1)
 

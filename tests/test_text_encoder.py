@@ -10,10 +10,11 @@ import torch
 
 transformers = pytest.importorskip('transformers')
 
-from adadiff_nb.autoencoder import TINY_VAE_CONFIG, CacheError, LatentAutoencoder, LatentCache, precompute_latents
-from adadiff_nb.text_encoder import (LatentTextDataset, TextEncoder, TextFeatureCache, precompute_text_features,
+from adadiff_nb.models.autoencoder import (TINY_VAE_CONFIG, CacheError, LatentAutoencoder, LatentCache,
+                                           precompute_latents)
+from adadiff_nb.models.text_encoder import (LatentTextDataset, TextEncoder, TextFeatureCache, precompute_text_features,
                                      read_prompts, write_tiny_clip)
-from adadiff_nb.uvit import uvit_tiny
+from adadiff_nb.models.uvit import uvit_tiny
 
 
 @pytest.fixture(scope='module')
@@ -82,7 +83,8 @@ def test_text_cache_round_trip_and_pairing(clip_dir, tmp_path):
 def test_cli_encodes_a_prompt_file(clip_dir, tmp_path):
     (tmp_path / 'p.txt').write_text('the cat\na cat\n')
     assert read_prompts(tmp_path / 'p.txt') == ['the cat', 'a cat']
-    cmd = [sys.executable, '-m', 'adadiff_nb.text_encoder', str(tmp_path / 'p.txt'), '--text-encoder', str(clip_dir),
+    cmd = [sys.executable, '-m', 'adadiff_nb.models.text_encoder', str(tmp_path / 'p.txt'),
+           '--text-encoder', str(clip_dir),
            '--out', str(tmp_path / 't.safetensors'), '--device', 'cpu']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adadiff_nb.checkpoint import load_model, load_weights, save_model
-from adadiff_nb.diffusion import get_schedule
-from adadiff_nb.dit import create_dit
-from adadiff_nb.train import DataStream, mix_seed
-from adadiff_nb.train_config import load_train_config
-from adadiff_nb.train_loop import read_log, train
-from adadiff_nb.train_cli import main
+from adadiff_nb.models.checkpoint import load_model, load_weights, save_model
+from adadiff_nb.sampling.diffusion import get_schedule
+from adadiff_nb.models.dit import create_dit
+from adadiff_nb.training.common import DataStream, mix_seed
+from adadiff_nb.training.config import load_train_config
+from adadiff_nb.training.loop import read_log, train
+from adadiff_nb.apps.train_cli import main
 
 N_CLASSES, BS, SEED = 5, 16, 0
 DIT_KW = dict(input_size=8, in_channels=3, hidden_size=32, depth=3, num_heads=4, num_classes=N_CLASSES)

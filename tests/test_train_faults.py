@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_nb.checkpoint import load_weights
-from adadiff_nb.train_cli import main as train_main
-from adadiff_nb.train_loop import read_log
+from adadiff_nb.models.checkpoint import load_weights
+from adadiff_nb.apps.train_cli import main as train_main
+from adadiff_nb.training.loop import read_log
 
 PY = sys.executable
-TRAIN = [PY, '-m', 'adadiff_nb.train_cli']
+TRAIN = [PY, '-m', 'adadiff_nb.apps.train_cli']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'TOKENIZERS_PARALLELISM': 'false'}
 STEPS = 30
 TINY = ['--config', 'tiny_cifar8', '--device', 'cpu', '--progress', 'false', '--log-every', '1', '--keep-ckpts', '2',
@@ -121,7 +121,7 @@ def test_damaged_checkpoints_and_killed_writes(tmp_path, reference, capsys):
     "In-process: the newest state.json torn and a killed write left behind; then every checkpoint damaged."
     out = tmp_path / 'run'
     assert train_main(TINY[:-2] + ['--steps', '20', '--ckpt-every', '5', '--out', str(out)]) == 0
-    (out / 'ckpt' / 'step_00000020' / 'state.json').write_text('{"format": "adadiff_nb.train/1", "st')
+    (out / 'ckpt' / 'step_00000020' / 'state.json').write_text('{"format": "adadiff_nb.training.common/1", "st')
     (out / 'ckpt' / '.tmp_step_00000021_999999999').mkdir()
     capsys.readouterr()
     assert train_main(TINY + ['--ckpt-every', '5', '--out', str(out), '--resume']) == 0
@@ -157,7 +157,7 @@ def test_non_image_file_in_data_is_named_before_anything_is_written(tmp_path, ca
 
 def test_unet_folder_as_vae_is_refused_before_loading(tmp_path, capsys):
     diffusers = pytest.importorskip('diffusers')
-    from adadiff_nb.autoencoder import LatentAutoencoder, TINY_VAE_CONFIG, precompute_latents
+    from adadiff_nb.models.autoencoder import LatentAutoencoder, TINY_VAE_CONFIG, precompute_latents
     torch.manual_seed(0)
     cache = precompute_latents(torch.rand(16, 3, 16, 16) * 2 - 1, LatentAutoencoder.from_config(TINY_VAE_CONFIG),
                                tmp_path / 'lat.safetensors', labels=torch.arange(16) % 10)

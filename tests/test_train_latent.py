@@ -8,11 +8,11 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('transformers')
 
-from adadiff_nb.autoencoder import LatentAutoencoder, TINY_VAE_CONFIG, load_latent_record, main as latents_main
+from adadiff_nb.models.autoencoder import LatentAutoencoder, TINY_VAE_CONFIG, load_latent_record, main as latents_main
 from adadiff_nb.data import CIFAR10_CLASSES, resolve_cifar10_npz
-from adadiff_nb.text_encoder import TextFeatureCache, write_tiny_clip, main as text_main
-from adadiff_nb.train_cli import main as train_main
-from adadiff_nb.train_loop import read_log
+from adadiff_nb.models.text_encoder import TextFeatureCache, write_tiny_clip, main as text_main
+from adadiff_nb.apps.train_cli import main as train_main
+from adadiff_nb.training.loop import read_log
 
 N = 96            # CIFAR-10 training images encoded (16x16 -> 4x8x8 latents)
 
@@ -75,8 +75,8 @@ def test_text_to_image_latent_training(caches):
     rec = load_latent_record(d / 't' / 'final_ema')
     assert rec['text_encoder'] == TextFeatureCache(d / 'text.safetensors').metadata['encoder']
     assert rec['text_encoder']['context_shape'] == [8, 16]
-    from adadiff_nb.train_config import load_train_config
-    from adadiff_nb.train_loop import _setup
+    from adadiff_nb.training.config import load_train_config
+    from adadiff_nb.training.loop import _setup
     cfg = load_train_config('tiny_t2i', data=str(d / 'lat.safetensors'), text_features=str(d / 'text.safetensors'),
                             empty_context=str(d / 'empty.safetensors'), out=str(d / 't_setup'), progress=False)
     step = _setup(cfg, False, False, None).step_cfg

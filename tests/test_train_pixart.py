@@ -1,4 +1,5 @@
-"""Exit heads trained on a frozen diffusers PixArt transformer (`adadiff_nb.train_diffusers`), offline on a tiny random
+"""Exit heads trained on a frozen diffusers PixArt transformer (`adadiff_nb.training.diffusers_heads`),
+offline on a tiny random
 `PixArtAlphaPipeline`: the prompt-embedding cache holds exactly the pipeline's own `encode_prompt` output (captions
 and the empty prompt), the rows the transformer sees in training are the drawn captions or, where the run's noise
 generator drops them, the empty prompt (hidden states and mask together), the AdaDiff loss falls while the frozen
@@ -10,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from adadiff_nb.autoencoder import LatentAutoencoder, precompute_latents
-from adadiff_nb.diffusion import get_schedule
-from adadiff_nb.pipelines import (TextCond, disable_early_exit, early_exit_model, load_exit_heads,
+from adadiff_nb.models.autoencoder import LatentAutoencoder, precompute_latents
+from adadiff_nb.sampling.diffusion import get_schedule
+from adadiff_nb.integrations.diffusers import (TextCond, disable_early_exit, early_exit_model, load_exit_heads,
                                   tiny_pixart_pipeline)
-from adadiff_nb.text_encoder import TextFeatureCache
-from adadiff_nb.train import DataStream, mix_seed
-from adadiff_nb.train_cli import main
-from adadiff_nb.train_diffusers import (TrainInputError, empty_prompt_path, pack_prompts, precompute_prompt_embeddings,
-                                        train_diffusers)
+from adadiff_nb.models.text_encoder import TextFeatureCache
+from adadiff_nb.training.common import DataStream, mix_seed
+from adadiff_nb.apps.train_cli import main
+from adadiff_nb.training.diffusers_heads import (TrainInputError, empty_prompt_path, pack_prompts,
+                                                 precompute_prompt_embeddings, train_diffusers)
 
 N, BS, SEED, T = 48, 16, 0, 12
 COLOURS = ['red', 'green', 'blue']

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adadiff_nb.checkpoint import load_weights
-from adadiff_nb.train_loop import read_log, SYNC_DIR_ENV
+from adadiff_nb.models.checkpoint import load_weights
+from adadiff_nb.training.loop import read_log, SYNC_DIR_ENV
 
 PY = sys.executable
-TRAIN = [PY, '-m', 'adadiff_nb.train_cli']
+TRAIN = [PY, '-m', 'adadiff_nb.apps.train_cli']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'TOKENIZERS_PARALLELISM': 'false'}
 TINY = ['--config', 'tiny_cifar8', '--device', 'cpu', '--progress', 'false', '--log-every', '1']
 
@@ -75,7 +75,7 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     out, sync = tmp_path / 'ddp', tmp_path / 'sync'
     cmd = [PY, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
-           '-m', 'adadiff_nb.train_cli'] + TINY + ['--steps', '4', '--ckpt-every', '2', '--out', str(out)]
+           '-m', 'adadiff_nb.apps.train_cli'] + TINY + ['--steps', '4', '--ckpt-every', '2', '--out', str(out)]
     res = _run(cmd, env={**ENV, SYNC_DIR_ENV: str(sync)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'processes=2' in res.stdout

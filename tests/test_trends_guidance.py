@@ -6,11 +6,11 @@ per-sampler thresholds on the embedded class-conditional model."""
 import numpy as np
 import pytest
 import torch
-from adadiff_nb.early_exit import create_early_exit
-from adadiff_nb.samplers import sample_ddim
-from adadiff_nb.sampling import schedule_for
-from adadiff_nb.trends import run_trends, ExitTrendsApp, exits_at, exit_note, SAMPLER_THRESHOLDS
-from adadiff_nb.default_model import load_default
+from adadiff_nb.exits.early_exit import create_early_exit
+from adadiff_nb.sampling.samplers import sample_ddim
+from adadiff_nb.sampling.run import schedule_for
+from adadiff_nb.apps.trends import run_trends, ExitTrendsApp, exits_at, exit_note, SAMPLER_THRESHOLDS
+from adadiff_nb.models.default_model import load_default
 
 STEPS, B, LABELS, S = 3, 3, [2, 5, 9], 3.
 

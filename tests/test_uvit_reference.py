@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from adadiff_nb.checkpoint import load_official_uvit, CheckpointError
-from adadiff_nb.early_exit import EarlyExitUViT, create_early_exit
-from adadiff_nb.uvit import create_uvit, count_params
+from adadiff_nb.models.checkpoint import load_official_uvit, CheckpointError
+from adadiff_nb.exits.early_exit import EarlyExitUViT, create_early_exit
+from adadiff_nb.models.uvit import create_uvit, count_params
 
 
 def official_shapes(img=32, p=2, C=3, D=512, depth=12, mlp=4, num_classes=-1, qkv_bias=False, conv=True,

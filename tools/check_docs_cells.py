@@ -44,7 +44,8 @@ def mixed_import_cells(nb_path: Path) -> list[tuple[int, str]]:
 
 def main(argv):
     strict = '--strict' in argv
-    paths = [Path(a) for a in argv if not a.startswith('--')] or sorted((root / 'nbs').glob('*.ipynb'))
+    paths = [Path(a) for a in argv if not a.startswith('--')] or sorted(
+        q for q in (root / 'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in q.parts)
     bad = [(p, i, line) for p in paths for i, line in mixed_import_cells(p)]
     for p, i, line in bad: print(f'{p.name} cell {i}: imports and other code: {line}')
     print(f'docs cells: {len(bad)} cells with imports and other code in {len({p for p, _, _ in bad})} notebooks'

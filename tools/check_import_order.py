@@ -1,9 +1,10 @@
 """Notebook order is import order: report every import of a library module exported by a LATER-numbered notebook.
 
 Every code cell of every notebook in nbs/ is parsed (export cells, test cells and imports inside functions alike).
-A module belongs to the notebook whose `#| default_exp` names it; notebooks are ordered by file name (index.ipynb
-is ignored). Recognised imports: `from .x import ...`, `from . import x`, `from adadiff_nb.x import ...`,
-`import adadiff_nb.x`, `from adadiff_nb import x` (when x is a module) and `importlib.import_module('adadiff_nb.x')`.
+A module belongs to the notebook whose `#| default_exp` names it (dotted: `exits.early_exit`); notebooks sit in
+folders named after their subpackage and are ordered by file name across folders (index.ipynb is ignored).
+Recognised imports: `from adadiff_nb.p.x import ...`, `import adadiff_nb.p.x`, `from adadiff_nb.p import x` (when x
+is a module) and `importlib.import_module('adadiff_nb.p.x')`.
 Usage: python tools/check_import_order.py [NBS_DIR]. Exit status 1 when a forward import is found."""
 import ast, json, re, sys
 from pathlib import Path
@@ -36,42 +37,56 @@ def _parse(src: str):
     except SyntaxError: return None
 
 
-def _module_of(name: str | None, level: int) -> list[str]:
-    "Library modules (without the package prefix) named by an import of `name` at relative `level`."
-    if level == 1: return [name.split('.')[0]] if name else []
-    if name and (name == LIB or name.startswith(LIB + '.')):
-        rest = name[len(LIB) + 1:]
-        return [rest.split('.')[0]] if rest else []
-    return []
+def _lib_rest(name: str | None) -> str | None:
+    "`exits.early_exit` for `adadiff_nb.exits.early_exit`, '' for the package, None outside the library."
+    if name == LIB: return ''
+    if name and name.startswith(LIB + '.'): return name[len(LIB) + 1:]
+    return None
 
 
-_LINE_IMPORT = re.compile(r'^\s*(?:from\s+(?:\.|adadiff_nb\.)(\w+)\s+import|import\s+adadiff_nb\.(\w+))', re.M)
+def _known(cands, known: set) -> list[str]:
+    "The known modules among dotted candidates (each candidate, or its longest known prefix)."
+    out = []
+    for c in cands:
+        parts = c.split('.')
+        hit = next(('.'.join(parts[:i]) for i in range(len(parts), 0, -1) if '.'.join(parts[:i]) in known), None)
+        if hit: out.append(hit)
+    return out
+
+
+_LINE_IMPORT = re.compile(r'^\s*(?:from\s+adadiff_nb\.([\w.]+)\s+import|import\s+adadiff_nb\.([\w.]+))', re.M)
 
 def imports_in(src: str, known: set) -> list[tuple[int, str]]:
     "(line, module) for every import of a library module in `src` (line by line if the cell does not parse)."
     tree = _parse(src)
     if tree is None:
-        return [(src.count('\n', 0, m.start()) + 1, m.group(1) or m.group(2)) for m in _LINE_IMPORT.finditer(src)
-                if (m.group(1) or m.group(2)) in known]
+        return [(src.count('\n', 0, m.start()) + 1, k) for m in _LINE_IMPORT.finditer(src)
+                for k in _known([m.group(1) or m.group(2)], known)]
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            mods = _module_of(node.module, node.level)
-            if (node.level == 1 and not node.module) or node.module == LIB:   # from . / adadiff_nb import x
-                mods = [a.name for a in node.names if a.name in known]
-            out += [(node.lineno, m) for m in mods]
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and _lib_rest(node.module) is not None:
+            rest = _lib_rest(node.module)
+            cands = [f'{rest}.{a.name}' if rest else a.name for a in node.names] + ([rest] if rest else [])
+            out += [(node.lineno, m) for m in dict.fromkeys(_known(cands, known))]
         elif isinstance(node, ast.Import):
-            out += [(node.lineno, m) for a in node.names for m in _module_of(a.name, 0)]
+            out += [(node.lineno, m) for a in node.names for m in _known([_lib_rest(a.name) or ''], known)]
         elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str)
               and getattr(node.func, 'attr', getattr(node.func, 'id', None)) == 'import_module'):
-            out += [(node.lineno, m) for m in _module_of(node.args[0].value, 0)]
-    return [(line, m) for line, m in out if m in known]
+            out += [(node.lineno, m) for m in _known([_lib_rest(node.args[0].value) or ''], known)]
+    return out
+
+
+def notebooks(nbs_dir: Path) -> list[Path]:
+    "Every notebook under nbs/ (folders starting with `_` or `.` aside), in import order: by file name, across folders."
+    found = [p for p in nbs_dir.rglob('*.ipynb') if p.name != 'index.ipynb'
+             and not any(part.startswith(('_', '.')) for part in p.relative_to(nbs_dir).parts)]
+    return sorted(found, key=lambda p: p.name)
 
 
 def check(nbs_dir: Path) -> tuple[list[str], int, int]:
     "(violations as text lines, number of notebooks, number of library imports checked)."
-    nbs = sorted(p for p in nbs_dir.glob('*.ipynb') if p.name != 'index.ipynb')
+    nbs = notebooks(nbs_dir)
     owner = {}
     for pos, nb in enumerate(nbs):
         mod = exported_module(nb)
@@ -82,7 +97,8 @@ def check(nbs_dir: Path) -> tuple[list[str], int, int]:
             for line, mod in imports_in(src, known):
                 n_imports += 1
                 if owner[mod][0] > pos:
-                    problems.append(f"{nb.name} cell {cell} line {line}: imports adadiff_nb.{mod}, exported by the "
+                    problems.append(f"{nb.relative_to(nbs_dir)} cell {cell} line {line}: imports adadiff_nb.{mod}, "
+                                    f"exported by the "
                                     f"later notebook {owner[mod][1]}")
     return problems, len(nbs), n_imports
 

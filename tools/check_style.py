@@ -52,7 +52,8 @@ def notebook_report(nb_path: Path) -> dict:
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     strict = '--strict' in args
-    nbs = [Path(a) for a in args if a != '--strict'] or sorted((root / 'nbs').glob('*.ipynb'))
+    nbs = [Path(a) for a in args if a != '--strict'] or sorted(
+        q for q in (root / 'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in q.parts)
     bad = 0
     for nb in nbs:
         r = notebook_report(nb)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         if n_semi or n_long:
             print(f"{p.relative_to(root)}: semicolons={n_semi} long_lines={n_long}")
         bad += n_semi + n_long
-    longf = [(n, name, p.name) for p in sorted((root / 'adadiff_nb').glob('*.py')) if p.name != '_modidx.py'
+    longf = [(n, name, p.name) for p in sorted((root / 'adadiff_nb').rglob('*.py')) if p.name != '_modidx.py'
              for n, name in long_functions(p)]
     for n, name, f in longf: print(f"function over 80 lines: {f}:{name} ({n} lines)")
     bad += len(longf)
