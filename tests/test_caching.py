@@ -1,5 +1,5 @@
-"Caching peers (adadiff_nb.exits.caching): exact reductions, real block skipping, the layer-ratio axis,
-L2C training, resets."
+"""Caching peers (adadiff_nb.exits.caching): exact reductions, real block skipping, the layer-ratio axis,
+L2C training, resets."""
 import pytest
 import torch
 from adadiff_nb.models.uvit import uvit_tiny, timestep_embedding

@@ -20,24 +20,28 @@ if not (DOCS / 'index.html').is_file():
 
 
 def _notebooks():
-    return sorted(p for p in (ROOT / 'nbs').glob('*.ipynb') if not p.name.startswith(('_', '.')))
+    "Every notebook under nbs/, relative to it (folders starting with `_` or `.` aside)."
+    nbs = ROOT / 'nbs'
+    return sorted(p.relative_to(nbs) for p in nbs.rglob('*.ipynb')
+                  if not any(part.startswith(('_', '.')) for part in p.relative_to(nbs).parts))
 
 
 def _output_file(nb: Path) -> str:
-    "The page name nbdev gives a notebook (nbdev.config.nbpath2html): `02a_default_model` -> `default_model.html`."
-    return re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.name.lower()).replace('.ipynb', '.html')
+    """The page nbdev gives a notebook (nbdev.config.nbpath2html), in its folder: `models/02a_default_model` ->
+    `models/default_model.html`."""
+    return str(nb.parent / re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.name.lower()).replace('.ipynb', '.html'))
 
 
 def test_every_notebook_has_a_page():
-    missing = [nb.name for nb in _notebooks() if not (DOCS / nb.with_suffix('.html').name).is_file()]
+    missing = [str(nb) for nb in _notebooks() if not (DOCS / nb.with_suffix('.html')).is_file()]
     assert not missing, f'notebooks without a page in {DOCS}: {missing}'
     for nb in _notebooks():     # nbdev's own links (`name` in backticks) point at these names
         page = _output_file(nb)
-        assert (DOCS / page).is_file(), f'{nb.name}: no {page} in {DOCS}'
+        assert (DOCS / page).is_file(), f'{nb}: no {page} in {DOCS}'
 
 
 def test_api_pages_have_show_doc():
-    html = (DOCS / 'early_exit.html').read_text()
+    html = (DOCS / 'exits' / 'early_exit.html').read_text()
     for name in ('check_threshold', 'earlyexitmodel', 'create_early_exit'):
         assert f'id="{name}"' in html, f'early_exit.html has no show_doc section #{name}'
     assert 'def check_threshold(' in html or 'check_threshold</span>(' in html, 'no rendered signature'
@@ -82,11 +86,11 @@ def test_index_renders(site, page, tmp_path):
 
 def test_api_page_renders_and_links(site, page):
     page.goto(f'{site}/index.html')
-    page.locator('a[href^="default_model.html#load_default"]').first.click()      # nbdev's link on `load_default()`
+    page.locator('a[href^="models/default_model.html#load_default"]').first.click()   # nbdev's link: `load_default()`
     page.wait_for_load_state()
-    assert page.url.endswith('default_model.html#load_default'), page.url
+    assert page.url.endswith('models/default_model.html#load_default'), page.url
     assert page.locator('h3#load_default').is_visible()
-    page.goto(f'{site}/early_exit.html')
+    page.goto(f'{site}/exits/early_exit.html')
     assert page.locator('h1').first.inner_text().startswith('Early-exit U-ViT')
     for name in ('check_threshold', 'earlyexitmodel'):
         assert page.locator(f'h3#{name}').is_visible(), f'no show_doc heading #{name}'

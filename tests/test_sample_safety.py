@@ -264,8 +264,8 @@ def test_sample_to_dir_checks_its_arguments_before_compute(ckpt, tmp_path, no_co
 @pytest.fixture
 def checks(monkeypatch):
     "Count the calls of the threshold check and of the early-exit test wherever they are bound (`calls[name]`)."
-    from adadiff_nb.exits import early_exit as EE
-    from adadiff_nb.sampling import samplers as SP
+    from adadiff_nb.exits import early_exit as EE, runner as RN
+    from adadiff_nb.sampling import samplers as SP, denoisers as DN
     calls = {'check_threshold': 0, 'is_early_exit_model': 0}
     def counted(name, fn):
         def f(*a, **k):
@@ -274,7 +274,7 @@ def checks(monkeypatch):
         return f
     for name in calls:
         f = counted(name, getattr(EE, name))
-        for mod in (EE, SP, S):
+        for mod in (EE, RN, SP, DN, S):
             if hasattr(mod, name): monkeypatch.setattr(mod, name, f)
     return calls
 

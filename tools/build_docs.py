@@ -42,23 +42,26 @@ def prepare(workers: int) -> Path:
 
 
 def output_names(cache: Path) -> dict:
-    "{'02a_default_model.html': 'default_model.html', ...}: the page names nbdev gives in each notebook's front matter"
+    """{'models/02a_default_model.html': 'models/default_model.html', ...}: the page names nbdev gives in each
+    notebook's front matter (notebooks in folders keep their folder)"""
     names = {}
-    for nb in cache.glob('*.ipynb'):
+    for nb in cache.rglob('*.ipynb'):
         cells = json.loads(nb.read_text()).get('cells', [])
         fm = ''.join(cells[0]['source']) if cells and cells[0]['cell_type'] == 'raw' else ''
         m = re.search(r'^output-file:\s*(\S+)\s*$', fm, re.M)
-        if m and m.group(1) != nb.with_suffix('.html').name: names[nb.with_suffix('.html').name] = m.group(1)
+        rel = nb.relative_to(cache).with_suffix('.html')
+        if m and m.group(1) != rel.name: names[str(rel)] = str(rel.parent / m.group(1))
     return names
 
 
 def link_locally(out: Path, names: dict, site_url: str):
     """Make the site work from a folder: nbdev's links to `site_url` (API names in backticks) point into it, and every
-    page also exists under the name nbdev gives it (`default_model.html` beside `02a_default_model.html`)."""
+    page also exists under the name nbdev gives it (`default_model.html` beside `02a_default_model.html`). A page in a
+    folder (`exits/...`) gets links relative to its own depth."""
     prefix = site_url.rstrip('/') + '/'
-    for page in out.glob('*.html'):
+    for page in out.rglob('*.html'):
         text = page.read_text()
-        if prefix in text: page.write_text(text.replace(prefix, ''))
+        if prefix in text: page.write_text(text.replace(prefix, '../' * (len(page.relative_to(out).parts) - 1)))
     for src, dst in names.items():
         if (out / src).exists() and not (out / dst).exists(): shutil.copy2(out / src, out / dst)
 

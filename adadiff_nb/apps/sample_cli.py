@@ -9,7 +9,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/apps/sample_cli.html.md"""
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #157770f7
 from __future__ import annotations
-import sys, io, os, re, json, argparse, numbers, platform, subprocess, tempfile, warnings, zipfile, functools, hashlib
+import sys, io, os, re, json, argparse, platform, subprocess, tempfile, warnings, functools
 from datetime import timedelta, datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,103 +19,47 @@ import torch.nn as nn
 from ..extras import require
 from ..sampling.diffusion import SCHEDULES
 from ..models.checkpoint import RecoveryWarning
-from ..models.checkpoint import (load_model, atomic_write, atomic_write_json, CheckpointError,
-                                          load_official_uvit, sha256_file, resolve_device)
-from ..models.dit import DIT_PRESETS, load_official_dit
-from ..models.autoencoder import LatentAutoencoder, load_autoencoder, load_latent_record
-from ..models.text_encoder import TextEncoder, check_prompts, load_text_encoder, read_prompts
+from ..models.checkpoint import CheckpointError
+from ..models.autoencoder import load_autoencoder, load_latent_record
+from ..models.text_encoder import load_text_encoder
 from ..sampling.samplers import (SAMPLERS, get_sampler, check_steps, check_threshold, threshold_schedule,
-                                          exit_schedule, is_early_exit_model, TimestepSchedule, GUIDANCE_POLICIES,
-                                          check_guidance_scale, check_guidance_policy, make_denoiser, context_shape_of)
-from ..sampling.run import (schedule_for, save_grid, save_panels, grid_scale, images_uint8, sample_batches,
-                                 check_sampler_opts, check_labels, model_num_labels, check_precision, shard_batches,
-                                 meter_state, merge_meter_states, PRECISIONS, check_seed, check_flag)
-from ..evaluation.metrics import (psnr, mse, fid as _fid, proxy_fd as _proxy_fd, fid_inception,
-                                           load_proxy_classifier, load_stats, feature_name, FID_FEATURES)
+                                          exit_schedule, is_early_exit_model, GUIDANCE_POLICIES,
+                                          check_guidance_scale, check_guidance_policy)
+from ..sampling.run import (schedule_for, save_grid, images_uint8, sample_batches, check_sampler_opts,
+                                     check_precision, meter_state, PRECISIONS, check_seed, check_flag)
+from ..evaluation.metrics import psnr, mse
 _all_ = ['schedule_for', 'save_grid']   # moved to `adadiff_nb.sampling.run`; re-exported for old imports
 
 # %% auto #0
-__all__ = ['NAMED_CHECKPOINTS', 'GRID_IMAGES', 'SHARD_DIR', 'OUTPUTS', 'UNFINISHED', 'DIST_TIMEOUT', 'resolve_checkpoint',
-           'load_sampling_model', 'label_values', 'parse_labels', 'provenance', 'grid_header', 'shard_name',
-           'parse_shard', 'check_out', 'read_shard', 'shard_plan', 'parse_prompts', 'latent_inputs', 'sample_to_dir',
-           'merge_shards', 'dist_env', 'sample_processes', 'build_parser', 'main', 'schedule_for', 'save_grid',
+__all__ = ['DIST_TIMEOUT', 'provenance', 'latent_inputs', 'sample_to_dir', 'merge_shards', 'dist_env', 'sample_processes',
+           'build_parser', 'main', 'schedule_for', 'save_grid', 'NAMED_CHECKPOINTS', 'resolve_checkpoint',
+           'load_sampling_model', 'label_values', 'parse_labels', 'GRID_IMAGES', 'grid_header', 'SHARD_DIR', 'OUTPUTS',
+           'shard_name', 'parse_shard', 'check_out', 'UNFINISHED', 'read_shard', 'shard_plan', 'parse_prompts',
            'uvit_flops', 'layer_costs', 'eval_flops', 'full_eval_flops']
+
+# %% ../../nbs/apps/05_sample_cli.ipynb #88ee3c26
+# the run's inputs, outputs and shard records (`adadiff_nb.apps.sample_io`); its public names that lived here are
+# re-exported for old imports
+from .sample_io import (NAMED_CHECKPOINTS, resolve_checkpoint, load_sampling_model, run_device,
+                                       schedule_label, parse_values, json_spec, check_count, label_values, parse_labels,
+                                       check_labels_fit, GRID_IMAGES, grid_header, save_arrays, sample_arrays,
+                                       json_labels, metric_reference, metric_nets, metric_scores, SHARD_DIR, OUTPUTS,
+                                       shard_name, parse_shard, check_shard_run, check_writable, check_out, UNFINISHED,
+                                       read_shard, checkpoint_id, shard_plan, shard_settings, parse_prompts,
+                                       check_prompts_fit, read_shards, merged_stats)
+_all_ = ['NAMED_CHECKPOINTS', 'resolve_checkpoint', 'load_sampling_model', 'label_values', 'parse_labels',
+         'GRID_IMAGES', 'grid_header', 'SHARD_DIR', 'OUTPUTS', 'shard_name', 'parse_shard', 'check_out', 'UNFINISHED',
+         'read_shard', 'shard_plan', 'parse_prompts']
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #13ac72a7
 # the one FLOP model of the project
 from ..evaluation.cost import (uvit_flops, layer_costs, eval_flops, full_eval_flops)
 _all_ = ['uvit_flops', 'layer_costs', 'eval_flops', 'full_eval_flops']
 
-# %% ../../nbs/apps/05_sample_cli.ipynb #3ceb1ad9
-NAMED_CHECKPOINTS: dict = (
-    {}
-)  # name -> path (or a callable returning one); 'default' may later point at the embedded model
-
-def resolve_checkpoint(name) -> Path:
-    """Path of a checkpoint named on the command line: a name registered in `NAMED_CHECKPOINTS`, an embedded model
-    ('default', 'cifar10_cond'), or a path."""
-    key = str(name)
-    if key in NAMED_CHECKPOINTS:
-        p = NAMED_CHECKPOINTS[key]
-        p = Path(p() if callable(p) else p)
-        if not p.exists(): raise FileNotFoundError(f"checkpoint {key!r} points at {p}, which does not exist")
-        return p
-    from adadiff_nb.models.default_model import EMBEDDED_MODELS, default_model_dir
-    if key in EMBEDDED_MODELS:
-        return default_model_dir(check=True, name=key)
-    p = Path(key).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(
-            f"checkpoint not found: {p} (expected a directory or .safetensors written by save_model)"
-        )
-    return p
-
-def load_sampling_model(checkpoint, device='cpu', preset: str | None = None) -> nn.Module:
-    """Load a `save_model` checkpoint (dir or .safetensors, or a registered name) for sampling, in eval mode on
-    `device`; with `preset`, an official U-ViT `.pth` or DiT `.pt` into that preset (`checkpoint.load_official_uvit`,
-    `dit.load_official_dit`: strict keys, `torch.load(weights_only=True)`)."""
-    path = resolve_checkpoint(checkpoint)
-    if preset is not None:
-        load = load_official_dit if preset in DIT_PRESETS else load_official_uvit
-        return load(path, preset, map_location=device).to(device).eval()
-    return load_model(path, map_location=device).eval()
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #3efc6b1c
-def _schedule_label(spec) -> str:
-    if isinstance(spec, dict): return spec.get('name', 'linear')
-    return spec if isinstance(spec, str) else repr(spec)
-
-def _device(device) -> torch.device:
-    "The device of a run, named ('cpu', 'cuda', 'cuda:N' or 'auto'): `checkpoint.resolve_device`'s, but never empty."
-    if device is None or (isinstance(device, str) and not device.strip()):
-        raise ValueError(f"--device {device!r} is empty; pass 'cpu' or 'cuda'")
-    return resolve_device(device, '--device')
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #2968582f
-def _parse_values(v, kind: str):
-    "A threshold / exit-layer spec from the CLI: '0.1' -> float, '0,0.05,0.1' -> list over timestep buckets."
-    if v is None or not isinstance(v, str): return v
-    parts = [s.strip() for s in v.split(',') if s.strip()]
-    try: vals = [float(s) for s in parts]
-    except ValueError: raise ValueError(f"{kind} {v!r} is not a number or a comma-separated list of numbers") from None
-    if not vals: raise ValueError(f"{kind} {v!r} is empty")
-    return vals[0] if len(vals) == 1 else vals
-
-def _json_spec(v):
-    "A threshold / exit-layer spec as JSON: a number, a list over timestep buckets, None, or its repr (callables)."
-    if v is None or isinstance(v, (int, float)): return v
-    if isinstance(v, TimestepSchedule): return v.values.tolist()
-    return repr(v)
-
-def _check_count(v, name):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return v
-
 # %% ../../nbs/apps/05_sample_cli.ipynb #c5610fb8
 def _exit_rule(threshold, exit_layers) -> tuple:
     "(threshold, exit_layers) from the CLI's strings or Python values: validated floats / ints or timestep schedules."
-    threshold, exit_layers = _parse_values(threshold, 'threshold'), _parse_values(exit_layers, 'exit_layers')
+    threshold, exit_layers = parse_values(threshold, 'threshold'), parse_values(exit_layers, 'exit_layers')
     if isinstance(threshold, list): threshold = threshold_schedule(threshold)
     elif threshold is not None: threshold = check_threshold(threshold)
     if isinstance(exit_layers, list): exit_layers = exit_schedule(exit_layers)
@@ -128,58 +72,6 @@ def _check_rule_fits(model, threshold, exit_layers):
     raise ValueError(f"{what} was given but the checkpoint holds {type(model).__name__} (arch "
                      f"{getattr(model, 'arch', '?')!r}), not an early-exit model; drop --threshold to sample the full "
                      "model, or pass an AdaDiff checkpoint")
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #48a56452
-def _as_label(v, spec):
-    "One class label (an int, or a string of one) from a --labels spec."
-    if isinstance(v, str) and v.strip().lstrip('-').isdigit(): return int(v)
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool): return int(v)
-    raise ValueError(f"labels {spec!r}: {v!r} is not an integer class label; pass comma-separated integers (0,3,5) or "
-                     "a file with one integer per line or a .json list")
-
-def _raw_labels(spec) -> list:
-    "The entries of a --labels spec: a list, a file (one per line, or a .json list) or a comma list (no empty entry)."
-    if isinstance(spec, (list, tuple, np.ndarray)): return list(spec)
-    p = Path(str(spec)).expanduser()
-    if p.is_file():
-        try: raw = json.loads(p.read_text()) if p.suffix == '.json' else p.read_text().split()
-        except json.JSONDecodeError as e: raise ValueError(f"labels file {str(p)!r} is not valid JSON ({e})") from None
-        if not isinstance(raw, list): raise ValueError(f"labels file {str(p)!r} must hold a JSON list of integers")
-        return raw
-    raw = [s.strip() for s in str(spec).split(',')]
-    if '' in raw and any(raw):
-        raise ValueError(f"labels {spec!r} has an empty entry (entry {raw.index('') + 1}); pass comma-separated "
-                         "integers with none left out, e.g. 0,3,5")
-    return raw if any(raw) else []
-
-def label_values(spec):
-    """Every class label that a labels spec names, not yet cycled over the images (all are checked, also those past
-    the n-th): None, an int (`--class K`), or a list of ints from a comma list, a file or a list."""
-    if spec is None or isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
-        return spec if spec is None else int(spec)
-    raw = _raw_labels(spec)
-    if not raw: raise ValueError(f"labels {spec!r} is empty; pass at least one class label")
-    return [_as_label(v, spec) for v in raw]
-
-def parse_labels(spec, n: int):
-    """Class labels of `n` images: None, an int (`--class K`: every image), or a comma list '0,3,5', a file (one int per
-    line, or a .json list) or a list of ints, cycled over the images (a longer list: its first `n`)."""
-    vals = label_values(spec)
-    if vals is None or isinstance(vals, int): return vals
-    return [vals[i % len(vals)] for i in range(n)]
-
-def _check_labels_fit(model, labels, guidance_scale):
-    "Labels (all of a spec's, `label_values`) and guidance that the model takes, in the CLI's words."
-    if context_shape_of(model) is not None:                    # text-to-image: guided by the empty prompt
-        if labels is not None:
-            raise ValueError("--class / --labels were given but the checkpoint holds a text-to-image model; pass "
-                             "--prompt TEXT (repeatable) or --prompts FILE instead")
-        return
-    if labels is not None and not model_num_labels(model):
-        raise ValueError(f"--class / --labels were given but the checkpoint holds an unconditional "
-                         f"{type(model).__name__} (no classes); drop them to sample it")
-    check_labels(model, labels)
-    make_denoiser(model, guidance_scale=guidance_scale)                       # the samplers' guidance checks
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #93a70c8c
 @functools.lru_cache(maxsize=1)
@@ -214,9 +106,9 @@ def _run_stats(model, checkpoint, run, sampler, steps, threshold, exit_layers, n
     rec = getattr(model, 'record', None) or {}
     summary = {k: v for k, v in run.stats.items() if k != 'seconds'}
     return dict(sampler=sampler if isinstance(sampler, str) else getattr(sampler, '__name__', repr(sampler)),
-                steps=steps, threshold=_json_spec(threshold), exit_layers=_json_spec(exit_layers), n=n, batch=batch,
+                steps=steps, threshold=json_spec(threshold), exit_layers=json_spec(exit_layers), n=n, batch=batch,
                 seed=seed, device=str(dev),
-                schedule=_schedule_label(schedule if schedule is not None else rec.get('schedule') or 'linear'),
+                schedule=schedule_label(schedule if schedule is not None else rec.get('schedule') or 'linear'),
                 checkpoint=str(checkpoint) if not isinstance(checkpoint, nn.Module) else None,
                 arch=getattr(model, 'arch', type(model).__name__), early_exit=is_early_exit_model(model),
                 sampler_opts=dict(sampler_opts or {}), **summary, wall_s=run.seconds,
@@ -229,223 +121,7 @@ def _vs_full(x: torch.Tensor, xf: torch.Tensor, wall: float, wall_f: float) -> d
     return dict(wall_full_s=wall_f, speedup=wall_f / max(wall, 1e-12), mse_vs_full=float(mse(a, b)),
                 psnr_vs_full=p if np.isfinite(p) else None, max_abs_diff_vs_full=float((a - b).abs().max()))
 
-# %% ../../nbs/apps/05_sample_cli.ipynb #1b0dbf4b
-GRID_IMAGES = 64   # samples.png shows the first 64 images (samples.npz holds them all)
-
-def _fmt_spec(v) -> str:
-    if isinstance(v, list): return ','.join(f'{x:g}' for x in v)
-    return f'{v:g}' if isinstance(v, (int, float)) else str(v)
-
-def grid_header(stats: dict) -> str:
-    "The header of the early-exit panel of samples.png: its exit rule, e.g. 'early exit (tau=0.075)'."
-    if stats.get('threshold') is not None: return f"early exit (tau={_fmt_spec(stats['threshold'])})"
-    if stats.get('exit_layers') is not None: return f"early exit (exit layers {_fmt_spec(stats['exit_layers'])})"
-    return 'this run (no exit rule)'
-
-def _write_grid(path: Path, arrays: dict, stats: dict) -> Path:
-    """samples.png: the first `GRID_IMAGES` images, each enlarged to at least 64 px (nearest neighbour); with the full
-    model's images (--compare-full) the two sets side by side under headers."""
-    def part(a): return torch.from_numpy(a[:GRID_IMAGES]).permute(0, 3, 1, 2).float() / 127.5 - 1.
-    x = part(arrays['images'])
-    scale = grid_scale(max(x.shape[2:]))
-    if 'images_full' not in arrays: return save_grid(x, path, scale=scale)
-    return save_panels({grid_header(stats): x, 'full model': part(arrays['images_full'])}, path, scale=scale)
-
-def _npz_bytes(arrays: dict) -> bytes:
-    "A compressed .npz of `arrays` (what np.load reads) whose bytes depend on the arrays only (no zip time stamps)."
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as zf:
-        for k, v in arrays.items():
-            info = zipfile.ZipInfo(f'{k}.npy', date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, 'w', force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
-    return buf.getvalue()
-
-def _save_arrays(out: Path, arrays: dict, stats: dict, name: str = 'samples', grid: bool = True):
-    """DIR/NAME.png (`_write_grid`), DIR/NAME.npz (the arrays) and the stats JSON, each atomically, the JSON last; a
-    shard's JSON (grid=False) records the sha256 of its .npz. Temp files that a killed earlier write of these files
-    left behind are removed."""
-    files = [f'{name}.png', f'{name}.npz', 'stats.json' if name == 'samples' else f'{name}.json']
-    for stale in (q for f in files for q in out.glob(f'.{f}.*.tmp')): stale.unlink(missing_ok=True)
-    if grid: _write_grid(out / f'{name}.png', arrays, stats)
-    data = _npz_bytes(arrays)
-    atomic_write(out / f'{name}.npz', lambda f: f.write(data))
-    if not grid: stats = dict(stats, npz_sha256=hashlib.sha256(data).hexdigest())
-    atomic_write_json(out / files[2], stats)
-
-def _arrays(x: torch.Tensor, labels, xf, latents=None, prompts=None) -> dict:
-    """The arrays of samples.npz: uint8 images (decoded, for a latent model), labels, the full model's uint8 images,
-    the latents (float16) and the prompt of each image."""
-    arrays = dict(images=images_uint8(x))
-    if labels is not None: arrays['labels'] = labels.numpy()
-    if xf is not None: arrays['images_full'] = images_uint8(xf)
-    if latents is not None: arrays['latents'] = latents.half().numpy()
-    if prompts is not None: arrays['prompts'] = np.array(prompts, dtype=str)
-    return arrays
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #b5138fe3
-def _json_labels(spec):
-    "The labels argument as JSON: None, a class, a spec string / file name, or a list of ints."
-    if spec is None or isinstance(spec, (int, str)): return spec
-    return str(spec) if isinstance(spec, Path) else [int(v) for v in spec]
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #591901e3
-_METRIC_FLAGS = {'fid': '--fid', 'proxy_fd': '--proxy-fd'}
-
-def _reference(name: str, ref, n: int | None = None):
-    """The reference of metric `name` ('fid', 'proxy_fd'), checked before anything is sampled: an image folder (its
-    Path) or a readable statistics .npz ((mu, sigma, meta)); with `n`, the images to score must be at least 2."""
-    flag = _METRIC_FLAGS[name]
-    if not str(ref).strip():
-        raise ValueError(f"{flag} is empty; pass a statistics .npz or a folder of reference images")
-    if n is not None and n < 2:
-        raise ValueError(f"{flag} needs --n >= 2 (a Frechet distance needs at least 2 images), got --n {n}")
-    p = Path(str(ref)).expanduser()
-    if p.is_dir(): return p
-    if not p.exists():
-        raise FileNotFoundError(f"{flag} reference {p} not found; pass a statistics .npz "
-                                "(metrics.compute_reference_stats) or a folder of reference images")
-    if p.suffix != '.npz':
-        raise ValueError(f"{flag} {p} is neither a statistics .npz nor a folder of images; pass one of them")
-    try: return load_stats(p, return_meta=True)
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{flag} {p} is not a statistics .npz that can be read ({' '.join(str(e).split())[:160]}); "
-                         "pass one written by metrics.compute_reference_stats or pytorch-fid") from None
-
-def _metric_nets(fid_ref, proxy_ref, dev, n: int | None = None) -> dict:
-    """name -> (reference, feature network, its statistics (mu, sigma) or image folder) of the asked metrics: the
-    references checked (`_reference`, also their feature space) and the networks loaded, before sampling."""
-    nets = {}
-    for name, ref in (('fid', fid_ref), ('proxy_fd', proxy_ref)):
-        if ref is None: continue
-        r = _reference(name, ref, n)
-        net = fid_inception(device=dev) if name == 'fid' else load_proxy_classifier(device=dev)
-        if isinstance(r, tuple):
-            feats = r[2].get('features', FID_FEATURES)          # files without meta are pytorch-fid's
-            if feats != feature_name(net):
-                raise ValueError(f"{_METRIC_FLAGS[name]} {ref} holds features {feats!r}, but {name} uses "
-                                 f"{feature_name(net)!r}; recompute the reference with this network "
-                                 "(metrics.compute_reference_stats)")
-            r = r[:2]
-        nets[name] = (str(ref), net, r)
-    return nets
-
-def _metrics(images_u8: np.ndarray, nets: dict, dev) -> dict:
-    "FID / proxy-FD of uint8 samples (N, H, W, C) against their references, with the reference's path beside each."
-    d = {}
-    for name, (ref, net, r) in nets.items():
-        score = _fid(images_u8, r, model=net, device=dev) if name == 'fid' else \
-            _proxy_fd(images_u8, r, classifier=net, device=dev)
-        d.update({name: float(score), f'{name}_ref': ref})
-    return d
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #8affc215
-SHARD_DIR = 'shards'
-OUTPUTS = ('samples.png', 'samples.npz', 'stats.json')   # what a run (or a merge) writes into --out
-
-def shard_name(rank: int, world: int) -> str: return f'rank{rank}_of_{world}'
-
-def parse_shard(spec):
-    "'r/N' (shard r of N, counted from 0) -> (r, N); None and tuples unchanged."
-    if spec is None or isinstance(spec, tuple): return spec
-    try: r, N = (int(v) for v in str(spec).split('/'))
-    except ValueError: raise ValueError(f"--shard {spec!r} must be RANK/WORLD, e.g. 0/4 for the first of 4") from None
-    return r, N
-
-def _check_shard_run(n, batch, shard, fid, proxy_fd):
-    "A shard that the run has, and no metrics (they are computed on the merged samples)."
-    shard_batches(n, batch, shard)
-    if fid is not None or proxy_fd is not None:
-        raise ValueError("FID / proxy-FD are computed on the merged samples: give --fid / --proxy-fd to --merge (or "
-                         "to the torchrun / accelerate launch run), not to a single --shard")
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #7252d1d1
-def _listing(names) -> str:
-    names = sorted(names)
-    return ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
-
-def _check_writable(d: Path):
-    "Raise unless files can be written in directory `d`, or in the directory that creating `d` would start from."
-    a = d
-    while not a.exists() and a != a.parent: a = a.parent
-    if not a.is_dir():
-        raise ValueError(f"--out {d}: {a} is a file, not a directory; pass a new or empty directory to --out")
-    try:
-        with tempfile.TemporaryFile(dir=a): pass
-    except OSError as e:
-        raise ValueError(f"--out {d}: cannot write in {a} ({e.strerror or e}); pass a writable directory to "
-                         "--out") from None
-
-def check_out(out, shard=None, overwrite: bool = False, resume: bool = False) -> Path:
-    """`out` (as a Path) checked before anything is loaded or sampled: a directory, new or existing, in which files
-    can be written, with no directory where a file goes. A one-process run needs it empty (or missing) unless
-    `overwrite`; `resume` is for sharded runs only (their own checks: `shard_plan`)."""
-    out = Path(out).expanduser()
-    if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other (--resume keeps finished shards, --overwrite "
-                         "samples again); pass one")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a directory; pass a new or empty directory")
-    _check_writable(out if shard is None else out / SHARD_DIR)
-    for name in OUTPUTS:
-        if (out / name).is_dir():
-            raise ValueError(f"{out / name} is a directory where adadiff-sample writes a file; move it away or pass "
-                             "another --out")
-    if shard is not None: return out
-    if resume:
-        raise ValueError("--resume continues a sharded run (--shard R/N, torchrun or accelerate launch); a one-process "
-                         "run has nothing to resume: pass --overwrite to sample --out again, or a new --out")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if held and not overwrite:
-        raise ValueError(f"--out {out} is not empty (it holds {_listing(held)}); pass --overwrite to replace its "
-                         f"{', '.join(OUTPUTS)}, or a new --out")
-    return out
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #a04cfa22
-UNFINISHED = 'unfinished (no .json)'
-
-def _shard_worlds(d: Path) -> dict:
-    "{world: names} of the shard files (rank{r}_of_{N}.json / .npz) in `d`."
-    worlds = {}
-    for p in (d.iterdir() if d.is_dir() else ()):
-        m = re.fullmatch(r'rank(\d+)_of_(\d+)\.(json|npz)', p.name)
-        if m: worlds.setdefault(int(m[2]), set()).add(p.name)
-    return worlds
-
-def _npz_readable(path: Path) -> str | None:
-    "Why the .npz at `path` cannot be read in full, or None (shards written before checksums are checked so)."
-    try:
-        with np.load(path) as z: _ = [z[k] for k in z.files]
-    except Exception as e: return f'its .npz cannot be read ({type(e).__name__}: {e})'
-    return None
-
-def read_shard(path) -> tuple:
-    """(record, None) for a finished, intact shard (rank{r}_of_{N}.npz and the .json written after it); (None, why)
-    otherwise: unfinished, an unreadable .json, or an .npz that is missing or does not match the sha256 its .json
-    records (truncated or changed)."""
-    z = Path(path).with_suffix('.npz')
-    j = z.with_suffix('.json')
-    if not j.is_file(): return None, UNFINISHED
-    try: rec = json.loads(j.read_text())
-    except (OSError, ValueError) as e: return None, f'its .json cannot be read ({type(e).__name__})'
-    if not isinstance(rec, dict) or not {'settings', 'stats', 'rank', 'world'} <= set(rec):
-        return None, 'its .json is not a shard record'
-    if not z.is_file(): return None, 'its .npz is missing'
-    want = rec.get('npz_sha256')
-    if want is None: why = _npz_readable(z)
-    elif sha256_file(z) != want: why = 'its .npz does not match the sha256 in its .json (truncated or changed)'
-    else: why = None
-    return (None, why) if why else (rec, None)
-
-def _settings_diff(old: dict, new: dict) -> list:
-    return sorted(k for k in {**old, **new} if old.get(k) != new.get(k))
-
 # %% ../../nbs/apps/05_sample_cli.ipynb #49db6b3c
-def _checkpoint_id(checkpoint):
-    "A checkpoint as the shards record it: its resolved path (None for a model object, which has none)."
-    return None if isinstance(checkpoint, nn.Module) else str(resolve_checkpoint(checkpoint).resolve())
-
 def _sampled(model, checkpoint, kw: dict, threshold, exit_layers, schedule, labels, compare_full,
              info: dict | None = None) -> tuple:
     """Sample the run (or its shard `kw['shard']`) -> (SampleRun, stats, the full model's images or None); progress
@@ -454,7 +130,7 @@ def _sampled(model, checkpoint, kw: dict, threshold, exit_layers, schedule, labe
     run = sample_batches(model, threshold=threshold, exit_layers=exit_layers, desc='early exit' if rule else None, **kw)
     stats = _run_stats(model, checkpoint, run, kw['sampler'], kw['steps'], threshold, exit_layers, len(run.images),
                        kw['batch_size'], kw['seed'], kw['device'], schedule, kw['sampler_opts'])
-    stats.update(labels_spec=_json_labels(labels), **(info or {}))
+    stats.update(labels_spec=json_labels(labels), **(info or {}))
     xf = None
     if compare_full:
         full = sample_batches(model, meter=False, desc='full', **kw)
@@ -462,76 +138,12 @@ def _sampled(model, checkpoint, kw: dict, threshold, exit_layers, schedule, labe
         stats.update(_vs_full(run.images, xf, run.seconds, full.seconds))
     return run, stats, xf
 
-# %% ../../nbs/apps/05_sample_cli.ipynb #f2e05b59
-def shard_plan(out, shard, settings: dict, overwrite: bool = False, resume: bool = False) -> dict | None:
-    """Before anything is sampled, what shard `shard` = (r, N) of a run with `settings` does in `out`: the record of
-    its finished shard when `resume` finds it intact and of these settings (skip it), else None (sample it, with a
-    warning when its old files are unfinished or corrupt). Refused: shards of another split, finished shards of
-    other settings (unless `overwrite`), and, without `resume` or `overwrite`, this shard's files or other files in
-    `out` beside shards/."""
-    (r, N), out = shard, Path(out)
-    d, name = out / SHARD_DIR, shard_name(*shard)
-    files = _shard_worlds(d)
-    other = sorted(set(files) - {N})
-    if other:
-        raise ValueError(f"{d} holds shards of a run split {other[0]} ways, not {N}; delete them "
-                         f"(rank*_of_{other[0]}.*) or pass another --out")
-    for j in ([] if overwrite else sorted(d.glob(f'rank*_of_{N}.json'))):
-        rec, _ = read_shard(j)
-        diff = [] if rec is None else _settings_diff(rec['settings'], settings)
-        if diff:
-            raise ValueError(f"{j} was sampled with other settings ({', '.join(diff)} differ); use another --out, pass "
-                             f"--overwrite to every shard, or delete {d} to start afresh")
-    beside = [p.name for p in out.iterdir() if p.name != SHARD_DIR] if out.is_dir() else []
-    own = files.get(N, set()) & {f'{name}.json', f'{name}.npz'}
-    if (beside or own) and not (resume or overwrite):
-        what = f"shard {r}/{N} in {d}" if own else f"{_listing(beside)} beside its shards"
-        raise ValueError(f"--out {out} already holds {what}; pass --resume to keep finished shards (unfinished or "
-                         "corrupt ones are sampled again), --overwrite to sample this shard again, or a new --out")
-    if not own or overwrite: return None
-    rec, why = read_shard(d / f'{name}.npz')
-    if rec is None:
-        warnings.warn(f"shard {r}/{N} in {d} is {why if why == UNFINISHED else 'corrupt: ' + why}; sampling it again",
-                      RecoveryWarning)
-    return rec
-
-def _shard_settings(a) -> dict:
-    "The settings a shard records (as JSON): a rerun with other settings is refused, and a merge needs them equal."
-    s = dict(checkpoint=_checkpoint_id(a.checkpoint), sampler=str(a.sampler), steps=a.steps,
-             threshold=_json_spec(a.threshold), exit_layers=_json_spec(a.exit_layers), n=a.n, batch=a.batch,
-             seed=a.seed, schedule=None if a.schedule is None else repr(a.schedule), sampler_opts=a.sampler_opts,
-             labels_spec=_json_labels(a.labels), guidance_scale=a.guidance_scale, guidance_policy=a.guidance_policy,
-             precision=a.precision, compare_full=a.compare_full, prompts=a.ps, vae_scale=a.vae_scale)
-    return json.loads(json.dumps(s))
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #58201bbf
-def parse_prompts(prompts, prompts_file, n: int) -> list | None:
-    "The prompt of each of `n` images: `prompts` (a string or a list) then the file's (`read_prompts`), cycled."
-    ps = ([prompts] if isinstance(prompts, str) else list(prompts or []))
-    if prompts_file is not None:
-        ps += [p if isinstance(p, str) else p[0] for p in read_prompts(prompts_file)]   # the first caption of each
-    if not ps: return None
-    ps = check_prompts(ps)
-    return [ps[i % len(ps)] for i in range(n)]
-
-def _check_prompts_fit(model, prompts):
-    "Prompts need a text-to-image model, and a text-to-image model needs prompts."
-    t2i = context_shape_of(model) is not None
-    if prompts is not None and not t2i:
-        kind = 'class-conditional' if model_num_labels(model) else 'unconditional'
-        raise ValueError(f"--prompt / --prompts were given but the checkpoint holds a {kind} model (not "
-                         "text-to-image); drop them" + (" and pick classes with --class / --labels" if
-                                                        kind == 'class-conditional' else ''))
-    if prompts is None and t2i:
-        raise ValueError("the checkpoint holds a text-to-image model: pass --prompt TEXT (repeatable) or --prompts "
-                         "FILE (one prompt per line, or a JSON list)")
-
 # %% ../../nbs/apps/05_sample_cli.ipynb #66e29b4b
 def latent_inputs(model, checkpoint, device, vae=None, text_encoder=None, prompts=None, guidance_scale=None,
                   batch: int = 16, vae_scale=None, preset=None) -> tuple[dict, dict]:
     """(`sample_batches` keywords: autoencoder, context, uncond_context; the stats' record of them) for `model`
     from `checkpoint`; ({}, {}) for a pixel model without a VAE."""
-    _check_prompts_fit(model, prompts)
+    check_prompts_fit(model, prompts)
     record = getattr(checkpoint, 'latent_record', None) if isinstance(checkpoint, nn.Module) else \
         load_latent_record(resolve_checkpoint(checkpoint))
     latent_preset = preset is not None and getattr(getattr(model, 'backbone', model), 'in_chans', 3) != 3
@@ -561,7 +173,7 @@ def _prepare(a: SimpleNamespace):
     shard, `shard_plan` (its record when it is skipped in `a.done`). Nothing is loaded or written."""
     get_sampler(a.sampler)
     a.sampler_opts = check_sampler_opts(a.sampler, a.sampler_opts)
-    a.steps, a.n, a.batch = check_steps(a.steps), _check_count(a.n, 'n'), _check_count(a.batch, 'batch')
+    a.steps, a.n, a.batch = check_steps(a.steps), check_count(a.n, 'n'), check_count(a.batch, 'batch')
     a.seed = check_seed(a.seed)
     for k in ('compare_full', 'overwrite', 'resume', 'progress', 'compile'): setattr(a, k, check_flag(getattr(a, k), k))
     a.sch = None if a.schedule is None else schedule_for(None, a.schedule)          # a name / spec that exists
@@ -570,13 +182,13 @@ def _prepare(a: SimpleNamespace):
     a.ys, a.ps = parse_labels(a.labels, a.n), parse_prompts(a.prompts, a.prompts_file, a.n)
     if a.guidance_scale is not None: a.guidance_scale = check_guidance_scale(a.guidance_scale)
     check_guidance_policy(a.guidance_policy)
-    a.dev = _device(a.device)
+    a.dev = run_device(a.device)
     check_precision(a.precision, a.dev)
     if a.shard is not None:
-        _check_shard_run(a.n, a.batch, a.shard, a.fid, a.proxy_fd)
+        check_shard_run(a.n, a.batch, a.shard, a.fid, a.proxy_fd)
         a.shard = tuple(int(v) for v in a.shard)
     a.out, a.done = check_out(a.out, a.shard, a.overwrite, a.resume), None
-    if a.shard is not None: a.done = shard_plan(a.out, a.shard, _shard_settings(a), a.overwrite, a.resume)
+    if a.shard is not None: a.done = shard_plan(a.out, a.shard, shard_settings(a), a.overwrite, a.resume)
 
 def _prepared(a: SimpleNamespace, agree=None) -> SimpleNamespace:
     "`_prepare(a)`; with `agree` (several processes) every process stops when any has an error (of any kind)."
@@ -604,11 +216,11 @@ def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int
     (`check_out`, `shard_plan`: all checked before anything is loaded). `agree`: `sample_processes`' collective."""
     a = _prepared(SimpleNamespace(**{k: v for k, v in locals().items() if k != 'agree'}), agree)
     if a.done is not None: return dict(a.done['stats'], skipped=True)
-    nets = _metric_nets(fid, proxy_fd, a.dev, a.n)           # loaded (and the references checked) before sampling
+    nets = metric_nets(fid, proxy_fd, a.dev, a.n)           # loaded (and the references checked) before sampling
     model = checkpoint.to(a.dev).eval() if isinstance(checkpoint, nn.Module) else \
         load_sampling_model(checkpoint, a.dev, preset)
     _check_rule_fits(model, a.threshold, a.exit_layers)
-    _check_labels_fit(model, a.label_values, a.guidance_scale)
+    check_labels_fit(model, a.label_values, a.guidance_scale)
     lat, info = latent_inputs(model, checkpoint, a.dev, vae, text_encoder, a.ps, a.guidance_scale, a.batch, vae_scale,
                               preset)
     if compile: _compile(model, a.batch, a.guidance_scale not in (None, 1.))
@@ -617,11 +229,11 @@ def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int
               labels=a.ys, guidance_scale=a.guidance_scale, guidance_policy=guidance_policy, precision=precision,
               shard=a.shard, **lat)
     rule = (a.threshold, a.exit_layers, schedule, labels, compare_full)
-    if a.shard is not None: return _sample_shard(model, checkpoint, a.out, kw, rule, _shard_settings(a), info, a.ps)
+    if a.shard is not None: return _sample_shard(model, checkpoint, a.out, kw, rule, shard_settings(a), info, a.ps)
     run, stats, xf = _sampled(model, checkpoint, kw, *rule, info=info)
-    arrays = _arrays(run.images, run.labels, xf, run.latents, a.ps)
-    stats.update(_metrics(arrays['images'], nets, a.dev))
-    _save_arrays(a.out, arrays, stats)
+    arrays = sample_arrays(run.images, run.labels, xf, run.latents, a.ps)
+    stats.update(metric_scores(arrays['images'], nets, a.dev))
+    save_arrays(a.out, arrays, stats)
     return stats
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #1f323412
@@ -634,72 +246,14 @@ def _sample_shard(model, checkpoint, out: Path, kw: dict, rule: tuple, settings:
     rec = dict(settings=settings, rank=r, world=N, start=run.start, stats=stats,
                meter=meter_state(run.meter) if run.meter is not None else None)
     ps = None if prompts is None else prompts[run.start:run.start + len(run.images)]
-    _save_arrays(path.parent, _arrays(run.images, run.labels, xf, run.latents, ps), rec, name=path.stem, grid=False)
+    save_arrays(path.parent, sample_arrays(run.images, run.labels, xf, run.latents, ps), rec, name=path.stem,
+                grid=False)
     return dict(stats, skipped=False)
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #3c5a09fe
-def _read_shards(out: Path) -> list:
-    """The records of the N finished shards in out/shards, in rank order, each checked against its sha256; errors
-    name what is missing, corrupt or mixed, and the fix."""
-    d = out / SHARD_DIR
-    worlds = sorted(N for N, names in _shard_worlds(d).items() if any(s.endswith('.json') for s in names))
-    if not worlds: raise FileNotFoundError(f"no finished shards in {d}; sample them first (--shard r/N, or torchrun)")
-    if len(worlds) > 1:
-        raise ValueError(f"{d} holds shards of runs split {worlds} ways; delete the shards of the splits not wanted")
-    N = worlds[0]
-    read = [read_shard(d / f'{shard_name(r, N)}.npz') for r in range(N)]
-    missing = [shard_name(r, N) for r, (_, why) in enumerate(read) if why == UNFINISHED]
-    if missing:
-        raise ValueError(f"shards {', '.join(missing)} of {N} are not finished in {d}; run them (--shard r/{N}) "
-                         "before --merge")
-    bad = [(r, why) for r, (_, why) in enumerate(read) if why is not None]
-    if bad:
-        r, why = bad[0]
-        raise ValueError(f"shard {shard_name(r, N)} in {d} is corrupt: {why}; sample it again with --shard {r}/{N} "
-                         "--resume (same settings), then --merge")
-    recs = [rec for rec, _ in read]
-    for r, rec in enumerate(recs[1:], 1):
-        diff = _settings_diff(rec['settings'], recs[0]['settings'])
-        if diff:
-            raise ValueError(f"{d / shard_name(r, N)}.json was sampled with other settings ({', '.join(diff)} differ) "
-                             f"than {shard_name(0, N)}; sample it again with the same settings (--overwrite)")
-    return recs
-
-# %% ../../nbs/apps/05_sample_cli.ipynb #0b318e48
-_PROCESS_KEYS = ('n', 'device', 'layer_ratio', 'wall_s', 'images_per_s', 'speedup', 'host_syncs_per_forward',
-                 'decode_seconds')
-
-def _merged_vs_full(sts: list) -> dict:
-    "Full-model comparison of all shards: summed times, per-image means (weights: images per shard)."
-    w = [s['n'] for s in sts]
-    p = float(np.average([np.inf if s['psnr_vs_full'] is None else s['psnr_vs_full'] for s in sts], weights=w))
-    return dict(wall_full_s=max(s['wall_full_s'] for s in sts),
-                speedup=sum(s['wall_full_s'] for s in sts) / max(sum(s['wall_s'] for s in sts), 1e-12),
-                mse_vs_full=float(np.average([s['mse_vs_full'] for s in sts], weights=w)),
-                psnr_vs_full=p if np.isfinite(p) else None,
-                max_abs_diff_vs_full=max(s['max_abs_diff_vs_full'] for s in sts))
-
-def _merged_stats(model, recs: list, arrays: dict) -> dict:
-    "stats.json of the merged run: the shards' settings, their meters added, times and a row per process."
-    sts, n = [r['stats'] for r in recs], len(arrays['images'])
-    stats = {k: v for k, v in sts[0].items() if k != 'shard'}
-    if recs[0]['meter'] is not None: stats.update(merge_meter_states(model, [r['meter'] for r in recs]).summary(n))
-    if 'labels' in arrays and stats.get('labels'):
-        v, c = np.unique(arrays['labels'], return_counts=True)
-        stats['labels'] = dict(stats['labels'], counts={str(int(k)): int(m) for k, m in zip(v, c)})
-    wall = max(s['wall_s'] for s in sts)
-    stats.update(n=n, shards=len(recs), wall_s=wall, images_per_s=n / max(wall, 1e-12),
-                 processes=[dict(rank=r['rank'], **{k: r['stats'][k] for k in _PROCESS_KEYS if k in r['stats']})
-                            for r in recs])
-    if 'speedup' in sts[0]: stats.update(_merged_vs_full(sts))
-    for k in ('denoise_seconds', 'decode_seconds', 'total_seconds'):             # processes side by side: the slowest
-        if k in sts[0]: stats[k] = max(s[k] for s in sts)
-    return stats
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #9938d9ed
 def _check_merge_out(out: Path, overwrite: bool):
     "The merged files may be written into `out`: writable, and an earlier run's or merge's files only with `overwrite`."
-    _check_writable(out)
+    check_writable(out)
     held = [name for name in OUTPUTS if (out / name).exists()]
     if held and not overwrite:
         raise ValueError(f"--out {out} already holds {', '.join(held)} (an earlier run or merge); pass --overwrite to "
@@ -711,14 +265,14 @@ def merge_shards(out, checkpoint, fid=None, proxy_fd=None, device='cpu', preset:
     against `fid` / `proxy_fd` when given) -> the merged stats. `checkpoint` must be the one the shards used; every
     shard is checked against the sha256 its record holds; the files of an earlier merge are replaced only with
     `overwrite`."""
-    out, dev, overwrite = Path(out).expanduser(), _device(device), check_flag(overwrite, 'overwrite')
-    recs = _read_shards(out)
+    out, dev, overwrite = Path(out).expanduser(), run_device(device), check_flag(overwrite, 'overwrite')
+    recs = read_shards(out)
     _check_merge_out(out, overwrite)
     cid = recs[0]['settings']['checkpoint']
-    if cid is not None and _checkpoint_id(checkpoint) not in (None, cid):
+    if cid is not None and checkpoint_id(checkpoint) not in (None, cid):
         raise ValueError(f"the shards in {out / SHARD_DIR} were sampled from {cid}, not {checkpoint}; pass that "
                          "checkpoint")
-    nets = _metric_nets(fid, proxy_fd, dev, sum(r['stats']['n'] for r in recs))
+    nets = metric_nets(fid, proxy_fd, dev, sum(r['stats']['n'] for r in recs))
     model = checkpoint.to(dev).eval() if isinstance(checkpoint, nn.Module) else \
         load_sampling_model(checkpoint, dev, preset)
     parts = []
@@ -726,9 +280,9 @@ def merge_shards(out, checkpoint, fid=None, proxy_fd=None, device='cpu', preset:
         with np.load(out / SHARD_DIR / f"{shard_name(r['rank'], r['world'])}.npz") as z:
             parts.append({k: z[k] for k in z.files})
     arrays = {k: np.concatenate([z[k] for z in parts]) for k in parts[0]}
-    stats = _merged_stats(model, recs, arrays)
-    stats.update(_metrics(arrays['images'], nets, dev), provenance=provenance(dev))
-    _save_arrays(out, arrays, stats)
+    stats = merged_stats(model, recs, arrays)
+    stats.update(metric_scores(arrays['images'], nets, dev), provenance=provenance(dev))
+    save_arrays(out, arrays, stats)
     return stats
 
 # %% ../../nbs/apps/05_sample_cli.ipynb #2d69c025
@@ -751,11 +305,12 @@ def _agree_errors(err):
     return None if first is None else ValueError(f"process {first[0]} stopped before sampling: {first[1]}")
 
 def _agree_refs(fid, proxy_fd):
-    "`_agree_errors` that first checks the --fid / --proxy-fd references (`_reference`) when the process has no error."
+    """`_agree_errors` that first checks the --fid / --proxy-fd references (`metric_reference`) when the process has
+    no error."""
     def agree(err):
         try:
             for name, ref in (('fid', fid), ('proxy_fd', proxy_fd)):
-                if err is None and ref is not None: _reference(name, ref)
+                if err is None and ref is not None: metric_reference(name, ref)
         except Exception as e: err = e
         return _agree_errors(err)
     return agree
@@ -765,7 +320,7 @@ def sample_processes(checkpoint, out, rank: int, world: int, local_rank: int = 0
     """One process of a multi-process run: sample the shard of `rank`, wait for all, merge on rank 0 -> stats. The
     processes check their arguments and outputs together: if one cannot start, none samples."""
     import torch.distributed as dist
-    dev = _device(device)
+    dev = run_device(device)
     if dev.type == 'cuda':
         dev = torch.device('cuda', local_rank)
         torch.cuda.set_device(dev)

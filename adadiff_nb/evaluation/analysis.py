@@ -19,13 +19,15 @@ from .metrics import mse as image_mse, psnr as image_psnr
 from ..sampling.samplers import check_steps
 from ..exits.early_exit import check_threshold, is_early_exit_model
 from ..sampling.run import schedule_for, sample_batches, model_device, model_image_shape, model_num_labels
+from .analysis_figures import (PLOTLY_RENDERER_ENV, setup_plotly, LOG_TICKS, legend_below,
+                                                    format_table, summary_table, layer_mse_figure,
+                                                    loss_by_timestep_figure, score_snr_figure, tradeoff_figure,
+                                                    uem_reliability_figure)
 
 # %% auto #0
-__all__ = ['PLOTLY_RENDERER_ENV', 'LOG_TICKS', 'SNR_SOURCES', 'BOOTSTRAP_METHODS', 'analysis_times', 'analysis_data',
-           'exit_outputs', 'setup_plotly', 'legend_below', 'format_table', 'summary_table', 'layer_mse_by_timestep',
-           'layer_mse_figure', 'training_loss_kw', 'loss_by_timestep', 'loss_by_timestep_figure', 'score_log_snr',
-           'score_snr_figure', 'tradeoff_curve', 'tradeoff_figure', 'spearman_corr', 'calibration_bins',
-           'uem_reliability', 'uem_reliability_figure', 'bootstrap_interval']
+__all__ = ['SNR_SOURCES', 'BOOTSTRAP_METHODS', 'analysis_times', 'analysis_data', 'exit_outputs', 'layer_mse_by_timestep',
+           'training_loss_kw', 'loss_by_timestep', 'score_log_snr', 'tradeoff_curve', 'spearman_corr',
+           'calibration_bins', 'uem_reliability', 'bootstrap_interval']
 
 # %% ../../nbs/evaluation/03a_analysis.ipynb #5c0cce4f
 def analysis_times(schedule, timesteps=10) -> torch.Tensor:
@@ -174,80 +176,6 @@ def _setup(model, data, schedule, timesteps, n, seed):
 def _t_axes(sch, ts) -> dict:
     return dict(t=ts.numpy(), model_time=sch.model_time(ts).double().numpy())
 
-# %% ../../nbs/evaluation/03a_analysis.ipynb #49e02949
-PLOTLY_RENDERER_ENV = 'ADADIFF_PLOTLY_RENDERER'
-
-def setup_plotly(renderer: str | None = None) -> str:
-    "Set plotly's default renderer to one that keeps notebooks small (no embedded plotly.js); returns its name."
-    import plotly.io as pio
-    r = renderer or os.environ.get(PLOTLY_RENDERER_ENV) or 'plotly_mimetype+notebook_connected'
-    pio.renderers.default = r
-    return r
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #3c31f6bb
-def _go():
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    return go, make_subplots
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #28a1a2ea
-def _finite(v):
-    v = np.asarray(v, np.float64)
-    return np.where(np.isfinite(v), v, np.nan)
-
-LOG_TICKS = [v * 10 ** e for e in range(-4, 5) for v in (1, 2, 5)]   # tick values of a log axis: 1, 2, 5 per decade
-
-def legend_below(fig, height: int = 380, per_row: int = 4):
-    """A horizontal legend under the x-axis titles: its top 66 px below the plots, its rows (`per_row` entries each,
-    estimated) in a bottom margin of their own, added to `height` (the height with a 50 px bottom margin)."""
-    n = sum(d.type in ('scatter', 'bar') and d.showlegend is not False for d in fig.data)
-    b = 74 + 22 * max(1, math.ceil(n / per_row))
-    top = fig.layout.margin.t if fig.layout.margin.t is not None else 60
-    height = height - 50 + b
-    return fig.update_layout(height=height, margin=dict(b=b, t=top), legend=dict(
-        orientation='h', x=0, xanchor='left', y=-66 / (height - top - b), yanchor='top'))
-
-def _layout(fig, title, height=380):
-    fig.update_layout(title=title, margin=dict(l=60, r=20, t=60), template='plotly_white')
-    return legend_below(fig, height)
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #14b1ebeb
-def _fmt(v) -> str:
-    if isinstance(v, (str, np.str_)): return str(v)
-    if v is None: return '-'
-    if isinstance(v, (int, np.integer)): return str(int(v))
-    v = float(v)
-    if math.isnan(v): return 'nan'
-    if math.isinf(v): return 'inf' if v > 0 else '-inf'
-    return f'{v:.4g}'
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #9536e52e
-def format_table(headers, rows) -> str:
-    "Plain fixed-width text table."
-    cells = [[_fmt(v) for v in r] for r in rows]
-    w = [max(len(str(h)), *(len(c[j]) for c in cells)) if cells else len(str(h)) for j, h in enumerate(headers)]
-    def line(vals): return '  '.join(str(v).rjust(w[j]) for j, v in enumerate(vals))
-    return '\n'.join([line(headers), line(['-' * x for x in w])] + [line(c) for c in cells])
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #0c6748b3
-# result kind -> the function (defined further down) that tables it
-_TABLE_FUNCS = dict(layer_mse='_layer_mse_table', loss_by_timestep='_loss_table', score_snr='_snr_table',
-                    tradeoff='_tradeoff_table', uem_reliability='_uem_table')
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #2cce377d
-def _rows_idx(K: int, max_rows: int | None):
-    if not max_rows or K <= max_rows: return np.arange(K)
-    return np.unique(np.linspace(0, K - 1, max_rows).round().astype(int))
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #7927973a
-def summary_table(res: dict, max_rows: int | None = 12) -> str:
-    "A short text table of any result of this module (long per-timestep tables are subsampled to `max_rows` rows)."
-    kind = res.get('kind')
-    if kind not in _TABLE_FUNCS:
-        raise ValueError(f"not a result of adadiff_nb.evaluation.analysis (kind {kind!r}); "
-                         f"kinds: {sorted(_TABLE_FUNCS)}")
-    return globals()[_TABLE_FUNCS[kind]](res, max_rows)
-
 # %% ../../nbs/evaluation/03a_analysis.ipynb #1456f238
 def layer_mse_by_timestep(model, data=None, schedule=None, timesteps=10, n: int = 64, batch: int = 64,
                           seed: int = 0) -> dict:
@@ -266,33 +194,6 @@ def layer_mse_by_timestep(model, data=None, schedule=None, timesteps=10, n: int 
     mf, mn = se_f / n, se_n / n
     return dict(kind='layer_mse', **_t_axes(sch, ts), exits=np.arange(L + 1), mse_vs_final=mf, mse_vs_noise=mn,
                 mse_vs_final_avg=mf.mean(0), mse_vs_noise_avg=mn.mean(0), num_layers=L, n=n, schedule=repr(sch))
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #6c82eaf9
-def layer_mse_figure(res: dict):
-    """Left: MSE of each exit averaged over timesteps, vs the final output and vs the noise (AdaDiff Fig. 1).
-    Right: log10 MSE vs final, exit x timestep."""
-    go, make_subplots = _go()
-    L = res['num_layers']
-    fig = make_subplots(1, 2, subplot_titles=('average over timesteps', 'log10 MSE vs final output'),
-                        horizontal_spacing=0.12)
-    fig.add_trace(go.Scatter(x=res['exits'][:L], y=res['mse_vs_final_avg'][:L], mode='lines+markers',
-                             name='vs final output'), 1, 1)
-    fig.add_trace(go.Scatter(x=res['exits'], y=res['mse_vs_noise_avg'], mode='lines+markers', name='vs true noise'),
-                  1, 1)
-    with np.errstate(divide='ignore'): z = np.log10(res['mse_vs_final'][:, :L].T)
-    fig.add_trace(go.Heatmap(x=res['model_time'], y=res['exits'][:L], z=_finite(z), colorscale='Viridis',
-                             colorbar=dict(title='log10', x=1.02), showscale=True, name='log10 MSE'), 1, 2)
-    fig.update_xaxes(title_text='exit (0 = before block 1, L = full model)', row=1, col=1)
-    fig.update_yaxes(title_text='MSE', type='log', tickvals=LOG_TICKS, row=1, col=1)
-    fig.update_xaxes(title_text='timestep (network input)', row=1, col=2)
-    fig.update_yaxes(title_text='exit', row=1, col=2)
-    return _layout(fig, f"Exit outputs vs the final output and the noise ({res['n']} images, "
-                        f"{len(res['t'])} timesteps)")
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #5dfcdccd
-def _layer_mse_table(res, max_rows):
-    return format_table(['exit', 'MSE vs final', 'MSE vs noise'],
-                        [(i, res['mse_vs_final_avg'][i], res['mse_vs_noise_avg'][i]) for i in res['exits']])
 
 # %% ../../nbs/evaluation/03a_analysis.ipynb #e23d748e
 def training_loss_kw(model) -> dict:
@@ -328,34 +229,6 @@ def loss_by_timestep(model, data=None, schedule=None, timesteps=50, n: int = 64,
     sem = per.std(1, ddof=1) / math.sqrt(n) if n > 1 else np.full(K, np.nan)
     return dict(kind='loss_by_timestep', **_t_axes(sch, ts), loss=per.mean(1), loss_sem=sem, loss_avg=float(per.mean()),
                 terms=terms, loss_kw=kw, n=n, schedule=repr(sch))
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #cfd0623a
-def loss_by_timestep_figure(res: dict):
-    """L_simple per timestep with a +-1 standard-error band (AdaDiff Fig. 3); the AdaDiff loss terms beside it for
-    early-exit models."""
-    go, make_subplots = _go()
-    terms = res.get('terms') or {}
-    titles = ('L_simple (final output)',) + (('joint-loss terms',) if terms else ())
-    fig = make_subplots(1, 2 if terms else 1, subplot_titles=titles)
-    x, m, e = res['model_time'], res['loss'], np.nan_to_num(res['loss_sem'])
-    fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[m + e, (m - e)[::-1]], fill='toself',
-                             fillcolor='rgba(31,119,180,0.2)', line=dict(width=0), hoverinfo='skip',
-                             showlegend=False), 1, 1)
-    fig.add_trace(go.Scatter(x=x, y=m, mode='lines+markers', name='L_simple'), 1, 1)
-    for k in ('l_u', 'l_ual', 'l_layer', 'loss'):
-        if k in terms and (k != 'l_layer' or np.any(terms[k])):
-            fig.add_trace(go.Scatter(x=x, y=terms[k], mode='lines', name=k), 1, 2)
-    for c in range(1, 3 if terms else 2):
-        fig.update_xaxes(title_text='timestep (1000 = first generation step)', row=1, col=c)
-    fig.update_yaxes(title_text='MSE', row=1, col=1)
-    return _layout(fig, f"Training loss per timestep ({res['n']} images per timestep)")
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #3f90e2f6
-def _loss_table(res, max_rows):
-    keys = [k for k in ('l_u', 'l_ual', 'loss') if k in res['terms']]
-    return format_table(['timestep', 'L_simple', '+-sem', *keys],
-                        [(res['model_time'][k], res['loss'][k], res['loss_sem'][k],
-                          *(res['terms'][c][k] for c in keys)) for k in _rows_idx(len(res['t']), max_rows)])
 
 # %% ../../nbs/evaluation/03a_analysis.ipynb #0b6cabd7
 SNR_SOURCES = ('analytic', 'empirical')
@@ -434,29 +307,6 @@ def score_log_snr(source='analytic', schedule=None, timesteps=20, data=None, n: 
                 log_snr=_log_ratio(sig, noi), signal=sig, noise=noi, schedule_log_snr=sch.log_snr(ts).double().numpy(),
                 n=nq, schedule=repr(sch), **extra)
 
-# %% ../../nbs/evaluation/03a_analysis.ipynb #a7e688b1
-def score_snr_figure(*results: dict, names=None, show_schedule: bool = True):
-    "ln SNR of the score vs t for one or more `score_log_snr` results (ASE Fig. 1); +inf (collapsed) is left out."
-    go, _ = _go()
-    fig = go.Figure()
-    names = names or [r['source'] for r in results]
-    for r, nm in zip(results, names):
-        fig.add_trace(go.Scatter(x=r['t'], y=_finite(r['log_snr']), mode='lines+markers', name=f'score SNR: {nm}'))
-    if show_schedule and results:
-        r = results[0]
-        fig.add_trace(go.Scatter(x=r['t'], y=r['schedule_log_snr'], mode='lines', line=dict(dash='dot', color='grey'),
-                                 name='ln(alpha^2/sigma^2) of x_t (reference)'))
-    fig.update_xaxes(title_text='t (0 = data, 1 = prior)')
-    fig.update_yaxes(title_text='ln SNR')
-    return _layout(fig, 'Log-SNR of the score across t')
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #9a877447
-def _snr_table(res, max_rows):
-    col = 'collapsed' in res
-    return format_table(['t', 'timestep', 'ln SNR', 'signal', 'noise'] + (['collapsed'] if col else []),
-                        [(res['t'][k], res['model_time'][k], res['log_snr'][k], res['signal'][k], res['noise'][k])
-                         + ((res['collapsed'][k],) if col else ()) for k in _rows_idx(len(res['t']), max_rows)])
-
 # %% ../../nbs/evaluation/03a_analysis.ipynb #4197f8a3
 def _proxy(proxy):
     "The proxy classifier to use, or (None, why not)."
@@ -531,38 +381,6 @@ def tradeoff_curve(model, thresholds=(0., .02, .05, .1, .2, .5, 1.), sampler='dd
     return dict(kind='tradeoff', threshold=np.array(taus), **arrays, full=full, num_layers=_num_layers(model),
                 sampler=sampler_name, steps=steps, n=n, seed=seed, schedule=repr(sch), proxy_note=why,
                 guidance_scale=guidance_scale, guidance_policy=guidance_policy if guide else None)
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #b2dbf05b
-def _tradeoff_panel(fig, go, x, y, lab, name, col):
-    fig.add_trace(go.Scatter(x=x, y=y, mode='lines+markers+text', text=lab, textposition='top center', name=name),
-                  1, col)
-
-def tradeoff_figure(res: dict):
-    """Fidelity vs layer reduction per threshold (AdaDiff Fig. 5 with PSNR / proxy_fd vs the full model instead of
-    FID); right: GFLOPs."""
-    go, make_subplots = _go()
-    has_fd = 'proxy_fd' in res
-    fig = make_subplots(1, 2, subplot_titles=('PSNR vs full model (higher is better)',
-                                              'proxy_fd, NOT FID (lower is better)' if has_fd else 'GFLOPs per image'))
-    lab, x = [f"{t:g}" for t in res['threshold']], res['layer_reduction']
-    _tradeoff_panel(fig, go, x, _finite(res['psnr_vs_full']), lab, 'PSNR (dB)', 1)
-    key, name = ('proxy_fd', 'proxy_fd') if has_fd else ('gflops', 'GFLOPs')
-    _tradeoff_panel(fig, go, x, res[key], lab, name, 2)
-    fig.add_hline(y=res['full'][key], line_dash='dot', annotation_text='full model', row=1, col=2)
-    for c in (1, 2): fig.update_xaxes(title_text='layer reduction (1 - fraction of blocks run)', row=1, col=c)
-    return _layout(fig, f"Threshold trade-off ({res['sampler']}, {res['steps']} steps, {res['n']} images; "
-                        "labels: threshold)")
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #9eb8c384
-def _tradeoff_table(res, max_rows):
-    fd = 'proxy_fd' in res
-    rows = [(t, res['layer_ratio'][i], res['avg_layers'][i], res['gflops'][i], res['psnr_vs_full'][i],
-             res['mse_vs_full'][i], res['speedup'][i]) + ((res['proxy_fd'][i],) if fd else ())
-            for i, t in enumerate(res['threshold'])]
-    rows.append(('full', 1., res['num_layers'], res['full']['gflops'], np.inf, 0., 1.)
-                + ((res['full']['proxy_fd'],) if fd else ()))
-    head = ['threshold', 'layer ratio', 'avg layers', 'GFLOPs/img', 'PSNR dB', 'MSE', 'speedup']
-    return format_table(head + (['proxy_fd'] if fd else []), rows)
 
 # %% ../../nbs/evaluation/03a_analysis.ipynb #27cbee16
 def _corr(a, b) -> float:
@@ -645,38 +463,6 @@ def uem_reliability(model, data=None, schedule=None, timesteps=10, n: int = 64, 
                 bin_count=np.stack([c['count'] for c in cal]), u_by_t=U.mean(2), target_by_t=T.mean(2),
                 pixel_pearson=pixel, pearson_all=_corr(uf, tf), target_reduce='max' if use_max else 'mean',
                 num_layers=L, n=n, schedule=repr(sch))
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #c2ac15ac
-def uem_reliability_figure(res: dict, layers=None):
-    """Left: reliability diagram (mean actual tanh error vs mean predicted u per bin) for some exits. Right:
-    correlation and ECE per exit."""
-    go, make_subplots = _go()
-    L = res['num_layers']
-    if layers is None: layers = sorted(set(np.linspace(0, L - 1, min(L, 5)).round().astype(int).tolist()))
-    fig = make_subplots(1, 2, subplot_titles=('calibration (binned)', 'per exit'))
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode='lines', line=dict(dash='dot', color='grey'), name='ideal'), 1, 1)
-    for i in list(layers):
-        ok = res['bin_count'][i] > 0
-        fig.add_trace(go.Scatter(x=res['bin_pred'][i][ok], y=res['bin_actual'][i][ok], mode='lines+markers',
-                                 name=f'exit {i}', customdata=res['bin_count'][i][ok],
-                                 hovertemplate='u %{x:.3f}<br>actual %{y:.3f}<br>n %{customdata}'), 1, 1)
-    fig.add_trace(go.Bar(x=res['exits'], y=_finite(res['pearson']), name='Pearson r (per sample)'), 1, 2)
-    if res.get('pixel_pearson') is not None:
-        fig.add_trace(go.Bar(x=res['exits'], y=_finite(res['pixel_pearson']), name='Pearson r (per pixel)'), 1, 2)
-    fig.add_trace(go.Scatter(x=res['exits'], y=res['ece'], mode='lines+markers', name='ECE'), 1, 2)
-    fig.update_xaxes(title_text='predicted uncertainty u', range=[0, 1], row=1, col=1)
-    fig.update_yaxes(title_text='actual tanh|g_i - eps|', row=1, col=1)
-    fig.update_xaxes(title_text='exit', row=1, col=2)
-    return _layout(fig, f"UEM reliability ({res['n']} images x {len(res['t'])} timesteps)")
-
-# %% ../../nbs/evaluation/03a_analysis.ipynb #a16c6306
-def _uem_table(res, max_rows):
-    pp = res.get('pixel_pearson')
-    head = ['exit', 'mean u', 'mean target', 'pearson', 'spearman', 'MAE', 'ECE']
-    head += ['pixel r'] if pp is not None else []
-    return format_table(head, [(i, res['mean_u'][i], res['mean_target'][i], res['pearson'][i], res['spearman'][i],
-                                res['mae'][i], res['ece'][i]) + ((pp[i],) if pp is not None else ())
-                               for i in res['exits']])
 
 # %% ../../nbs/evaluation/03a_analysis.ipynb #6486ae6e
 BOOTSTRAP_METHODS = ('BCa', 'percentile', 'basic')

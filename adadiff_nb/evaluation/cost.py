@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from fastcore.basics import patch
 from ..sampling.diffusion import time_bucket
 from ..models.uvit import extra_tokens
+from ..models.registry import backbone_spec, family_of
 from ..sampling.samplers import EarlyExitDenoiser, GuidedDenoiser
 
 # %% auto #0
@@ -73,15 +73,19 @@ def dit_flops(config: dict) -> dict:
                 head=head, skip=[0] * config['depth'], block_parts=[dict(block)] * config['depth'], exit_head=head)
 
 def backbone_flops(backbone) -> dict:
-    "`dit_flops` or `uvit_flops` of a backbone, by its architecture."
-    return dit_flops(backbone.config) if getattr(backbone, 'arch', None) == 'dit' else uvit_flops(backbone.config)
+    """The analytic FLOPs of a backbone by its family's FLOP model (`BackboneSpec.flops` in
+    `adadiff_nb.models.registry`: `uvit_flops`, `dit_flops`, ...); a backbone without `arch` counts as a U-ViT."""
+    return backbone_spec(getattr(backbone, 'arch', None) or 'uvit').get('flops')(backbone.config)
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #ca3c610a
 def _uem_dims(bb_config: dict) -> tuple:
-    "(patch tokens P, width D, UEM outputs per token p*p*C) of a U-ViT or a DiT config."
+    "(patch tokens P, width D, UEM outputs per token p*p*C) of a U-ViT, a DiT or another family's config."
     if 'hidden_size' in bb_config:                                              # DiT: no extra tokens
         p = bb_config['patch_size']
         return (bb_config['input_size'] // p) ** 2, bb_config['hidden_size'], p * p * bb_config['in_channels']
+    if 'embed_dim' not in bb_config:                 # another family: its width under BackboneSpec.width_key
+        p, C = bb_config['patch_size'], bb_config.get('in_chans', 3)
+        return (bb_config['img_size'] // p) ** 2, bb_config[backbone_spec(family_of(bb_config)).width_key], p * p * C
     d = _dims(bb_config)
     return d['P'], d['D'], d['pd']
 
@@ -305,32 +309,29 @@ class CostMeter:
     @property
     def layer_ratio(self) -> float: return self.layers_run / max(self.layers_total, 1)
 
-# %% ../../nbs/evaluation/02c_cost.ipynb #17a7f030
-@patch
-def sync_summary(self: CostMeter) -> dict:
-    """Host syncs per early-exit forward (device-to-host reads the exits waited for) and the share of row-block
-    evaluations computed, masked and padding rows included (`compute_ratio` >= `layer_ratio`)."""
-    f = self.forwards
-    return dict(host_syncs_per_forward=self.host_syncs / f if f else None,
-                compute_ratio=self.rows_computed / max(self.layers_total, 1) if f else None)
+    def sync_summary(self) -> dict:
+        """Host syncs per early-exit forward (device-to-host reads the exits waited for) and the share of row-block
+        evaluations computed, masked and padding rows included (`compute_ratio` >= `layer_ratio`)."""
+        f = self.forwards
+        return dict(host_syncs_per_forward=self.host_syncs / f if f else None,
+                    compute_ratio=self.rows_computed / max(self.layers_total, 1) if f else None)
 
-@patch
-def summary(self: CostMeter, n_images: int | None = None) -> dict:
-    """JSON-ready statistics; GFLOPs per evaluation (mean over row evaluations) and per image (sum over a sampling
-    run). A guided evaluation is two rows per image: `evaluations`, `nfe_per_image`, layers and GFLOPs per image
-    count both, `sampler_nfe_per_image` the sampler's model calls, `rows_per_eval` is 2 for guided runs."""
-    n, r = n_images or 0, self.layer_ratio
-    with np.errstate(invalid='ignore', divide='ignore'):
-        br = np.where(self.bucket_total > 0, self.bucket_run / np.maximum(self.bucket_total, 1), np.nan)
-    by_step = [self.by_step[k][0] / max(self.by_step[k][1], 1) for k in sorted(self.by_step)]
-    return dict(num_layers=self.L, layers_run=self.layers_run, layers_total=self.layers_total, layer_ratio=r,
-                layer_reduction=1. - r, avg_layers=r * self.L, evaluations=self.evals,
-                nfe_per_image=self.evals / n if n else None, exit_layer_mean_by_step=by_step,
-                sampler_nfe_per_image=self.image_evals / n if n else None, guided=self.guided,
-                rows_per_eval=self.evals / self.image_evals if self.image_evals else None,
-                gflops_per_eval=self.flops / max(self.evals, 1) / 1e9, gflops_full_per_eval=self.full / 1e9,
-                gflops_per_image=self.flops / n / 1e9 if n else None,
-                gflops_full_per_image=self.flops_full / n / 1e9 if n else None,
-                layer_ratio_by_bucket=[None if math.isnan(v) else float(v) for v in br],
-                exit_histogram=self.exit_hist.tolist(), flops_counting='analytic (matmuls + convs, x2)',
-                **self.sync_summary())
+    def summary(self, n_images: int | None = None) -> dict:
+        """JSON-ready statistics; GFLOPs per evaluation (mean over row evaluations) and per image (sum over a sampling
+        run). A guided evaluation is two rows per image: `evaluations`, `nfe_per_image`, layers and GFLOPs per image
+        count both, `sampler_nfe_per_image` the sampler's model calls, `rows_per_eval` is 2 for guided runs."""
+        n, r = n_images or 0, self.layer_ratio
+        with np.errstate(invalid='ignore', divide='ignore'):
+            br = np.where(self.bucket_total > 0, self.bucket_run / np.maximum(self.bucket_total, 1), np.nan)
+        by_step = [self.by_step[k][0] / max(self.by_step[k][1], 1) for k in sorted(self.by_step)]
+        return dict(num_layers=self.L, layers_run=self.layers_run, layers_total=self.layers_total, layer_ratio=r,
+                    layer_reduction=1. - r, avg_layers=r * self.L, evaluations=self.evals,
+                    nfe_per_image=self.evals / n if n else None, exit_layer_mean_by_step=by_step,
+                    sampler_nfe_per_image=self.image_evals / n if n else None, guided=self.guided,
+                    rows_per_eval=self.evals / self.image_evals if self.image_evals else None,
+                    gflops_per_eval=self.flops / max(self.evals, 1) / 1e9, gflops_full_per_eval=self.full / 1e9,
+                    gflops_per_image=self.flops / n / 1e9 if n else None,
+                    gflops_full_per_image=self.flops_full / n / 1e9 if n else None,
+                    layer_ratio_by_bucket=[None if math.isnan(v) else float(v) for v in br],
+                    exit_histogram=self.exit_hist.tolist(), flops_counting='analytic (matmuls + convs, x2)',
+                    **self.sync_summary())

@@ -7,4 +7,6 @@ Modules:
 - `adadiff_nb.exits.caching`: Training-free and learned caching across sampling steps on the same U-ViT as the early exits: a DeepCache-style cache of the deep part of the network, Learning-to-Cache's per-step, per-block router, and an early-exit model whose samples reuse cached deep features where they would exit.
 - `adadiff_nb.exits.calibrate`: Find the early-exit threshold (one global value, or one per timestep bucket) that meets a target layer reduction or a target fidelity (PSNR against the full model from the same noise) on a calibration batch, by real sampling runs, and report what was achieved.
 - `adadiff_nb.exits.early_exit`: A U-ViT with an exit head and an uncertainty estimation module (UEM) at every exit.
+- `adadiff_nb.exits.heads`: The parts of an early-exit model that score and decode one exit: the threshold check, the exit heads, the exit criteria with the paper's uncertainty estimation modules (UEMs), and the output of an early-exit forward.
+- `adadiff_nb.exits.runner`: One early-exit forward as an object (`ExitRunner`): the exit rule checked once, the running rows compacted, masked and padded (`ExitRows`), host syncs by policy, and bucketed batch sizes for compiled blocks.
 """

@@ -8,290 +8,30 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/exits/early_exit.html.md"""
 
 # %% ../../nbs/exits/02_early_exit.ipynb #91ed2198
 from __future__ import annotations
-import contextlib, contextvars, inspect, math, numbers
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+import inspect
+from typing import Sequence
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from ..sampling.diffusion import time_bucket
 from ..models.uvit import UViT, BlockState, PRESETS, create_uvit, timestep_embedding, unpatchify, count_params
+from ..models.registry import BACKBONES, backbone_spec, family_of
 from ..models.dit import DiT, DIT_PRESETS, FinalLayer, create_dit
+from .heads import check_threshold, ExitHead, AdaLNExitHead, ExitCriterion, TimeAwareUEM, LinearUEM
+from .heads import AttentionUEM, build_uem, EarlyExitOutput, layer_ratio
+from .heads import EXIT_HEADS, UEM_KINDS, UEM_PARAMS, UEM_REDUCE, UEM_COND
+from .runner import exit_rule_checked, ExitRows, ExitRunner, block_modules, pow2_buckets, fine_buckets
+from .runner import EXIT_SYNC
 
 # %% auto #0
-__all__ = ['EXIT_HEAD_CLASSES', 'EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'EXIT_SYNC', 'EE_OPTIONS',
-           'BACKBONES', 'BACKBONE_PROTOCOL', 'EarlyExitUViT', 'EE_PRESETS', 'check_threshold', 'ExitHead',
-           'AdaLNExitHead', 'ExitCriterion', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'EarlyExitOutput',
-           'layer_ratio', 'build_uem', 'EarlyExitModel', 'exit_rule_checked', 'ExitRows', 'block_modules',
-           'pow2_buckets', 'fine_buckets', 'ExitRunner', 'is_early_exit_model', 'create_early_exit',
-           'static_exit_schedule', 'StaticSchedule']
-
-# %% ../../nbs/exits/02_early_exit.ipynb #a74c6434
-_TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
-
-def _bad_tau(name, v) -> ValueError:
-    what = 'NaN' if math.isnan(v) else 'outside [0, 1]'
-    return ValueError(f"{name}={v!r} is {what}; {_TAU_HELP}")
-
-def check_threshold(value, name: str = 'threshold'):
-    "A real number in [0, 1] -> float; a tensor -> float tensor with every entry in [0, 1]. Else a clear error."
-    if isinstance(value, torch.Tensor):
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} must be a float or a float tensor, got dtype {value.dtype}")
-        t = value.float()
-        bad = ~((t >= 0) & (t <= 1))                                              # NaN counts as bad
-        if bad.any():
-            j = int(bad.reshape(-1).nonzero()[0, 0])
-            raise _bad_tau(f"{name}[{j}]", float(t.reshape(-1)[j]))
-        return t
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} is not a number; {_TAU_HELP}")
-    v = float(value)
-    if not 0. <= v <= 1.:
-        raise _bad_tau(name, v)
-    return v
-
-# %% ../../nbs/exits/02_early_exit.ipynb #9d7c104f
-class ExitHead(nn.Module):
-    "An exit head g_i shaped like the U-ViT final head: norm -> linear to patch pixels -> unpatchify -> 3x3 conv."
-    def __init__(self, embed_dim: int, patch_dim: int, in_chans: int, extras: int, conv: bool = True):
-        super().__init__()
-        self.in_chans, self.extras = in_chans, extras
-        self.norm = nn.LayerNorm(embed_dim)
-        self.decoder_pred = nn.Linear(embed_dim, patch_dim, bias=True)
-        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
-
-    needs_state = False                                                         # the head reads tokens only
-
-    def forward(self, x, state=None):                                           # (B, extras + N, D)
-        x = self.decoder_pred(self.norm(x[:, self.extras:]))                    # per-token ops: drop extras first
-        return self.final_layer(unpatchify(x, self.in_chans))
-
-    def copy_from(self, uvit: UViT):
-        "Copy the backbone's final head (norm, decoder_pred, final_layer) into this head."
-        self.norm.load_state_dict(uvit.norm.state_dict())
-        self.decoder_pred.load_state_dict(uvit.decoder_pred.state_dict())
-        self.final_layer.load_state_dict(uvit.final_layer.state_dict())
-
-    def reset_parameters(self):
-        "A fresh head: truncated-normal(0.02) linear, zero bias, unit norm, default conv init."
-        nn.init.trunc_normal_(self.decoder_pred.weight, std=.02)
-        nn.init.zeros_(self.decoder_pred.bias)
-        nn.init.ones_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
-        if isinstance(self.final_layer, nn.Conv2d):
-            self.final_layer.reset_parameters()
-
-    @classmethod
-    def for_backbone(cls, bb: UViT) -> 'ExitHead':
-        return cls(bb.embed_dim, bb.patch_dim, bb.in_chans, bb.extras, bb.config['conv'])
-
-# %% ../../nbs/exits/02_early_exit.ipynb #948a56fc
-class AdaLNExitHead(FinalLayer):
-    "A DiT exit head g_i: a copy of DiT's final adaLN layer (norm, modulation from `state.cond`, linear), unpatchified."
-    needs_state = True
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__(hidden_size, patch_size, out_channels)
-        self.out_channels = out_channels
-
-    def forward(self, x, state: BlockState):
-        return unpatchify(super().forward(x, state.cond), self.out_channels)
-
-    def copy_from(self, dit: DiT):
-        "Copy the backbone's final layer into this head (strict)."
-        self.load_state_dict(dit.final_layer.state_dict())
-
-    def reset_parameters(self):
-        "A fresh head: xavier linear, zero bias, modulation starting at zero (the identity), as DiT inits its layers."
-        nn.init.xavier_uniform_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
-
-    @classmethod
-    def for_backbone(cls, bb: DiT) -> 'AdaLNExitHead':
-        return cls(bb.embed_dim, bb.patch_size, bb.out_channels)
-
-EXIT_HEAD_CLASSES = dict(uvit=ExitHead, dit=AdaLNExitHead)
-
-# %% ../../nbs/exits/02_early_exit.ipynb #03fa4ea4
-class ExitCriterion(nn.Module):
-    "Base of the exit criteria: how an early-exit model scores exit i (u < threshold: the row leaves)."
-    dynamic, needs_prev = True, False
-
-    def context(self, timesteps: torch.Tensor) -> dict:
-        "Per-row tensors the criterion needs at every exit (kept aligned with the running rows)."
-        return {}
-
-    def uncertainty(self, i: int, bb, h, ctx: dict, prev=None, want_map: bool = False):
-        "(u (b,) in [0, 1], per-pixel map (b, C, H, W) or None) for the rows of tokens `h` at exit i."
-        raise NotImplementedError
-
-    def init_weights(self, bias: float = 0.):
-        "Initialise the criterion's parameters (none by default)."
-
-# %% ../../nbs/exits/02_early_exit.ipynb #ef48fd04
-def _gather_linear(x, weight, bias, g):
-    "x (b, ..., K) times weight[g] (P, K) (+ bias[g]); `g` an int (shared) or a (b,) index tensor (per sample)."
-    if isinstance(g, int): return F.linear(x, weight[g], None if bias is None else bias[g])
-    w = weight[g]                                                               # (b, P, K)
-    y = torch.einsum('b...k,bpk->b...p', x, w)
-    if bias is None: return y
-    b = bias[g]
-    return y + b.view(b.shape[0], *([1] * (y.ndim - 2)), b.shape[-1])
-
-# %% ../../nbs/exits/02_early_exit.ipynb #1ba1edfc
-class TimeAwareUEM(ExitCriterion):
-    "Base of the timestep-aware UEMs: the weight group of each exit (`uem_params`) and the time context they read."
-    def setup(self, params: str, time_buckets: int, time_max: float, time_dim: int, reduce: str = 'mean'):
-        "Group indexing and time context of a timestep-aware UEM (set by the early-exit model)."
-        self.params, self.time_buckets, self.time_max, self.time_dim, self.reduce = (
-            params, int(time_buckets), float(time_max), int(time_dim), reduce)
-        return self
-
-    def context(self, timesteps) -> dict:
-        bucket = time_bucket(timesteps, self.time_buckets, self.time_max).to(timesteps.device)
-        return dict(temb=timestep_embedding(timesteps, self.time_dim), bucket=bucket)
-
-    def group(self, i: int, bucket):
-        "Weight group for exit i: an int (same for all rows) or a (b,) tensor of per-sample groups."
-        p = self.params
-        if p == 'per_layer': return i
-        if p == 'shared': return 0
-        if p == 'per_timestep': return bucket
-        return bucket + i * self.time_buckets
-
-# %% ../../nbs/exits/02_early_exit.ipynb #99dc8cb2
-class LinearUEM(TimeAwareUEM):
-    "Timestep-aware linear UEM (Eq. 7): per patch token, sigmoid(W [LN(token), temb] + b) -> `patch_dim` uncertainties."
-    def __init__(self, embed_dim: int, patch_dim: int, time_dim: int, groups: int, norm: bool = True):
-        super().__init__()
-        self.embed_dim, self.patch_dim, self.time_dim, self.groups, self.norm = (
-            embed_dim,
-            patch_dim,
-            time_dim,
-            groups,
-            norm,
-        )
-        self.weight = nn.Parameter(torch.empty(groups, patch_dim, embed_dim))     # token part of W
-        self.time_weight = nn.Parameter(torch.empty(groups, patch_dim, time_dim)) # timestep-embedding part of W
-        self.bias = nn.Parameter(torch.empty(groups, patch_dim))
-
-    def init_weights(self, bias: float = 0.):
-        nn.init.trunc_normal_(self.weight, std=0.02)
-        nn.init.trunc_normal_(self.time_weight, std=0.02)
-        nn.init.constant_(self.bias, bias)
-
-    def forward(self, tokens, temb, g):
-        "tokens (b, N, D) patch tokens, temb (b, Dt) -> per-token uncertainties (b, N, patch_dim) in [0, 1]."
-        if self.norm: tokens = F.layer_norm(tokens, (self.embed_dim,))
-        tb = _gather_linear(temb, self.time_weight, self.bias, g)                 # (b, P): once per sample
-        return torch.sigmoid(_gather_linear(tokens, self.weight, None, g) + tb[:, None, :])
-
-    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
-        "Mean (or max) of the per-token uncertainties; the map is their unpatchified image."
-        z = self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']))     # (b, N, patch_dim)
-        u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
-        return u, (unpatchify(z, bb.in_chans) if want_map else None)
-
-# %% ../../nbs/exits/02_early_exit.ipynb #10ef2121
-class AttentionUEM(TimeAwareUEM):
-    "The blog's attention probe: a learned query attends over LN(patch tokens); one sigmoid(w [pooled, temb] + b)."
-    def __init__(
-        self, embed_dim: int, time_dim: int, groups: int, attn_groups: int, num_heads: int = 1, norm: bool = True
-    ):
-        super().__init__()
-        if embed_dim % num_heads: raise ValueError(f"embed_dim {embed_dim} must be divisible by uem_heads {num_heads}")
-        self.embed_dim, self.time_dim, self.num_heads, self.norm = embed_dim, time_dim, num_heads, norm
-        self.groups, self.attn_groups = groups, attn_groups
-        hd = embed_dim // num_heads
-        self.query = nn.Parameter(torch.empty(attn_groups, num_heads, hd))
-        self.key = nn.Parameter(torch.empty(attn_groups, embed_dim, embed_dim))      # (out, in) like nn.Linear
-        self.value = nn.Parameter(torch.empty(attn_groups, embed_dim, embed_dim))
-        self.value_bias = nn.Parameter(torch.empty(attn_groups, embed_dim))
-        self.out_weight = nn.Parameter(torch.empty(groups, 1, embed_dim + time_dim))
-        self.out_bias = nn.Parameter(torch.empty(groups, 1))
-
-    def init_weights(self, bias: float = 0.):
-        for p in (self.query, self.key, self.value, self.out_weight): nn.init.trunc_normal_(p, std=.02)
-        nn.init.zeros_(self.value_bias)
-        nn.init.constant_(self.out_bias, bias)
-
-    def forward(self, tokens, temb, g, g_attn: int = 0):
-        "tokens (b, N, D), temb (b, Dt) -> u (b,) in [0, 1]."
-        H, D = self.num_heads, self.embed_dim
-        hd = D // H
-        if self.norm: tokens = F.layer_norm(tokens, (D,))
-        # scores_h = q_h . (W_k,h x) / sqrt(hd) = (W_k,h^T q_h) . x : fold the query into the key weights
-        qk = torch.einsum('hk,hkd->hd', self.query[g_attn], self.key[g_attn].view(H, hd, D)) / math.sqrt(hd)
-        attn = torch.softmax(tokens @ qk.t(), dim=1)                              # (b, N, H)
-        pooled = torch.einsum('bnh,bnd->bhd', attn, tokens)                       # sum_n a_n x_n
-        v = (
-            torch.einsum('bhd,hkd->bhk', pooled, self.value[g_attn].view(H, hd, D)).reshape(-1, D)
-            + self.value_bias[g_attn]
-        )
-        return torch.sigmoid(_gather_linear(torch.cat([v, temb], dim=-1), self.out_weight, self.out_bias, g))[:, 0]
-
-    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
-        "One probe value per sample (no map)."
-        g_attn = i if self.attn_groups > 1 else 0
-        return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']), g_attn), None
-
-# %% ../../nbs/exits/02_early_exit.ipynb #407f48dd
-@dataclass
-class EarlyExitOutput:
-    "Result of `EarlyExitModel.forward`. Exit `L` (= `layers_total // B`) means the sample ran the full model."
-    sample: torch.Tensor                          # (B, C, H, W) noise prediction
-    exit_layer: torch.Tensor                      # (B,) long, exit index 0..L
-    uncertainty: torch.Tensor                     # (B, L) float32, u_i where evaluated, NaN elsewhere
-    layers_total: int                             # B * L
-    uncertainty_map: Optional[torch.Tensor] = None  # (B, C, H, W) UEM map at the exit (NaN for exit L), if requested
-    host_syncs: int = 0                           # device -> host reads the forward waited for
-    rows_computed: int = 0                        # row-block evaluations computed (>= layers_run: masked, padding)
-    known_layers_run: Optional[int] = field(default=None, repr=False)
-
-    @property
-    def layers_run(self) -> int:
-        "Block evaluations the exits allow, summed over samples (= the sum of exit layers; read when first asked)."
-        if self.known_layers_run is None:
-            self.known_layers_run = int(self.exit_layer.sum())
-        return self.known_layers_run
-
-    @property
-    def layer_ratio(self) -> float: return self.layers_run / max(self.layers_total, 1)
-
-    def info(self) -> dict:
-        "Exit statistics for sampler callbacks: all fields but `sample` (given as `eps`), plus `layer_ratio`."
-        d = dict(exit_layer=self.exit_layer, uncertainty=self.uncertainty, layers_run=self.layers_run,
-                 layers_total=self.layers_total, layer_ratio=self.layer_ratio, host_syncs=self.host_syncs,
-                 rows_computed=self.rows_computed)
-        if self.uncertainty_map is not None: d['uncertainty_map'] = self.uncertainty_map
-        return d
-
-def layer_ratio(out) -> float:
-    "Fraction of block evaluations run: an `EarlyExitOutput`, its `info()` dict, or an iterable of them."
-    if isinstance(out, EarlyExitOutput): return out.layer_ratio
-    if isinstance(out, dict): return out['layers_run'] / max(out['layers_total'], 1)
-    run = total = 0
-    for o in out:
-        r, t = (
-            (o.layers_run, o.layers_total) if isinstance(o, EarlyExitOutput) else (o['layers_run'], o['layers_total'])
-        )
-        run, total = run + r, total + t
-    return run / max(total, 1)
+__all__ = ['EE_OPTIONS', 'BACKBONE_PROTOCOL', 'EarlyExitUViT', 'EE_PRESETS', 'backbone_families', 'EarlyExitModel',
+           'is_early_exit_model', 'early_exit_presets', 'create_early_exit', 'static_exit_schedule', 'StaticSchedule']
 
 # %% ../../nbs/exits/02_early_exit.ipynb #ecf899e6
-EXIT_HEADS = ('per_layer', 'shared', 'skip_fusion')
-UEM_KINDS = ('linear', 'attention')
-UEM_PARAMS = ('per_layer', 'shared', 'per_timestep', 'per_layer_timestep')
-UEM_REDUCE = ('mean', 'max')
-UEM_COND = ('time', 'backbone')
-EXIT_SYNC = ('auto', 'every')                  # host-sync policies (or an int k)
 EE_OPTIONS = ('exit_head', 'uem', 'uem_params', 'uem_time_buckets', 'uem_time_max', 'uem_time_dim', 'uem_reduce',
               'uem_norm', 'uem_detach', 'uem_heads', 'uem_init_bias', 'uem_cond', 'backbone_arch')
-BACKBONES = dict(uvit=UViT, dit=DiT)
-_ARGS = {k: tuple(a for a in inspect.signature(c.__init__).parameters if a != 'self') for k, c in BACKBONES.items()}
+def backbone_families() -> list[str]:
+    "The backbone families an `EarlyExitModel` can build from a config (`adadiff_nb.models.registry.BACKBONES`)."
+    return [f for f, s in BACKBONES.items() if s.backbone is not None]
 
 def _choice(name, value, options):
     if value not in options:
@@ -301,18 +41,21 @@ def _choice(name, value, options):
 # %% ../../nbs/exits/02_early_exit.ipynb #8e2024ad
 def _build_backbone(backbone, backbone_kw, arch: str = 'uvit') -> UViT | DiT:
     "The backbone (`arch` 'uvit' or 'dit') from a config dict, flat keyword arguments overriding/extending it."
-    _choice('backbone_arch', arch, BACKBONES)
+    _choice('backbone_arch', arch, backbone_families())
+    spec = backbone_spec(arch)
+    cls, args = spec.get('backbone'), spec.constructor_args()
     if backbone is not None and not isinstance(backbone, dict):
-        raise TypeError(f"backbone must be a dict of {BACKBONES[arch].__name__} constructor arguments, got "
+        raise TypeError(f"backbone must be a dict of {cls.__name__} constructor arguments, got "
                         f"{type(backbone).__name__}; to wrap an existing backbone use EarlyExitModel.from_backbone")
-    bad = sorted(set(backbone_kw) - set(_ARGS[arch]))
+    bad = sorted(set(backbone_kw) - set(args))
     if bad:
         raise TypeError(f"unknown EarlyExitModel argument(s) {bad}; early-exit options are {list(EE_OPTIONS)}, "
-                        f"backbone ({BACKBONES[arch].__name__}) options are {list(_ARGS[arch])}")
-    return BACKBONES[arch](**{**(backbone or {}), **backbone_kw})
+                        f"backbone ({cls.__name__}) options are {list(args)}")
+    return cls(**{**(backbone or {}), **backbone_kw})
 
 BACKBONE_PROTOCOL = ('arch', 'config', 'num_layers', 'embed_dim', 'patch_size', 'in_chans', 'img_size', 'null_class',
-                     'num_labels', 'check_input', 'embed', 'run_block', 'decode')
+                     'num_labels', 'check_input', 'embed', 'run_block', 'decode',
+                     'patch_tokens')
 
 def _protocol_backbone(bb: nn.Module, backbone_kw: dict) -> nn.Module:
     "An existing backbone object (held by reference), checked against the backbone protocol."
@@ -339,25 +82,15 @@ def _check_ee_config(c: dict, bb):
     if not c['uem_time_max'] > 0:
         raise ValueError(f"uem_time_max must be > 0 (largest model time), got {c['uem_time_max']}")
 
-# %% ../../nbs/exits/02_early_exit.ipynb #e9402f19
-def build_uem(bb: UViT, c: dict) -> ExitCriterion:
-    "The paper's UEM of early-exit config `c` (linear or attention, with its weight grouping) for backbone `bb`."
-    L, K = bb.num_layers, c['uem_time_buckets']
-    groups = dict(per_layer=L, shared=1, per_timestep=K, per_layer_timestep=L * K)[c['uem_params']]
-    if c['uem'] == 'linear':
-        uem = LinearUEM(bb.embed_dim, bb.patch_size ** 2 * bb.in_chans, c['uem_time_dim'], groups, norm=c['uem_norm'])
-    else:
-        uem = AttentionUEM(bb.embed_dim, c['uem_time_dim'], groups, L if 'layer' in c['uem_params'] else 1,
-                           num_heads=c['uem_heads'], norm=c['uem_norm'])
-    return uem.setup(c['uem_params'], K, c['uem_time_max'], c['uem_time_dim'], c['uem_reduce'])
-
 # %% ../../nbs/exits/02_early_exit.ipynb #5ba0b7b6
 def _head_class(bb) -> type:
-    if bb.arch not in EXIT_HEAD_CLASSES:
+    spec = BACKBONES.get(bb.arch)
+    if spec is None or spec.exit_head is None:
         raise ValueError(f"no exit head is known for a backbone of arch {bb.arch!r} (known: "
-                         f"{sorted(EXIT_HEAD_CLASSES)}); pass head_class= (a module class with for_backbone, "
+                         f"{sorted(f for f, s in BACKBONES.items() if s.exit_head)}: BackboneSpec.exit_head); "
+                         "pass head_class= (a module class with for_backbone, "
                          "copy_from, reset_parameters, needs_state)")
-    return EXIT_HEAD_CLASSES[bb.arch]
+    return spec.get('exit_head')
 
 # %% ../../nbs/exits/02_early_exit.ipynb #bb0c22ed
 class EarlyExitModel(nn.Module):
@@ -436,9 +169,10 @@ class EarlyExitModel(nn.Module):
     def from_backbone(cls, uvit: UViT | DiT, heads_from_backbone: bool = True, **ee_cfg) -> 'EarlyExitModel':
         """Wrap a (pretrained) `UViT` or `DiT`: copy its config and weights; per-layer exit heads start as copies of
         its head."""
-        arch = next((k for k, c in BACKBONES.items() if isinstance(uvit, c)), None)
+        arch = next((f for f in backbone_families() if isinstance(uvit, backbone_spec(f).get('backbone'))), None)
         if arch is None:
-            raise TypeError(f"from_backbone expects a UViT or a DiT, got {type(uvit).__name__}")
+            raise TypeError(f"from_backbone expects a backbone of a family {backbone_families()} (a UViT, a DiT, ...), "
+                            f"got {type(uvit).__name__}")
         m = cls(backbone=dict(uvit.config), **({} if arch == 'uvit' else dict(backbone_arch=arch)), **ee_cfg)
         m.backbone.load_state_dict(uvit.state_dict())
         m.init_weights(heads_from_backbone=heads_from_backbone)
@@ -556,329 +290,6 @@ class EarlyExitModel(nn.Module):
 
 EarlyExitUViT = EarlyExitModel    # the old name (the class wraps U-ViT, DiT, diffusers DiT and PixArt)
 
-# %% ../../nbs/exits/02_early_exit.ipynb #56d3adb0
-_RULE_CHECKED = contextvars.ContextVar('adadiff_exit_rule_checked', default=False)
-
-@contextlib.contextmanager
-def exit_rule_checked():
-    """Within it, early-exit forwards take `threshold` / `exit_layers` as already validated (values in [0, 1], not
-    both): for callers that checked the rule once where it entered, like a sampler. Their shapes are still checked."""
-    token = _RULE_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _RULE_CHECKED.reset(token)
-
-# %% ../../nbs/exits/02_early_exit.ipynb #76e4f2f5
-def _tau(threshold, B: int, device, checked: bool = False) -> torch.Tensor:
-    "The per-row thresholds (B,) of a scalar or tensor `threshold`, its values checked unless `checked` already."
-    if isinstance(threshold, (list, tuple)) or hasattr(threshold, '__array__') and not torch.is_tensor(threshold):
-        threshold = torch.as_tensor(threshold)
-    if not torch.is_tensor(threshold):
-        return torch.full((B,), float(threshold) if checked else check_threshold(threshold), device=device)
-    t = threshold.to(device).float() if checked else check_threshold(threshold.to(device))
-    if t.ndim == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"a threshold tensor must have shape () or (B,) = ({B},), got {tuple(t.shape)}")
-    return t
-
-# %% ../../nbs/exits/02_early_exit.ipynb #623fe8a8
-@dataclass
-class _Plan:
-    "How one forward exits: mode 'full' / 'threshold' / 'static', per-row tensors, exit counts (static)."
-    mode: str
-    per_row: dict = field(default_factory=dict)
-    counts: list | None = None
-    syncs: int = 0                # host syncs spent checking the inputs
-    sync_key: tuple = ()          # (batch, scalar threshold or None): what 'auto' remembers sync points by
-
-def _check_groups(groups, B: int, device) -> torch.Tensor:
-    "Exit groups (B,) long in [0, B): rows sharing a value leave together (the guidance policy 'joint')."
-    g = torch.as_tensor(groups, device=device)
-    if g.is_floating_point() or g.dtype == torch.bool or g.shape != (B,):
-        raise ValueError(f"exit_groups must be an integer tensor of shape (B,) = ({B},), got {g.dtype} of shape "
-                         f"{tuple(g.shape)}")
-    if B and not bool(((g >= 0) & (g < B)).all()):                              # one host sync when all is well
-        raise ValueError(f"exit_groups must lie in [0, {B}) (one id per group of rows), got values in "
-                         f"[{int(g.min())}, {int(g.max())}]")
-    return g.long()
-
-# %% ../../nbs/exits/02_early_exit.ipynb #bc9ca1f1
-def _positions(m: torch.Tensor, n: int) -> torch.Tensor:
-    "Positions of the `n` True entries of mask `m`, in order (one stable sort; `n` is known on the host)."
-    return torch.argsort((~m).to(torch.uint8), stable=True)[:n]
-
-@dataclass
-class ExitRows:
-    "The rows of a forward still in the batch, and everything that must stay aligned with them (row compaction)."
-    rows: torch.Tensor            # original index of each row (B: a padding row)
-    h: torch.Tensor               # their hidden tokens
-    state: BlockState             # their skip stack / conditioning
-    per_row: dict                 # criterion context, thresholds 'tau' or static exits 'exit'
-    live: Optional[torch.Tensor] = None   # (n,) bool: not exited yet (exited rows stay masked until a compaction)
-    n_live: Optional[int] = None  # how many are live, when known on the host (None after a masked exit)
-    prev: Optional[torch.Tensor] = None   # tokens before the last block (criteria with needs_prev)
-    syncs: int = 0                # host synchronisations so far
-    exact: bool = True            # every row computed so far was live (no masked rows, no padding)
-    seen: set = field(default_factory=set)   # exit points where rows left (known on the host)
-    pending: list = field(default_factory=list)   # deferred exits since the last read: (i, h_i, mask, umap)
-
-    def read(self, *counts: torch.Tensor) -> list:
-        "Device scalars -> Python ints in one transfer: one host sync."
-        self.syncs += 1
-        return [int(counts[0])] if len(counts) == 1 else torch.stack(counts).tolist()
-
-    def take(self, idx: torch.Tensor) -> 'ExitRows':
-        "A new row set of the rows at positions `idx`, with its own view of the skip stack."
-        sel = lambda v: None if v is None else v[idx]
-        return ExitRows(self.rows[idx], self.h[idx], self.state.select(idx),
-                        {k: v[idx] for k, v in self.per_row.items()}, sel(self.live), prev=sel(self.prev))
-
-    def keep(self, idx: torch.Tensor):
-        "Keep only the rows at positions `idx`."
-        t = self.take(idx)
-        self.rows, self.h, self.state, self.per_row, self.live, self.prev = (
-            t.rows, t.h, t.state, t.per_row, t.live, t.prev)
-
-    def split(self, m: torch.Tensor) -> tuple:
-        "(rows where `m`, rows where not), each a new row set (reads the mask: one host sync, not counted here)."
-        return self.take(m.nonzero()[:, 0]), self.take((~m).nonzero()[:, 0])
-
-    def pad(self, n: int, B: int):
-        "Pad to n rows with dead copies of the first row (original index B) so compiled blocks see bucketed shapes."
-        k = n - len(self.rows)
-        if k > 0:
-            self.keep(torch.cat([torch.arange(len(self.rows)), torch.zeros(k, dtype=torch.long)]).to(self.h.device))
-            self.rows[-k:], self.live[-k:], self.exact = B, False, False
-            if 'group' in self.per_row:
-                self.per_row['group'][-k:] = B
-
-# %% ../../nbs/exits/02_early_exit.ipynb #aa486435
-class _Results:
-    "Outputs, exit layers, uncertainties and maps of one forward, filled in as rows exit (row B: padding's)."
-    def __init__(self, B: int, L: int, device, map_shape=None):
-        self.B, self.L, self.sample = B, L, None
-        self.exit_layer = torch.full((B + 1,), L, dtype=torch.long, device=device)
-        self.unc = torch.full((B + 1, L), float('nan'), device=device)
-        self.umap = None if map_shape is None else torch.full((B + 1, *map_shape), float('nan'), device=device)
-
-    def _buffer(self, out):
-        if self.sample is None:
-            self.sample = out.new_empty((self.B + 1, *out.shape[1:]))
-
-    def emit(self, rows, out, i: int, umap=None):
-        "Rows `rows` (original indices) leave at exit i with outputs `out` (and their uncertainty maps)."
-        if self.sample is None and i == self.L and len(rows) == self.B:
-            self.sample = out                                                  # nobody exited early
-            return
-        self._buffer(out)
-        self.sample.index_copy_(0, rows, out)
-        self.exit_layer.index_fill_(0, rows, i)
-        if umap is not None and self.umap is not None:
-            self.umap.index_copy_(0, rows, umap.detach().float())
-
-    def output(self, run: ExitRows, plan_syncs: int, rows_computed: int) -> EarlyExitOutput:
-        "The forward's result; `layers_run` is `rows_computed` when no row ran masked or padded, else read lazily."
-        B, um = self.B, self.umap
-        return EarlyExitOutput(sample=self.sample[:B], exit_layer=self.exit_layer[:B], uncertainty=self.unc[:B],
-                               layers_total=B * self.L, uncertainty_map=None if um is None else um[:B],
-                               host_syncs=run.syncs + plan_syncs, rows_computed=rows_computed,
-                               known_layers_run=rows_computed if run.exact else None)
-
-# %% ../../nbs/exits/02_early_exit.ipynb #ed800a3a
-def block_modules(bb) -> list:
-    "The backbone's transformer blocks in run order (U-ViT: in, mid, out; DiT: `blocks`; adapters: their own)."
-    if hasattr(bb, 'block_modules'):
-        return list(bb.block_modules())
-    if hasattr(bb, 'in_blocks'):
-        return [*bb.in_blocks, bb.mid_block, *bb.out_blocks]
-    return list(bb.blocks)
-
-def pow2_buckets(max_batch: int) -> tuple:
-    "1, 2, 4, ... up to `max_batch` (included when it is not a power of two)."
-    return tuple(sorted({2 ** k for k in range(max(int(max_batch), 1).bit_length()) if 2 ** k <= max_batch}
-                        | {int(max_batch)}))
-
-def fine_buckets(max_batch: int) -> tuple:
-    """1, 2, 4, 8, then multiples of 8 about 1.25x apart (at most 1.5x from 16 on), up to `max_batch`: less
-    padding than powers of two (which pad up to 2x) for a few more compilations."""
-    b, k = {1, 2, 4, 8}, 8
-    while k < max_batch:
-        k = max(k + 8, round(k * 1.25 / 8) * 8)
-        b.add(min(k, int(max_batch)))
-    return tuple(sorted(v for v in b | {int(max_batch)} if v <= max(int(max_batch), 1)))
-
-# %% ../../nbs/exits/02_early_exit.ipynb #ab842ea2
-class ExitRunner:
-    """One early-exit forward of `model`: its plan, the running rows (`ExitRows`), the exit points where it reads
-    (the sync policy, remembered under 'auto'), bucket padding, deferred exits and the results."""
-    def __init__(self, model, x, timesteps, threshold=None, exit_layers=None, exit_groups=None,
-                 return_maps: bool = False):
-        self.model, self.bb, self.B, self.L = model, model.backbone, x.shape[0], model.num_layers
-        self.plan = plan = self.make_plan(x, timesteps, threshold, exit_layers, exit_groups)
-        shape = (self.bb.in_chans, self.bb.img_size, self.bb.img_size) if return_maps else None
-        self.res, self.run, self.rows_computed = _Results(self.B, self.L, x.device, shape), None, 0
-        self.want_map = return_maps and plan.mode == 'threshold'
-        self.points = model.sync_points(*plan.sync_key) if plan.mode == 'threshold' else ()
-
-    def make_plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
-        "How this forward exits: checks the exit rule (unless `exit_rule_checked`) and builds the per-row tensors."
-        checked, crit = _RULE_CHECKED.get(), self.model.uem    # checked: the rule was checked where it entered
-        if not checked and threshold is not None and exit_layers is not None:
-            raise ValueError("pass either threshold (dynamic exits) or exit_layers (static exits), not both")
-        if threshold is not None and not crit.dynamic:
-            raise ValueError(f"{type(self.model).__name__} exits by a fixed schedule ({crit!r}); it takes "
-                             "exit_layers, not a threshold")
-        if threshold is None and exit_layers is None and not crit.dynamic:
-            exit_layers = crit.exit_layers(timesteps)
-        B, dev = x.shape[0], x.device
-        if threshold is not None:
-            tau = _tau(threshold, B, dev, checked)
-            per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
-            per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
-            if exit_groups is not None:
-                per_row['group'] = _check_groups(exit_groups, B, dev)
-            key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
-            syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
-            return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
-        if exit_layers is None:
-            return _Plan('full')
-        ex = self.check_exit_layers(exit_layers, B, dev)
-        return _Plan('static', dict(exit=ex), self.static_counts(ex), syncs=1)
-
-    def check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
-        "Static exits as a (B,) long tensor (values are checked by `static_counts`)."
-        e = torch.as_tensor(exit_layers, device=device)
-        if e.is_floating_point() or e.dtype == torch.bool:
-            raise TypeError(f"exit_layers must be an integer tensor of exit indices, got dtype {e.dtype}")
-        e = e.long()
-        if e.ndim == 0:
-            e = e.expand(B)
-        if e.shape != (B,):
-            raise ValueError(f"exit_layers must have shape (B,) = ({B},), got {tuple(e.shape)}")
-        return e
-
-    def static_counts(self, e: torch.Tensor) -> list[int]:
-        "How many rows leave at each exit 0..L, with the range check: one host sync."
-        lo, L = self.model.first_exit, self.L
-        if not len(e):
-            return [0] * (L + 1)
-        v = torch.cat([e.min()[None], e.max()[None], torch.bincount(e.clamp(0, L), minlength=L + 1)]).tolist()
-        if v[0] < lo or v[1] > L:
-            raise ValueError(f"exit_layers must lie in [{lo}, {L}] ({lo} = the first exit, {L} = full model); "
-                             f"got values in [{v[0]}, {v[1]}]")
-        return v[2:]
-
-    def bucket(self, n: int) -> int:
-        "Rows a batch with n live rows is padded to: the smallest bucket >= n (n itself without buckets)."
-        b = self.model._buckets
-        return next((k for k in b if k >= n), n) if b and n else n
-
-    def forward(self, x, timesteps, y=None) -> EarlyExitOutput:
-        "Embed, then the blocks on the running rows with an exit point before each; the final head on the rest."
-        plan, bb = self.plan, self.bb
-        h, state = bb.embed(x, timesteps, y)
-        self.model._uem_cond(state, plan.per_row)
-        self.run = run = ExitRows(torch.arange(self.B, device=x.device), h, state, plan.per_row,
-                                  torch.ones(self.B, dtype=torch.bool, device=x.device), self.B)
-        for i in range(self.L):
-            if plan.mode != 'full' and self.exit_point(i, i in self.points) == 0:
-                return self.output()
-            self.rows_computed += len(run.rows)
-            if self.model.uem.needs_prev:
-                run.prev = run.h
-            run.h = bb.run_block(i, run.h, run.state)
-        return self.finish()
-
-    def decide(self, i: int):
-        "Exit mask (B,) of the live rows at exit i and their uncertainty maps: computed on the device, no host sync."
-        run, res = self.run, self.res
-        if self.plan.mode == 'static':
-            return (run.per_row['exit'] == i) & run.live, None
-        u, umap = self.model.uem.uncertainty(i, self.bb, run.h, run.per_row, run.prev, want_map=self.want_map)
-        u, clean = u.detach().float(), run.n_live == len(run.rows)                 # clean: every row is live
-        res.unc[run.rows, i] = u if clean else torch.where(run.live, u, float('nan'))
-        m = u < run.per_row['tau_exit']
-        if 'group' in run.per_row:                                                 # 'joint': a group leaves together
-            g = run.per_row['group']
-            m = torch.zeros(res.B + 1, device=m.device).index_add_(0, g, (~m).float())[g] == 0
-        if self.want_map and umap is None:
-            umap = self.model._as_map(u)
-        return (m if clean else m & run.live), umap
-
-    def emit(self, i: int, h, m, n: int, umap=None):
-        "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
-        idx, model = _positions(m, n), self.model
-        state = self.run.state.select(idx) if model._head_needs_state else None  # U-ViT's per-layer heads need none
-        self.res.emit(self.run.rows[idx], model.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
-
-    def resolve(self, counts: list):
-        "Give the deferred exits their heads, now that their `counts` are read (one per pending exit)."
-        run = self.run
-        for (j, h, m, umap), n in zip(run.pending, counts):
-            if n:
-                self.emit(j, h, m, n, umap)
-                run.seen.add(j)
-        run.pending = []
-
-    def exit_point(self, i: int, sync: bool = True):
-        """Rows that leave at exit i get their head's output; at a sync point (or static exits, whose counts are
-        known) the batch is compacted to the live rows. Returns how many rows stay live, or None when not read."""
-        run, plan = self.run, self.plan
-        if plan.mode == 'static' and not plan.counts[i]:                         # nobody leaves here: nothing to do
-            return run.n_live
-        m, umap = self.decide(i)
-        if plan.mode == 'static':
-            n_exit, n_keep = plan.counts[i], run.n_live - plan.counts[i]
-        elif sync and run.n_live == len(run.rows):                                # nothing deferred or dead
-            n_exit = run.read(m.sum())[0]
-            n_keep = run.n_live - n_exit
-        elif sync:
-            n_exit, n_keep, *deferred = run.read(m.sum(), (run.live & ~m).sum(), *(d[2].sum() for d in run.pending))
-            self.resolve(deferred)
-        else:                                                                      # deferred: no host sync
-            run.pending.append((i, run.h, m, umap))
-            run.live, run.n_live, run.exact = run.live & ~m, None, False
-            return None
-        if n_exit:
-            self.emit(i, run.h, m, n_exit, umap)
-            run.seen.add(i)
-            run.live = run.live & ~m
-        if n_keep and self.bucket(n_keep) < len(run.rows):                       # compact (and pad to the bucket)
-            run.keep(_positions(run.live, n_keep))
-            run.pad(self.bucket(n_keep), self.B)
-        run.n_live = n_keep
-        run.exact = run.exact and n_keep == len(run.rows)
-        return n_keep
-
-    def finish(self) -> EarlyExitOutput:
-        "The final head on the rows still running; the output."
-        run, res, L = self.run, self.res, self.L
-        if run.pending or run.n_live is None:                                    # deferred exits since the last read
-            run.n_live, *deferred = run.read(run.live.sum(), *(d[2].sum() for d in run.pending))
-            self.resolve(deferred)
-        if run.n_live == len(run.rows):
-            res.emit(run.rows, self.bb.decode(run.h, run.state), L)
-        elif run.n_live:                                                           # the head on the live rows only
-            idx = _positions(run.live, run.n_live)
-            res.emit(run.rows[idx], self.bb.decode(run.h[idx], run.state.select(idx)), L)
-        return self.output()
-
-    def remember(self):
-        "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
-        model, key = self.model, self.plan.sync_key
-        if self.plan.mode == 'threshold' and model.exit_sync == 'auto':
-            model._sync_plan.pop(key, None)
-            model._sync_plan[key] = frozenset(self.run.seen | {self.L - 1})
-            while len(model._sync_plan) > 64:                                       # thresholds dragged in an app
-                model._sync_plan.pop(next(iter(model._sync_plan)))
-
-    def output(self) -> EarlyExitOutput:
-        "Remember the sync points ('auto'); the forward's result."
-        self.remember()
-        return self.res.output(self.run, self.plan.syncs, self.rows_computed)
-
 # %% ../../nbs/exits/02_early_exit.ipynb #6af46cd0
 def is_early_exit_model(model) -> bool:
     "True when `model` exits early: an `EarlyExitModel` (any criterion) or a wrapper exposing `num_exits`."
@@ -892,19 +303,20 @@ def is_early_exit_model(model) -> bool:
 # %% ../../nbs/exits/02_early_exit.ipynb #6f1f138b
 def _backbone_config(preset: str, **kw) -> dict:
     "The config of backbone preset `preset` (a U-ViT or a DiT name) with overrides, built on the meta device."
-    arch = 'dit' if preset in DIT_PRESETS else 'uvit'
-    bad = sorted(set(kw) - set(_ARGS[arch]))
+    spec = backbone_spec(family_of(preset))
+    args = spec.constructor_args()
+    bad = sorted(set(kw) - set(args))
     if bad:
         raise TypeError(f"unknown argument(s) {bad} for preset {preset!r}; early-exit options are {list(EE_OPTIONS)}, "
-                        f"backbone ({BACKBONES[arch].__name__}) options are {list(_ARGS[arch])}")
+                        f"backbone ({spec.get('backbone').__name__}) options are {list(args)}")
     with torch.device('meta'):
-        return dict((create_dit if preset in DIT_PRESETS else create_uvit)(preset, **kw).config)
+        return dict(spec.get('create')(preset, **kw).config)
 
 def _ee_name(preset: str) -> str:
-    return 'adadiff_' + (preset if preset in DIT_PRESETS else preset[len('uvit_'):])
+    return 'adadiff_' + (preset[len('uvit_'):] if family_of(preset) == 'uvit' else preset)
 
 def _ee_preset(preset: str, **ee_defaults):
-    arch = 'dit' if preset in DIT_PRESETS else 'uvit'
+    arch = family_of(preset)
     def build(**kw):
         ee = {**ee_defaults, 'backbone_arch': arch, **{k: v for k, v in kw.items() if k in EE_OPTIONS}}
         return EarlyExitModel(backbone=_backbone_config(preset, **{k: v for k, v in kw.items() if k not in EE_OPTIONS}),
@@ -913,13 +325,18 @@ def _ee_preset(preset: str, **ee_defaults):
     build.__doc__ = f"Early-exit model on the `{preset}` backbone (early-exit options or backbone overrides as kwargs)."
     return build
 
-EE_PRESETS: dict = {_ee_name(k): _ee_preset(k) for k in [*PRESETS, *DIT_PRESETS]}
+def early_exit_presets() -> dict:
+    "{early-exit preset name: builder}: one per preset of every backbone family in the registry."
+    return {_ee_name(k): _ee_preset(k) for s in BACKBONES.values() for k in s.preset_names()}
+
+EE_PRESETS: dict = early_exit_presets()         # the shipped families' (a family registered later: create_early_exit)
 
 def create_early_exit(name: str, **kw) -> EarlyExitModel:
     "Build an early-exit preset by name (see `EE_PRESETS`); keywords: `EE_OPTIONS` or backbone overrides."
-    if name not in EE_PRESETS:
-        raise ValueError(f"unknown early-exit preset {name!r}; choose one of {sorted(EE_PRESETS)}")
-    return EE_PRESETS[name](**kw)
+    presets = EE_PRESETS if name in EE_PRESETS else early_exit_presets()
+    if name not in presets:
+        raise ValueError(f"unknown early-exit preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name](**kw)
 
 # %% ../../nbs/exits/02_early_exit.ipynb #8b2c8249
 def _check_schedule(schedule, num_layers: int | None) -> torch.Tensor:

@@ -10,45 +10,55 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/bench.html.md"""
 
 # %% ../../nbs/experiments/07_bench.ipynb #4a1c8911
 from __future__ import annotations
-import argparse, copy, hashlib, itertools, json, math, os, platform, shlex, statistics, sys, time
+import argparse, copy, hashlib, json, math, os, shlex, statistics, sys, time
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 from ..models.uvit import UViT, create_uvit
-from ..models.dit import DIT_PRESETS
-from ..exits.early_exit import EarlyExitUViT, create_early_exit
+from ..exits.early_exit import EarlyExitUViT
 from ..models.checkpoint import (save_model, load_model, atomic_write_json, atomic_write, sha256_file,
                                  read_safetensors_metadata, CheckpointError)
-from ..evaluation.cost import layer_costs, full_eval_flops, backbone_flops, eval_flops, speedup, sync, Timing
-from ..sampling.run import sample_batches, check_precision, check_sampler_opts
+from ..evaluation.cost import layer_costs, full_eval_flops
+from ..sampling.run import sample_batches, check_sampler_opts
 from ..evaluation.metrics import psnr, mse, proxy_fd, compute_stats
-from ..evaluation.analysis import LOG_TICKS
 from ..exits.calibrate import calibrate_threshold, calibrate_static_schedule, sampler_model_times
 from ..exits.baselines import (StaticDropUViT, BERxiTUViT, CALMUViT, finetune, diffusion_loss,
                                         adadiff_train_loss, ase_train_loss, berxit_train_loss, calm_train_loss,
                                         small_model_config)
-from .methods import (METHODS, FULL, method_spec, method_names, method_label, method_families,
+from .methods import (METHODS, FULL, method_spec, method_names, method_label,
                                             fixed_rule, cost_model, resolve)
+# moved to experiments.exit_bench and experiments.bench_tables; still importable from here
+from .exit_bench import (run_environment, time_interleaved, peak_memory, spread_exit_layers,
+                                               randomize_zero_init, build_bench_dit, exit_bench_inputs, bench_exits,
+                                               bench_dit_exits, exit_bench_table, BENCH_ARCHS, build_bench_model,
+                                               spread_uem_weights, threshold_for_skip, bench_exit_group,
+                                               bench_exit_grid, exit_grid_table, add_timing_args, write_bench_json)
+from .bench_tables import (ALL_METHODS, DYNAMIC, METHOD_LABELS, TABLE1_ROWS, METHOD_FAMILIES,
+                                                 FAMILY_SCALES, format_table, table1_markdown, method_styles,
+                                                 right_legend, make_figures)
 
 # %% auto #0
-__all__ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'COMPARISONS', 'COUNT_MINIMA', 'RUN_ELSEWHERE', 'LOSS_VERSIONS',
-           'TABLE1_ROWS', 'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS', 'check_count', 'check_seed',
-           'check_reductions', 'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
+__all__ = ['COMPARISONS', 'COUNT_MINIMA', 'RUN_ELSEWHERE', 'LOSS_VERSIONS', 'check_count', 'check_seed', 'check_reductions',
+           'parse_list', 'check_out_dir', 'check_checkpoint', 'check_run_paths', 'check_comparison',
            'comparison_config', 'spec_key', 'state_sha', 'cached_model', 'load_backbone', 'train_info',
            'make_finetuner', 'build_methods', 'quality_proxy', 'real_images', 'sample_timed', 'comparison_backbone',
-           'method_exit_rule', 'run_environment', 'comparison_noise', 'run_comparison', 'format_table',
-           'table1_markdown', 'method_styles', 'right_legend', 'make_figures', 'comparisons_epilog', 'build_parser',
-           'set_threads', 'main', 'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init',
-           'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table',
-           'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid',
-           'exit_grid_table', 'add_timing_args', 'write_bench_json']
+           'method_exit_rule', 'comparison_noise', 'run_comparison', 'comparisons_epilog', 'build_parser',
+           'set_threads', 'main', 'ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'TABLE1_ROWS', 'METHOD_FAMILIES',
+           'FAMILY_SCALES', 'BENCH_ARCHS', 'run_environment', 'format_table', 'table1_markdown', 'method_styles',
+           'right_legend', 'make_figures', 'time_interleaved', 'peak_memory', 'spread_exit_layers',
+           'randomize_zero_init', 'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits',
+           'exit_bench_table', 'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group',
+           'bench_exit_grid', 'exit_grid_table', 'add_timing_args', 'write_bench_json']
 
-# %% ../../nbs/experiments/07_bench.ipynb #6e72a5e8
-# snapshots of the registry (`adadiff_nb.experiments.methods.METHODS`) at import; the functions below read it live
-ALL_METHODS = method_names(harness='bench')
-DYNAMIC = method_names(rule='threshold', harness='bench')
-METHOD_LABELS = {m: method_label(m) for m in ALL_METHODS}
+# %% ../../nbs/experiments/07_bench.ipynb #0114477b
+# the moved names stay in this module's __all__
+_all_ = ['ALL_METHODS', 'DYNAMIC', 'METHOD_LABELS', 'TABLE1_ROWS', 'METHOD_FAMILIES', 'FAMILY_SCALES', 'BENCH_ARCHS',
+         'run_environment', 'format_table', 'table1_markdown', 'method_styles', 'right_legend', 'make_figures',
+         'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init', 'build_bench_dit',
+         'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table', 'build_bench_model',
+         'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid', 'exit_grid_table',
+         'add_timing_args', 'write_bench_json']
 
 # %% ../../nbs/experiments/07_bench.ipynb #c13a9fe9
 _BASE = dict(data='cifar10_partial', schedule='linear', sampler='ddim', sampler_opts={}, target_reduction=0.4,
@@ -431,12 +441,6 @@ def _evaluate(cfg, models, x_T, x_C, ref, clf, L, gflops_full, log) -> tuple:
     return rows, sweep
 
 # %% ../../nbs/experiments/07_bench.ipynb #53b14964
-def run_environment() -> dict:
-    "Versions, threads and machine of this run, recorded in every results JSON."
-    return dict(torch=torch.__version__, python=platform.python_version(), device='cpu',
-                threads=torch.get_num_threads(), omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
-                machine=platform.machine(), processor=platform.processor() or None)
-
 def _write_results(res: dict, out: Path, name: str, log):
     "The figures as plotly JSON beside OUT/<name>.json, then the printed table."
     figs = make_figures(res)
@@ -498,129 +502,6 @@ def run_comparison(name: str, out='results', work=None, command: str | None = No
                total_seconds=round(time.time() - t_start, 1))
     _write_results(res, out, name, log)
     return res
-
-# %% ../../nbs/experiments/07_bench.ipynb #a1fe8072
-def _f(v, fmt):
-    return '-' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-
-def format_table(res: dict) -> str:
-    "The comparison as a fixed-width text table (what `adadiff-bench` prints)."
-    head = (f"{'method':32s} {'layers':>7s} {'reduct.':>8s} {'GFLOPs/eval':>11s} {'proxy-FD':>9s} {'PSNR/full':>9s} "
-            f"{'ideal x':>8s} {'GFLOPs x':>8s} {'measured x':>10s}  exit rule")
-    lines = [f"{res['comparison']}: {res['description']}", head, '-' * len(head)]
-    for r in res['rows']:
-        rule = (
-            f"tau={r['threshold']:.4g}"
-            if isinstance(r.get('threshold'), float) and 'threshold' not in fixed_rule(r['method'])
-            else (
-                f"tau={r['threshold']}"
-                if r.get('threshold') is not None and 'threshold' not in fixed_rule(r['method'])
-                else (
-                    f"exit {r['exit_layer']}"
-                    if r.get('exit_layer') is not None
-                    else (
-                        f"keep {r['schedule']}"
-                        if r.get('schedule') is not None
-                        else f"{r.get('small_blocks')} blocks" if cost_model(r['method']) == 'blocks' else ''
-                    )
-                )
-            )
-        )
-        lr_ = r['layer_ratio']
-        lines.append(
-            f"{r['label']:32s} {_f(lr_, '7.3f')} {_f(-100 * (1 - lr_), '+7.1f')}% {_f(r['gflops_per_eval'], '11.4f')} "
-            f"{_f(r['proxy_fd'], '9.3f')} {_f(r.get('psnr_vs_full'), '9.2f')} {_f(r['ideal_speedup'], '8.2f')} "
-            f"{_f(r['gflops_speedup'], '8.2f')} {_f(r['measured_speedup'], '10.2f')}  {rule}"
-        )
-    q = res['quality']
-    lines.append(
-        f"proxy-FD floor ({res['config']['n']} real training images vs the reference): {q['real_floor_fd']:.3f}; "
-        f"proxy: {q['proxy']}"
-    )
-    return '\n'.join(lines)
-
-# %% ../../nbs/experiments/07_bench.ipynb #4534d3c2
-# the paper's Table 1 row order; any other registered method follows
-TABLE1_ROWS = ('berxit', 'calm', 'ase_paper', 'ase', 'static', 'small', 'adadiff')
-
-def table1_markdown(res: dict) -> str:
-    "The rows in the layout of the paper's Table 1 (methods w/o and w/ adaptive computation; FID replaced by proxy-FD)."
-    by = {r['method']: r for r in res['rows']}
-    def line(r):
-        lr_ = r['layer_ratio']
-        ratio = '1' if abs(lr_ - 1) < 1e-9 else f"-{100 * (1 - lr_):.1f}%"
-        g, gf = r['gflops_per_eval'], r['gflops_full_per_eval']
-        gs = f"{g:.4f}" if abs(g - gf) / gf < 1e-9 else f"{g:.4f} ({100 * (g / gf - 1):+.1f}%)"
-        speed = f"{_f(r['measured_speedup'], '.2f')}x / {_f(r['ideal_speedup'], '.2f')}x"
-        quality = f"{_f(r['proxy_fd'], '.3f')} | {_f(r.get('psnr_vs_full'), '.2f')}"
-        return f"| {r['label']} | {quality} | {ratio} | {gs} | {speed} |"
-    out = ["| Methods | proxy-FD | PSNR vs full (dB) | Layers Ratio | GFLOPs / eval | speed-up measured / ideal |",
-           "|---|---|---|---|---|---|", "| *Models w/o adaptive computation* | | | | | |"]
-    out += [line(by[m]) for m in method_names(kind='reference') if m in by]
-    out.append("| *Models w/ adaptive computation* | | | | | |")
-    rest = [m for m in method_names(where=lambda s: s.kind != 'reference') if m not in TABLE1_ROWS]
-    out += [line(by[m]) for m in TABLE1_ROWS + tuple(rest) if m in by]
-    return '\n'.join(out)
-
-# %% ../../nbs/experiments/07_bench.ipynb #24fb7b5c
-METHOD_FAMILIES = method_families(ALL_METHODS)   # the bench methods' colour families, from the registry
-FAMILY_SCALES = {'reference': 'Greys', 'dynamic early exit': 'Blues', 'static exit / small model': 'Greens',
-                 'caching': 'Oranges', 'AdaDiff ablation': 'Purples'}
-_SYMBOLS = ('circle', 'square', 'diamond', 'triangle-up', 'x', 'star', 'triangle-down', 'cross', 'pentagon')
-_DASHES = ('solid', 'dot', 'dash', 'dashdot', 'longdash', 'longdashdot')
-
-def method_styles(families: dict | None = None) -> dict:
-    """{method: family, color, symbol, dash}: one hue family per kind of method (`families` {kind: methods}, default
-    the registry's bench methods by `MethodSpec.family`; hues from `FAMILY_SCALES`), its members told apart by
-    shade, marker symbol and dash."""
-    from plotly.colors import sample_colorscale
-    out = {}
-    for kind, ms in (families or method_families(method_names(harness='bench'))).items():
-        shades = sample_colorscale(FAMILY_SCALES.get(kind, 'Greys'), list(np.linspace(1., .5, max(len(ms), 2))))
-        out.update({m: dict(family=kind, color=shades[j], symbol=_SYMBOLS[j % len(_SYMBOLS)],
-                            dash=_DASHES[j % len(_DASHES)]) for j, m in enumerate(ms)})
-    return out
-
-def right_legend(fig, **kw):
-    "A vertical legend right of the plots, grouped by `legendgroup` with group titles: clear of every axis title."
-    return fig.update_layout(legend=dict(orientation='v', x=1.02, xanchor='left', y=1, yanchor='top',
-                                         groupclick='toggleitem', tracegroupgap=8, font=dict(size=11), **kw))
-
-# %% ../../nbs/experiments/07_bench.ipynb #7978ded3
-def make_figures(res: dict) -> dict:
-    """Plotly figures: quality (proxy-FD on a log axis, PSNR) vs layer reduction, colours by kind of method
-    (`method_styles`), and measured vs ideal speed-up."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    rows, st = res['rows'] + res.get('sweep', []), method_styles()
-    q = make_subplots(rows=1, cols=2, subplot_titles=('proxy-FD (lower is better, log axis)',
-                                                      'PSNR vs full model (dB)'))
-    for m in [m for m in st if any(r['method'] == m for r in rows)]:
-        rs = sorted([r for r in rows if r['method'] == m], key=lambda r: r['layer_reduction'])
-        xr, s = [100 * (1 - r['layer_ratio']) for r in rs], st[m]
-        kw = dict(mode='lines+markers' if len(rs) > 1 else 'markers', name=method_label(m), legendgroup=s['family'],
-                  legendgrouptitle_text=s['family'], marker=dict(color=s['color'], symbol=s['symbol'], size=8),
-                  line=dict(color=s['color'], dash=s['dash']))
-        q.add_trace(go.Scatter(x=xr, y=[r['proxy_fd'] for r in rs], **kw), 1, 1)
-        if m != FULL:
-            q.add_trace(go.Scatter(x=xr, y=[r.get('psnr_vs_full') for r in rs], showlegend=False, **kw), 1, 2)
-    q.update_xaxes(title_text='layer reduction (%)')
-    q.update_yaxes(type='log', tickvals=LOG_TICKS, row=1, col=1)
-    q.update_layout(title=f"{res['comparison']}: quality vs layer reduction", template='plotly_white', height=440,
-                    margin=dict(l=60, r=20, t=70, b=50))
-    right_legend(q)
-    s = go.Figure()
-    prim = [r for r in res['rows'] if r['method'] != 'full']
-    for k, name, color in (('ideal_speedup', 'ideal (1 / layer ratio)', 'rgb(158,202,225)'),
-                           ('gflops_speedup', 'analytic GFLOPs', 'rgb(66,146,198)'),
-                           ('measured_speedup', 'measured wall-clock', 'rgb(8,48,107)')):
-        s.add_trace(go.Bar(x=[r['label'] for r in prim], y=[r[k] for r in prim], name=name, marker_color=color))
-    s.add_hline(y=1, line_dash='dot')
-    s.update_layout(barmode='group', title=f"{res['comparison']}: speed-up vs the full model",
-                    yaxis_title='speed-up (x)', template='plotly_white', height=440,
-                    margin=dict(l=60, r=20, t=70, b=50))
-    right_legend(s)
-    return dict(quality=q, speedup=s)
 
 # %% ../../nbs/experiments/07_bench.ipynb #179d27f5
 def comparisons_epilog(extra: dict | None = None) -> str:
@@ -690,354 +571,3 @@ def main(argv=None, extra_comparisons: dict | None = None) -> int:
 # %% ../../nbs/experiments/07_bench.ipynb #5e0a1c37
 if __name__ == '__main__':
     sys.exit(main())
-
-# %% ../../nbs/experiments/07_bench.ipynb #17bf7fd0
-def _timed_call(fn, device=None) -> float:
-    "Seconds of one call `fn()`: CUDA events on a CUDA device, else `time.perf_counter` with device synchronisation."
-    dev = torch.device(device or 'cpu')
-    sync(dev)
-    if dev.type == 'cuda':
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    sync(dev)
-    return time.perf_counter() - t0
-
-def time_interleaved(fns: dict, repeats: int = 7, warmup: int = 2, device=None) -> dict:
-    """{name: `cost.Timing`} of each `fns[name]()`, timed in turns: every repeat calls every function once (in a
-    rotating order) after `warmup` untimed rounds, so drift of a shared machine hits them all alike."""
-    if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names = list(fns)
-    for _ in range(max(0, warmup)):
-        for k in names: fns[k]()
-    ts = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            ts[k].append(_timed_call(fns[k], device))
-    return {k: Timing(median=statistics.median(v), mean=statistics.fmean(v), min=min(v), max=max(v), times=v,
-                      warmup=warmup, repeats=repeats) for k, v in ts.items()}
-
-# %% ../../nbs/experiments/07_bench.ipynb #05dd3397
-def peak_memory(fn, device=None) -> int | None:
-    "Peak bytes allocated during `fn()` beyond those live before it (CUDA or CPU); None where it cannot be measured."
-    dev = torch.device(device or 'cpu')
-    if dev.type == 'cuda':
-        sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        fn()
-        sync(dev)
-        return int(torch.cuda.max_memory_allocated(dev) - base)
-    if dev.type != 'cpu': return None
-    from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    res = getattr(prof.profiler, 'kineto_results', None)
-    if res is None: return None
-    ev = sorted(((e.start_ns(), e.nbytes()) for e in res.events() if e.name() == '[memory]'), key=lambda e: e[0])
-    return int(max(itertools.accumulate(n for _, n in ev), default=0))
-
-# %% ../../nbs/experiments/07_bench.ipynb #ea21a7f6
-def spread_exit_layers(batch: int, num_layers: int, skip_fraction: float, generator=None, first: int = 0):
-    """Exit layers (batch,) in [first, num_layers], spread over the samples, that skip exactly
-    `round(skip_fraction * batch * num_layers)` of the batch * num_layers block evaluations."""
-    if not 0 <= skip_fraction < 1: raise ValueError(f"skip_fraction must lie in [0, 1), got {skip_fraction}")
-    L, run = num_layers, batch * num_layers - round(skip_fraction * batch * num_layers)
-    if run < batch * first:
-        raise ValueError(f"skip_fraction={skip_fraction} skips more than exits >= {first} allow: use at most "
-                         f"{1 - first / L:.3f}")
-    e = torch.randint(first, L + 1, (batch,), generator=generator)
-    while (d := run - int(e.sum())) != 0:
-        idx = ((e < L) if d > 0 else (e > first)).nonzero().flatten()
-        e[idx[torch.randperm(len(idx), generator=generator)[:abs(d)]]] += 1 if d > 0 else -1
-    return e
-
-# %% ../../nbs/experiments/07_bench.ipynb #1af6d051
-def randomize_zero_init(model: nn.Module, std: float = 0.02, generator=None) -> nn.Module:
-    "Give every all-zero floating-point parameter of `model` N(0, std^2) values (in place); returns `model`."
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model
-
-def build_bench_dit(preset: str = 'DiT-S/2', seed: int = 0, **kw) -> EarlyExitUViT:
-    "An early-exit DiT preset (`create_early_exit('adadiff_' + preset, **kw)`) with random non-zero weights, eval."
-    if preset not in DIT_PRESETS: raise ValueError(f"unknown DiT preset {preset!r}; choose one of {list(DIT_PRESETS)}")
-    torch.manual_seed(seed)
-    m = create_early_exit('adadiff_' + preset, **kw)
-    return randomize_zero_init(m, generator=torch.Generator().manual_seed(seed + 1)).eval()
-
-# %% ../../nbs/experiments/07_bench.ipynb #45799e8f
-def exit_bench_inputs(model, batch: int, skip_fraction: float, seed: int = 0, guidance: bool = False,
-                      device=None) -> dict:
-    "x, t, y (None for an unconditional model) and exit_layers for `batch` samples (2 rows each with `guidance`)."
-    bb, g = model.backbone, torch.Generator().manual_seed(seed)
-    if guidance and model.null_class is None:
-        raise ValueError("guidance needs a model with a null class (DiT: class_dropout_prob > 0, the default)")
-    x = torch.randn(batch, bb.in_chans, bb.img_size, bb.img_size, generator=g)
-    t = torch.rand(batch, generator=g) * 999.
-    y = torch.randint(0, model.num_labels, (batch,), generator=g) if model.num_labels else None
-    e = spread_exit_layers(batch, model.num_layers, skip_fraction, g, first=model.first_exit)
-    if guidance:
-        x, t, e = torch.cat([x, x]), torch.cat([t, t]), torch.cat([e, e])
-        y = torch.cat([y if y is not None else torch.full((batch,), model.null_class),
-                       torch.full((batch,), model.null_class)])
-    dev = device or next(model.parameters()).device
-    return dict(x=x.to(dev), t=t.to(dev), y=None if y is None else y.to(dev), exit_layers=e.to(dev))
-
-# %% ../../nbs/experiments/07_bench.ipynb #0385a958
-def _exit_check(model, x, t, y, out) -> float:
-    "Largest |difference| between each row of the static-exit output and `forward_train`'s output at its exit."
-    ft, C = model.forward_train(x, t, y), x.shape[1]
-    ref = torch.cat([ft['exits'], ft['eps'][None]])[out.exit_layer, torch.arange(x.shape[0], device=x.device)]
-    return float((out.sample[:, :C] - ref).abs().max())
-
-def _part_costs(bb, x, t, y) -> dict:
-    "The functions of the pieces of one evaluation: embed, one block (block 0), the head."
-    h, state = bb.embed(x, t, y)
-    return dict(embed=lambda: bb.embed(x, t, y), block=lambda: bb.run_block(0, h, state.copy()),
-                head=lambda: bb.decode(h, state))
-
-# %% ../../nbs/experiments/07_bench.ipynb #fff38174
-@torch.inference_mode()
-def bench_exits(model, x, t, y=None, exit_layers=None, repeats: int = 7, warmup: int = 2, device=None) -> dict:
-    """Time `model(x, t, y, exit_layers=...)` against its plain backbone, interleaved, with the pieces of one
-    evaluation; measured and ideal speed-ups (layers run, analytic FLOPs, measured parts), peak memory, checks."""
-    bb, L, B = model.backbone, model.num_layers, x.shape[0]
-    out = model(x, t, y, exit_layers=exit_layers)
-    check = dict(max_abs_diff_vs_forward_train=_exit_check(model, x, t, y, out),
-                 max_abs_diff_full_vs_backbone=float((model(x, t, y).sample - bb(x, t, y)).abs().max()))
-    fns = dict(full=lambda: bb(x, t, y), exits=lambda: model(x, t, y, exit_layers=exit_layers),
-               **_part_costs(bb, x, t, y))
-    tm = time_interleaved(fns, repeats, warmup, device)
-    sec = {k: v.median for k, v in tm.items()}
-    c = backbone_flops(bb)
-    f_full, f_exits = full_eval_flops(c) * B, float(eval_flops(c, out.exit_layer).sum())
-    r = speedup(out.layer_ratio, sec['full'], sec['exits'])
-    parts = lambda blocks: sec['embed'] + blocks * sec['block'] + sec['head']
-    r.update(ideal_speedup_flops=f_full / f_exits, ideal_speedup_parts=parts(L) / parts(out.layers_run / B),
-             parts_vs_full=parts(L) / sec['full'], measured_speedup_min=tm['full'].min / tm['exits'].min)
-    r.update(efficiency_flops=r['measured_speedup'] / r['ideal_speedup_flops'],
-             efficiency_parts=r['measured_speedup'] / r['ideal_speedup_parts'])
-    flops = dict(embed=c['embed'], block=c['blocks'][0], head=c['head'], full_per_row=full_eval_flops(c),
-                 exits_per_row=f_exits / B)
-    return dict(r, rows=B, num_layers=L, layers_run=out.layers_run, layers_total=out.layers_total,
-                exit_histogram=torch.bincount(out.exit_layer.cpu(), minlength=L + 1).tolist(), seconds=sec,
-                timings={k: v.as_dict() for k, v in tm.items()}, flops=flops, check=check,
-                peak_memory_bytes=dict(full=peak_memory(fns['full'], device), exits=peak_memory(fns['exits'], device)))
-
-# %% ../../nbs/experiments/07_bench.ipynb #57e7ec6b
-def bench_dit_exits(preset: str = 'DiT-S/2', input_size: int = 16, in_channels: int = 4, batch: int = 64,
-                    skip_fraction: float = 0.4, repeats: int = 7, warmup: int = 2, seed: int = 0, device='cpu',
-                    num_classes: int = 1000, guidance: bool = False, **dit_kw) -> dict:
-    "`bench_exits` of an early-exit DiT `preset` (random weights) with static exits skipping `skip_fraction`."
-    model = build_bench_dit(preset, seed, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                            **dit_kw).to(device)
-    inp = exit_bench_inputs(model, batch, skip_fraction, seed, guidance, device)
-    res = bench_exits(model, inp['x'], inp['t'], inp['y'], inp['exit_layers'], repeats, warmup, device)
-    return dict(preset=preset, backbone=dict(model.backbone.config), samples=batch, guidance=guidance,
-                skip_fraction_requested=skip_fraction, seed=seed,
-                environment=dict(run_environment(), device=str(device)),
-                params=sum(p.numel() for p in model.backbone.parameters()), **res)
-
-# %% ../../nbs/experiments/07_bench.ipynb #e8bbc891
-def _mem_mb(mem: dict, digits: int = 1) -> str:
-    "'plain/exits' peak MB of a run's `peak_memory_bytes`, '-' where it could not be measured."
-    return '-' if mem['full'] is None else f"{mem['full'] / 2**20:.{digits}f}/{mem['exits'] / 2**20:.{digits}f}"
-
-def exit_bench_table(runs: list) -> str:
-    "The runs of `bench_dit_exits` as a small fixed-width table (what bench/bench_dit_exits.py prints)."
-    head = (f"{'run':10s} {'rows':>5s} {'skipped':>8s} {'full ms':>9s} {'exits ms':>9s} {'measured':>9s} "
-            f"{'ideal L':>8s} {'ideal F':>8s} {'ideal P':>8s} {'eff. L':>7s} {'eff. F':>7s} {'peak MB':>13s}")
-    lines = [head, '-' * len(head)]
-    for r in runs:
-        m = _mem_mb(r['peak_memory_bytes'])
-        lines.append(f"{'guided' if r['guidance'] else 'plain':10s} {r['rows']:5d} {r['layer_reduction']:8.1%} "
-                     f"{r['seconds']['full'] * 1e3:9.1f} {r['seconds']['exits'] * 1e3:9.1f} "
-                     f"{r['measured_speedup']:8.3f}x {r['ideal_speedup']:7.3f}x {r['ideal_speedup_flops']:7.3f}x "
-                     f"{r['ideal_speedup_parts']:7.3f}x {r['efficiency']:7.3f} {r['efficiency_flops']:7.3f} {m:>13s}")
-    lines += ["measured = median full / median exits; ideal L = 1/layer ratio, F = analytic FLOPs (embed and head",
-              "included), P = measured parts (embed + blocks run x one block + head); eff. = measured / ideal"]
-    return '\n'.join(lines)
-
-# %% ../../nbs/experiments/07_bench.ipynb #f01caebc
-BENCH_ARCHS = {
-    'U-ViT-S/2': dict(preset='adadiff_s2_cifar10', size=32, reduced=dict(img_size=16, embed_dim=128, num_heads=2)),
-    'DiT-XL/2': dict(preset='adadiff_DiT-XL/2', size=32, dit=True,
-                     reduced=dict(input_size=16, hidden_size=128, num_heads=2)),
-}
-
-def build_bench_model(arch: str, reduced: bool = False, seed: int = 0) -> EarlyExitUViT:
-    "An early-exit model of `BENCH_ARCHS[arch]` with random non-zero weights and spread-out UEMs, eval."
-    if arch not in BENCH_ARCHS:
-        raise ValueError(f"unknown benchmark model {arch!r}; choose one of {list(BENCH_ARCHS)}")
-    spec = BENCH_ARCHS[arch]
-    kw = dict(spec['reduced']) if reduced else (dict(input_size=spec['size']) if spec.get('dit') else {})
-    if spec.get('dit'):
-        return build_bench_dit(spec['preset'][len('adadiff_'):], seed, num_classes=0, **kw)
-    torch.manual_seed(seed)
-    m = create_early_exit(spec['preset'], **kw)
-    return randomize_zero_init(m, generator=torch.Generator().manual_seed(seed + 1)).eval()
-
-# %% ../../nbs/experiments/07_bench.ipynb #bbdc7f16
-def spread_uem_weights(model, std: float = .5, seed: int = 0):
-    "Wide random UEM weights (in place): uncertainties then differ clearly between samples and exits."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.uem.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** .5 * 4)
-    return model
-
-@torch.inference_mode()
-def threshold_for_skip(model, x, t, y=None, skip: float = .45, iters: int = 16) -> tuple:
-    "(threshold, layer reduction) with the layer reduction of `model(x, t, y, threshold=...)` closest to `skip`."
-    lo, hi, best = 0., 1., (0., 0.)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        red = 1 - model(x, t, y, threshold=mid).layer_ratio
-        if abs(red - skip) < abs(best[1] - skip):
-            best = (mid, red)
-        lo, hi = (mid, hi) if red < skip else (lo, mid)
-    return best
-
-# %% ../../nbs/experiments/07_bench.ipynb #62ef4370
-def _under(dtype, device, fn):
-    "`fn` run under autocast to `dtype` (None: as is) on `device`."
-    if dtype is None:
-        return fn
-    def run():
-        with torch.autocast(torch.device(device).type, dtype=dtype):
-            return fn()
-    return run
-
-def _settle(fns: dict, rounds: int = 6) -> int:
-    """Call every function in turns until a whole round compiles nothing new (dynamo's graph count stays put), so
-    that no timed call of a compiled model pays for a compilation; returns the number of graphs."""
-    from torch._dynamo.utils import counters
-    seen = -1
-    for _ in range(rounds):
-        if counters['stats']['unique_graphs'] == seen:
-            break
-        seen = counters['stats']['unique_graphs']
-        for f in fns.values():
-            f()
-    return counters['stats']['unique_graphs']
-
-def _with_sync(model, policy, fn):
-    "`fn` run with the model's host-sync policy set to `policy`."
-    def run():
-        model.exit_sync = policy
-        return fn()
-    return run
-
-def _exit_fns(model, x, t, skips, rules, sync_policies, g) -> dict:
-    "name -> (call, rule, requested skip) for the early-exit model: static exits and/or thresholds per skip level."
-    fns = {}
-    for s in skips:
-        if 'static' in rules:
-            e = spread_exit_layers(len(x), model.num_layers, s, g, first=model.first_exit).to(x.device)
-            fns[f'static {s:g}'] = (lambda e=e: model(x, t, exit_layers=e), 'static', s)
-        if 'threshold' in rules:
-            thr = threshold_for_skip(model, x, t, skip=s)[0] if s > 0 else 0.
-            for pol in sync_policies:
-                fns[f'threshold {s:g} {pol}'] = (_with_sync(model, pol, lambda thr=thr: model(x, t, threshold=thr)),
-                                                 f'threshold/{pol}', s)
-    return fns
-
-# %% ../../nbs/experiments/07_bench.ipynb #405d07cd
-def _group_row(name, rule, skip, out, sec, full_s, mem) -> dict:
-    "One row of a benchmark group: measured vs ideal speed-up of one early-exit call against the plain backbone."
-    measured, ideal = full_s / sec, 1 / max(out.layer_ratio, 1e-9)
-    return dict(run=name, rule=rule, skip_requested=skip, layer_reduction=1 - out.layer_ratio,
-                full_ms=full_s * 1e3, exits_ms=sec * 1e3, measured_speedup=measured, ideal_speedup=ideal,
-                efficiency=measured / ideal, host_syncs=out.host_syncs, rows_computed=out.rows_computed,
-                layers_run=out.layers_run, peak_memory_bytes=mem)
-
-@torch.inference_mode()
-def bench_exit_group(model, batch: int, skips=(0., .25, .45, .6), precision: str = 'fp32', compiled: bool = False,
-                     rules=('static',), sync_policies=('auto',), repeats: int = 5, warmup: int = 2, seed: int = 0,
-                     device='cpu', buckets='fine') -> list:
-    """The plain backbone and the early-exit model at every skip level on one batch, timed in turns: rows of
-    measured and ideal speed-up, host syncs and peak memory. `compiled`: `compile_exits(buckets)` first (the
-    backbone's blocks are compiled for the plain runs too)."""
-    bb, dev, g = model.backbone, torch.device(device), torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, bb.in_chans, bb.img_size, bb.img_size, generator=g).to(dev)
-    t = (torch.rand(batch, generator=g) * 999.).to(dev)
-    dt, policy = check_precision(precision, dev), model.exit_sync
-    ex = _exit_fns(model, x, t, skips, rules, sync_policies, g)
-    if compiled:
-        model.compile_exits(buckets, max_batch=batch)
-    try:
-        fns = dict(full=_under(dt, dev, lambda: bb(x, t)), **{k: _under(dt, dev, f) for k, (f, _, _) in ex.items()})
-        graphs = _settle(fns) if compiled else None
-        tm = time_interleaved(fns, repeats, warmup, dev)
-        outs = {k: fns[k]() for k in ex}                          # steady state: 'auto' has learned its sync points
-        mem = {k: peak_memory(f, dev) for k, f in fns.items()}
-    finally:
-        model.exit_sync = policy
-        if compiled:
-            model.uncompile_exits()
-    base = dict(batch=batch, precision=precision, mode=f'compiled/{buckets}' if compiled else 'eager',
-                compiled_graphs=graphs)
-    return [dict(base, **_group_row(k, r, s, outs[k], tm[k].median, tm['full'].median,
-                                    dict(full=mem['full'], exits=mem[k]))) for k, (_, r, s) in ex.items()]
-
-# %% ../../nbs/experiments/07_bench.ipynb #c6e76dc5
-def bench_exit_grid(archs=('U-ViT-S/2', 'DiT-XL/2'), batches=(1, 16, 64), skips=(0., .25, .45, .6),
-                    precisions=('fp32', 'bf16'), modes=('eager', 'compiled'), rules=('static',),
-                    sync_policies=('auto',), reduced: bool = False, repeats: int = 5, warmup: int = 2, seed: int = 0,
-                    device='cpu', log=print, buckets='fine') -> dict:
-    "`bench_exit_group` over models x batch sizes x modes x precisions; every ratio from within one group."
-    runs = []
-    for arch in archs:
-        model = spread_uem_weights(build_bench_model(arch, reduced, seed).to(device), seed=seed)
-        for batch in batches:
-            for mode in modes:
-                for prec in precisions:
-                    t0 = time.time()
-                    rows = bench_exit_group(model, batch, skips, prec, mode == 'compiled', rules, sync_policies,
-                                            repeats, warmup, seed, device, buckets)
-                    runs += [dict(arch=arch, reduced=reduced, **r) for r in rows]
-                    log(f"{arch} batch {batch} {mode} {prec}: {time.time() - t0:.0f}s")
-    return dict(runs=runs, environment=dict(run_environment(), device=str(device)),
-                models={a: dict(build_bench_model(a, reduced, seed).backbone.config) for a in archs})
-
-# %% ../../nbs/experiments/07_bench.ipynb #f430014f
-def exit_grid_table(runs: list) -> str:
-    "The rows of `bench_exit_grid` as a fixed-width table (what bench/bench_exits.py prints)."
-    head = (f"{'model':10s} {'batch':>5s} {'mode':13s} {'prec':4s} {'run':22s} {'skipped':>7s} {'full ms':>9s} "
-            f"{'exits ms':>9s} {'measured':>9s} {'ideal':>7s} {'eff.':>6s} {'syncs':>5s} {'peak MB':>11s}")
-    lines = [head, '-' * len(head)]
-    for r in runs:
-        pm = _mem_mb(r['peak_memory_bytes'], 0)
-        lines.append(f"{r['arch']:10s} {r['batch']:5d} {r['mode']:13s} {r['precision']:4s} {r['run']:22s} "
-                     f"{r['layer_reduction']:7.1%} {r['full_ms']:9.2f} {r['exits_ms']:9.2f} "
-                     f"{r['measured_speedup']:8.3f}x {r['ideal_speedup']:6.3f}x {r['efficiency']:6.3f} "
-                     f"{r['host_syncs']:5d} {pm:>11s}")
-    lines += ["measured = median plain backbone / median early exit (same batch, noise, mode and precision, timed in",
-              "turns); ideal = 1 / layer ratio; eff. = measured / ideal (for 0% skipped: the speed relative to",
-              "the plain model); syncs = host syncs per forward; peak MB = plain / early exit"]
-    return '\n'.join(lines)
-
-# %% ../../nbs/experiments/07_bench.ipynb #a430099f
-def add_timing_args(p, repeats: int = 5, device: str = 'cpu'):
-    "The timing options of the bench/ scripts: --repeats --warmup --seed --device --threads --out."
-    p.add_argument('--repeats', type=int, default=repeats, help='timed calls of each function (medians reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default=device)
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (1: steadier on a shared CPU)')
-    p.add_argument('--out', default=None, help='write the results as JSON here')
-    return p
-
-def write_bench_json(out, script: str, argv: list, t0: float, **payload) -> Path:
-    "Write a benchmark's `payload` to `out` (atomic) with the command line (`script` + `argv`), date and duration."
-    cmd = ' '.join([f'python {script}', *map(shlex.quote, map(str, argv))])
-    return atomic_write_json(out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'),
-                                       seconds=round(time.time() - t0, 1), **payload))

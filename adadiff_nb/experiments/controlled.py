@@ -9,322 +9,42 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/controlled.html.md"""
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #d2764a6d
 from __future__ import annotations
-import argparse, copy, importlib.util, json, os, shlex, sys, time, warnings
+import argparse, json, os, shlex, sys, time
 from pathlib import Path
 import numpy as np
 import torch
 from . import bench
-from .bench import (time_interleaved, comparison_config, build_methods, cached_model, spec_key,
-                                          state_sha, make_finetuner, train_info, comparison_backbone, quality_proxy,
-                                          real_images, sample_timed, method_exit_rule, comparison_noise,
-                                          run_environment, COUNT_MINIMA, check_comparison, check_count, check_seed,
-                                          check_reductions, check_run_paths, check_checkpoint, parse_list, set_threads)
+from .bench import (time_interleaved, build_methods, spec_key, state_sha, comparison_backbone,
+                                          quality_proxy, real_images, sample_timed, method_exit_rule, comparison_noise,
+                                          run_environment, check_run_paths, check_checkpoint, parse_list, set_threads)
 from ..models.checkpoint import atomic_write_json
 from ..evaluation.cost import layer_costs, full_eval_flops
-from ..exits.early_exit import EarlyExitUViT
-from ..exits.baselines import adadiff_train_loss
-from ..sampling.run import sample_batches
-from ..evaluation.metrics import (compute_activations, stats_from_activations, frechet_distance,
-                                           polynomial_kernel, psnr)
 from ..exits.calibrate import sampler_model_times
 from ..models.default_model import default_model_dir
-from ..evaluation.analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability, bootstrap_interval
-from .methods import METHODS, FULL, method_spec, method_names, cost_model
+from ..evaluation.analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability
+from .methods import FULL, cost_model
 
 # %% auto #0
-__all__ = ['BOOTSTRAP', 'FD_REASON', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED',
-           'CONTROLLED_MINIMA', 'SCORE_SLACK', 'CONTROLLED_LINE', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference',
-           'sample_quality', 'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
-           'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan', 'evaluate_unit',
-           'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'row_id', 'time_rows', 'seed_summary',
-           'run_controlled', 'build_parser', 'main']
+__all__ = ['CONTROLLED_LINE', 'evaluate_unit', 'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'row_id',
+           'time_rows', 'seed_summary', 'run_controlled', 'build_parser', 'main', 'BOOTSTRAP', 'FD_REASON',
+           'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality', 'ABLATIONS', 'DERIVED', 'BASELINES',
+           'CACHE_NAMES', 'TRAINING_FREE', 'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit',
+           'sampling_model', 'calibrate_cache_threshold', 'CONTROLLED', 'CONTROLLED_MINIMA', 'controlled_config',
+           'SCORE_SLACK', 'trained_methods', 'budget_plan']
 
-# %% ../../nbs/experiments/07b_controlled.ipynb #f547348a
-BOOTSTRAP = ("scipy.stats.bootstrap: 'basic' for proxy-FD and its paired difference (BCa not attempted); "
-             "KID and PSNR: BCa where defined, else 'percentile'")
-FD_REASON = 'not attempted, since FD is biased upward under resampling'
-
-def bootstrap_ci(stat, n: int, n_boot: int = 200, seed: int = 0, level: float = .95, method: str = 'BCa',
-                 fallback: str = 'percentile', reason: str | None = None) -> dict:
-    """`analysis.bootstrap_interval` (scipy.stats.bootstrap) of `stat(idx)` over the indices of `n` items: `value`,
-    `ci` [lo, hi] at `level`, `std` and `bias` of the draws, the interval `method` used ('BCa' where defined, else
-    `fallback`; `method` 'basic' or 'percentile' with a `reason`: that, without BCa) and the `reason` BCa was not."""
-    if n < 2: raise ValueError(f"the bootstrap needs at least 2 items, got {n}")
-    return bootstrap_interval((np.arange(n),), stat, n_boot, seed, level, method, fallback, reason=reason)
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #49767823
-def fd_stat(acts, ref_mu, ref_sigma, method: str = 'eigh'):
-    """idx -> Frechet distance of activation rows `acts[idx]` against fixed reference statistics (`ref_mu`,
-    `ref_sigma`); each distinct `idx` is computed once (proxy-FD and its paired difference share their draws)."""
-    acts, seen = np.asarray(acts, np.float64), {}
-    def stat(idx):
-        i = np.asarray(idx)
-        key = (i.dtype.str, i.shape, i.tobytes())
-        if key not in seen:
-            mu, sigma = stats_from_activations(acts[idx])
-            seen[key] = frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
-        return seen[key]
-    return stat
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #6a64855b
-def _kernel_sums(a, b, chunk: int = 2048) -> np.ndarray:
-    "Row sums (len(a),) of the polynomial kernel between `a` and `b`, in chunks of `b` (no len(a) x len(b) matrix)."
-    return sum(polynomial_kernel(a, b[j:j + chunk]).sum(1) for j in range(0, len(b), chunk))
-
-def kid_stat(acts, ref_acts):
-    "idx -> unbiased MMD^2 (KID's kernel (x.y / d + 1)^3) of activation rows `acts[idx]` against all of `ref_acts`."
-    x, y = np.asarray(acts, np.float64), np.asarray(ref_acts, np.float64)
-    if x.ndim != 2 or y.shape[1:] != x.shape[1:] or len(y) < 2:
-        raise ValueError(f"activations must be (N, D) with equal D and >= 2 reference rows, got {x.shape}, {y.shape}")
-    kxx, m = polynomial_kernel(x, x), len(y)
-    diag, kxy = np.diag(kxx).copy(), _kernel_sums(x, y) / m
-    self_k = ((y * y).sum(1) / y.shape[1] + 1) ** 3                 # k(y_i, y_i), the diagonal left out
-    kyy = (_kernel_sums(y, y).sum() - self_k.sum()) / (m * (m - 1))
-    def stat(idx):
-        c = np.bincount(idx, minlength=len(x)).astype(np.float64)
-        pairs = c.sum() ** 2 - (c ** 2).sum()
-        if pairs <= 0: return float('nan')
-        return float((c @ kxx @ c - (c ** 2 * diag).sum()) / pairs + kyy - 2 * (c @ kxy) / c.sum())
-    return stat
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #00f61257
-def reference(images, classifier) -> dict:
-    "The fixed side of every comparison: `classifier`, the real `images`' activations `acts`, their `mu` and `sigma`."
-    acts = compute_activations(images, classifier, batch_size=200)
-    mu, sigma = stats_from_activations(acts)
-    return dict(classifier=classifier, acts=acts, mu=mu, sigma=sigma, n=len(acts))
-
-def _store(q: dict, key: str, b: dict):
-    "Bootstrap result `b` as q[key], q[key + '_ci95'] and q['ci_method'][key] ('BCa', or the fallback and why)."
-    q[key], q[f'{key}_ci95'] = b['value'], [round(v, 6) for v in b['ci']]
-    q['ci_method'][key] = b['method'] if b['reason'] is None else f"{b['method']} (BCa: {b['reason']})"
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #fd35c8a3
-def sample_quality(samples, ref: dict, full=None, n_boot: int = 200, seed: int = 0) -> dict:
-    """proxy_fd, kid and (with the full model's images `full`, same noise) psnr_vs_full and the paired difference
-    proxy_fd_vs_full of `samples`, each with its bootstrap 95% interval `*_ci95` and its interval in `ci_method`;
-    `n_samples`, `n_boot`, `bootstrap`."""
-    acts = compute_activations(samples, ref['classifier'], batch_size=200)
-    n, kw = len(acts), dict(n_boot=n_boot, seed=seed)
-    q = dict(n_samples=n, n_boot=n_boot, bootstrap=BOOTSTRAP, ci_method={})
-    fd = fd_stat(acts, ref['mu'], ref['sigma'])
-    _store(q, 'proxy_fd', bootstrap_ci(fd, n, method='basic', reason=FD_REASON, **kw))
-    _store(q, 'kid', bootstrap_ci(kid_stat(acts, ref['acts']), n, **kw))
-    if full is not None:
-        p = psnr(samples, full, reduction='none', max_db=100.).numpy()
-        _store(q, 'psnr_vs_full', bootstrap_ci(lambda i: p[i].mean(), n, **kw))
-        fd_full = fd_stat(compute_activations(full, ref['classifier'], batch_size=200), ref['mu'], ref['sigma'])
-        d = bootstrap_ci(lambda i: fd(i) - fd_full(i), n, method='basic', reason=FD_REASON, **kw)
-        _store(q, 'proxy_fd_vs_full', d)
-    return q
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #0f279abe
-# views of the method registry (`adadiff_nb.experiments.methods.METHODS`) taken at import
-ABLATIONS = {n: dict(METHODS[n].options, note=METHODS[n].note) for n in method_names(kind='ablation')}
-DERIVED = {n: s.parent for n, s in METHODS.items() if s.parent}      # run on their parent's model
-BASELINES = method_names(where=lambda s: s.baseline)
-CACHE_NAMES = method_names(kind='cache')
-TRAINING_FREE = method_names(where=lambda s: s.training_free)
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #e6233bcf
-def rule_kind(method: str) -> str:
-    "'dynamic', 'static' or 'fixed': how `method` reaches a target layer reduction."
-    rule = METHODS[method].rule if method in METHODS else None
-    return {'threshold': 'dynamic', 'static': 'static', 'budget': 'budget'}.get(rule, 'fixed')
-
-def _rule_alias(method: str) -> str:
-    "The name `bench.method_exit_rule` knows for `method`'s rule."
-    return 'adadiff' if rule_kind(method) == 'dynamic' else method
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #a29a27a2
-def cache_methods() -> dict:
-    "`adadiff_nb.exits.caching.CACHE_METHODS` ({} while the module does not exist)."
-    if importlib.util.find_spec('adadiff_nb.exits.caching') is None: return {}
-    from adadiff_nb.exits.caching import CACHE_METHODS
-    return dict(CACHE_METHODS)
-
-def known_methods() -> tuple:
-    "Every method the controlled runner can build: the harness's, the ablations, the available caching peers."
-    return (method_names(harness='bench') + method_names(kind='ablation')
-            + tuple(m for m in method_names(kind='cache') if m in cache_methods()))
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #bb0435c9
-def _build_ablation(name: str, cfg: dict, backbone, work: Path, log=print) -> tuple:
-    "(model, info) of ablation `name`, fine-tuned from `backbone` for cfg['finetune_steps'] steps (cached)."
-    s, K = method_spec(name), cfg['finetune_steps']
-    spec = dict(s.options, note=s.note)
-    common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
-                  lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
-    def b():
-        log(f'  {name}: fine-tuning {K} steps ({spec["note"]})')
-        m = EarlyExitUViT.from_backbone(copy.deepcopy(backbone), **spec.get('ee', {}))
-        if spec.get('frozen'): m.backbone.requires_grad_(False)
-        r = make_finetuner(cfg)(m, adadiff_train_loss(**spec.get('loss', {})), K)
-        return r['model'], dict(train_info(r), ablation=spec['note'])
-    return cached_model(work, name, dict(common, method=name, steps=K, ablation={k: v for k, v in spec.items()
-                                                                              if k != 'note'}), b, log)
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #fb6fe33b
-def unit_cfg(cfg: dict, steps: int, seed: int) -> dict:
-    "The comparison settings of one unit: `steps` fine-tuning steps for every method (the small model too), `seed`."
-    return dict(cfg, finetune_steps=int(steps), small_steps=int(steps), seed=int(seed))
-
-def build_unit(method: str, cfg: dict, backbone, work: Path, steps: int, seed: int, log=print) -> tuple:
-    "(model, info) of `method` at budget `steps` and training `seed`, cached under WORK/b<steps>_s<seed>/."
-    ucfg, uwork = unit_cfg(cfg, steps, seed), Path(work) / f'b{steps}_s{seed}'
-    if method == FULL: return backbone, dict(trained='backbone as given')
-    if method in method_names(kind='ablation'): return _build_ablation(method, ucfg, backbone, uwork, log)
-    if method == 'deepcache': return cache_methods()[method](backbone, dict(cfg['deepcache'])), dict(training_free=True)
-    if method == 'l2c': return _build_l2c(ucfg, backbone, uwork, log)
-    if method not in method_names(harness='bench'):
-        raise ValueError(f"unknown method {method!r}; choose from {list(known_methods())}")
-    return build_methods(dict(ucfg, methods=[method]), backbone, uwork, log)[method]
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #359df532
-def _build_l2c(cfg: dict, backbone, work: Path, log=print) -> tuple:
-    """Learning-to-Cache on `backbone`: routers trained for cfg['finetune_steps'] steps of cfg['batch_size']
-    trajectory rows (the budget's training images), cached as WORK/models/l2c.pt under the hash of its options."""
-    build = cache_methods()['l2c']
-    opts = dict(steps=cfg['steps'], sampler=cfg['sampler'], schedule=cfg['schedule'], sampler_opts=cfg['sampler_opts'],
-                train_steps=cfg['finetune_steps'], batch=cfg['batch_size'], train_rows=cfg['batch_size'],
-                seed=cfg['seed'], remove=0.)
-    key, p = spec_key(dict(opts, backbone=state_sha(backbone), method='l2c')), Path(work) / 'models' / 'l2c.pt'
-    rec = torch.load(p) if p.exists() else None
-    if rec is not None and rec['key'] == key:
-        log(f"  l2c: cached ({p})")
-        m = build(backbone, opts, train=lambda m, o: m.load_state_dict(rec['state']) and rec['history'])
-        return m, dict(rec['info'], cached=True)
-    log(f"  l2c: training routers {cfg['finetune_steps']} steps")
-    t0 = time.time()
-    m = build(backbone, opts)
-    info = dict(steps=cfg['finetune_steps'], batch_size=cfg['batch_size'], train_seconds=round(time.time() - t0, 2),
-                final_objective=m.history[-1]['objective'] if m.history else None)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(key=key, state=m.state_dict(), history=m.history, info=info), p)
-    return m, dict(info, cached=False)
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #e232261a
-def sampling_model(method: str, model, target: float, rule: dict, cfg: dict) -> tuple:
-    """(model to sample, exit rule) of `method` at `target`: L2C's mask set to remove `target` (capped at its routed
-    steps), AdaDiff's model wrapped in the cache with its calibrated threshold, else `model` and `rule` unchanged."""
-    if method == 'l2c':
-        cap = float(model.routed.sum()) / model.steps
-        return model.set_budget(remove=min(target, int(cap * model.steps * model.num_layers) /
-                                           (model.steps * model.num_layers))), {}
-    if method == 'adadiff_cache':
-        return cache_methods()[method](model, dict(cfg['adadiff_cache'], threshold=float(rule['threshold']))), {}
-    return model, rule
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #171b5695
-def _sample(model, x, cfg: dict, batch: int | None = None, seed_offset: int = 7, **kw):
-    "`sample_batches` of the rows of `x` with the comparison's sampler, steps, schedule, sampler options (`kw` wins)."
-    kw = dict(dict(schedule=cfg['schedule'], sampler_opts=cfg['sampler_opts']), **kw)
-    return sample_batches(model, cfg['sampler'], cfg['steps'], x_T=x, batch_size=batch or len(x),
-                          seed=cfg['seed'] + seed_offset, **kw)
-
-def calibrate_cache_threshold(model, target: float, ctx: dict, iters: int = 8) -> dict:
-    "Threshold of AdaDiff + cache (`model`: the early-exit model) whose reduction on the calibration noise is `target`."
-    cfg, build = ctx['cfg'], cache_methods()['adadiff_cache']
-    def reduction(tau):
-        run = _sample(build(model, dict(cfg['adadiff_cache'], threshold=tau)), ctx['x_C'], cfg, seed_offset=3)
-        return 1. - run.stats['layer_ratio']
-    hist, lo, hi = {0.: reduction(0.), 1.: reduction(1.)}, 0., 1.
-    if hist[0.] < target < hist[1.]:
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            hist[mid] = reduction(mid)
-            if abs(hist[mid] - target) <= cfg['tol']: break
-            lo, hi = (mid, hi) if hist[mid] < target else (lo, mid)
-    tau = min(hist, key=lambda k: (abs(hist[k] - target), k))
-    return dict(threshold=tau, achieved_reduction=hist[tau], within_tol=abs(hist[tau] - target) <= cfg['tol'],
-                runs=len(hist))
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #736147cd
-def _untrained(s): return bool(s.training_free or s.parent)      # runs the backbone or its parent's model
-_UNTRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != 'cache' and _untrained(s)))
-_TRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != 'cache' and not _untrained(s)))
-CONTROLLED = {
-    'full': dict(base='cifar16_cpu', budgets=[300, 1500], batch_size=64, seeds=[0, 1], n=1024, batch=64, steps=50,
-                 targets=[0.4, 0.25, 0.55], promote=3, n_boot=200, time_repeats=3, time_warmup=1,
-                 deepcache=dict(interval=3), adadiff_cache=dict(interval=3, branch=2),
-                 compare_backbones=['default'], probe_n=256,
-                 methods=_UNTRAINED + _TRAINED + list(CACHE_NAMES),
-                 description='uvit_cpu16 backbone (16x16 CIFAR-10 subset); every method fine-tuned on the same images '
-                             'per budget'),
-    'quick': dict(base='tiny', budgets=[4, 8], batch_size=8, seeds=[0, 1], n=24, batch=12, steps=4, targets=[0.4, 0.2],
-                  promote=2, n_boot=20, time_repeats=1, time_warmup=0, calib_n=8, calib_max_iter=2, tol=0.1,
-                  deepcache=dict(interval=2), adadiff_cache=dict(interval=2, branch=2),
-                  compare_backbones=[], probe_n=8,
-                  backbone_steps=30, methods=_UNTRAINED + _TRAINED + list(CACHE_NAMES),
-                  description='pipeline check on uvit_tiny (8x8): the numbers mean nothing'),
-}
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #4441d119
-# bench's counts and the controlled run's own (promote 0: only AdaDiff and the best baseline go on to the next budget)
-CONTROLLED_MINIMA = dict(COUNT_MINIMA, promote=0, n_boot=1, time_repeats=1, time_warmup=0, probe_n=1)
-
-def controlled_config(quick: bool = False, **overrides) -> dict:
-    """The settings of the controlled run (`quick`: the CI variant) with `overrides` (None values ignored), checked
-    (`bench.check_comparison` with `CONTROLLED_MINIMA`, the budgets, seeds and targets); methods not available (a
-    caching peer whose module is missing) are dropped with a note in 'unavailable'."""
-    spec = copy.deepcopy(CONTROLLED['quick' if quick else 'full'])
-    base = comparison_config(spec['base'])
-    cfg = dict(base, **{k: v for k, v in spec.items() if k != 'base'}, base=spec['base'], quick=bool(quick))
-    bad = [k for k in overrides if k not in cfg]
-    if bad: raise ValueError(f"unknown controlled setting(s) {bad}; valid: {sorted(cfg)}")
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    known = known_methods()
-    wrong = [m for m in cfg['methods'] if m not in known + CACHE_NAMES]
-    if wrong: raise ValueError(f"unknown method(s) {wrong}; choose from {list(known)}")
-    cfg['unavailable'] = [m for m in cfg['methods'] if m not in known]
-    cfg['methods'] = [m for m in cfg['methods'] if m in known]
-    _check_plan(cfg)
-    cfg['target_reduction'], cfg['name'], cfg['bootstrap'] = cfg['targets'][0], 'controlled', BOOTSTRAP
-    return check_comparison(cfg, CONTROLLED_MINIMA)
-
-def _check_plan(cfg: dict):
-    "The budgets (increasing step counts), the training seeds and the targets (layer reductions) of `cfg`."
-    b = cfg['budgets']
-    try: ok = bool(b) and [check_count(s, 'budgets') for s in b] == sorted(set(b))
-    except (ValueError, TypeError): ok = False
-    if not ok: raise ValueError(f"budgets must be increasing positive step counts (e.g. 300,1500), got {b}")
-    if not cfg['seeds']: raise ValueError("seeds must name at least one training seed (e.g. 0,1)")
-    for s in cfg['seeds']: check_seed(s, 'seeds')
-    check_reductions(cfg['targets'], 'targets')
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #bf36a363
-SCORE_SLACK = 0.05   # a point that removes less than target - SCORE_SLACK of the layers cannot lead at `target`
-
-def _score(rows: list, method: str, steps: int, target: float) -> float:
-    """Mean proxy-FD of `method` at budget `steps` and the primary `target` over its finished seeds (inf: none, or its
-    points fall short of the target reduction by more than SCORE_SLACK, as a fixed schedule can: it would lead by
-    spending more layers)."""
-    v = [r['proxy_fd'] for r in rows if r['method'] == method and r['budget_steps'] == steps
-         and abs(r['target_reduction'] - target) < 1e-9
-         and 1. - r.get('layer_ratio', 1. - target) >= target - SCORE_SLACK]
-    return float(np.mean(v)) if v else float('inf')
-
-def trained_methods(cfg: dict) -> list:
-    "The methods of `cfg` that are trained per unit (neither training-free nor derived from another's model)."
-    return [m for m in cfg['methods'] if m not in TRAINING_FREE and m not in DERIVED]
-
-# %% ../../nbs/experiments/07b_controlled.ipynb #29363aa3
-def budget_plan(cfg: dict, rows: list, k: int) -> dict:
-    """Budget `k`'s methods (all trained ones at k = 0, else the `promote` leaders of budget k-1, AdaDiff and budget
-    k-1's best baseline) and, once its first seed is done, the best baseline, which with AdaDiff gets further seeds."""
-    trained, t0 = trained_methods(cfg), cfg['targets'][0]
-    if k == 0: methods = trained
-    else:
-        prev = cfg['budgets'][k - 1]
-        lead = sorted(trained, key=lambda m: (_score(rows, m, prev, t0), trained.index(m)))[:cfg['promote']]
-        best_prev = budget_plan(cfg, rows, k - 1)['best_baseline']
-        methods = [m for m in trained if m in lead or m in ('adadiff', best_prev)]
-    steps = cfg['budgets'][k]
-    base = [m for m in methods if m in BASELINES]
-    best = min(base, key=lambda m: (_score(rows, m, steps, t0), base.index(m))) if base else None
-    repeat = [m for m in methods if m == 'adadiff' or m == best]
-    return dict(steps=steps, methods=methods, best_baseline=best, repeat_seeds=repeat,
-                train_images=steps * cfg['batch_size'])
+# %% ../../nbs/experiments/07b_controlled.ipynb #70b277c4
+# statistics, methods, settings and the budget plan (`adadiff_nb.experiments.controlled_plan`); its public names
+# re-exported for old imports
+from .controlled_plan import (BOOTSTRAP, FD_REASON, bootstrap_ci, fd_stat, kid_stat, reference,
+                                                    sample_quality, ABLATIONS, DERIVED, BASELINES, CACHE_NAMES,
+                                                    TRAINING_FREE, rule_kind, rule_alias, cache_methods, known_methods,
+                                                    unit_cfg, build_unit, sampling_model, sample_rows,
+                                                    calibrate_cache_threshold, CONTROLLED, CONTROLLED_MINIMA,
+                                                    controlled_config, SCORE_SLACK, trained_methods, budget_plan)
+_all_ = ['BOOTSTRAP', 'FD_REASON', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality', 'ABLATIONS',
+         'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'rule_kind', 'cache_methods', 'known_methods',
+         'unit_cfg', 'build_unit', 'sampling_model', 'calibrate_cache_threshold', 'CONTROLLED', 'CONTROLLED_MINIMA',
+         'controlled_config', 'SCORE_SLACK', 'trained_methods', 'budget_plan']
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #c6a4e23c
 def _targets_of(method: str, cfg: dict) -> list:
@@ -366,7 +86,7 @@ def evaluate_unit(method: str, unit: dict, ctx: dict, log=print) -> tuple:
             if name == 'adadiff_cache':
                 calib = calibrate_cache_threshold(model, target, ctx)
                 rule = dict(threshold=calib['threshold'])
-            else: rule, calib = method_exit_rule(_rule_alias(name), model, target, cfg, ctx['x_C'], ctx['L'])
+            else: rule, calib = method_exit_rule(rule_alias(name), model, target, cfg, ctx['x_C'], ctx['L'])
             sm, srule = sampling_model(name, model, target, rule, cfg)
             r = sample_timed(sm, ctx['x_T'], cfg, cfg['batch'], **srule)
             q = sample_quality(r['samples'], ctx['ref'], ctx.get('full'), cfg['n_boot'], cfg['seed'])
@@ -432,8 +152,8 @@ def _compare_model(spec: str, ctx_size: int):
 
 def _quality_row(name: str, model, clip: bool, ctx: dict) -> dict:
     cfg = ctx['cfg']
-    run = _sample(model, ctx['x_T'], cfg, cfg['batch'], meter=False, sampler_opts=dict(cfg['sampler_opts'],
-                                                                                      clip_denoised=clip))
+    run = sample_rows(model, ctx['x_T'], cfg, cfg['batch'], meter=False,
+                      sampler_opts=dict(cfg['sampler_opts'], clip_denoised=clip))
     q = sample_quality(run.images.clamp(-1, 1), ctx['ref'], None, cfg['n_boot'], cfg['seed'])
     return dict(model=name, clip_denoised=clip, saturated_fraction=float((run.images.abs() > 1).float().mean()), **q)
 
@@ -479,7 +199,7 @@ def _lists(d: dict, keys) -> dict:
 def exit_trend(model, threshold: float, ctx: dict) -> dict:
     "Mean exit layer per sampling step (first step = the noisiest) of `model` at `threshold` on one evaluation batch."
     cfg = ctx['cfg']
-    run = _sample(model, ctx['x_T'][:cfg['batch']], cfg, threshold=threshold)
+    run = sample_rows(model, ctx['x_T'][:cfg['batch']], cfg, threshold=threshold)
     mt = sampler_model_times(cfg['sampler'], cfg['schedule'], cfg['steps'], cfg['sampler_opts'])
     layers = run.stats['exit_layer_mean_by_step']
     return dict(model_time=[float(t) for t in mt[:len(layers)]], exit_layer_mean=layers, num_layers=ctx['L'],
@@ -536,7 +256,7 @@ def _timed_sampler(model, r: dict, x, cfg):
     "A call that samples `x` with row `r`'s rule (no statistics meter: timing only)."
     model, rule = sampling_model(r['method'], model, r['target_reduction'],
                                  dict(threshold=r.get('threshold'), exit_layers=r.get('exit_layer')), cfg)
-    return lambda: _sample(model, x, cfg, meter=False, **rule)
+    return lambda: sample_rows(model, x, cfg, meter=False, **rule)
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #1c9916d1
 def time_rows(rows: list, models: dict, ctx: dict, log=print) -> dict:

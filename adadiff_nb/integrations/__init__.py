@@ -3,5 +3,6 @@
 
 Modules:
 
+- `adadiff_nb.integrations.adapters`: The backbone protocol (`embed`, `run_block`, `decode`, ...) on the own modules of a diffusers `DiTTransformer2DModel` or `PixArtTransformer2DModel`, held by reference, with exit heads copied from its output layer and its analytic FLOPs: what `adadiff_nb.integrations.diffusers` wraps with exit heads and UEMs.
 - `adadiff_nb.integrations.diffusers`: Early exit for the models people already have: `enable_early_exit(pipe)` attaches exit heads and UEMs to the transformer of a stock diffusers `DiTPipeline` or PixArt pipeline, `disable_early_exit(pipe)` takes them off again, and the heads travel as a small adapter file.
 """

@@ -14,342 +14,38 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..models.uvit import label_error, unpatchify
 from ..exits.early_exit import EE_OPTIONS, EarlyExitUViT, check_threshold
-from ..evaluation.cost import dit_flops, eval_flops, full_eval_flops, sync, uvit_block_flops
+from ..evaluation.cost import eval_flops, full_eval_flops, sync
 from ..models.checkpoint import (CheckpointError, atomic_write, atomic_write_json, load_weights,
                                    read_safetensors_metadata, record_differences, save_safetensors)
+# moved to integrations.adapters; still importable from here
+from .adapters import (TESTED_DIFFUSERS, check_diffusers_version, tiny_dit_pipeline,
+                                              tiny_tokenizer, tiny_pixart_pipeline, DiffusersState, config_hash,
+                                              DiffusersBackbone, dit_output, DiTOutputHead, DiTAdapter,
+                                              adapter_forward, TextCond, pixart_output, PixArtOutputHead,
+                                              PixArtAdapter, make_adapter, diffusers_layer_costs)
 
 # %% auto #0
-__all__ = ['TESTED_DIFFUSERS', 'ADAPTERS', 'POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
-           'FINGERPRINT_METHOD', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
-           'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
-           'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
-           'make_adapter', 'guidance_groups', 'ExitControl', 'EarlyExitHook', 'make_hook', 'cache_hooks',
-           'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model',
-           'diffusers_layer_costs', 'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint',
-           'same_weights', 'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
-           'load_exit_heads']
+__all__ = ['POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'FINGERPRINT_METHOD',
+           'guidance_groups', 'ExitControl', 'EarlyExitHook', 'make_hook', 'cache_hooks', 'check_composable',
+           'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model', 'exit_stats',
+           'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights', 'check_base_weights',
+           'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads', 'load_exit_heads',
+           'TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer', 'tiny_pixart_pipeline',
+           'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead', 'DiTAdapter',
+           'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter', 'make_adapter',
+           'diffusers_layer_costs']
 
-# %% ../../nbs/integrations/02h_pipelines.ipynb #bbf94b57
-TESTED_DIFFUSERS = ('0.35', '0.43')        # [lowest tested, first untested)
-
-def check_diffusers_version(version: str | None = None, strict: bool = False) -> bool:
-    "True when diffusers `version` (default: the installed one) lies in `TESTED_DIFFUSERS`; else warn (or raise)."
-    from packaging.version import Version
-    if version is None:
-        import diffusers
-        version = diffusers.__version__
-    lo, hi = TESTED_DIFFUSERS
-    if Version(lo) <= Version(version) < Version(hi):
-        return True
-    msg = (f"diffusers {version} is outside the range adadiff_nb.integrations.diffusers is tested with "
-           f"(>={lo},<{hi}); the "
-           f"adapters may not match this version's modules: install `diffusers>={lo},<{hi}` "
-           "(pip install 'adadiff_nb[diffusers]') or check the outputs with threshold=0 against the plain pipeline")
-    if strict:
-        raise RuntimeError(msg)
-    warnings.warn(msg, stacklevel=2)
-    return False
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #67bdc6ae
-def _tiny_vae(seed: int):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(8,), down_block_types=('DownEncoderBlock2D',),
-                         up_block_types=('UpDecoderBlock2D',), latent_channels=4, norm_num_groups=8).eval()
-
-def tiny_dit_pipeline(seed: int = 0, num_layers: int = 4, sample_size: int = 8, heads: int = 2, head_dim: int = 8,
-                      num_classes: int = 1000, **transformer_kw):
-    "A `DiTPipeline` of random tiny components (`DiTTransformer2DModel`, one-level `AutoencoderKL`, DDIM)."
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-    torch.manual_seed(seed)
-    tr = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-                               num_layers=num_layers, sample_size=sample_size, patch_size=2,
-                               num_embeds_ada_norm=num_classes, **transformer_kw).eval()
-    pipe = DiTPipeline(transformer=tr, vae=_tiny_vae(seed), scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #a3cfbf80
-_WORDS = 'a an the of photo painting cat dog bird red green blue small large on in with'.split()
-
-def tiny_tokenizer():
-    "A T5-style fast tokenizer (word level, pad 0, eos 1, unk 2) built in memory from a small vocabulary."
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    vocab = {'<pad>': 0, '</s>': 1, '<unk>': 2, **{w: i + 3 for i, w in enumerate(_WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='<pad>', eos_token='</s>', unk_token='<unk>')
-
-def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 4, sample_size: int = 8, heads: int = 2,
-                         head_dim: int = 8, text_dim: int = 16, sigma: bool = False):
-    "A `PixArtAlphaPipeline` (or Sigma) of random tiny components: T5 encoder, tokenizer, transformer, VAE, DDIM."
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=text_dim, d_ff=2 * text_dim, d_kv=text_dim // 2,
-                                 num_layers=1, num_heads=2, decoder_start_token_id=0)).eval()
-    tr = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
-                                  out_channels=8, num_layers=num_layers, sample_size=sample_size, patch_size=2,
-                                  cross_attention_dim=heads * head_dim, caption_channels=text_dim).eval()
-    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    pipe = cls(tokenizer=tok, text_encoder=te, transformer=tr, vae=_tiny_vae(seed), scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #92c68db9
-@dataclass
-class DiffusersState:
-    "What the blocks of a diffusers transformer read besides the tokens, for the running rows."
-    cond: torch.Tensor                        # (B, D) conditioning of the output layer (and of the UEM)
-    rows: dict = field(default_factory=dict)  # per-row tensors (or None) passed to every block
-    static: dict = field(default_factory=dict)  # block arguments shared by all rows
-
-    def select(self, idx) -> 'DiffusersState':
-        "The state of rows `idx` (order kept)."
-        rows = {k: None if v is None else v[idx] for k, v in self.rows.items()}
-        return DiffusersState(self.cond[idx], rows, self.static)
-
-    def copy(self) -> 'DiffusersState':
-        return DiffusersState(self.cond, dict(self.rows), self.static)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #4b77187d
-def _json_config(model) -> dict:
-    "A diffusers model's config as plain JSON data (private `_` keys dropped)."
-    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith('_')},
-                                 default=str))
-
-def config_hash(model) -> str:
-    "A short sha256 of a diffusers model's class and config: what an adapter file is tied to."
-    blob = json.dumps(dict(cls=type(model).__name__, config=_json_config(model)), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #2aa21fca
-class DiffusersBackbone(nn.Module):
-    "Base adapter: the backbone protocol on a diffusers 2-D transformer held by reference (see the subclasses)."
-    arch, model_class, extras = None, None, 0
-    needed = ('pos_embed', 'transformer_blocks', 'norm_out')
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        missing = [a for a in self.needed if not hasattr(model, a)]
-        if type(model).__name__ != self.model_class or missing:
-            raise TypeError(f"{type(self).__name__} adapts a diffusers {self.model_class}, got a "
-                            f"{type(model).__name__}" + (f" lacking {missing}" if missing else '')
-                            + "; see adadiff_nb.integrations.diffusers.ADAPTERS for the supported classes")
-        object.__setattr__(self, 'model', model)                       # a reference, not a submodule
-        c = model.config
-        self.num_layers, self.embed_dim = len(model.transformer_blocks), int(model.inner_dim)
-        self.patch_size, self.in_chans, self.img_size = int(c.patch_size), int(c.in_channels), int(c.sample_size)
-        self.out_channels = int(model.out_channels)
-        self.config = dict(model_class=type(model).__name__, config_hash=config_hash(model),
-                           num_layers=self.num_layers, model_config=_json_config(model))
-        self.train(model.training)
-
-    def parameters(self, recurse: bool = True):
-        "The transformer's parameters (not registered here: the early-exit model's state holds the heads only)."
-        return self.model.parameters(recurse)
-
-    def patch_tokens(self, h):
-        "The image tokens of `h`: all of them."
-        return h
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #8c8c9301
-def _check_latents(bb, x, timesteps):
-    "A clear error when latents `x` (B, C, S, S) or `timesteps` (B,) do not fit adapter `bb`."
-    C, p = bb.in_chans, bb.patch_size
-    if x.ndim != 4 or x.shape[1] != C:
-        return f"expected latents of shape (B, {C}, H, W), got {tuple(x.shape)}"
-    if x.shape[2] != x.shape[3] or x.shape[2] % p:
-        return f"the early-exit forward takes square latents with a side divisible by {p}, got {tuple(x.shape)}"
-    if not torch.is_tensor(timesteps) or timesteps.shape != (x.shape[0],):
-        what = tuple(timesteps.shape) if torch.is_tensor(timesteps) else type(timesteps).__name__
-        return f"timesteps must be a tensor of shape (B,) = ({x.shape[0]},), got {what}"
-    return None
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #09a8b156
-def dit_output(h, cond, norm, lin1, lin2, channels: int) -> torch.Tensor:
-    "DiT-style adaLN output layer: norm(h) modulated by lin1(silu(cond)), then lin2, unpatchified."
-    shift, scale = lin1(F.silu(cond)).chunk(2, dim=1)
-    return unpatchify(lin2(norm(h) * (1 + scale[:, None]) + shift[:, None]), channels)
-
-class _CopyHead(nn.Module):
-    "Exit head made of copies of the modules `parts` of a diffusers model's output layer."
-    parts: tuple = ()
-    needs_state = True
-
-    def copy_from(self, bb: DiffusersBackbone):
-        "Copy the transformer's output layer into this head (strict)."
-        for name in self.parts:
-            mine, theirs = getattr(self, name), getattr(bb.model, name)
-            if isinstance(mine, nn.Parameter): mine.data.copy_(theirs.data)
-            else: mine.load_state_dict(theirs.state_dict())
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #a366aeeb
-class DiTOutputHead(_CopyHead):
-    "An exit head for `DiTTransformer2DModel`: copies of its `norm_out`, `proj_out_1`, `proj_out_2`."
-    parts = ('norm_out', 'proj_out_1', 'proj_out_2')
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.out_channels = out_channels
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.proj_out_1 = nn.Linear(dim, 2 * dim)
-        self.proj_out_2 = nn.Linear(dim, patch_size * patch_size * out_channels)
-
-    def forward(self, h, state: DiffusersState):
-        return dit_output(h, state.cond, self.norm_out, self.proj_out_1, self.proj_out_2, self.out_channels)
-
-    def reset_parameters(self):
-        "A fresh head: modulation starting at zero (the identity), xavier output projection, zero bias."
-        for lin in (self.proj_out_1, self.proj_out_2): nn.init.zeros_(lin.bias)
-        nn.init.zeros_(self.proj_out_1.weight)
-        nn.init.xavier_uniform_(self.proj_out_2.weight)
-
-    @classmethod
-    def for_backbone(cls, bb) -> 'DiTOutputHead':
-        return cls(bb.embed_dim, bb.patch_size, bb.out_channels, bb.model.norm_out.eps)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #f40058f3
-class DiTAdapter(DiffusersBackbone):
-    "The backbone protocol on a diffusers `DiTTransformer2DModel`; `y` = class labels (B,), None = the null class."
-    arch, model_class, head_class = 'diffusers_dit', 'DiTTransformer2DModel', DiTOutputHead
-    needed = DiffusersBackbone.needed + ('proj_out_1', 'proj_out_2')
-
-    @property
-    def num_labels(self) -> int: return int(self.model.config.num_embeds_ada_norm)
-
-    @property
-    def null_class(self) -> int | None:
-        "The label of the unconditional embedding row (diffusers' DiT label table has one when it drops labels)."
-        emb = self.model.transformer_blocks[0].norm1.emb.class_embedder
-        return self.num_labels if emb.dropout_prob > 0 else None
-
-    def check_input(self, x, timesteps, y=None):
-        msg = _check_latents(self, x, timesteps)
-        msg = msg or label_error(y, x.shape[0], self.num_labels + (self.null_class is not None), self.null_class)
-        if msg: raise ValueError(msg)
-
-    def embed(self, x, timesteps, y=None):
-        m = self.model
-        if y is None: y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        h = m.pos_embed(x)
-        cond = m.transformer_blocks[0].norm1.emb(timesteps, y, hidden_dtype=h.dtype)
-        return h, DiffusersState(cond, dict(timestep=timesteps, class_labels=y))
-
-    def run_block(self, i: int, h, state: DiffusersState):
-        return self.model.transformer_blocks[i](h, timestep=state.rows['timestep'],
-                                                class_labels=state.rows['class_labels'], **state.static)
-
-    def decode(self, h, state: DiffusersState):
-        m = self.model
-        return dit_output(h, state.cond, m.norm_out, m.proj_out_1, m.proj_out_2, self.out_channels)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #123e6d56
-def adapter_forward(bb, x, timesteps, y=None) -> torch.Tensor:
-    "The full model through an adapter's protocol (embed, every block, decode)."
-    h, state = bb.embed(x, timesteps, y)
-    for i in range(bb.num_layers): h = bb.run_block(i, h, state)
-    return bb.decode(h, state)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #52cd4e4f
-@dataclass
-class TextCond:
-    "PixArt's conditioning of a batch: T5 embeddings (B, T, Dc), their mask (B, T) and added condition kwargs."
-    encoder_hidden_states: torch.Tensor
-    encoder_attention_mask: torch.Tensor | None = None
-    added_cond_kwargs: dict | None = None
-
-    def __len__(self) -> int: return self.encoder_hidden_states.shape[0]
-
-def pixart_output(h, cond, norm, table, proj, channels: int) -> torch.Tensor:
-    "PixArt-style output layer: norm(h) modulated by `table` + cond (shift, scale), then `proj`, unpatchified."
-    shift, scale = (table[None] + cond[:, None]).chunk(2, dim=1)
-    return unpatchify(proj(norm(h) * (1 + scale) + shift), channels)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #b706e451
-class PixArtOutputHead(_CopyHead):
-    "An exit head for `PixArtTransformer2DModel`: copies of its `norm_out`, `scale_shift_table`, `proj_out`."
-    parts = ('norm_out', 'scale_shift_table', 'proj_out')
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.out_channels = out_channels
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
-
-    def forward(self, h, state: DiffusersState):
-        return pixart_output(h, state.cond, self.norm_out, self.scale_shift_table, self.proj_out, self.out_channels)
-
-    def reset_parameters(self):
-        "A fresh head: PixArt's init of the table (normal / sqrt(dim)), xavier projection, zero bias."
-        nn.init.normal_(self.scale_shift_table, std=self.scale_shift_table.shape[1] ** -0.5)
-        nn.init.xavier_uniform_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    @classmethod
-    def for_backbone(cls, bb) -> 'PixArtOutputHead':
-        return cls(bb.embed_dim, bb.patch_size, bb.out_channels, bb.model.norm_out.eps)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #089854e1
-def _mask_bias(mask, dtype):
-    "A keep-mask (B, T) as the additive bias (B, 1, T) diffusers' attention takes; a bias passes through."
-    if mask is None or mask.ndim != 2: return mask
-    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
-
-class PixArtAdapter(DiffusersBackbone):
-    "The backbone protocol on a diffusers `PixArtTransformer2DModel`; `y` = a `TextCond`."
-    arch, model_class, head_class = 'diffusers_pixart', 'PixArtTransformer2DModel', PixArtOutputHead
-    needed = DiffusersBackbone.needed + ('adaln_single', 'caption_projection', 'scale_shift_table', 'proj_out')
-    null_class, num_labels = None, 0
-
-    def check_input(self, x, timesteps, y=None):
-        msg = _check_latents(self, x, timesteps)
-        if not msg and not isinstance(y, TextCond):
-            msg = f"PixArt is text-conditioned: y must be a TextCond (prompt embeddings), got {type(y).__name__}"
-        if not msg and len(y) != x.shape[0]:
-            msg = f"the TextCond holds {len(y)} rows of prompt embeddings for a batch of {x.shape[0]} latents"
-        if msg: raise ValueError(msg)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #e92a8b40
-def _pixart_embed(self, x, timesteps, y: TextCond):
-    m, B = self.model, x.shape[0]
-    h = m.pos_embed(x)
-    added = y.added_cond_kwargs or dict(resolution=None, aspect_ratio=None)
-    tmod, temb = m.adaln_single(timesteps, added, batch_size=B, hidden_dtype=h.dtype)
-    enc = y.encoder_hidden_states
-    if m.caption_projection is not None: enc = m.caption_projection(enc).view(B, -1, h.shape[-1])
-    rows = dict(timestep=tmod, encoder_hidden_states=enc,
-                encoder_attention_mask=_mask_bias(y.encoder_attention_mask, h.dtype))
-    return h, DiffusersState(temb, rows)
-
-def _pixart_block(self, i: int, h, state: DiffusersState):
-    return self.model.transformer_blocks[i](h, **state.rows, **state.static)
-
-def _pixart_decode(self, h, state: DiffusersState):
-    m = self.model
-    return pixart_output(h, state.cond, m.norm_out, m.scale_shift_table, m.proj_out, self.out_channels)
-
-PixArtAdapter.embed, PixArtAdapter.run_block, PixArtAdapter.decode = _pixart_embed, _pixart_block, _pixart_decode
+# %% ../../nbs/integrations/02h_pipelines.ipynb #d2315d65
+# the moved names stay in this module's __all__
+_all_ = ['TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
+         'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
+         'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
+         'make_adapter', 'diffusers_layer_costs']
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #b5bf98cf
-ADAPTERS = {'DiTTransformer2DModel': DiTAdapter, 'PixArtTransformer2DModel': PixArtAdapter}
 POLICIES = ('joint', 'independent')
-
-def make_adapter(transformer) -> DiffusersBackbone:
-    "The adapter of a diffusers transformer, by its class."
-    cls = ADAPTERS.get(type(transformer).__name__)
-    if cls is None:
-        raise TypeError(f"early exit supports the diffusers transformers {sorted(ADAPTERS)}; got a "
-                        f"{type(transformer).__name__}")
-    return cls(transformer)
 
 def _split(obj):
     "(pipeline or None, transformer) of a pipeline or a bare transformer."
@@ -688,30 +384,6 @@ def disable_early_exit(pipe_or_transformer):
 def early_exit_model(pipe) -> EarlyExitUViT:
     "The `EarlyExitUViT` attached to an enabled pipeline (heads and UEMs around the adapter)."
     return _control(pipe).model
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #c0fbd485
-def diffusers_layer_costs(bb: DiffusersBackbone, uem_config: dict | None = None, text_tokens: int = 120) -> dict:
-    """Analytic per-image FLOPs of the pieces of one evaluation (the keys of `evaluation.cost.layer_costs`): DiT's
-    count with its per-block (timestep, class) embedder, plus PixArt's cross-attention over `text_tokens` tokens."""
-    D, p, S = bb.embed_dim, bb.patch_size, bb.img_size
-    c = bb.model.config
-    ff = int(getattr(c, 'ff_inner_dim', None) or 4 * D) / D
-    dit = dict(input_size=S, patch_size=p, in_channels=bb.in_chans, hidden_size=D, depth=bb.num_layers,
-               mlp_ratio=ff, learn_sigma=bb.out_channels == 2 * bb.in_chans)
-    costs = dit_flops(dit)
-    P = (S // p) ** 2
-    if isinstance(bb, PixArtAdapter):
-        T = text_tokens
-        cross = uvit_block_flops(P, D, 0)
-        extra = cross['qkv'] // 3 + 2 * 2 * T * D * D + 2 * P * T * D * 2 + cross['proj'] - 2 * D * 6 * D
-        costs['embed'] += 2 * T * D * (int(c.caption_channels or D) + D) + 2 * D * 6 * D
-    else:
-        extra = 2 * (256 * D + D * D)                                   # each DiT block embeds (t, y) again
-    costs['blocks'] = [b + extra for b in costs['blocks']]
-    if uem_config is not None:
-        from adadiff_nb.evaluation.cost import uem_flops
-        costs['uem'], costs['uem_call'] = uem_flops(uem_config, dit)
-    return costs
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #c435829e
 def exit_stats(pipe) -> dict:

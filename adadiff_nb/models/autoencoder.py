@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from fastcore.basics import patch
-
 from ..extras import install_hint, require
 from .checkpoint import (CheckpointError, atomic_write, atomic_write_json, check_output_file,
                                    read_safetensors_metadata, resolve_device)
@@ -114,108 +112,94 @@ class LatentAutoencoder(nn.Module):
         diffusers = require('diffusers', 'the latent autoencoder', 't2i')
         return cls(diffusers.AutoencoderKL(**config), scale_factor)
 
-# %% ../../nbs/models/01d_autoencoder.ipynb #8b330b95
-@patch(as_prop=True)
-def config(self: LatentAutoencoder) -> dict:
-    "The VAE's public config (JSON-serialisable constructor arguments)."
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items()
-            if not k.startswith('_')}
+    @property
+    def config(self) -> dict:
+        "The VAE's public config (JSON-serialisable constructor arguments)."
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items()
+                if not k.startswith('_')}
 
-@patch(as_prop=True)
-def config_hash(self: LatentAutoencoder) -> str:
-    "Short sha256 of the VAE config (the same architecture gives the same hash; weights are not hashed)."
-    return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+    @property
+    def config_hash(self) -> str:
+        "Short sha256 of the VAE config (the same architecture gives the same hash; weights are not hashed)."
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../../nbs/models/01d_autoencoder.ipynb #9e8b1ba9
-@patch(as_prop=True)
-def latent_channels(self: LatentAutoencoder) -> int:
-    "Channels C of a latent (4 for the SD VAE)."
-    return int(self.vae.config.latent_channels)
+    @property
+    def latent_channels(self) -> int:
+        "Channels C of a latent (4 for the SD VAE)."
+        return int(self.vae.config.latent_channels)
 
-@patch(as_prop=True)
-def image_channels(self: LatentAutoencoder) -> int:
-    "Channels of an image (3)."
-    return int(self.vae.config.in_channels)
+    @property
+    def image_channels(self) -> int:
+        "Channels of an image (3)."
+        return int(self.vae.config.in_channels)
 
-@patch(as_prop=True)
-def downsample(self: LatentAutoencoder) -> int:
-    "Image side / latent side: 2 per encoder level after the first (8 for the SD VAE)."
-    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    @property
+    def downsample(self) -> int:
+        "Image side / latent side: 2 per encoder level after the first (8 for the SD VAE)."
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-# %% ../../nbs/models/01d_autoencoder.ipynb #7fefaf5e
-@patch
-def latent_shape(self: LatentAutoencoder, image_size: int) -> tuple[int, int, int]:
-    "(C, h, w) of the latents of `image_size` x `image_size` images."
-    if image_size % self.downsample:
-        raise ValueError(f"image size {image_size} is not a multiple of the autoencoder's down-sampling factor "
-                         f"{self.downsample}; resize the images to a multiple of {self.downsample}")
-    s = image_size // self.downsample
-    return (self.latent_channels, s, s)
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        "(C, h, w) of the latents of `image_size` x `image_size` images."
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not a multiple of the autoencoder's down-sampling factor "
+                             f"{self.downsample}; resize the images to a multiple of {self.downsample}")
+        s = image_size // self.downsample
+        return (self.latent_channels, s, s)
 
-@patch
-def record(self: LatentAutoencoder) -> dict:
-    "What a checkpoint or a cache stores about this autoencoder, for `check_compatible`."
-    return dict(scale_factor=self.scale_factor, latent_channels=self.latent_channels, downsample=self.downsample,
-                config_hash=self.config_hash, source=self.source)
+    def record(self) -> dict:
+        "What a checkpoint or a cache stores about this autoencoder, for `check_compatible`."
+        return dict(scale_factor=self.scale_factor, latent_channels=self.latent_channels, downsample=self.downsample,
+                    config_hash=self.config_hash, source=self.source)
+
+    def check_images(self, x: torch.Tensor):
+        "Raise a clear error unless `x` is a batch of images (B, C, H, W) in [-1, 1] this autoencoder can encode."
+        C, d = self.image_channels, self.downsample
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != C:
+            what = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"the autoencoder encodes images of shape (B, {C}, H, W), got {what}")
+        if x.shape[2] % d or x.shape[3] % d:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the down-sampling factor {d}")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; convert uint8 images "
+                             "with adadiff_nb.data.from_uint8 (x / 127.5 - 1)")
+
+    def check_latents(self, z: torch.Tensor):
+        "Raise a clear error unless `z` is a batch of latents (B, latent_channels, h, w)."
+        C = self.latent_channels
+        if not torch.is_tensor(z) or z.ndim != 4 or z.shape[1] != C:
+            what = f"shape {tuple(z.shape)}" if torch.is_tensor(z) else type(z).__name__
+            raise ValueError(f"the autoencoder decodes latents of shape (B, {C}, h, w) (latent_channels={C}), "
+                             f"got {what}; is the model's output latent (in_chans={C})?")
+
+    def _batched(self, fn, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        "fn over `x` in chunks of `batch_size` rows (all at once when None), on the VAE's device/dtype, as float32."
+        p = next(self.vae.parameters())
+        step = batch_size or max(len(x), 1)
+        with torch.no_grad():
+            out = [fn(x[i:i + step].to(device=p.device, dtype=p.dtype)).float() for i in range(0, len(x), step)]
+        return torch.cat(out) if out else x.new_zeros(0)
+
+    def moments(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        "Posterior moments (B, 2C, h, w) (mean, log-variance) of images `x` in [-1, 1]: what the latent cache stores."
+        self.check_images(x)
+        enc = lambda xb: (lambda d: torch.cat([d.mean, d.logvar], 1))(self.vae.encode(xb).latent_dist)
+        return self._batched(enc, x, batch_size)
+
+    def encode(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> torch.Tensor:
+        "Scaled latents (B, C, h, w) of images `x` in [-1, 1]: a posterior draw (or its mean) times `scale_factor`."
+        return sample_latents(self.moments(x, batch_size), self.scale_factor, sample, generator)
+
+    def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        "Images (B, 3, H, W), roughly in [-1, 1] (not clamped), of scaled latents `z`: the decoder of z / scale_factor."
+        self.check_latents(z)
+        return self._batched(lambda zb: self.vae.decode(zb / self.scale_factor).sample, z, batch_size)
 
 # %% ../../nbs/models/01d_autoencoder.ipynb #20919a05
 TINY_VAE_CONFIG = dict(block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
                        up_block_types=('UpDecoderBlock2D',) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
                        layers_per_block=1)   # a random stand-in for the SD VAE in tests: 16x16x3 <-> 8x8x4
-
-# %% ../../nbs/models/01d_autoencoder.ipynb #9b011d63
-@patch
-def check_images(self: LatentAutoencoder, x: torch.Tensor):
-    "Raise a clear error unless `x` is a batch of images (B, C, H, W) in [-1, 1] this autoencoder can encode."
-    C, d = self.image_channels, self.downsample
-    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != C:
-        what = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"the autoencoder encodes images of shape (B, {C}, H, W), got {what}")
-    if x.shape[2] % d or x.shape[3] % d:
-        raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the down-sampling factor {d}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; convert uint8 images "
-                         "with adadiff_nb.data.from_uint8 (x / 127.5 - 1)")
-
-@patch
-def check_latents(self: LatentAutoencoder, z: torch.Tensor):
-    "Raise a clear error unless `z` is a batch of latents (B, latent_channels, h, w)."
-    C = self.latent_channels
-    if not torch.is_tensor(z) or z.ndim != 4 or z.shape[1] != C:
-        what = f"shape {tuple(z.shape)}" if torch.is_tensor(z) else type(z).__name__
-        raise ValueError(f"the autoencoder decodes latents of shape (B, {C}, h, w) (latent_channels={C}), "
-                         f"got {what}; is the model's output latent (in_chans={C})?")
-
-# %% ../../nbs/models/01d_autoencoder.ipynb #3e686103
-@patch
-def _batched(self: LatentAutoencoder, fn, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    "fn over `x` in chunks of `batch_size` rows (all at once when None), on the VAE's device/dtype, as float32."
-    p = next(self.vae.parameters())
-    step = batch_size or max(len(x), 1)
-    with torch.no_grad():
-        out = [fn(x[i:i + step].to(device=p.device, dtype=p.dtype)).float() for i in range(0, len(x), step)]
-    return torch.cat(out) if out else x.new_zeros(0)
-
-@patch
-def moments(self: LatentAutoencoder, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    "Posterior moments (B, 2C, h, w) (mean, log-variance) of images `x` in [-1, 1]: what the latent cache stores."
-    self.check_images(x)
-    enc = lambda xb: (lambda d: torch.cat([d.mean, d.logvar], 1))(self.vae.encode(xb).latent_dist)
-    return self._batched(enc, x, batch_size)
-
-# %% ../../nbs/models/01d_autoencoder.ipynb #900bca1f
-@patch
-def encode(self: LatentAutoencoder, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
-           batch_size: int | None = None) -> torch.Tensor:
-    "Scaled latents (B, C, h, w) of images `x` in [-1, 1]: a posterior draw (or its mean) times `scale_factor`."
-    return sample_latents(self.moments(x, batch_size), self.scale_factor, sample, generator)
-
-@patch
-def decode(self: LatentAutoencoder, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    "Images (B, 3, H, W), roughly in [-1, 1] (not clamped), of scaled latents `z`: the decoder of z / scale_factor."
-    self.check_latents(z)
-    return self._batched(lambda zb: self.vae.decode(zb / self.scale_factor).sample, z, batch_size)
 
 # %% ../../nbs/models/01d_autoencoder.ipynb #8d1df919
 def check_record(autoencoder: LatentAutoencoder, expected: dict):
@@ -449,48 +433,41 @@ class LatentCache(Dataset):
     def __repr__(self):
         return f"LatentCache({str(self.path)!r}, n={len(self)}, latent_shape={self.latent_shape}, flip={self.flip})"
 
-# %% ../../nbs/models/01d_autoencoder.ipynb #8df333c0
-@patch
-def _file(self: LatentCache):
-    "The open safetensors handle of this process."
-    if self._f is None:
-        from safetensors import safe_open
-        self._f = safe_open(str(self.path), framework='pt')
-    return self._f
+    def _file(self):
+        "The open safetensors handle of this process."
+        if self._f is None:
+            from safetensors import safe_open
+            self._f = safe_open(str(self.path), framework='pt')
+        return self._f
 
-@patch
-def get_batch(self: LatentCache, idx) -> tuple[torch.Tensor, torch.Tensor]:
-    "Latents (b, C, h, w) and long labels (b,) of the items `idx`, each from a random flip variant when `flip`."
-    idx = [int(i) for i in torch.as_tensor(idx).reshape(-1)]
-    if any(not 0 <= i < len(self) for i in idx):
-        raise IndexError(f"cache index out of range [0, {len(self)}): {idx}")
-    f = self._file()
-    nv = 2 if self.flip else 1
-    var = torch.randint(nv, (len(idx),), generator=self.generator).tolist()
-    mom = torch.stack([f.get_slice('moments')[i:i + 1, v:v + 1][0, 0] for i, v in zip(idx, var)])
-    y = torch.stack([f.get_slice('labels')[i:i + 1][0] for i in idx]) if self.has_labels else torch.zeros(
-        len(idx), dtype=torch.long)
-    return sample_latents(mom, self.scale_factor, self.sample, self.generator), y.long()
+    def get_batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        "Latents (b, C, h, w) and long labels (b,) of the items `idx`, each from a random flip variant when `flip`."
+        idx = [int(i) for i in torch.as_tensor(idx).reshape(-1)]
+        if any(not 0 <= i < len(self) for i in idx):
+            raise IndexError(f"cache index out of range [0, {len(self)}): {idx}")
+        f = self._file()
+        nv = 2 if self.flip else 1
+        var = torch.randint(nv, (len(idx),), generator=self.generator).tolist()
+        mom = torch.stack([f.get_slice('moments')[i:i + 1, v:v + 1][0, 0] for i, v in zip(idx, var)])
+        y = torch.stack([f.get_slice('labels')[i:i + 1][0] for i in idx]) if self.has_labels else torch.zeros(
+            len(idx), dtype=torch.long)
+        return sample_latents(mom, self.scale_factor, self.sample, self.generator), y.long()
 
-@patch
-def __getitem__(self: LatentCache, i):
-    z, y = self.get_batch([i])
-    return z[0], int(y[0])
+    def __getitem__(self, i):
+        z, y = self.get_batch([i])
+        return z[0], int(y[0])
 
-# %% ../../nbs/models/01d_autoencoder.ipynb #573a7b7f
-@patch
-def check_model(self: LatentCache, model):
-    "Raise a clear error unless `model` takes this cache's latents (channels and size)."
-    bb = getattr(model, 'backbone', model)
-    C, h, _ = self.latent_shape
-    if (bb.in_chans, bb.img_size) != (C, h):
-        raise ValueError(f"the cache holds {C}x{h}x{h} latents but the model takes {bb.in_chans}x{bb.img_size}x"
-                         f"{bb.img_size} inputs; build the model with in_chans={C}, img_size={h}")
+    def check_model(self, model):
+        "Raise a clear error unless `model` takes this cache's latents (channels and size)."
+        bb = getattr(model, 'backbone', model)
+        C, h, _ = self.latent_shape
+        if (bb.in_chans, bb.img_size) != (C, h):
+            raise ValueError(f"the cache holds {C}x{h}x{h} latents but the model takes {bb.in_chans}x{bb.img_size}x"
+                             f"{bb.img_size} inputs; build the model with in_chans={C}, img_size={h}")
 
-@patch
-def check_autoencoder(self: LatentCache, autoencoder: LatentAutoencoder):
-    "Raise a clear error unless `autoencoder` is the one (same VAE config and scale) that wrote this cache."
-    check_record(autoencoder, {**self.metadata['autoencoder'], 'scale_factor': self.scale_factor})
+    def check_autoencoder(self, autoencoder: LatentAutoencoder):
+        "Raise a clear error unless `autoencoder` is the one (same VAE config and scale) that wrote this cache."
+        check_record(autoencoder, {**self.metadata['autoencoder'], 'scale_factor': self.scale_factor})
 
 # %% ../../nbs/models/01d_autoencoder.ipynb #b7f2a5df
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file as _st_load, save as _st_save_bytes
 
 from .uvit import UViT, create_uvit
+from .registry import BACKBONES, load_object
 
 # %% auto #0
 __all__ = ['OFFICIAL_UVIT_SCHEDULES', 'ARCHS', 'atomic_write', 'atomic_write_json', 'save_safetensors', 'sha256_file',
            'RecoveryWarning', 'check_output_file', 'resolve_device', 'CheckpointError', 'unwrap_state_dict',
            'load_weights', 'read_safetensors_metadata', 'check_state_dict', 'load_state_dict_checked',
-           'load_official_uvit', 'asset_path', 'register_arch', 'known_archs', 'resolve_arch', 'model_record',
-           'build_model', 'save_model', 'record_differences', 'load_model']
+           'load_official_uvit', 'asset_path', 'project_archs', 'register_arch', 'known_archs', 'resolve_arch',
+           'model_record', 'build_model', 'save_model', 'record_differences', 'load_model']
 
 # %% ../../nbs/models/01b_checkpoint.ipynb #adb368d8
 def _umask() -> int:
@@ -221,39 +222,45 @@ def asset_path(*parts: str) -> Path:
     return Path(str(p))
 
 # %% ../../nbs/models/01b_checkpoint.ipynb #57aea093
-ARCHS: dict = {
-    'uvit': 'adadiff_nb.models.uvit:UViT',
+ARCHS: dict = {      # model classes that are not a backbone family (those come from adadiff_nb.models.registry)
     'adadiff': 'adadiff_nb.exits.early_exit:EarlyExitModel',
     'ase': 'adadiff_nb.exits.baselines:StaticDropUViT',
     'berxit': 'adadiff_nb.exits.baselines:BERxiTUViT',
     'calm': 'adadiff_nb.exits.baselines:CALMUViT',
-    'dit': 'adadiff_nb.models.dit:DiT',
     'adadiff_official': 'adadiff_nb.models.official_adadiff:OfficialAdaDiffUViT',
 }
 _USER_ARCHS: dict = {}
 
+def project_archs() -> dict:
+    "{name: class or 'module:Class'}: every backbone family of `adadiff_nb.models.registry` with a class, and `ARCHS`."
+    return {**{f: s.backbone for f, s in BACKBONES.items() if s.backbone is not None}, **ARCHS}
+
+def _ref_name(ref) -> str | None:
+    return ref.split(':')[1] if isinstance(ref, str) else getattr(ref, '__name__', None)
+
 def register_arch(name: str, builder):
     "Register your model class (or a builder taking its `config` as keyword arguments) under `name` for `load_model`."
-    if name in ARCHS and getattr(builder, '__name__', None) != ARCHS[name].split(':')[1]:
-        raise ValueError(f"{name!r} is one of the project's architectures ({ARCHS[name]}); "
+    ours = project_archs()
+    if name in ours and getattr(builder, '__name__', None) != _ref_name(ours[name]):
+        raise ValueError(f"{name!r} is one of the project's architectures ({ours[name]}); "
                          "register your model under another name")
     _USER_ARCHS[name] = builder
     return builder
 
 def known_archs() -> list[str]:
-    "Names `load_model` can build: the project's (`ARCHS`) and those added with `register_arch`."
-    return sorted({**ARCHS, **_USER_ARCHS})
+    "Names `load_model` can build: the backbone families, the project's models (`ARCHS`) and `register_arch`'s."
+    return sorted({**project_archs(), **_USER_ARCHS})
 
 def resolve_arch(name: str):
     "The class (or builder) of architecture `name`, importing the project's module that defines it on first use."
     if name in _USER_ARCHS: return _USER_ARCHS[name]
-    if name not in ARCHS:
+    ours = project_archs()
+    if name not in ours:
         raise CheckpointError(f"unknown architecture {name!r} in checkpoint config; known: {known_archs()} "
                               "(register your own with adadiff_nb.models.checkpoint.register_arch(name, cls))")
-    mod, cls = ARCHS[name].split(':')
-    try: return getattr(importlib.import_module(mod), cls)
+    try: return load_object(ours[name])
     except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"architecture {name!r} is {ARCHS[name]}, which cannot be imported "
+        raise CheckpointError(f"architecture {name!r} is {ours[name]}, which cannot be imported "
                               f"({type(e).__name__}: {e})") from e
 
 # %% ../../nbs/models/01b_checkpoint.ipynb #8a26182b

@@ -26,7 +26,7 @@ DEFAULT_RECIPE = [
     "--out runs/cpu16_backbone",
     "OMP_NUM_THREADS=1 adadiff-train --config cpu16_adadiff --init runs/cpu16_backbone/final --steps 1500 "
     "--sample-every 500 --ckpt-every 500 --out runs/cpu16_adadiff",
-    "python -c \"from adadiff_nb.models.default_model import export_default; "
+    "python -c \"from adadiff_nb.default_model import export_default; "
     "export_default('runs/cpu16_adadiff', use_ema=False, default_threshold=0.075)\"",
 ]
 DEFAULT_MODEL_ENV = 'ADADIFF_DEFAULT_MODEL'
@@ -35,7 +35,7 @@ COND_RECIPE = [
     "--out runs/cpu16c_backbone",
     "OMP_NUM_THREADS=1 adadiff-train --config cpu16c_adadiff --init runs/cpu16c_backbone/final --steps 1500 "
     "--sample-every 500 --ckpt-every 500 --out runs/cpu16c_adadiff",
-    "python -c \"from adadiff_nb.models.default_model import export_default; "
+    "python -c \"from adadiff_nb.default_model import export_default; "
     "export_default('runs/cpu16c_adadiff', name='cifar10_cond', use_ema=False, default_threshold=0.07)\"",
 ]
 EMBEDDED_MODELS = {'default': ('default_model', DEFAULT_RECIPE), 'cifar10_cond': ('cifar10_cond_model', COND_RECIPE)}

@@ -62,37 +62,31 @@ class OfficialLTE(ExitCriterion):
 
     def extra_repr(self) -> str: return f"decision={self.decision!r}, patience={self.patience}"
 
-# %% ../../nbs/models/02g_official_adadiff.ipynb #5ce3fd52
-def _certainty(self: OfficialLTE, i: int, h) -> torch.Tensor:
-    "The official certainty map c (b, C, H, W) at our exit i (estimator i - 1) of tokens `h` (b, extras + N, D)."
-    lin = self.lte[i - 1]
-    z = lin(h[:, self.extras:].float().detach().to(lin.weight.dtype))      # float32 model: the official ops
-    return unpatchify(torch.sigmoid(z.float()), self.in_chans).contiguous()
+    def certainty(self, i: int, h) -> torch.Tensor:
+        "The official certainty map c (b, C, H, W) at our exit i (estimator i - 1) of tokens `h` (b, extras + N, D)."
+        lin = self.lte[i - 1]
+        z = lin(h[:, self.extras:].float().detach().to(lin.weight.dtype))      # float32 model: the official ops
+        return unpatchify(torch.sigmoid(z.float()), self.in_chans).contiguous()
 
-def _context(self: OfficialLTE, timesteps) -> dict:
-    "A per-row count of the in-block hits so far (the official 'patient' flag)."
-    return dict(hits=torch.zeros(timesteps.shape[0], dtype=torch.long, device=timesteps.device))
+    def context(self, timesteps) -> dict:
+        "A per-row count of the in-block hits so far (the official 'patient' flag)."
+        return dict(hits=torch.zeros(timesteps.shape[0], dtype=torch.long, device=timesteps.device))
 
-OfficialLTE.certainty, OfficialLTE.context = _certainty, _context
+    def _hold(self, u, ctx: dict) -> torch.Tensor:
+        "In-block patience: a hit of a row with fewer than `patience` earlier hits only counts (u = 1: it stays)."
+        armed = ctx['hits'] >= self.patience
+        ctx['hits'].add_(((u < ctx['tau']) & ~armed).long())
+        return torch.where(armed, u, torch.ones_like(u))
 
-# %% ../../nbs/models/02g_official_adadiff.ipynb #0f507b0e
-def _hold(self: OfficialLTE, u, ctx: dict) -> torch.Tensor:
-    "In-block patience: a hit of a row with fewer than `patience` earlier hits only counts (u = 1: it stays)."
-    armed = ctx['hits'] >= self.patience
-    ctx['hits'].add_(((u < ctx['tau']) & ~armed).long())
-    return torch.where(armed, u, torch.ones_like(u))
-
-def _uncertainty(self: OfficialLTE, i, bb, h, ctx, prev=None, want_map=False):
-    b = h.shape[0]
-    if i == 0 or i > len(self.lte) - 1:                                    # no estimator before the first block
-        return h.new_ones(b, dtype=torch.float32), None
-    c = self.certainty(i, h)
-    u = (1 - c.reshape(-1).mean()).expand(b) if self.decision == 'batch' else 1 - c.reshape(b, -1).mean(1)
-    if 'tau' in ctx and i <= self.num_in_blocks and self.patience:
-        u = self._hold(u, ctx)
-    return u, (1 - c if want_map else None)
-
-OfficialLTE._hold, OfficialLTE.uncertainty = _hold, _uncertainty
+    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
+        b = h.shape[0]
+        if i == 0 or i > len(self.lte) - 1:                                    # no estimator before the first block
+            return h.new_ones(b, dtype=torch.float32), None
+        c = self.certainty(i, h)
+        u = (1 - c.reshape(-1).mean()).expand(b) if self.decision == 'batch' else 1 - c.reshape(b, -1).mean(1)
+        if 'tau' in ctx and i <= self.num_in_blocks and self.patience:
+            u = self._hold(u, ctx)
+        return u, (1 - c if want_map else None)
 
 # %% ../../nbs/models/02g_official_adadiff.ipynb #7864683d
 class OfficialAdaDiffUViT(EarlyExitUViT):
@@ -108,14 +102,11 @@ class OfficialAdaDiffUViT(EarlyExitUViT):
         self.uem.init_weights()
         self.config = dict(backbone=self.config['backbone'], decision=decision, patience=int(patience))
 
-# %% ../../nbs/models/02g_official_adadiff.ipynb #6841e94f
-def _flop_costs(self: OfficialAdaDiffUViT) -> dict:
-    "Per-image FLOPs of the pieces of one evaluation (see `adadiff_nb.evaluation.cost.layer_costs`)."
-    c, lin = uvit_flops(self.backbone.config), self.uem.lte[0]
-    uem = 2 * self.backbone.num_patches * lin.in_features * lin.out_features
-    return dict(c, exit_head=c['head'], uem=uem, uem_call=0)
-
-OfficialAdaDiffUViT.flop_costs = _flop_costs
+    def flop_costs(self) -> dict:
+        "Per-image FLOPs of the pieces of one evaluation (see `adadiff_nb.evaluation.cost.layer_costs`)."
+        c, lin = uvit_flops(self.backbone.config), self.uem.lte[0]
+        uem = 2 * self.backbone.num_patches * lin.in_features * lin.out_features
+        return dict(c, exit_head=c['head'], uem=uem, uem_call=0)
 
 # %% ../../nbs/models/02g_official_adadiff.ipynb #1356088d
 _OFFICIAL_LTE = 'lte_classifer.'

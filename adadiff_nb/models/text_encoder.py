@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from fastcore.basics import patch
-
 from .checkpoint import atomic_write, check_output_file, resolve_device
 from ..extras import require
 from .autoencoder import (CacheError, LatentCache, check_weight_dir, describe_files,
@@ -107,47 +105,42 @@ class TextEncoder(nn.Module):
         "(max_length, context_dim): the `context_shape` a text-to-image U-ViT must have."
         return (self.max_length, self.context_dim)
 
-# %% ../../nbs/models/01e_text.ipynb #fbbbc1f6
-@patch
-def tokenize(self: TextEncoder, prompts) -> torch.Tensor:
-    "Token ids (B, max_length) of `prompts`: truncated and padded to max_length."
-    enc = self.tokenizer(check_prompts(prompts), truncation=True, max_length=self.max_length,
-                         padding='max_length', return_tensors='pt')
-    return enc['input_ids']
+    def tokenize(self, prompts) -> torch.Tensor:
+        "Token ids (B, max_length) of `prompts`: truncated and padded to max_length."
+        enc = self.tokenizer(check_prompts(prompts), truncation=True, max_length=self.max_length,
+                             padding='max_length', return_tensors='pt')
+        return enc['input_ids']
 
-@patch
-def encode(self: TextEncoder, prompts, batch_size: int | None = None) -> torch.Tensor:
-    "The context (B, max_length, context_dim), float32, of `prompts` (a string or a list of strings)."
-    ids = self.tokenize(prompts)
-    p = next(self.model.parameters())
-    step = batch_size or len(ids)
-    with torch.no_grad():
-        out = [self.model(input_ids=ids[i:i + step].to(p.device)).last_hidden_state.float()
-               for i in range(0, len(ids), step)]
-    return torch.cat(out)
+    def encode(self, prompts, batch_size: int | None = None) -> torch.Tensor:
+        "The context (B, max_length, context_dim), float32, of `prompts` (a string or a list of strings)."
+        ids = self.tokenize(prompts)
+        p = next(self.model.parameters())
+        step = batch_size or len(ids)
+        with torch.no_grad():
+            out = [self.model(input_ids=ids[i:i + step].to(p.device)).last_hidden_state.float()
+                   for i in range(0, len(ids), step)]
+        return torch.cat(out)
 
-@patch(as_prop=True)
-def empty_context(self: TextEncoder) -> torch.Tensor:
-    "The context (1, max_length, context_dim) of the empty prompt: the unconditional branch of guidance (cached)."
-    p = next(self.model.parameters())
-    if self._empty is None or self._empty.device != p.device:
-        self._empty = self.encode([''])
-    return self._empty
+    @property
+    def empty_context(self) -> torch.Tensor:
+        "The context (1, max_length, context_dim) of the empty prompt: the unconditional branch of guidance (cached)."
+        p = next(self.model.parameters())
+        if self._empty is None or self._empty.device != p.device:
+            self._empty = self.encode([''])
+        return self._empty
 
-# %% ../../nbs/models/01e_text.ipynb #69c15153
-@patch(as_prop=True)
-def config_hash(self: TextEncoder) -> str:
-    "Short sha256 of the text model's config and the tokenizer's vocabulary size and max_length."
-    cfg = {k: v for k, v in self.model.config.to_dict().items()
-           if not k.startswith('_') and k != 'transformers_version'}
-    key = json.dumps(dict(model=cfg, vocab=len(self.tokenizer), max_length=self.max_length), sort_keys=True,
-                     default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    @property
+    def config_hash(self) -> str:
+        "Short sha256 of the text model's config and the tokenizer's vocabulary size and max_length."
+        cfg = {k: v for k, v in self.model.config.to_dict().items()
+               if not k.startswith('_') and k != 'transformers_version'}
+        key = json.dumps(dict(model=cfg, vocab=len(self.tokenizer), max_length=self.max_length), sort_keys=True,
+                         default=str)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
-@patch
-def record(self: TextEncoder) -> dict:
-    "What a checkpoint or a text cache stores about this encoder."
-    return dict(context_shape=list(self.context_shape), config_hash=self.config_hash, source=self.source)
+    def record(self) -> dict:
+        "What a checkpoint or a text cache stores about this encoder."
+        return dict(context_shape=list(self.context_shape), config_hash=self.config_hash, source=self.source)
 
 # %% ../../nbs/models/01e_text.ipynb #5edf61ab
 def write_tiny_clip(path, width: int = 32, seed: int = 0) -> Path:
@@ -229,37 +222,32 @@ class TextFeatureCache(Dataset):
     def __getstate__(self):
         return {**self.__dict__, '_f': None}
 
-# %% ../../nbs/models/01e_text.ipynb #35927ae4
-@patch
-def _file(self: TextFeatureCache):
-    if self._f is None:
-        from safetensors import safe_open
-        self._f = safe_open(str(self.path), framework='pt')
-    return self._f
+    def _file(self):
+        if self._f is None:
+            from safetensors import safe_open
+            self._f = safe_open(str(self.path), framework='pt')
+        return self._f
 
-@patch
-def get_batch(self: TextFeatureCache, idx) -> torch.Tensor:
-    "Contexts (b, N, D), float32, of items `idx`, each of a caption drawn at random among the item's."
-    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-    if len(idx) and not bool(((idx >= 0) & (idx < len(self))).all()):
-        raise IndexError(f"text cache index out of range [0, {len(self)}): {idx.tolist()}")
-    lo, n = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
-    rows = lo + (torch.rand(len(idx), generator=self.generator) * n).long().clamp(max=n - 1)
-    sl = self._file().get_slice('context')
-    return torch.stack([sl[r:r + 1][0] for r in rows.tolist()]).float() if len(idx) else torch.zeros(0)
+    def get_batch(self, idx) -> torch.Tensor:
+        "Contexts (b, N, D), float32, of items `idx`, each of a caption drawn at random among the item's."
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if len(idx) and not bool(((idx >= 0) & (idx < len(self))).all()):
+            raise IndexError(f"text cache index out of range [0, {len(self)}): {idx.tolist()}")
+        lo, n = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        rows = lo + (torch.rand(len(idx), generator=self.generator) * n).long().clamp(max=n - 1)
+        sl = self._file().get_slice('context')
+        return torch.stack([sl[r:r + 1][0] for r in rows.tolist()]).float() if len(idx) else torch.zeros(0)
 
-@patch
-def check_model(self: TextFeatureCache, model):
-    "Raise a clear error unless `model` takes contexts of this cache's shape."
-    shape = getattr(getattr(model, 'backbone', model), 'context_shape', None)
-    if shape != self.context_shape:
-        raise ValueError(f"the text cache holds {self.context_shape} contexts but the model takes "
-                         f"{shape or 'no text context'}; use a text-to-image model with num_clip_token, clip_dim = "
-                         f"{self.context_shape}")
+    def check_model(self, model):
+        "Raise a clear error unless `model` takes contexts of this cache's shape."
+        shape = getattr(getattr(model, 'backbone', model), 'context_shape', None)
+        if shape != self.context_shape:
+            raise ValueError(f"the text cache holds {self.context_shape} contexts but the model takes "
+                             f"{shape or 'no text context'}; use a text-to-image model with num_clip_token, clip_dim = "
+                             f"{self.context_shape}")
 
-@patch
-def __getitem__(self: TextFeatureCache, i):
-    return self.get_batch([i])[0]
+    def __getitem__(self, i):
+        return self.get_batch([i])[0]
 
 # %% ../../nbs/models/01e_text.ipynb #7eddd2d9
 class LatentTextDataset(Dataset):

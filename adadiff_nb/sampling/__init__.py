@@ -3,9 +3,10 @@
 
 Modules:
 
+- `adadiff_nb.sampling.denoisers`: The plumbing that hands early-exit models a threshold (or a static exit schedule) at every step, and classifier-free guidance: wrappers around the network that the samplers of `adadiff_nb.sampling.samplers` never see (`EarlyExitDenoiser`, `GuidedDenoiser`, `make_denoiser`).
 - `adadiff_nb.sampling.diffusion`: The diffusion maths every other module builds on: variance-preserving noise schedules (discrete DDPM, cosine, U-ViT's continuous VP-SDE) behind one continuous-time interface, forward noising (`q_sample`), prediction-type conversions, the DDPM posterior and the shared timestep bucketing.
 - `adadiff_nb.sampling.run`: One sampling run of a model (or one shard of it): noise drawn per batch from the seed (or given), class labels for class-conditional models, an exit rule (threshold or static exits), the sampler, the `CostMeter` statistics and the wall time with device synchronisation; plus the noise schedule a checkpoint was trained with and the image helpers (uint8 arrays, a PNG grid).
-- `adadiff_nb.sampling.samplers`: DDPM, DDIM, Euler-Maruyama (reverse VP-SDE / probability-flow ODE, as U-ViT samples), singlestep DPM-Solver-1/2/3 and DPM-Solver++(2M), as small pure functions with one signature, plus the plumbing that hands early-exit models a threshold (or a static exit schedule) at every step.
+- `adadiff_nb.sampling.samplers`: DDPM, DDIM, Euler-Maruyama (reverse VP-SDE / probability-flow ODE, as U-ViT samples), singlestep DPM-Solver-1/2/3 and DPM-Solver++(2M), as small pure functions with one signature, run on a model wrapped by `adadiff_nb.sampling.denoisers` (early-exit thresholds or static exit schedules, and classifier-free guidance).
 """
 from ..compat import deprecated_module
 __getattr__, __dir__ = deprecated_module(__name__, warn_on_import=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import torch
 import numpy as np
-from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'append_dims', 'NoiseSchedule', 'VPSDE', 'DiscreteSchedule', 'linear_schedule', 'cosine_schedule',
@@ -83,6 +82,14 @@ class VPSDE(NoiseSchedule):
         return -0.5 * append_dims(b, x.ndim) * x, torch.sqrt(b)
     def __repr__(self): return f'VPSDE(beta_min={self.beta_0}, beta_max={self.beta_1})'
 
+# %% ../../nbs/sampling/00_diffusion.ipynb #a980bf85
+def _interp(x, xp, fp):
+    "Piecewise-linear interpolation of (xp, fp) at x, linear extrapolation at the ends; xp increasing."
+    K = len(xp)
+    idx = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, K - 1)
+    x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
 # %% ../../nbs/sampling/00_diffusion.ipynb #a03dd428
 class DiscreteSchedule(NoiseSchedule):
     "Discrete-time DDPM schedule from `betas`; also exposes the continuous interface via t_n = (n+1)/N."
@@ -126,33 +133,34 @@ class DiscreteSchedule(NoiseSchedule):
     def __repr__(self):
         return f'DiscreteSchedule(N={self.num_timesteps}, beta_1={self.betas[0]:.2e}, beta_N={self.betas[-1]:.2e})'
 
-# %% ../../nbs/sampling/00_diffusion.ipynb #a980bf85
-def _interp(x, xp, fp):
-    "Piecewise-linear interpolation of (xp, fp) at x, linear extrapolation at the ends; xp increasing."
-    K = len(xp)
-    idx = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, K - 1)
-    x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    # -- the continuous interface: log alpha interpolated between the grid times t_n
+    def marginal_log_alpha(self, t):
+        t = _as_t(t)
+        xs, ys = self._t_array.to(t.device, torch.float64), self._log_alpha_array.to(t.device)
+        return _interp(t.to(torch.float64), xs, ys).to(t.dtype)
 
-# %% ../../nbs/sampling/00_diffusion.ipynb #9629cc50
-@patch
-def marginal_log_alpha(self: DiscreteSchedule, t):
-    t = _as_t(t)
-    xs, ys = self._t_array.to(t.device, torch.float64), self._log_alpha_array.to(t.device)
-    return _interp(t.to(torch.float64), xs, ys).to(t.dtype)
+    def inverse_lambda(self, lamb):
+        lamb = _as_t(lamb)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros((1,), device=lamb.device), -2. * lamb)
+        xs = torch.flip(self._log_alpha_array, [0]).to(lamb.device)
+        ys = torch.flip(self._t_array, [0]).to(lamb.device)
+        return _interp(log_alpha.to(torch.float64), xs, ys).to(lamb.dtype)
 
-@patch
-def inverse_lambda(self: DiscreteSchedule, lamb):
-    lamb = _as_t(lamb)
-    log_alpha = -0.5 * torch.logaddexp(torch.zeros((1,), device=lamb.device), -2. * lamb)
-    xs = torch.flip(self._log_alpha_array, [0]).to(lamb.device)
-    ys = torch.flip(self._t_array, [0]).to(lamb.device)
-    return _interp(log_alpha.to(torch.float64), xs, ys).to(lamb.dtype)
+    def model_time(self, t):
+        "Network input for continuous t: the (fractional) index n scaled to a 1000-step range."
+        return (_as_t(t) - 1. / self.num_timesteps) * 1000.
 
-@patch
-def model_time(self: DiscreteSchedule, t):
-    "Network input for continuous t: the (fractional) index n scaled to a 1000-step range."
-    return (_as_t(t) - 1. / self.num_timesteps) * 1000.
+    # -- the DDPM posterior q(x_{n-1} | x_n, x0)
+    def posterior_mean_variance(self, x0, x_t, n):
+        "Mean and variance of q(x_{n-1} | x_n, x0): Eq. 3-4 of the AdaDiff paper (beta-tilde variance)."
+        mean = (self._gather(self.posterior_mean_coef1, n, x_t) * x0
+                + self._gather(self.posterior_mean_coef2, n, x_t) * x_t)
+        return mean, self._gather(self.posterior_variance, n, x_t)
+
+    def posterior_mean_from_eps(self, x_t, eps, n):
+        "Eq. 3: mu = (x_n - beta_n / sqrt(1 - abar_n) eps) / sqrt(alpha_n)."
+        b, a, ab = (self._gather(v, n, x_t) for v in (self.betas, self.alphas, self.alphas_cumprod))
+        return (x_t - b / torch.sqrt(1 - ab) * eps) / torch.sqrt(a)
 
 # %% ../../nbs/sampling/00_diffusion.ipynb #4479dae2
 def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteSchedule:
@@ -169,20 +177,6 @@ def sd_schedule(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end
     """Stable Diffusion's "scaled linear" schedule, which U-ViT's latent models (ImageNet-256, MS-COCO) and DiT's
     autoencoder latents are trained with: sqrt(beta) linearly spaced from sqrt(`beta_start`) to sqrt(`beta_end`)."""
     return DiscreteSchedule(torch.linspace(beta_start ** .5, beta_end ** .5, num_timesteps, dtype=torch.float64) ** 2)
-
-# %% ../../nbs/sampling/00_diffusion.ipynb #823cdd1d
-@patch
-def posterior_mean_variance(self: DiscreteSchedule, x0, x_t, n):
-    "Mean and variance of q(x_{n-1} | x_n, x0): Eq. 3-4 of the AdaDiff paper (beta-tilde variance)."
-    mean = (self._gather(self.posterior_mean_coef1, n, x_t) * x0
-            + self._gather(self.posterior_mean_coef2, n, x_t) * x_t)
-    return mean, self._gather(self.posterior_variance, n, x_t)
-
-@patch
-def posterior_mean_from_eps(self: DiscreteSchedule, x_t, eps, n):
-    "Eq. 3: mu = (x_n - beta_n / sqrt(1 - abar_n) eps) / sqrt(alpha_n)."
-    b, a, ab = (self._gather(v, n, x_t) for v in (self.betas, self.alphas, self.alphas_cumprod))
-    return (x_t - b / torch.sqrt(1 - ab) * eps) / torch.sqrt(a)
 
 # %% ../../nbs/sampling/00_diffusion.ipynb #24600b6a
 def eps_to_x0(x_t, eps, alpha, sigma):

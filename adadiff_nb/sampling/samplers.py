@@ -1,6 +1,7 @@
 """DDPM, DDIM, Euler-Maruyama (reverse VP-SDE / probability-flow ODE, as U-ViT samples), singlestep
-DPM-Solver-1/2/3 and DPM-Solver++(2M), as small pure functions with one signature, plus the
-plumbing that hands early-exit models a threshold (or a static exit schedule) at every step.
+DPM-Solver-1/2/3 and DPM-Solver++(2M), as small pure functions with one signature, run on a model
+wrapped by `adadiff_nb.sampling.denoisers` (early-exit thresholds or static exit schedules, and
+classifier-free guidance).
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/sampling/samplers.html.md"""
 
@@ -13,20 +14,26 @@ from dataclasses import dataclass
 from typing import Callable
 import numpy as np
 import torch
-from fastcore.basics import patch
 from tqdm import tqdm
 from .diffusion import NoiseSchedule, DiscreteSchedule, get_schedule, time_bucket
 from ..exits.early_exit import check_threshold, is_early_exit_model, exit_rule_checked   # THE threshold check
 from ..models.uvit import label_error, context_error                                      # THE label check
-_all_ = ['check_threshold', 'is_early_exit_model']
+from adadiff_nb.sampling.denoisers import (
+    TimestepSchedule, threshold_schedule, exit_schedule, EarlyExitDenoiser, GUIDANCE_POLICIES, MAX_GUIDANCE_SCALE,
+    check_guidance_scale, check_guidance_policy, context_shape_of, check_uncond_context, GuidedOutput, GuidedDenoiser,
+    make_denoiser)
+_all_ = ['check_threshold', 'is_early_exit_model', 'TimestepSchedule', 'threshold_schedule', 'exit_schedule',
+         'EarlyExitDenoiser', 'GUIDANCE_POLICIES', 'MAX_GUIDANCE_SCALE', 'check_guidance_scale',
+         'check_guidance_policy', 'context_shape_of', 'check_uncond_context', 'GuidedOutput', 'GuidedDenoiser',
+         'make_denoiser']
 
 # %% auto #0
-__all__ = ['GUIDANCE_POLICIES', 'MAX_GUIDANCE_SCALE', 'SPACINGS', 'SKIP_TYPES', 'SAMPLERS', 'check_steps', 'progress_label',
-           'TimestepSchedule', 'threshold_schedule', 'exit_schedule', 'EarlyExitDenoiser', 'check_guidance_scale',
+__all__ = ['SPACINGS', 'SKIP_TYPES', 'SAMPLERS', 'check_steps', 'progress_label', 'ddpm_timesteps', 'sample_ddpm', 'sample_ddim',
+           'sample_euler_maruyama', 'time_steps', 'singlestep_orders', 'sample_dpm_solver', 'sample_dpm_solver_pp_2m',
+           'get_sampler', 'check_threshold', 'is_early_exit_model', 'TimestepSchedule', 'threshold_schedule',
+           'exit_schedule', 'EarlyExitDenoiser', 'GUIDANCE_POLICIES', 'MAX_GUIDANCE_SCALE', 'check_guidance_scale',
            'check_guidance_policy', 'context_shape_of', 'check_uncond_context', 'GuidedOutput', 'GuidedDenoiser',
-           'make_denoiser', 'ddpm_timesteps', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama', 'time_steps',
-           'singlestep_orders', 'sample_dpm_solver', 'sample_dpm_solver_pp_2m', 'get_sampler', 'check_threshold',
-           'is_early_exit_model']
+           'make_denoiser']
 
 # %% ../../nbs/sampling/02b_samplers.ipynb #8dedbc85
 def check_steps(steps) -> int:
@@ -113,318 +120,7 @@ class _Noise:
         if g is None: return torch.randn_like(x)
         return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
 
-# %% ../../nbs/sampling/02b_samplers.ipynb #01c04c70
-class TimestepSchedule:
-    """Piecewise-constant per-timestep values: values[k] applies to model times in [k, k+1) * max_time / K (k=0: the
-    least noisy steps)."""
-    def __init__(self, values, max_time: float = 1000., dtype=torch.float32):
-        v = (
-            torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, torch.Tensor) else values)
-            .to(dtype)
-            .reshape(-1)
-        )
-        if v.numel() < 1: raise ValueError("a timestep schedule needs at least one value")
-        if not max_time > 0: raise ValueError(f"max_time must be > 0 (the largest model time), got {max_time}")
-        self.values, self.max_time = v, float(max_time)
-    def bucket(self, model_time) -> torch.Tensor:
-        "Bucket index (B,) of model times."
-        return time_bucket(model_time, len(self.values), self.max_time)
-    def __call__(self, model_time) -> torch.Tensor:
-        mt = torch.as_tensor(model_time)
-        return self.values.to(mt.device)[self.bucket(mt).to(mt.device)]
-    def __len__(self): return len(self.values)
-    def __repr__(self): return f'TimestepSchedule({self.values.tolist()}, max_time={self.max_time:g})'
-
-def _bucket_values(values, kind: str) -> np.ndarray:
-    "The values of a per-timestep `kind` schedule as a flat float64 array with at least one number (else ValueError)."
-    try: a = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError, OverflowError): a = np.zeros(0)
-    if a.size < 1:
-        raise ValueError(f"{kind} {values!r} must be a number or a non-empty list of numbers (one per timestep "
-                         "bucket)")
-    return a
-
-def threshold_schedule(values, max_time: float = 1000.) -> TimestepSchedule:
-    """Per-timestep early-exit thresholds over K equal buckets of model time [0, max_time); each value must lie in [0,
-    1]."""
-    if isinstance(values, numbers.Real): values = [values]
-    for k, v in enumerate(_bucket_values(values, 'threshold')):
-        check_threshold(float(v), f'threshold_schedule value [{k}]')
-    return TimestepSchedule(values, max_time, torch.float32)
-
-def exit_schedule(values, max_time: float = 1000.) -> TimestepSchedule:
-    """Static (ASE-style) per-timestep exit indices over K equal buckets of model time [0, max_time): integers >= 0 (L
-    = full model)."""
-    a = _bucket_values(values, 'exit_layers')
-    if np.isnan(a).any() or (a != np.round(a)).any() or (a < 0).any():
-        raise ValueError(
-            f"exit indices must be integers >= 0 (0 = before the first block, L = full model), got {a.tolist()}"
-        )
-    return TimestepSchedule(a, max_time, torch.long)
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #fb10f38a
-def _describe(model) -> str:
-    arch = getattr(model, 'arch', None)
-    return type(model).__name__ + (f" (arch {arch!r})" if arch else '')
-
-def _as_value_schedule(v, kind: str):
-    """A threshold / exit-layer spec as a float/int, a callable, or a `TimestepSchedule`, validated here, once: a
-    callable's values are checked when it is called (`EarlyExitDenoiser.thresholds`)."""
-    if kind == 'threshold' and isinstance(v, TimestepSchedule):
-        check_threshold(v.values, 'threshold schedule value ')
-        return v
-    if v is None or callable(v): return v
-    if isinstance(v, torch.Tensor) and v.ndim == 0: v = v.item()
-    if isinstance(v, numbers.Real) and not isinstance(v, bool):
-        if kind == 'threshold': return check_threshold(v)
-        if float(v) != int(v) or v < 0: raise ValueError(f"exit_layers={v!r} must be an integer >= 0")
-        return int(v)
-    if isinstance(v, (list, tuple, np.ndarray, torch.Tensor)):
-        return threshold_schedule(v) if kind == 'threshold' else exit_schedule(v)
-    raise ValueError(
-        f"{kind}={v!r} is not understood; pass a number, a callable model_time -> (B,) or a list over timestep buckets"
-    )
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #216bc45c
-def _check_denoiser_args(model, threshold, static_schedule):
-    "Clear errors for an `EarlyExitDenoiser` that cannot work: wrapped twice, both exit rules, or no exits."
-    if isinstance(model, EarlyExitDenoiser):
-        raise ValueError("the model is already an EarlyExitDenoiser; give the threshold / exit schedule in one "
-                         "place only")
-    if threshold is not None and static_schedule is not None:
-        raise ValueError("pass either threshold (dynamic exits) or static_schedule / exit_layers (static exits), "
-                         "not both")
-    if (threshold is not None or static_schedule is not None) and not is_early_exit_model(model):
-        what = f"threshold={threshold!r}" if threshold is not None else f"exit_layers={static_schedule!r}"
-        raise ValueError(f"{what} was given but {_describe(model)} is not an early-exit model (it has no exits or "
-                         "uncertainty modules); drop the threshold to sample the full model, or load an early-exit "
-                         "(AdaDiff, arch 'adadiff') checkpoint")
-
-def _check_schedule_fits(schedule, num_layers):
-    "A static exit schedule may not name an exit past the model's last layer."
-    if num_layers is None or not isinstance(schedule, (int, TimestepSchedule)):
-        return
-    mx = schedule if isinstance(schedule, int) else int(schedule.values.max())
-    if mx > num_layers:
-        L = num_layers
-        raise ValueError(f"exit index {mx} exceeds the model's {L} layers; exits are 0..{L} ({L} = full model)")
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #900d4682
-class EarlyExitDenoiser:
-    """Call an early-exit model as model(x, model_time, **extra) with a per-step threshold or static exit schedule
-    evaluated into (B,) tensors."""
-    def __init__(self, model, threshold=None, static_schedule=None):
-        _check_denoiser_args(model, threshold, static_schedule)
-        self.model = model
-        self.threshold = _as_value_schedule(threshold, 'threshold')
-        self.static_schedule = _as_value_schedule(static_schedule, 'exit_layers')
-        _check_schedule_fits(self.static_schedule, getattr(model, 'num_layers', None))
-
-    def __getattr__(self, name):                                                  # num_layers, num_exits, arch, ...
-        model = self.__dict__.get('model')
-        if model is None: raise AttributeError(name)
-        return getattr(model, name)
-
-    def __call__(self, x, model_time, **extra):
-        th, ex = self.thresholds(model_time), self.exit_layers(model_time)
-        given = 'threshold' in extra or 'exit_layers' in extra                   # a rule per call: the model checks it
-        if th is not None: extra['threshold'] = th
-        if ex is not None: extra['exit_layers'] = ex
-        with contextlib.nullcontext() if given else exit_rule_checked():         # checked in __init__: not per step
-            return self.model(x, model_time, **extra)
-
-    def __repr__(self):
-        return (f'EarlyExitDenoiser({_describe(self.model)}, threshold={self.threshold!r}, '
-                f'static_schedule={self.static_schedule!r})')
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #aa00584d
-def _thresholds(self, model_time: torch.Tensor):
-    """The threshold the model gets for these model times: a float, or a (B,) float tensor. A float or a schedule was
-    checked once in `__init__`; the values of a callable are checked here, where they enter."""
-    th = self.threshold
-    if th is None or isinstance(th, float): return th
-    v = torch.as_tensor(th(model_time), dtype=torch.float32, device=model_time.device)
-    if v.ndim == 0: v = v.expand(model_time.shape[0])
-    if v.shape != model_time.shape:
-        raise ValueError(
-            f"a threshold schedule must return shape () or (B,) = {tuple(model_time.shape)}, got {tuple(v.shape)}"
-        )
-    return v if isinstance(th, TimestepSchedule) else check_threshold(v)
-
-def _exit_layers(self, model_time: torch.Tensor):
-    "The static exit indices for these model times: None or a (B,) long tensor."
-    ex = self.static_schedule
-    if ex is None: return None
-    v = torch.full_like(model_time, ex, dtype=torch.long) if isinstance(ex, int) else \
-        torch.as_tensor(ex(model_time), device=model_time.device)
-    if v.is_floating_point(): v = v.round()
-    v = v.long()
-    if v.ndim == 0: v = v.expand(model_time.shape[0])
-    return v
-
-EarlyExitDenoiser.thresholds, EarlyExitDenoiser.exit_layers = _thresholds, _exit_layers
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #e6eb5806
-GUIDANCE_POLICIES = ('joint', 'independent')
-MAX_GUIDANCE_SCALE = 50.   # above it eps_c - eps_u is amplified so much that every pixel saturates (0 or 255)
-
-def check_guidance_scale(s) -> float:
-    """A classifier-free guidance scale as a float: a real number in [0, `MAX_GUIDANCE_SCALE`] (1 = no guidance,
-    0 = unconditional)."""
-    if torch.is_tensor(s) and s.ndim == 0 and s.dtype != torch.bool: s = s.item()
-    if isinstance(s, bool) or not isinstance(s, numbers.Real):
-        raise ValueError(f"guidance_scale must be a real number >= 0 (1 = no guidance, 0 = unconditional), got {s!r}")
-    s = float(s)
-    if not (math.isfinite(s) and s >= 0):
-        what = 'is NaN' if math.isnan(s) else 'is infinite' if math.isinf(s) else 'is negative'
-        raise ValueError(f"guidance_scale={s} {what}; pass a finite number >= 0 (eps = eps_u + s (eps_c - eps_u): "
-                         "1 = no guidance, 0 = unconditional, CFG typically 1.5-4)")
-    if s > MAX_GUIDANCE_SCALE:
-        raise ValueError(f"guidance_scale={s:g} is above {MAX_GUIDANCE_SCALE:g}: it amplifies eps_c - eps_u so much "
-                         f"that every pixel saturates to 0 or 255; pass a scale in [0, {MAX_GUIDANCE_SCALE:g}] (CFG "
-                         "typically 1.5-4)")
-    return s
-
-def check_guidance_policy(policy) -> str:
-    "A guidance-aware exit policy: one of `GUIDANCE_POLICIES`."
-    if not isinstance(policy, str) or policy not in GUIDANCE_POLICIES:
-        raise ValueError(f"unknown guidance_policy {policy!r}; choose one of {list(GUIDANCE_POLICIES)} ('joint': a "
-                         "sample's conditional and unconditional rows exit together, 'independent': each on its own)")
-    return policy
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #121c69d5
-def context_shape_of(model) -> tuple[int, int] | None:
-    "(tokens, width) of the text context a (wrapped) text-to-image model takes; None for class / unconditional models."
-    shape = getattr(getattr(model, 'backbone', model), 'context_shape', None)
-    return None if shape is None else tuple(shape)
-
-def check_uncond_context(uncond, shape: tuple[int, int]) -> torch.Tensor:
-    "The empty prompt's context as (1, N, D): a float tensor of shape (1, N, D) or (N, D) for `shape` = (N, D)."
-    u = uncond[None] if torch.is_tensor(uncond) and uncond.ndim == 2 else uncond
-    if not torch.is_tensor(u) or not u.is_floating_point() or tuple(u.shape) != (1, *shape):
-        what = f"{u.dtype} of shape {tuple(u.shape)}" if torch.is_tensor(u) else type(u).__name__
-        raise ValueError(f"uncond must be the empty prompt's context of shape (1, {shape[0]}, {shape[1]}) "
-                         f"(TextEncoder.empty_context of the model's text encoder), got {what}")
-    return u
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #76077941
-def _check_text_guidable(model, scale: float, uncond):
-    "A text-to-image model guides with the empty prompt's context (`uncond`); other models take none."
-    shape = context_shape_of(model)
-    if shape is None:
-        if uncond is not None:
-            inner = _describe(getattr(model, 'model', model))
-            raise ValueError(f"uncond (an empty-prompt context) was given but {inner} is not text-conditioned; drop "
-                             "it (class-conditional models guide with the null class)")
-        return None
-    if uncond is None:
-        if scale == 1: return None
-        raise ValueError(f"guidance_scale={scale:g} on a text-to-image model needs the empty prompt's context for the "
-                         "unconditional rows: pass uncond=TextEncoder.empty_context (CLI: --text-encoder DIR), or "
-                         "sample with guidance_scale=1")
-    return check_uncond_context(uncond, shape)
-
-def _check_guidable(model, scale: float):
-    "Guidance (scale != 1) needs a class-conditional model with a null class; clear errors otherwise."
-    if isinstance(model, GuidedDenoiser):
-        raise ValueError("the model is already a GuidedDenoiser; give guidance_scale in one place only")
-    if scale == 1 or getattr(model, 'null_class', None) is not None: return
-    inner = _describe(getattr(model, 'model', model))
-    if not getattr(model, 'num_labels', 0):
-        raise ValueError(f"guidance_scale={scale:g} needs a class-conditional model but {inner} is unconditional (no "
-                         "classes, so no labels either); drop guidance_scale (or pass 1), or train a class-conditional "
-                         "model with label dropout (p_uncond > 0)")
-    raise ValueError(f"guidance_scale={scale:g} needs a null (unconditional) class but {inner} has none; build it with "
-                     "null_class=True (U-ViT) or class_dropout_prob > 0 (DiT) and train with label dropout "
-                     "(p_uncond > 0), or sample with guidance_scale=1")
-
-@dataclass
-class GuidedOutput:
-    "One guided evaluation: the combined prediction and the `info()` of the inner call over all 2B rows."
-    sample: torch.Tensor
-    inner: dict
-    def info(self) -> dict: return self.inner
-
-def _combine(out, s: float, B: int, C: int) -> GuidedOutput:
-    "eps_u + s (eps_c - eps_u) from rows [cond; uncond]; a learned-sigma output (2C) keeps the cond rows' variance."
-    full = getattr(out, 'sample', out)
-    k = C if full.shape[1] == 2 * C else full.shape[1]
-    c, u = full[:B, :k], full[B:, :k]
-    eps = torch.cat([u + s * (c - u), full[:B, k:]], 1)
-    info = out.info() if callable(getattr(out, 'info', None)) else {}
-    return GuidedOutput(eps, dict(info, guided=True, rows=2 * B))
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #c9943832
-class GuidedDenoiser:
-    """Classifier-free guidance around a denoiser: `(x, model_time, y=..., **extra)` evaluates the rows [cond; uncond]
-    in one model call and returns eps_u + s (eps_c - eps_u) with the inner call's 2B-row `info()` (`guided=True`).
-    The unconditional rows take the null class, or for a text-to-image model the context `uncond` (empty prompt)."""
-    def __init__(self, model, guidance_scale, policy: str = 'joint', uncond=None):
-        self.scale, self.policy = check_guidance_scale(guidance_scale), check_guidance_policy(policy)
-        if isinstance(model, GuidedDenoiser):
-            raise ValueError("the model is already a GuidedDenoiser; give guidance_scale in one place only")
-        self.uncond = _check_text_guidable(model, self.scale, uncond)
-        self.text = context_shape_of(model) is not None
-        if not self.text: _check_guidable(model, self.scale)
-        self.model, self._checked = model, None
-
-    __getattr__ = EarlyExitDenoiser.__getattr__                              # num_layers, null_class, arch, ...
-
-    def _joint(self, extra: dict) -> bool:
-        "'joint' ties the rows of a sample only where exits are dynamic (an early-exit model with a threshold)."
-        return self.policy == 'joint' and (extra.get('threshold') is not None or
-                                           getattr(self.model, 'threshold', None) is not None)
-
-    def __repr__(self):
-        return f'GuidedDenoiser({_describe(self.model)}, guidance_scale={self.scale:g}, policy={self.policy!r})'
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #8c42a784
-@patch
-def _uncond_y(self: GuidedDenoiser, y, B: int, device):
-    "The y of the B unconditional rows: the null class, or the empty prompt's context expanded to the batch."
-    if self.text:
-        return self.uncond.to(device=device, dtype=y.dtype if torch.is_tensor(y) else None).expand(B, -1, -1)
-    return None if y is None else torch.full_like(y, self.null_class).to(device)
-
-@patch
-def _check_y(self: GuidedDenoiser, y, B: int):
-    "The conditional rows' labels (or context), checked once per tensor (a sampler passes the same y every step)."
-    if y is None:
-        what = ("the prompts' context y (B, N, D) (TextEncoder.encode)" if self.text else "class labels y (B,)")
-        raise ValueError(f"guidance_scale={self.scale:g} needs {what} for the conditional rows; pass "
-                         "extra_args=dict(y=..., ...), or guidance_scale=0 for unconditional samples")
-    if y is self._checked: return
-    err = context_error(y, B, context_shape_of(self)) if self.text else \
-        label_error(y, B, self.num_labels + 1, self.null_class)
-    if err: raise ValueError(err)
-    self._checked = y
-
-@patch
-def __call__(self: GuidedDenoiser, x, model_time, y=None, **extra):
-    s, B = self.scale, x.shape[0]
-    if s == 1: return self.model(x, model_time, y=y, **extra)
-    if s == 0: return self.model(x, model_time, y=self._uncond_y(y, B, x.device) if self.text else None, **extra)
-    self._check_y(y, B)
-    two = lambda v: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and v.shape[0] == B else v
-    extra = {k: two(v) for k, v in extra.items()}
-    if self._joint(extra): extra['exit_groups'] = torch.arange(B, device=x.device).repeat(2)
-    y2 = torch.cat([y.to(x.device), self._uncond_y(y, B, x.device)])
-    return _combine(self.model(two(x), two(model_time), y=y2, **extra), s, B, x.shape[1])
-
-# %% ../../nbs/sampling/02b_samplers.ipynb #97642732
-def make_denoiser(model, threshold=None, exit_layers=None, guidance_scale=None, guidance_policy: str = 'joint',
-                  uncond=None):
-    """`model` itself when no exit rule and no guidance are given; else an `EarlyExitDenoiser` around it for the
-    threshold / exit schedule, inside a `GuidedDenoiser` when guidance_scale != 1 (`uncond`: the empty prompt's
-    context of a text-to-image model)."""
-    check_guidance_policy(guidance_policy)
-    if threshold is not None or exit_layers is not None:
-        model = EarlyExitDenoiser(model, threshold=threshold, static_schedule=exit_layers)
-    s = 1. if guidance_scale is None else check_guidance_scale(guidance_scale)
-    _check_text_guidable(model, s, uncond)                      # the same errors with or without guidance
-    if s == 1: return model
-    return GuidedDenoiser(model, guidance_scale, guidance_policy, uncond)
-
+# %% ../../nbs/sampling/02b_samplers.ipynb #d2d486f6
 def _prepare(model, extra_args):
     """Pop the exit rule ('threshold' / 'exit_layers') and the guidance ('guidance_scale', 'guidance_policy',
     'uncond') from `extra_args` and wrap `model` with `make_denoiser`."""

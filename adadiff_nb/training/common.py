@@ -1,5 +1,6 @@
 """The pieces every training loop of the library shares: the nested training config (re-exported from
-`adadiff_nb.training.config`), the deterministic data stream, EMA, the `TrainState` checkpoint (safetensors +
+`adadiff_nb.training.config`), the deterministic data stream (re-exported from
+`adadiff_nb.training.data_stream`), EMA, the `TrainState` checkpoint (safetensors +
 JSON, nothing pickled), one `train_step`, and `finetune`, the small in-process loop the baselines and benchmarks use.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/training/train.html.md"""
@@ -13,8 +14,6 @@ from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 from typing import Callable
 
-from fastcore.basics import patch
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -27,16 +26,17 @@ from ..models.checkpoint import (atomic_write_json, save_safetensors, load_weigh
 from .. import data as _data
 from ..models.autoencoder import CacheError, LatentCache
 from ..models.text_encoder import LatentTextDataset, TextEncoder, TextFeatureCache
+from .data_stream import mix_seed, DataStream, LatentData, EMPTY_HOWTO, load_empty_context
 
 # %% auto #0
-__all__ = ['EMPTY_HOWTO', 'CKPT_FORMAT', 'mix_seed', 'DataStream', 'LatentData', 'load_empty_context', 'EMA', 'WarmupLR',
-           'flatten_state', 'unflatten_state', 'save_optimizer', 'load_optimizer', 'tensor_to_b64', 'b64_to_tensor',
-           'rng_state', 'set_rng_state', 'TrainState', 'checkpoint_problem', 'check_train_checkpoint',
-           'read_train_checkpoint', 'list_checkpoints', 'checkpoint_dir', 'prune_checkpoints',
+__all__ = ['CKPT_FORMAT', 'EMA', 'WarmupLR', 'flatten_state', 'unflatten_state', 'save_optimizer', 'load_optimizer',
+           'tensor_to_b64', 'b64_to_tensor', 'rng_state', 'set_rng_state', 'TrainState', 'checkpoint_problem',
+           'check_train_checkpoint', 'read_train_checkpoint', 'list_checkpoints', 'checkpoint_dir', 'prune_checkpoints',
            'newest_valid_checkpoint', 'latest_checkpoint', 'remove_unfinished_writes', 'NonFiniteLossError',
            'StepConfig', 'drop_labels', 'drop_context', 'train_step', 'finetune', 'MODES', 'LOGGERS', 'PRECISIONS',
            'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'LossConfig',
-           'RunConfig', 'TrainConfig', 'load_train_config']
+           'RunConfig', 'TrainConfig', 'load_train_config', 'mix_seed', 'DataStream', 'LatentData', 'EMPTY_HOWTO',
+           'load_empty_context']
 
 # %% ../../nbs/training/04_train.ipynb #845c73b3
 from .config import (MODES, LOGGERS, PRECISIONS, SECTIONS, TRAIN_PRESETS, ConfigError, ModelConfig,
@@ -44,122 +44,8 @@ from .config import (MODES, LOGGERS, PRECISIONS, SECTIONS, TRAIN_PRESETS, Config
 
 # %% ../../nbs/training/04_train.ipynb #d7c751e3
 _all_ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig',
-         'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config']
-
-# %% ../../nbs/training/04_train.ipynb #5ca3e481
-def mix_seed(*parts) -> int:
-    "A 63-bit seed from any parts (stable across runs and platforms)."
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') & ((1 << 63) - 1)
-
-class DataStream:
-    "Deterministic batches of a map-style data set: order and flips depend only on (seed, epoch)."
-    def __init__(self, ds, batch_size: int, seed: int, flip: bool = True, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, pos: int = 0):
-        n = len(ds)
-        if batch_size % world_size:
-            raise ConfigError(f"batch_size {batch_size} is not divisible by the number of processes {world_size}")
-        if n < batch_size: raise ConfigError(f"the data set has {n} images, fewer than batch_size={batch_size}")
-        self.ds, self.n, self.bs, self.seed, self.flip = ds, n, batch_size, seed, flip
-        self.rank, self.world = rank, world_size
-        self.epoch, self.pos, self._cache = epoch, pos, None
-
-    def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Permutation and flip mask of `epoch`."
-        if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, 'data', epoch))
-            perm = torch.randperm(self.n, generator=g)
-            flips = (torch.rand(self.n, generator=g) < 0.5) if self.flip else torch.zeros(self.n, dtype=torch.bool)
-            self._cache = (epoch, perm, flips)
-        return self._cache[1], self._cache[2]
-
-# %% ../../nbs/training/04_train.ipynb #f767c1a6
-@patch
-def next_indices(self: DataStream) -> tuple[torch.Tensor, torch.Tensor]:
-    "This process's indices and flip flags of the next global batch; advances the position."
-    if self.pos + self.bs > self.n: self.epoch, self.pos = self.epoch + 1, 0
-    perm, flips = self.order(self.epoch)
-    per = self.bs // self.world
-    sl = slice(self.pos + self.rank * per, self.pos + (self.rank + 1) * per)
-    self.pos += self.bs
-    return perm[sl], flips[sl]
-
-@patch
-def next(self: DataStream) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (b, C, S, S), long labels (b,) or float contexts (b, N, D)) of this process's share of the next
-    global batch. A data set with `reseed(seed)` (`LatentData`) is reseeded from (seed, epoch, position) first."""
-    idx, fl = self.next_indices()
-    if hasattr(self.ds, 'reseed'): self.ds.reseed(mix_seed(self.seed, 'draw', self.epoch, self.pos, self.rank))
-    if hasattr(self.ds, 'get_batch'): x, y = self.ds.get_batch(idx)
-    else:
-        items = [self.ds[int(i)] for i in idx]
-        x = torch.stack([torch.as_tensor(a) for a, _ in items])
-        y = torch.tensor([int(b) for _, b in items], dtype=torch.long)
-    x = torch.where(fl[:, None, None, None], x.flip(-1), x)
-    return x.float(), y.float() if y.is_floating_point() else y.long()
-
-@patch
-def state(self: DataStream) -> dict: return dict(epoch=self.epoch, index=self.pos)
-
-@patch
-def load_state(self: DataStream, st: dict): self.epoch, self.pos = int(st['epoch']), int(st['index'])
-
-# %% ../../nbs/training/04_train.ipynb #6f39e9ca
-class LatentData(torch.utils.data.Dataset):
-    "A latent cache's (latent, long label) items, or (latent, float context) ones with a text-feature cache."
-    def __init__(self, path, text_features=None, flip: bool = True, sample: bool = True):
-        self.generator = torch.Generator()
-        self.latents = LatentCache(path, sample=sample, flip=flip, generator=self.generator)
-        self.texts = None if text_features is None else TextFeatureCache(text_features, generator=self.generator)
-        self._pairs = None if self.texts is None else LatentTextDataset(self.latents, self.texts)   # equal lengths
-
-    def __len__(self) -> int: return len(self.latents)
-    def reseed(self, seed: int): self.generator.manual_seed(seed)
-
-    def get_batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        "(latents (b, C, h, w), labels (b,) or contexts (b, N, D)) of the items `idx`."
-        return (self._pairs or self.latents).get_batch(idx)
-
-    def __getitem__(self, i):
-        z, y = self.get_batch([i])
-        return z[0], y[0]
-
-# %% ../../nbs/training/04_train.ipynb #1f0b7ccf
-@patch(as_prop=True)
-def context_shape(self: LatentData) -> tuple[int, int] | None:
-    "(N, D) of the contexts (None without a text-feature cache)."
-    return None if self.texts is None else self.texts.context_shape
-
-@patch(as_prop=True)
-def y(self: LatentData) -> torch.Tensor | None:
-    "All labels (N,) of a class-labelled cache (None for text-to-image data or a cache without labels)."
-    if self.texts is not None or not self.latents.has_labels: return None
-    return self.latents._file().get_tensor('labels')
-
-# %% ../../nbs/training/04_train.ipynb #7ea5bb3f
-EMPTY_HOWTO = ("""make it with: echo '[""]' > empty.json && adadiff-text-features empty.json --text-encoder CLIP_DIR """
-               "--out empty.safetensors (the CLIP folder of the text-feature cache), or pass that CLIP folder")
-
-def load_empty_context(path, context_shape, encoder_record: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """(the empty prompt's context (N, D), its encoder's record) from `path`, a text-feature cache of the one prompt
-    "" or a CLIP folder; checked against the model's `context_shape` and the captions' `encoder_record`."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        enc = TextEncoder.from_pretrained(p, max_length=context_shape[0])
-        ctx, rec = enc.empty_context[0], enc.record()
-    else:
-        c = TextFeatureCache(p)
-        if len(c) != 1 or c.prompts(0) != ['']:
-            raise CacheError(f"{p} must hold the context of the one prompt \"\", not {len(c)} items with captions "
-                             f"{c.prompts(0)[:2]}; {EMPTY_HOWTO}")
-        ctx, rec = c.get_batch([0])[0], c.metadata['encoder']
-    if tuple(ctx.shape) != tuple(context_shape):
-        raise CacheError(f"the empty-prompt context {p} has shape {tuple(ctx.shape)}, the model takes "
-                         f"{tuple(context_shape)}; {EMPTY_HOWTO}")
-    want = (encoder_record or {}).get('config_hash')
-    if want is not None and rec.get('config_hash') not in (None, want):
-        raise CacheError(f"the empty-prompt context {p} comes from another text encoder (config hash "
-                         f"{rec.get('config_hash')}) than the captions' cache ({want}); {EMPTY_HOWTO}")
-    return ctx.float(), rec
+         'OptimConfig', 'LossConfig', 'RunConfig', 'TrainConfig', 'load_train_config',
+         'mix_seed', 'DataStream', 'LatentData', 'EMPTY_HOWTO', 'load_empty_context']
 
 # %% ../../nbs/training/04_train.ipynb #333d6a2a
 class EMA:
@@ -295,26 +181,51 @@ class TrainState:
         return dict(model=self.model.state_dict(), ema=self.ema.state_dict() if self.ema is not None else None,
                     optimizer=self.optimizer.state_dict(), state=state)
 
-# %% ../../nbs/training/04_train.ipynb #d0b12795
-@patch
-def load_state_dict(self: TrainState, sd: dict, source: str = 'checkpoint', world: int = 1, warn: bool = True):
-    "Restore a `state_dict()` (or `read_train_checkpoint`'s dict); `world`: processes of the resumed run."
-    st = sd['state']
-    load_state_dict_checked(self.model, sd['model'], source=source)
-    self.optimizer.load_state_dict(sd['optimizer'])
-    if self.ema is not None and sd.get('ema') is not None:
-        dev = next(iter(self.ema.shadow.values())).device if self.ema.shadow else 'cpu'
-        self.ema.load_state_dict({k: v.to(dev) for k, v in sd['ema'].items()})
-    self.step = int(st['step'])
-    set_rng_state(st['rng'])
-    ns = st['rng'].get('noise', [])
-    if len(ns) == world: self.noise.set_state(b64_to_tensor(ns[self.rank]))
-    else:
-        if warn: warnings.warn(f"resume: checkpoint has {len(ns)} noise generator states but {world} processes; "
-                               "reseeding noise from (seed, rank, step)")
-        self.noise.manual_seed(mix_seed(self.seed, 'noise', self.rank, self.step))
-    if self.stream is not None and st.get('data') is not None: self.stream.load_state(st['data'])
-    return self
+    def load_state_dict(self, sd: dict, source: str = 'checkpoint', world: int = 1, warn: bool = True):
+        "Restore a `state_dict()` (or `read_train_checkpoint`'s dict); `world`: processes of the resumed run."
+        st = sd['state']
+        load_state_dict_checked(self.model, sd['model'], source=source)
+        self.optimizer.load_state_dict(sd['optimizer'])
+        if self.ema is not None and sd.get('ema') is not None:
+            dev = next(iter(self.ema.shadow.values())).device if self.ema.shadow else 'cpu'
+            self.ema.load_state_dict({k: v.to(dev) for k, v in sd['ema'].items()})
+        self.step = int(st['step'])
+        set_rng_state(st['rng'])
+        ns = st['rng'].get('noise', [])
+        if len(ns) == world: self.noise.set_state(b64_to_tensor(ns[self.rank]))
+        else:
+            if warn: warnings.warn(f"resume: checkpoint has {len(ns)} noise generator states but {world} processes; "
+                                   "reseeding noise from (seed, rank, step)")
+            self.noise.manual_seed(mix_seed(self.seed, 'noise', self.rank, self.step))
+        if self.stream is not None and st.get('data') is not None: self.stream.load_state(st['data'])
+        return self
+
+    def save(self, path, noise_states: list | None = None, write_more: Callable | None = None, **extra) -> Path:
+        """Write the state as checkpoint directory `path` atomically (temp dir `.tmp_<name>_<pid>` + rename): the weight
+        files, `write_more(tmp_dir)`'s files (a latent model's latent.json), then state.json with `extra` and the sha256
+        of every other file (`files`), which `check_train_checkpoint` verifies on resume."""
+        sd, final = self.state_dict(noise_states), Path(path)
+        tmp = final.parent / f'.tmp_{final.name}_{os.getpid()}'
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            save_safetensors(sd['model'], tmp / 'model.safetensors', {'adadiff_nb': model_record(self.model)})
+            if sd['ema'] is not None: save_safetensors(sd['ema'], tmp / 'ema.safetensors')
+            save_optimizer(sd['optimizer'], tmp / 'optimizer.safetensors')
+            if write_more is not None: write_more(tmp)
+            files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            atomic_write_json(tmp / 'state.json', {**sd['state'], **extra, 'files': files})
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def load(self, path, world: int = 1, warn: bool = True) -> dict:
+        "Restore the checkpoint directory `path`; returns its state.json."
+        ck = read_train_checkpoint(path)
+        self.load_state_dict(ck, source=str(ck['path']), world=world, warn=warn)
+        return ck['state']
 
 # %% ../../nbs/training/04_train.ipynb #d3d3e41d
 def _replace_dir(tmp: Path, final: Path):
@@ -326,28 +237,6 @@ def _replace_dir(tmp: Path, final: Path):
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
-
-@patch
-def save(self: TrainState, path, noise_states: list | None = None, write_more: Callable | None = None, **extra) -> Path:
-    """Write the state as checkpoint directory `path` atomically (temp dir `.tmp_<name>_<pid>` + rename): the weight
-    files, `write_more(tmp_dir)`'s files (a latent model's latent.json), then state.json with `extra` and the sha256
-    of every other file (`files`), which `check_train_checkpoint` verifies on resume."""
-    sd, final = self.state_dict(noise_states), Path(path)
-    tmp = final.parent / f'.tmp_{final.name}_{os.getpid()}'
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        save_safetensors(sd['model'], tmp / 'model.safetensors', {'adadiff_nb': model_record(self.model)})
-        if sd['ema'] is not None: save_safetensors(sd['ema'], tmp / 'ema.safetensors')
-        save_optimizer(sd['optimizer'], tmp / 'optimizer.safetensors')
-        if write_more is not None: write_more(tmp)
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        atomic_write_json(tmp / 'state.json', {**sd['state'], **extra, 'files': files})
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 # %% ../../nbs/training/04_train.ipynb #8aadb8f9
 _NEEDED = ('model.safetensors', 'optimizer.safetensors')
@@ -406,13 +295,6 @@ def read_train_checkpoint(path) -> dict:
     try: return dict(state=state, **_load_parts(p), path=p)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {p} is damaged: its files do not read back ({e})") from None
-
-@patch
-def load(self: TrainState, path, world: int = 1, warn: bool = True) -> dict:
-    "Restore the checkpoint directory `path`; returns its state.json."
-    ck = read_train_checkpoint(path)
-    self.load_state_dict(ck, source=str(ck['path']), world=world, warn=warn)
-    return ck['state']
 
 # %% ../../nbs/training/04_train.ipynb #0cf9a2a9
 def list_checkpoints(out, complete: bool = True) -> list[Path]:

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 
 from ..sampling.diffusion import SCHEDULES
-from ..models.uvit import PRESETS as UVIT_PRESETS
-from ..models.dit import DIT_PRESETS
+from ..models.registry import BACKBONES, family_of
 from .losses import REDUCTIONS, LAYER_REDUCE
 
 # %% auto #0
 __all__ = ['MODES', 'LOGGERS', 'PRECISIONS', 'SECTIONS', 'CONFIG_KEYS', 'TRAIN_PRESETS', 'ConfigError', 'ModelConfig',
-           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'backbone_family', 'TrainConfig', 'is_latent_cache',
-           'toml_module', 'load_train_config']
+           'DataConfig', 'OptimConfig', 'LossConfig', 'RunConfig', 'model_presets', 'backbone_family', 'TrainConfig',
+           'is_latent_cache', 'toml_module', 'load_train_config']
 
 # %% ../../nbs/training/04_config.ipynb #2fa0b212
 MODES = ('scratch', 'backbone', 'finetune', 'frozen')
@@ -131,12 +130,15 @@ SECTIONS = dict(model=ModelConfig, data=DataConfig, optim=OptimConfig, loss=Loss
 CONFIG_KEYS = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}   # flat key -> its section
 
 # %% ../../nbs/training/04_config.ipynb #e473538f
-_DIT_ONLY = ('input_size', 'in_channels', 'hidden_size', 'class_dropout_prob', 'learn_sigma')
+def model_presets() -> dict:
+    "{preset name: backbone family} over every family of `adadiff_nb.models.registry.BACKBONES`."
+    return {n: f for f, s in BACKBONES.items() for n in s.preset_names()}
 
 def backbone_family(model: str | dict) -> str:
-    "'dit' for a DiT preset name or a DiT config dict (DiT's own argument names), else 'uvit'."
-    if isinstance(model, str): return 'dit' if model in DIT_PRESETS else 'uvit'
-    return 'dit' if any(k in model for k in _DIT_ONLY) else 'uvit'
+    """The backbone family of a preset name or a config dict (`adadiff_nb.models.registry.family_of`); 'uvit' for a
+    name no family builds (`load_train_config` refuses it with the list)."""
+    if isinstance(model, str): return model_presets().get(model, 'uvit')
+    return family_of(model)
 
 # %% ../../nbs/training/04_config.ipynb #e87af4b3
 _LOSS_KW = ('detach_u', 'normalize_ual', 'target_reduce')
@@ -204,9 +206,10 @@ def _validate_relations(cfg: TrainConfig):
     need(cfg.loss.schedule in SCHEDULES, f"unknown schedule {cfg.loss.schedule!r}; choose one of {sorted(SCHEDULES)}")
     need(isinstance(m.model, (str, dict)),
          f"model must be a preset name or a config dict, got {type(m.model).__name__}")
-    need(not isinstance(m.model, str) or m.model in UVIT_PRESETS or m.model in DIT_PRESETS,
-         f"unknown model preset {m.model!r}; choose a U-ViT preset {sorted(UVIT_PRESETS)}, a DiT preset "
-         f"{list(DIT_PRESETS)}, or give a UViT / DiT config dict")
+    need(not isinstance(m.model, str) or m.model in model_presets(),
+         f"unknown model preset {m.model!r}; choose " + ', '.join(
+             f"a {s.label or f} preset {s.preset_names()}" for f, s in BACKBONES.items() if s.presets is not None)
+         + ", or give a backbone config dict")
     _check_model_args(m.model_kw, 'model_kw')
     if isinstance(m.model, dict): _check_model_args(m.model, 'model')
     for k, v in dict(exit_kw=m.exit_kw, loss_kw=cfg.loss.loss_kw).items():

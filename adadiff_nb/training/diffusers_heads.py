@@ -19,7 +19,7 @@ from .. import data as _data
 from ..sampling.diffusion import get_schedule
 from ..exits.early_exit import EarlyExitUViT
 from ..models.autoencoder import LatentAutoencoder, LatentCache, precompute_latents
-from ..integrations.diffusers import (ADAPTERS, DiTAdapter, PixArtAdapter, TextCond, make_adapter,
+from ..integrations.diffusers import (DiTAdapter, PixArtAdapter, TextCond, make_adapter,
                                                write_exit_heads)
 from ..models.text_encoder import (TextEncoder, TextFeatureCache, check_prompts, precompute_text_features,
                                             read_prompts)
@@ -29,6 +29,7 @@ from .common import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConf
                                         load_empty_context, train_step, mix_seed)
 from ..models.autoencoder import CacheError
 from .loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, make_accelerator
+from ..models.registry import diffusers_adapters
 
 # %% auto #0
 __all__ = ['PROMPT_KIND', 'load_diffusers_model', 'pack_prompts', 'unpack_prompts', 'PromptEncoder', 'empty_prompt_path',
@@ -38,8 +39,9 @@ __all__ = ['PROMPT_KIND', 'load_diffusers_model', 'pack_prompts', 'unpack_prompt
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
 def _model_class(name: str):
     import diffusers
-    if name not in ADAPTERS:
-        raise TrainInputError(f"{name} is not a supported transformer: early exit supports {sorted(ADAPTERS)}")
+    if name not in diffusers_adapters():
+        raise TrainInputError(f"{name} is not a supported transformer: early exit supports "
+                              f"{sorted(diffusers_adapters())}")
     return getattr(diffusers, name)
 
 def load_diffusers_model(src) -> tuple[nn.Module, nn.Module | None]:
@@ -99,22 +101,19 @@ class PromptEncoder:
         c = self.model.config
         return (self.max_length, int(getattr(c, 'd_model', None) or c.hidden_size) + 1)
 
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #58890dce
-@torch.no_grad()
-def _encode(self: PromptEncoder, prompts) -> torch.Tensor:
-    "Packed contexts (B, T, D + 1), float32 on the CPU, of `prompts` (the empty prompt: the negative embedding)."
-    dev = next(self.model.parameters()).device
-    e, m, _, _ = self.pipe.encode_prompt(check_prompts(prompts), do_classifier_free_guidance=False, device=dev,
-                                         clean_caption=self.clean_caption, max_sequence_length=self.max_length)
-    return pack_prompts(e, m).cpu()
+    @torch.no_grad()
+    def encode(self, prompts) -> torch.Tensor:
+        "Packed contexts (B, T, D + 1), float32 on the CPU, of `prompts` (the empty prompt: the negative embedding)."
+        dev = next(self.model.parameters()).device
+        e, m, _, _ = self.pipe.encode_prompt(check_prompts(prompts), do_classifier_free_guidance=False, device=dev,
+                                             clean_caption=self.clean_caption, max_sequence_length=self.max_length)
+        return pack_prompts(e, m).cpu()
 
-def _record(self: PromptEncoder) -> dict:
-    "What a prompt-embedding cache stores about its encoder."
-    return dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
-                config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
-                source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
-
-PromptEncoder.encode, PromptEncoder.record = _encode, _record
+    def record(self) -> dict:
+        "What a prompt-embedding cache stores about its encoder."
+        return dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
+                    config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
+                    source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #cf4a1d7c
 def empty_prompt_path(path) -> Path:

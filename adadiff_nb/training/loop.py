@@ -36,107 +36,16 @@ from .common import (DataStream, EMA, WarmupLR, TrainState, StepConfig, train_st
                                         NonFiniteLossError, mix_seed, tensor_to_b64, list_checkpoints, checkpoint_dir,
                                         prune_checkpoints, read_train_checkpoint, newest_valid_checkpoint,
                                         remove_unfinished_writes, LatentData, load_empty_context, EMPTY_HOWTO)
+from .run_setup import (TrainInputError, backbone_config, resolve_model_config,
+                                             build_train_model, load_init, build_run_model, check_img_size,
+                                             build_run_data, check_labels, latent_setup, LatentSetup,
+                                             write_latent_record)
+_all_ = ['TrainInputError', 'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init']
 
 # %% auto #0
-__all__ = ['SYNC_DIR_ENV', 'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init', 'sample_images',
-           'read_log', 'CSVLog', 'TrainInputError', 'backbone_forward', 'TrainForward', 'LoopLoss', 'make_accelerator',
-           'fmt_loss', 'LossMeter', 'TrainInterrupted', 'train']
-
-# %% ../../nbs/training/04a_train_loop.ipynb #a5332bfe
-def _early_exit_cls():
-    try: from adadiff_nb.exits.early_exit import EarlyExitUViT
-    except ImportError as e:
-        raise ConfigError(f"early-exit modes need adadiff_nb.exits.early_exit ({e}); use mode='backbone'") from None
-    return EarlyExitUViT
-
-_BACKBONES = dict(uvit=(UViT, create_uvit), dit=(DiT, create_dit))
-_WIDTH = dict(uvit='embed_dim', dit='hidden_size')           # a key every config of the family has
-
-def backbone_config(cfg: TrainConfig) -> dict:
-    "The UViT / DiT constructor arguments of the run's backbone (preset or dict, with `model_kw` applied)."
-    m = cfg.model
-    cls, create = _BACKBONES[backbone_family(m.model)]
-    conf = {**m.model, **m.model_kw} if isinstance(m.model, dict) else None
-    try:
-        with torch.device('meta'): bb = cls(**conf) if conf is not None else create(m.model, **m.model_kw)
-    except TypeError as e:
-        args = [a for a in inspect.signature(cls.__init__).parameters if a != 'self']
-        raise ConfigError(f"invalid {cls.__name__} config {conf or m.model_kw}: {e}; {cls.__name__} takes {args}"
-                          ) from None
-    return dict(bb.config)
-
-def _init_record(path: Path) -> dict | None:
-    "The save_model record of an init checkpoint (dir or .safetensors), or None for plain weight files."
-    if path.is_dir():
-        if not (path / 'model.safetensors').exists():
-            raise FileNotFoundError(f"init directory {path} holds no model.safetensors "
-                                    "(expected a save_model directory)")
-        path = path / 'model.safetensors'
-    if path.suffix != '.safetensors': return None
-    rec = read_safetensors_metadata(path).get('adadiff_nb')
-    if rec is None and (path.parent / 'config.json').exists():
-        try: rec = json.loads((path.parent / 'config.json').read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path.parent / 'config.json'} is not valid JSON ({e})") from None
-    return rec
-
-# %% ../../nbs/training/04a_train_loop.ipynb #f0a569ea
-def _init_backbone(cfg: TrainConfig) -> tuple[str, dict] | None:
-    """('adadiff', config) for an early-exit init (early-exit modes), ('uvit' | 'dit', backbone config) for a
-    backbone record (or an early-exit record in backbone mode), None for plain weight files."""
-    p = Path(cfg.model.init).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"init checkpoint not found: {p}")
-    rec = _init_record(p)
-    if rec is None: return None
-    arch, conf = rec.get('arch'), rec.get('config', {})
-    if arch not in ('uvit', 'dit', 'adadiff'):
-        raise CheckpointError(f"init {p} holds a model of arch {arch!r}; expected 'uvit', 'dit' or 'adadiff'")
-    if arch == 'adadiff' and cfg.model.mode != 'backbone': return 'adadiff', dict(conf)
-    if arch == 'adadiff': arch, conf = conf.get('backbone_arch', 'uvit'), conf.get('backbone', conf)
-    if not isinstance(conf, dict) or _WIDTH[arch] not in conf:
-        raise CheckpointError(f"cannot read a {_BACKBONES[arch][0].__name__} backbone config from the record of {p}")
-    return arch, conf
-
-def resolve_model_config(cfg: TrainConfig) -> tuple[str, dict]:
-    """(arch, constructor config) of the model to train: 'uvit' / 'dit' in backbone mode, else 'adadiff' (an
-    early-exit model on either); an `init` save_model record supplies the backbone config."""
-    found = _init_backbone(cfg) if cfg.model.init and cfg.model.mode != 'scratch' else None
-    if found is not None and found[0] == 'adadiff': return found
-    arch, bb = found if found is not None else (backbone_family(cfg.model.model), backbone_config(cfg))
-    if cfg.model.mode == 'backbone': return arch, bb
-    ee = dict(backbone=dict(bb), **cfg.model.exit_kw)
-    if ee.get('backbone_arch', arch) != arch:
-        raise ConfigError(f"exit_kw backbone_arch={ee['backbone_arch']!r} but the backbone is a {arch!r} model; "
-                          "drop backbone_arch from exit_kw (it follows model)")
-    if arch != 'uvit': ee['backbone_arch'] = arch            # U-ViT configs stay as they were
-    return 'adadiff', ee
-
-def build_train_model(arch: str, conf: dict) -> nn.Module:
-    "Instantiate the training model ('uvit', 'dit' or 'adadiff')."
-    try: return _BACKBONES[arch][0](**conf) if arch in _BACKBONES else _early_exit_cls()(**conf)
-    except TypeError as e: raise ConfigError(f"invalid {arch} model config {conf}: {e}") from None
-
-# %% ../../nbs/training/04a_train_loop.ipynb #87c43e81
-def load_init(model: nn.Module, path, source: str | None = None) -> str:
-    "Load pretrained weights from `path` into `model` (the backbone, or the whole early-exit model); returns what."
-    p = Path(path).expanduser()
-    f = p / 'model.safetensors' if p.is_dir() else p
-    backbone = getattr(model, 'backbone', None)
-    official_dit = isinstance(backbone if backbone is not None else model, DiT) and f.suffix != '.safetensors'
-    sd = official_dit_state(f, 'cpu') if official_dit else load_weights(f)
-    prefixed = any(k.startswith('backbone.') for k in sd)
-    if backbone is None and prefixed:                              # plain backbone from an early-exit checkpoint
-        sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-    target = backbone if backbone is not None and not prefixed else model
-    load_state_dict_checked(target, sd, source=source or str(p))
-    return 'backbone' if target is backbone else 'model'
-
-def _init_source(cfg: TrainConfig) -> str:
-    "How load errors name `init`: a plain weight file with the preset (and overrides) it is loaded as."
-    m = cfg.model
-    if _init_record(Path(m.init).expanduser()) is not None: return str(m.init)
-    what = f"preset {m.model!r}" if isinstance(m.model, str) else 'the config dict of `model`'
-    return f"{m.init} (loaded as {what}" + (f" with model_kw {m.model_kw})" if m.model_kw else ')')
+__all__ = ['SYNC_DIR_ENV', 'sample_images', 'read_log', 'CSVLog', 'backbone_forward', 'TrainForward', 'LoopLoss',
+           'make_accelerator', 'fmt_loss', 'LossMeter', 'TrainInterrupted', 'train', 'TrainInputError',
+           'backbone_config', 'resolve_model_config', 'build_train_model', 'load_init']
 
 # %% ../../nbs/training/04a_train_loop.ipynb #660b558c
 @torch.no_grad()
@@ -207,9 +116,6 @@ class CSVLog:
         if self.tb is not None: self.tb.close()
 
 # %% ../../nbs/training/04a_train_loop.ipynb #c992e92a
-class TrainInputError(ValueError):
-    "Bad input to `train` (config, data, init checkpoint, out directory): the CLI exits with status 2."
-
 def backbone_forward(bb: nn.Module, x, t, y=None) -> torch.Tensor:
     "The backbone's output through the protocol (`embed`, blocks, `decode`): no random label dropout of its own."
     h, state = bb.embed(x, t, y)
@@ -259,38 +165,8 @@ def make_accelerator(cfg: TrainConfig, early: bool):
     return Accelerator(cpu=cpu, mixed_precision=mp,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=early)])
 
-def _data_info(cfg: TrainConfig, ds) -> dict:
-    "Name, size and checksums of the training data (file sha256 and/or content sha256)."
-    d = cfg.data
-    info = dict(name=str(d.data), split=d.split, n=len(ds), img_size=d.img_size)
-    try:
-        if str(d.data).endswith('.npz'): p = Path(d.data).expanduser()
-        elif str(d.data) in ('cifar10_partial', 'cifar10_slice'):
-            slice_ = _data.repo_root() / 'data' / 'cifar10_slice.npz' if d.data == 'cifar10_slice' else None
-            p = _data.resolve_cifar10_npz(d.data_root or slice_)
-        else: p = None
-        if p is not None: info.update(file=str(p), sha256=sha256_file(p))
-    except Exception: pass
-    x = getattr(ds, 'x', None)
-    if x is None: x = getattr(getattr(ds, 'ds', None), 'data', None)
-    if x is not None:
-        h = hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes())
-        y = getattr(ds, 'y', None)
-        if y is not None: h.update(np.asarray(y).tobytes())
-        info['content_sha256'] = h.hexdigest()
-    return info
-
 # %% ../../nbs/training/04a_train_loop.ipynb #d07d17d7
 SYNC_DIR_ENV = 'ADADIFF_TRAIN_SYNC_DIR'   # if set, every process appends its parameter checksum at each checkpoint
-
-def _fast_dataset(ds, size: int):
-    "torchvision CIFAR-10 (uint8 array in memory) as an `ArrayImageDataset`: same images, batched indexing."
-    inner = getattr(ds, 'ds', None)
-    if type(inner).__name__ == 'CIFAR10' and isinstance(getattr(inner, 'data', None), np.ndarray):
-        return _data.ArrayImageDataset(inner.data.transpose(0, 3, 1, 2), np.asarray(inner.targets), flip=False,
-                                       size=size if size != inner.data.shape[1] else None,
-                                       classes=_data.CIFAR10_CLASSES)
-    return ds
 
 def _param_checksum(model: nn.Module) -> str:
     h = hashlib.sha256()
@@ -369,145 +245,6 @@ def _prepare_out(out: Path, overwrite: bool, resumed: bool):
     if old: print(f"adadiff-train: --overwrite: removed {', '.join(p.name for p in old)} of the run in {out}",
                   file=sys.stderr, flush=True)
 
-# %% ../../nbs/training/04a_train_loop.ipynb #06f6cf18
-def _build_model(cfg: TrainConfig, ck: dict | None, main: bool) -> tuple[nn.Module, str, str | None]:
-    "(model, arch, what init loaded) for the run; seeds the global RNGs first."
-    m = cfg.model
-    torch.manual_seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed % 2**32)
-    random.seed(cfg.run.seed)
-    if ck is not None:
-        rec = read_safetensors_metadata(ck['path'] / 'model.safetensors')['adadiff_nb']
-        arch, conf = rec['arch'], rec['config']
-    else: arch, conf = resolve_model_config(cfg)
-    model, loaded = build_train_model(arch, conf), None
-    if ck is None and m.init and m.mode != 'scratch':
-        loaded = load_init(model, m.init, _init_source(cfg))
-        if loaded == 'backbone' and m.heads_from_backbone: model.init_weights(heads_from_backbone=True)
-    if m.mode == 'frozen':
-        for p in getattr(model, 'backbone', model).parameters(): p.requires_grad_(False)
-    return model, arch, loaded
-
-def _geometry_keys(bb) -> tuple[str, str]:
-    "The constructor keys of `bb`'s image side and channels."
-    return ('input_size', 'in_channels') if isinstance(bb, DiT) else ('img_size', 'in_chans')
-
-def _check_img_size(cfg: TrainConfig, bb):
-    "A configured `img_size` must be the model's (images are not resized to fit a model)."
-    d, S = cfg.data, bb.img_size
-    if d.img_size is not None and d.img_size != S:
-        raise ConfigError(f"img_size={d.img_size} but the model is built for {S}x{S}; set "
-                          f"model_kw={{'{_geometry_keys(bb)[0]}': {d.img_size}}} or drop img_size")
-
-def _build_data(cfg: TrainConfig, bb, rank: int, world: int) -> tuple[DataStream, dict]:
-    "The run's data stream (position 0) and the data record."
-    d, S, C = cfg.data, bb.img_size, bb.in_chans
-    if is_latent_cache(d.data): return _build_latent_data(cfg, bb, rank, world)
-    try: ds = _fast_dataset(_data.get_dataset(d.data, root=d.data_root, split=d.split, img_size=S, flip=False), S)
-    except (FileNotFoundError, RuntimeError) as e: raise TrainInputError(f"data {d.data!r}: {e}") from None
-    got = tuple(ds[0][0].shape)
-    if got != (C, S, S):
-        fix = f"; set model_kw {_geometry_keys(bb)[1]}={got[0]}" if got[0] != C else ''
-        raise ConfigError(f"data {d.data!r} gives images of shape {got}, the model expects {(C, S, S)}{fix}")
-    return DataStream(ds, d.batch_size, cfg.run.seed, d.flip, rank, world), _data_info(cfg, ds)
-
-# %% ../../nbs/training/04a_train_loop.ipynb #dff8816e
-_COND_FIX = ("give it classes and a null class: for a U-ViT model_kw num_classes = classes + 1 and null_class=True, "
-             "for a DiT num_classes = classes and class_dropout_prob > 0")
-
-def _check_labels(cfg: TrainConfig, bb, ds):
-    "Label dropout and the data's labels fit the model (checked before the first step)."
-    p, name = cfg.loss.p_uncond, type(bb).__name__
-    if getattr(bb, 'context_shape', None) is not None: return      # text-to-image: contexts (`_latent_setup`)
-    if p and bb.num_labels == 0:
-        raise ConfigError(f"p_uncond={p} drops class labels, but this {name} is unconditional (it takes no labels): "
-                          f"{_COND_FIX}; or set p_uncond=0")
-    if p and bb.null_class is None:
-        raise ConfigError(f"p_uncond={p} needs a class-conditional model with a null class, and this {name} has "
-                          f"none: {_COND_FIX}")
-    y = getattr(ds, 'y', None)
-    top = int(y.max()) if bb.num_labels and y is not None and len(y) else -1
-    if top >= bb.num_labels:
-        raise ConfigError(f"data {cfg.data.data!r} has labels up to {top} but the {name} has {bb.num_labels} "
-                          f"classes: set model_kw num_classes = {top + 1} (+ 1 for a U-ViT null class)")
-
-# %% ../../nbs/training/04a_train_loop.ipynb #0d79cae4
-def _build_latent_data(cfg: TrainConfig, bb, rank: int, world: int) -> tuple[DataStream, dict]:
-    "The stream of a latent cache (+ text features) and its data record; the cache draws the mirror variants."
-    d = cfg.data
-    text = None if d.text_features is None else Path(d.text_features).expanduser()
-    ds = LatentData(Path(d.data).expanduser(), text, flip=d.flip)
-    _check_latent_model(cfg, bb, ds)
-    m = ds.latents.metadata
-    info = dict(name=str(d.data), kind='latents', n=len(ds), latent_shape=m['latent_shape'], flip=ds.latents.flip,
-                image_size=m['image_size'], autoencoder=m['autoencoder'], bytes=ds.latents.path.stat().st_size)
-    if ds.texts is not None:
-        info.update(text_features=str(text), n_prompts=ds.texts.metadata['n_prompts'],
-                    text_encoder=ds.texts.metadata['encoder'])
-    return DataStream(ds, d.batch_size, cfg.run.seed, False, rank, world), info
-
-# %% ../../nbs/training/04a_train_loop.ipynb #32cd5e46
-def _check_latent_model(cfg: TrainConfig, bb, ds: LatentData):
-    "The model takes the cache's latents and, for text-to-image, its contexts; labels where the model has classes."
-    d, (C, h, _), (kS, kC) = cfg.data, ds.latents.latent_shape, _geometry_keys(bb)
-    S, down = bb.img_size, ds.latents.metadata['autoencoder'].get('downsample', 8)
-    if (bb.in_chans, S) != (C, h):
-        raise ConfigError(f"the latent cache {d.data} holds {C}x{h}x{h} latents but the model takes {bb.in_chans}x{S}"
-                          f"x{S} inputs: set model_kw {kC}={C}, {kS}={h} (and img_size={h} or none), or encode the "
-                          f"images at {S * down}x{S * down} with adadiff-latents --img-size {S * down}")
-    want, got = getattr(bb, 'context_shape', None), ds.context_shape
-    if want is not None and got is None:
-        raise ConfigError(f"the model is text-to-image (contexts {want}) but no text features were given: pass "
-                          "--text-features FILE (adadiff-text-features of the cached images' captions)")
-    if got is not None and want != got:
-        fix = (f"use a text-to-image model with model_kw num_clip_token={got[0]}, clip_dim={got[1]}" if want is None
-               else f"set model_kw num_clip_token={got[0]}, clip_dim={got[1]}, or recompute them with --max-length "
-               f"{want[0]} and a {want[1]}-wide text encoder")
-        raise ConfigError(f"the text features {d.text_features} hold {got} contexts but the model takes "
-                          f"{want or 'no text context'}: {fix}")
-    if bb.num_labels and got is None and not ds.latents.has_labels:
-        raise ConfigError(f"the model has {bb.num_labels} classes but the latent cache {d.data} has no labels: "
-                          "recompute it without --no-labels, or train a model without classes")
-
-# %% ../../nbs/training/04a_train_loop.ipynb #9e2fcc9c
-@dataclass
-class _Latent:
-    "What a latent run keeps besides its stream: the cache's records, the autoencoder (`vae`), the empty context."
-    ae_record: dict
-    text_record: dict | None = None
-    autoencoder: LatentAutoencoder | None = None
-    null_context: torch.Tensor | None = None
-
-def _latent_setup(cfg: TrainConfig, bb, ds, device) -> _Latent | None:
-    "The autoencoder check and the empty context of a latent run (None for image data)."
-    if not isinstance(ds, LatentData): return None
-    d = cfg.data
-    lat = _Latent(ds.latents.metadata['autoencoder'], None if ds.texts is None else ds.texts.metadata['encoder'])
-    if d.vae is not None:
-        lat.autoencoder = LatentAutoencoder.from_pretrained(d.vae, ds.latents.scale_factor, device=device)
-        ds.latents.check_autoencoder(lat.autoencoder)
-    if ds.texts is not None and d.empty_context is not None:
-        lat.null_context = load_empty_context(d.empty_context, bb.context_shape, lat.text_record)[0]
-    if ds.texts is not None and cfg.loss.p_uncond and lat.null_context is None:
-        raise ConfigError(f"p_uncond={cfg.loss.p_uncond} replaces dropped captions by the empty prompt's context: "
-                          f"pass --empty-context FILE; {EMPTY_HOWTO}")
-    return lat
-
-# %% ../../nbs/training/04a_train_loop.ipynb #33df3d52
-class _Recorded:
-    "A component known by the `record()` a cache stored of it: what `save_latent_record` writes."
-    def __init__(self, record: dict): self._record = dict(record)
-    def record(self) -> dict: return dict(self._record)
-
-def _write_latent_record(run, ckpt_dir):
-    "latent.json of a latent run's checkpoint folder (nothing for image data)."
-    if run.latent is None: return
-    from adadiff_nb.models.autoencoder import save_latent_record
-    lat, d = run.latent, run.cfg.data
-    te = None if lat.text_record is None else _Recorded(lat.text_record)
-    ctx_dir = d.empty_context if d.empty_context and Path(d.empty_context).expanduser().is_dir() else None
-    save_latent_record(ckpt_dir, _Recorded(lat.ae_record), te, vae_path=d.vae, text_encoder_path=ctx_dir)
-
 # %% ../../nbs/training/04a_train_loop.ipynb #504cc052
 @dataclass
 class _Run:
@@ -522,7 +259,7 @@ class _Run:
     last_ckpt: Path | None = None
     samples: list = dataclasses.field(default_factory=list)
     sample_model: nn.Module | None = None
-    latent: _Latent | None = None
+    latent: LatentSetup | None = None
     @property
     def main(self) -> bool: return self.acc.is_main_process
     @property
@@ -538,15 +275,15 @@ def _setup(cfg, resume, overwrite: bool, command: str | None) -> _Run:
         early = cfg.model.mode != 'backbone'
         acc = make_accelerator(cfg, early)
         ck = _resume_source(cfg, resume, overwrite, acc.is_main_process)
-        model, arch, loaded = _build_model(cfg, ck, acc.is_main_process)
+        model, arch, loaded = build_run_model(cfg, ck, acc.is_main_process)
         bb = getattr(model, 'backbone', model)
-        _check_img_size(cfg, bb)
+        check_img_size(cfg, bb)
         cfg = replace(cfg, data=replace(cfg.data, img_size=bb.img_size))
         params = [p for p in model.parameters() if p.requires_grad]
         if not params: raise ConfigError("no trainable parameters")
-        stream, data_info = _build_data(cfg, bb, acc.process_index, acc.num_processes)
-        _check_labels(cfg, bb, stream.ds)
-        latent = _latent_setup(cfg, bb, stream.ds, acc.device)
+        stream, data_info = build_run_data(cfg, bb, acc.process_index, acc.num_processes)
+        check_labels(cfg, bb, stream.ds)
+        latent = latent_setup(cfg, bb, stream.ds, acc.device)
         state = _make_state(cfg, model, params, stream, acc, ck)
     except (ConfigError, TrainInputError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise TrainInputError(str(e)) from e
@@ -612,7 +349,7 @@ def _checkpoint(run: _Run):
         run.last_ckpt = st.save(checkpoint_dir(run.out, st.step), noise, config=run.cfg.to_dict(),
                                 library_version=adadiff_nb.__version__, torch_version=torch.__version__,
                                 world_size=world, rank_checksums=sums, data_info=run.data_info, time=time.time(),
-                                command=run.command, write_more=lambda d: _write_latent_record(run, d))
+                                command=run.command, write_more=lambda d: write_latent_record(run, d))
         prune_checkpoints(run.out, run.cfg.run.keep_ckpts)
     run.acc.wait_for_everyone()
 
@@ -699,7 +436,7 @@ def _finish(run: _Run, meter: LossMeter) -> dict:
         res['final_model'] = save_model(st.model, out / 'final', **extra)
         em = st.ema.copy_to(copy.deepcopy(st.model))
         res['final_ema'] = save_model(em, out / 'final_ema', ema_decay=cfg.optim.ema_decay, **extra)
-        for d in (res['final_model'], res['final_ema']): _write_latent_record(run, d)
+        for d in (res['final_model'], res['final_ema']): write_latent_record(run, d)
     run.acc.wait_for_everyone()
     return res
 
