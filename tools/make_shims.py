@@ -3,8 +3,8 @@
 `adadiff_nb/<old>.py` for every old flat module path in `MOVED`: importing it warns (DeprecationWarning, with the new
 path) and its names resolve in the module(s) it moved to. `adadiff_nb/<package>/__init__.py` for every subpackage in
 `PACKAGES`: its description as the docstring; `adadiff_nb/sampling/__init__.py` also answers the old
-`adadiff_nb.sampling` module's names (it took that name), warning on each. The package's own `__init__.py` docstring
-lists the subpackages and their modules. These files are generated: edit nbs/99_compat.ipynb, then run this.
+`adadiff_nb.sampling` module's names (it took that name), warning on each. (The package's own `__init__.py` docstring
+is nbdev-export's.) These files are generated: edit nbs/99_compat.ipynb, then run this.
 Usage: python tools/make_shims.py [--check] (--check exits 1 and names the files that are out of date).
 """
 import ast, importlib.util, re, sys
@@ -49,26 +49,12 @@ def package_init(name: str, what: str, moved: dict) -> str:
     return src
 
 
-def top_init(packages: dict) -> str:
-    "The package `__init__.py`: its docstring lists the subpackages; the version."
-    cur = (LIB / '__init__.py').read_text()
-    version = re.search(r'^__version__ = .*$', cur, re.M).group(0)
-    lines = ['"""Dynamic early exiting for diffusion models (AdaDiff / DeeDiff), built with nbdev.', '',
-             'Subpackages:', '']
-    lines += [f'- `adadiff_nb.{k}`: {v}.' for k, v in packages.items()]
-    lines += ['- `adadiff_nb.data`: training and reference images.',
-              '- `adadiff_nb.extras`: which optional extra each feature needs.',
-              '- `adadiff_nb.compat`: the package layout and the old module paths (deprecated).']
-    return HEAD + '\n'.join(lines) + '\n"""\n\n' + version + '\n'
-
-
 def expected() -> dict:
     "{path: source} of every generated file."
     c = compat()
     out = {LIB / f'{old.split(".", 1)[1]}.py': shim(old, new) for old, new in c.MOVED.items()
            if old.split('.', 1)[1] not in c.PACKAGES}
     out.update({LIB / k / '__init__.py': package_init(k, v, c.MOVED) for k, v in c.PACKAGES.items()})
-    out[LIB / '__init__.py'] = top_init(c.PACKAGES)
     return out
 
 
