@@ -9,4 +9,5 @@ Modules:
 - `adadiff_nb.exits.early_exit`: A U-ViT with an exit head and an uncertainty estimation module (UEM) at every exit.
 - `adadiff_nb.exits.heads`: The parts of an early-exit model that score and decode one exit: the threshold check, the exit heads, the exit criteria with the paper's uncertainty estimation modules (UEMs), and the output of an early-exit forward.
 - `adadiff_nb.exits.runner`: One early-exit forward as an object (`ExitRunner`): the exit rule checked once, the running rows compacted, masked and padded (`ExitRows`), host syncs by policy, and bucketed batch sizes for compiled blocks.
+- `adadiff_nb.exits.schedule`: Record where an early-exit model's samples leave at every sampler step under a threshold, and compile those exits into a per-step static schedule (`StepExitSchedule`): sampling with it runs no uncertainty estimator and reads nothing back from the device, so it costs what a static exit costs.
 """
