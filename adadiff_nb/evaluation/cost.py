@@ -23,8 +23,8 @@ from ..sampling.samplers import EarlyExitDenoiser, GuidedDenoiser
 
 # %% auto #0
 __all__ = ['uvit_block_flops', 'uvit_flops', 'full_eval_flops', 'dit_flops', 'backbone_flops', 'uem_flops', 'layer_costs',
-           'eval_flops', 'forward_flops', 'count_flops', 'check_flops', 'sync', 'Timing', 'time_fn', 'throughput',
-           'speedup', 'CostMeter']
+           'exit_flops_table', 'eval_flops', 'forward_flops', 'count_flops', 'check_flops', 'sync', 'Timing', 'time_fn',
+           'throughput', 'speedup', 'CostMeter']
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #97a72ec9
 def uvit_block_flops(N: int, D: int, hidden: int, skip: bool = False) -> dict:
@@ -121,14 +121,22 @@ def _exit_head_cost(costs, e: torch.Tensor) -> torch.Tensor:
     return per[e]
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #1d224df7
-def eval_flops(costs: dict, exit_layer: torch.Tensor, n_uem: torch.Tensor | None = None) -> torch.Tensor:
-    """FLOPs (B,) of one evaluation per sample exiting at `exit_layer` (B,) (L = full model) after `n_uem` (B,)
-    criterion evaluations."""
-    cum = torch.tensor([0.] + np.cumsum(costs['blocks']).tolist(), dtype=torch.float64)
-    e = torch.as_tensor(exit_layer).detach().long().cpu().reshape(-1)
-    f = costs['embed'] + cum[e] + _exit_head_cost(costs, e)
+def exit_flops_table(costs: dict) -> torch.Tensor:
+    "FLOPs (L+1,) float64 of one evaluation that exits at exit 0..L (L = the full model), criterion calls aside."
+    L = len(costs['blocks'])
+    e = torch.arange(L + 1)
+    f = costs['embed'] + torch.tensor([0.] + np.cumsum(costs['blocks']).tolist(), dtype=torch.float64)
+    f = f + _exit_head_cost(costs, e)
     if costs.get('exit_extra') is not None:
-        f = f + torch.tensor([float(v) for v in costs['exit_extra']], dtype=torch.float64)[e]
+        f = f + torch.tensor([float(v) for v in costs['exit_extra']], dtype=torch.float64)
+    return f
+
+def eval_flops(costs: dict, exit_layer: torch.Tensor, n_uem: torch.Tensor | None = None,
+               table: torch.Tensor | None = None) -> torch.Tensor:
+    """FLOPs (B,) of one evaluation per sample exiting at `exit_layer` (B,) (L = full model) after `n_uem` (B,)
+    criterion evaluations; `table`: `exit_flops_table(costs)`, when the caller keeps it."""
+    e = torch.as_tensor(exit_layer).detach().long().cpu().reshape(-1)
+    f = (exit_flops_table(costs) if table is None else table)[e]
     if n_uem is not None: f = f + torch.as_tensor(n_uem).detach().cpu().double() * costs.get('uem', 0)
     return f
 
@@ -137,13 +145,13 @@ def _n_uem(info: dict):
     return None if u is None else (~torch.isnan(u)).sum(1)
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #2642d6da
-def _info_flops(costs: dict, info: dict) -> tuple:
+def _info_flops(costs: dict, info: dict, table: torch.Tensor | None = None) -> tuple:
     "(per-sample FLOPs (B,), total incl. per-call terms) of one early-exit evaluation (its `info()` dict)."
     n = _n_uem(info)
     calls = 0
     if n is not None and costs.get('uem_call'):
         calls = int((~torch.isnan(info['uncertainty'])).any(0).sum())        # exits evaluated for >= 1 row
-    per = eval_flops(costs, info['exit_layer'], n)
+    per = eval_flops(costs, info['exit_layer'], n, table)
     return per, float(per.sum()) + calls * costs.get('uem_call', 0)
 
 def forward_flops(model, out, batch: int | None = None) -> dict:
@@ -263,6 +271,7 @@ class CostMeter:
         self.model, self.L = model, int(getattr(model, 'num_layers', None) or bb.num_layers)
         self.costs = layer_costs(model)
         self.full = full_eval_flops(self.costs)
+        self.table = exit_flops_table(self.costs)                               # FLOPs by exit, computed once
         self.buckets, self.max_time = buckets, max_time
         self.reset()
 
@@ -288,7 +297,7 @@ class CostMeter:
             self.forwards += 1
             self.host_syncs += int(info.get('host_syncs', 0))
             self.rows_computed += int(info.get('rows_computed', run))
-            R, fl = len(e), _info_flops(self.costs, info)[1]
+            R, fl = len(e), _info_flops(self.costs, info, self.table)[1]
         self.guided = self.guided or bool(info and info.get('guided'))
         self.layers_run, self.layers_total = self.layers_run + run, self.layers_total + total
         self.flops, self.flops_full, self.evals = self.flops + fl, self.flops_full + R * self.full, self.evals + R

@@ -73,11 +73,15 @@ class StepExitSchedule:
             raise ValueError(f"exits must lie in [0, {self.num_layers}], got {min(self.exits)}..{max(self.exits)}")
         self._t = torch.tensor(self.model_times, dtype=torch.float64)
         self._e = torch.tensor(self.exits, dtype=torch.long)
+        self._at = {round(float(t), 6): e for t, e in zip(self.model_times, self.exits)}     # exact times: no search
 
     def __call__(self, model_time) -> torch.Tensor:
         """Exit layers (B,) at model times (B,). The times are checked against the schedule's on the CPU; on an
         accelerator they are not read back (no host sync per step)."""
         mt = torch.as_tensor(model_time).reshape(-1)
+        if mt.device.type == 'cpu':                                  # the sampler's own times: a dictionary lookup
+            found = [self._at.get(round(v, 6)) for v in mt.tolist()]
+            if None not in found: return torch.tensor(found, dtype=torch.long)
         t = self._t.to(mt.device)
         dist, k = (mt.double()[:, None] - t[None]).abs().min(1)
         if mt.device.type == 'cpu' and bool((dist > 1e-3 * max(1., float(self._t.abs().max()))).any()):

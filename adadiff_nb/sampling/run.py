@@ -455,7 +455,7 @@ def _from_json(v):
 
 def meter_state(meter: CostMeter) -> dict:
     "The counters and settings of a `CostMeter` as JSON (arrays and dicts tagged for `merge_meter_states`)."
-    return {k: _json_value(v) for k, v in vars(meter).items() if k not in ('model', 'costs')}
+    return {k: _json_value(v) for k, v in vars(meter).items() if k not in ('model', 'costs', 'table')}
 
 # %% ../../nbs/sampling/02f_sampling.ipynb #494a2411
 def _add_pair(a, b):
