@@ -413,11 +413,11 @@ def uvit_cpu32(**kw):
     return UViT(**{**dict(img_size=32, patch_size=4, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4), **kw})
 
 # %% ../../nbs/models/01_uvit.ipynb #596801fb
-PRESETS = dict(uvit_s2_cifar10=uvit_s2_cifar10, uvit_s4_celeba64=uvit_s4_celeba64,
+PRESETS = dict(sorted(dict(uvit_s2_cifar10=uvit_s2_cifar10, uvit_s4_celeba64=uvit_s4_celeba64,
                uvit_m4_imagenet64=uvit_m4_imagenet64, uvit_l2_imagenet256=uvit_l2_imagenet256,
                uvit_tiny=uvit_tiny, uvit_cpu16=uvit_cpu16, uvit_cpu32=uvit_cpu32,
                uvit_h2_imagenet256=uvit_h2_imagenet256, uvit_s2_mscoco=uvit_s2_mscoco,
-               uvit_s2_deep_mscoco=uvit_s2_deep_mscoco)
+               uvit_s2_deep_mscoco=uvit_s2_deep_mscoco).items()))   # by name: listed in this order in messages
 
 def create_uvit(name: str, **kw) -> UViT:
     "Build a U-ViT preset by name (see `PRESETS`); keyword arguments override the preset's."
