@@ -73,7 +73,7 @@ def _schedule_fn():
 
 def build_models(a, log=print) -> dict:
     "{name: dict(model, threshold, schedule, static_exits)} of `--models` on `--device`."
-    dev, compile_schedule = torch.device(a.device), _schedule_fn() if 'scheduled' in a.methods else None
+    dev, compile_schedule = torch.device(a.device), _schedule_fn() if {'scheduled', 'points'} & set(a.methods) else None
     out = {}
     for name in a.models:
         if name == 'default':

@@ -30,7 +30,7 @@ def test_bench_sampling_script(tmp_path):
     assert 'measured' in r.stdout and 'scheduled' in r.stdout and f'wrote {out}' in r.stdout
     res = json.loads(out.read_text())
     rows = {x['method']: x for x in res['rows']}
-    assert list(rows) == ['dynamic', 'scheduled', 'static']
+    assert list(rows) == ['dynamic', 'points', 'scheduled', 'static']
     assert rows['dynamic']['max_abs_diff_threshold0_vs_plain'] == 0.             # threshold 0 is the full model
     assert rows['static']['max_abs_diff_threshold0_vs_plain'] is None
     L = res['models']['default']['num_layers']

@@ -222,13 +222,15 @@ class EarlyExitModel(nn.Module):
 
     # the forwards: sampling (an `ExitRunner` per call) and training (every exit on the full batch)
     def forward(self, x, timesteps, y=None, threshold=None, exit_layers=None, return_maps: bool = False,
-                exit_groups=None):
+                exit_groups=None, exit_points=None):
         """Early-exit forward -> `EarlyExitOutput`. `threshold`: None (full model), a float or a (B,) tensor in [0, 1];
         a sample exits at the first exit i < L with u_i < threshold (threshold >= 1: at exit 0). `exit_layers`: (B,)
         static exit indices instead (no criterion is evaluated). `return_maps`: the uncertainty map at each exit.
-        `exit_groups` (B,): rows with the same id leave together, at the first exit where all are below threshold."""
+        `exit_groups` (B,): rows with the same id leave together, at the first exit where all are below threshold.
+        `exit_points`: the exits where the threshold is tested (default: all); the criterion runs only there."""
         self.backbone.check_input(x, timesteps, y)
-        return ExitRunner(self, x, timesteps, threshold, exit_layers, exit_groups, return_maps).forward(x, timesteps, y)
+        return ExitRunner(self, x, timesteps, threshold, exit_layers, exit_groups, return_maps,
+                          exit_points).forward(x, timesteps, y)
 
     def forward_train(self, x, timesteps, y=None) -> dict:
         """All exits on the full batch: 'eps' (B,C,H,W) final output, 'exits' (L,B,C,H,W) g_i for i < L,

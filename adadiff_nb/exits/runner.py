@@ -14,7 +14,8 @@ from ..models.uvit import BlockState
 from .heads import EarlyExitOutput, check_threshold
 
 # %% auto #0
-__all__ = ['EXIT_SYNC', 'exit_rule_checked', 'ExitRows', 'block_modules', 'pow2_buckets', 'fine_buckets', 'ExitRunner']
+__all__ = ['EXIT_SYNC', 'exit_rule_checked', 'ExitRows', 'block_modules', 'pow2_buckets', 'fine_buckets', 'check_exit_points',
+           'ExitRunner']
 
 # %% ../../nbs/exits/021_exit_runner.ipynb #56d3adb0
 _RULE_CHECKED = contextvars.ContextVar('adadiff_exit_rule_checked', default=False)
@@ -172,14 +173,32 @@ def fine_buckets(max_batch: int) -> tuple:
         b.add(min(k, int(max_batch)))
     return tuple(sorted(v for v in b | {int(max_batch)} if v <= max(int(max_batch), 1)))
 
+# %% ../../nbs/exits/021_exit_runner.ipynb #80ef225a
+def check_exit_points(points, num_layers: int, first_exit: int = 0) -> frozenset:
+    """The exits where a dynamic exit is tested (its criterion evaluated), as a frozenset of ints in [first_exit,
+    num_layers): the others are skipped, with no criterion evaluation and no decision. A clear error otherwise."""
+    try: pts = frozenset(int(p) for p in points if float(p) == int(p))
+    except (TypeError, ValueError): pts = None
+    if pts is None or len(pts) != len(set(points)):
+        raise ValueError(f"exit_points must be a collection of exit indices (ints), got {points!r:.80}")
+    if pts and (min(pts) < first_exit or max(pts) >= num_layers):
+        raise ValueError(f"exit_points must lie in [{first_exit}, {num_layers - 1}] (exit i = before block i; the "
+                         f"full model is not an exit point), got {sorted(pts)}")
+    return pts
+
 # %% ../../nbs/exits/021_exit_runner.ipynb #ab842ea2
 class ExitRunner:
     """One early-exit forward of `model`: its plan, the running rows (`ExitRows`), the exit points where it reads
     (the sync policy, remembered under 'auto'), bucket padding, deferred exits and the results."""
     def __init__(self, model, x, timesteps, threshold=None, exit_layers=None, exit_groups=None,
-                 return_maps: bool = False):
+                 return_maps: bool = False, exit_points=None):
         self.model, self.bb, self.B, self.L = model, model.backbone, x.shape[0], model.num_layers
         self.plan = plan = self.make_plan(x, timesteps, threshold, exit_layers, exit_groups)
+        if exit_points is not None and plan.mode != 'threshold':
+            raise ValueError("exit_points restrict where dynamic exits are tested: pass them with a threshold")
+        self.allowed = None if exit_points is None else (
+            exit_points if _RULE_CHECKED.get() and isinstance(exit_points, frozenset)
+            else check_exit_points(exit_points, self.L, model.first_exit))
         shape = (self.bb.in_chans, self.bb.img_size, self.bb.img_size) if return_maps else None
         self.res, self.run, self.rows_computed = _Results(self.B, self.L, x.device, shape), None, 0
         self.want_map = return_maps and plan.mode == 'threshold'
@@ -245,8 +264,9 @@ class ExitRunner:
         self.model._uem_cond(state, plan.per_row)
         self.run = run = ExitRows(torch.arange(self.B, device=x.device), h, state, plan.per_row,
                                   torch.ones(self.B, dtype=torch.bool, device=x.device), self.B)
+        allowed = self.allowed
         for i in range(self.L):
-            if plan.mode != 'full' and self.exit_point(i, i in self.points) == 0:
+            if plan.mode != 'full' and (allowed is None or i in allowed) and self.exit_point(i, i in self.points) == 0:
                 return self.output()
             self.rows_computed += len(run.rows)
             if self.model.uem.needs_prev:

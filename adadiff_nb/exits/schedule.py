@@ -65,6 +65,7 @@ class StepExitSchedule:
     exits: list
     num_layers: int
     source: dict = field(default_factory=dict)     # how it was compiled (threshold, sampler, steps, reduce, spread)
+    points: list | None = None                     # per step, the exits (< num_layers) where calibration samples left
 
     def __post_init__(self):
         if len(self.model_times) != len(self.exits) or not self.exits:
@@ -74,6 +75,11 @@ class StepExitSchedule:
         self._t = torch.tensor(self.model_times, dtype=torch.float64)
         self._e = torch.tensor(self.exits, dtype=torch.long)
         self._at = {round(float(t), 6): e for t, e in zip(self.model_times, self.exits)}     # exact times: no search
+        if self.points is not None:
+            if len(self.points) != len(self.exits):
+                raise ValueError("a step schedule's points need one list of exits per model time")
+            self._pts = {round(float(t), 6): frozenset(int(i) for i in p)
+                         for t, p in zip(self.model_times, self.points)}
 
     def __call__(self, model_time) -> torch.Tensor:
         """Exit layers (B,) at model times (B,). The times are checked against the schedule's on the CPU; on an
@@ -90,13 +96,26 @@ class StepExitSchedule:
                              "for this sampler and step count")
         return self._e.to(mt.device)[k]
 
+    def exit_points(self, model_time) -> frozenset:
+        """The exits where calibration samples left at this step: `sample_batches(..., threshold=tau,
+        exit_points=schedule.exit_points)` tests the threshold (runs the criterion) only there. Reads one model time
+        (a host sync on an accelerator)."""
+        if self.points is None:
+            raise ValueError("this schedule holds no exit points (made before they were recorded); compile it again")
+        t = round(float(torch.as_tensor(model_time).reshape(-1)[0]), 6)
+        if t not in self._pts:
+            raise ValueError(f"model time {t:.4g} is not a step of this schedule (compiled for "
+                             f"{self.source.get('sampler')!r} with {len(self.exits)} evaluations)")
+        return self._pts[t]
+
     @property
     def layer_ratio(self) -> float:
         "Share of the blocks the schedule runs (over its steps, every sample alike)."
         return sum(self.exits) / (len(self.exits) * self.num_layers)
 
     def to_dict(self) -> dict:
-        return dict(model_times=self.model_times, exits=self.exits, num_layers=self.num_layers, source=self.source)
+        return dict(model_times=self.model_times, exits=self.exits, num_layers=self.num_layers, source=self.source,
+                    points=self.points)
 
     def save(self, path):
         "Write the schedule as JSON (atomically)."
@@ -108,15 +127,21 @@ class StepExitSchedule:
 
 # %% ../../nbs/exits/06a0_exit_schedule.ipynb #6629f8fb
 def compile_exit_schedule(model, threshold, sampler: str = 'ddim', steps: int = 50, n: int = 64,
-                          batch_size: int = 64, seed: int = 0, reduce='mode', **sample_kw) -> StepExitSchedule:
+                          batch_size: int = 64, seed: int = 0, reduce='mode', margin: int = 0,
+                          **sample_kw) -> StepExitSchedule:
     """The dynamic exits of `model` at `threshold` on a calibration batch (`n` samples from `seed`), compiled into one
     static exit per sampler step (`reduce` over the step's samples). `source` records the run and the within-step
-    spread (how many samples left at the kept exit)."""
+    spread (how many samples left at the kept exit); `points` the exits where samples left at each step (widened by
+    `margin` exits each side), for dynamic exits tested only there."""
     times, ex = record_exits(model, threshold, sampler, steps, n, batch_size, seed, **sample_kw)
     exits = [_reduce(col, reduce) for col in ex]
     spread = within_step_spread(ex)
     L = int(model.num_layers)
+    first = int(getattr(model, 'first_exit', 0))
+    points = [sorted({j for i in set(col.tolist()) if i < L
+                      for j in range(max(first, i - margin), min(L - 1, i + margin) + 1)}) for col in ex]
     source = dict(threshold=float(threshold), sampler=sampler, steps=steps, n=n, seed=seed, reduce=reduce,
+                  margin=margin,
                   dynamic_layer_ratio=float(ex.mean() / L), min_step_agreement=float(spread.min()),
                   mean_step_agreement=float(spread.mean()))
-    return StepExitSchedule(times, exits, L, source)
+    return StepExitSchedule(times, exits, L, source, points)

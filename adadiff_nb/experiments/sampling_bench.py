@@ -18,7 +18,7 @@ from ..sampling.run import sample_batches, check_precision, check_flag
 __all__ = ['METHODS', 'MODES', 'matched_static_exit', 'bench_sampling_runs', 'sampling_grid', 'sampling_table']
 
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #4a9f001b
-METHODS = ('dynamic', 'scheduled', 'static')       # the exit rules compared with the plain backbone, in this order
+METHODS = ('dynamic', 'points', 'scheduled', 'static')   # the exit rules compared with the plain backbone, in order
 MODES = ('eager', 'compiled')
 
 def matched_static_exit(layer_ratio: float, num_layers: int, first: int = 0) -> int:
@@ -87,6 +87,8 @@ def _rules(threshold, schedule, static_exits) -> dict:
     "name -> sample_batches keywords of the plain run and every method whose input is given."
     r = {'plain': {}}
     if threshold is not None: r['dynamic'] = dict(threshold=float(threshold))
+    if threshold is not None and callable(getattr(schedule, 'exit_points', None)):      # tested where samples left
+        r['points'] = dict(threshold=float(threshold), exit_points=schedule.exit_points)
     if schedule is not None: r['scheduled'] = dict(exit_layers=schedule)
     if static_exits is not None: r['static'] = dict(exit_layers=static_exits)
     return r
@@ -94,6 +96,7 @@ def _rules(threshold, schedule, static_exits) -> dict:
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #15b079ac
 def _rule_label(name, kw) -> str:
     if name == 'dynamic': return f"threshold={kw['threshold']:g}"
+    if name == 'points': return f"threshold={kw['threshold']:g} at calibrated exit points"
     v = kw['exit_layers']
     return f'exit_layers={v}' if isinstance(v, int) else f'schedule {type(v).__name__}'
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from .diffusion import time_bucket
 from ..exits.early_exit import check_threshold, is_early_exit_model, exit_rule_checked   # THE threshold check
+from ..exits.runner import check_exit_points
 from ..models.uvit import label_error, context_error                                      # THE label check
 
 # %% auto #0
@@ -121,12 +122,17 @@ def _check_schedule_fits(schedule, num_layers):
 class EarlyExitDenoiser:
     """Call an early-exit model as model(x, model_time, **extra) with a per-step threshold or static exit schedule
     evaluated into (B,) tensors."""
-    def __init__(self, model, threshold=None, static_schedule=None):
+    def __init__(self, model, threshold=None, static_schedule=None, exit_points=None):
         _check_denoiser_args(model, threshold, static_schedule)
+        if exit_points is not None and threshold is None:
+            raise ValueError("exit_points restrict where dynamic exits are tested: pass them with a threshold")
         self.model = model
         self.threshold = _as_value_schedule(threshold, 'threshold')
         self.static_schedule = _as_value_schedule(static_schedule, 'exit_layers')
         _check_schedule_fits(self.static_schedule, getattr(model, 'num_layers', None))
+        L, first = getattr(model, 'num_layers', None), getattr(model, 'first_exit', 0)
+        self.exit_points = exit_points if exit_points is None or callable(exit_points) else \
+            check_exit_points(exit_points, L, first)
 
     def __getattr__(self, name):                                                  # num_layers, num_exits, arch, ...
         model = self.__dict__.get('model')
@@ -138,6 +144,7 @@ class EarlyExitDenoiser:
         given = 'threshold' in extra or 'exit_layers' in extra                   # a rule per call: the model checks it
         if th is not None: extra['threshold'] = th
         if ex is not None: extra['exit_layers'] = ex
+        if self.exit_points is not None: extra['exit_points'] = self.points_at(model_time)
         with contextlib.nullcontext() if given else exit_rule_checked():         # checked in __init__: not per step
             return self.model(x, model_time, **extra)
 
@@ -153,6 +160,12 @@ class EarlyExitDenoiser:
                 f"a threshold schedule must return shape () or (B,) = {tuple(model_time.shape)}, got {tuple(v.shape)}"
             )
         return v if isinstance(th, TimestepSchedule) else check_threshold(v)
+
+    def points_at(self, model_time: torch.Tensor) -> frozenset:
+        "The exits where the threshold is tested at these model times (a callable's answer is checked here)."
+        p = self.exit_points
+        if isinstance(p, frozenset): return p
+        return check_exit_points(p(model_time), self.model.num_layers, getattr(self.model, 'first_exit', 0))
 
     def exit_layers(self, model_time: torch.Tensor):
         "The static exit indices for these model times: None or a (B,) long tensor."
@@ -314,13 +327,15 @@ class GuidedDenoiser:
 
 # %% ../../nbs/sampling/02b0_denoisers.ipynb #5796d217
 def make_denoiser(model, threshold=None, exit_layers=None, guidance_scale=None, guidance_policy: str = 'joint',
-                  uncond=None):
+                  uncond=None, exit_points=None):
     """`model` itself when no exit rule and no guidance are given; else an `EarlyExitDenoiser` around it for the
     threshold / exit schedule, inside a `GuidedDenoiser` when guidance_scale != 1 (`uncond`: the empty prompt's
     context of a text-to-image model)."""
     check_guidance_policy(guidance_policy)
     if threshold is not None or exit_layers is not None:
-        model = EarlyExitDenoiser(model, threshold=threshold, static_schedule=exit_layers)
+        model = EarlyExitDenoiser(model, threshold=threshold, static_schedule=exit_layers, exit_points=exit_points)
+    elif exit_points is not None:
+        raise ValueError("exit_points restrict where dynamic exits are tested: pass them with a threshold")
     s = 1. if guidance_scale is None else check_guidance_scale(guidance_scale)
     _check_text_guidable(model, s, uncond)                      # the same errors with or without guidance
     if s == 1: return model

@@ -402,12 +402,13 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
                    callback=None, sampler_opts: dict | None = None, labels=None, guidance_scale=None,
                    guidance_policy: str = 'joint', progress: bool = False, meter=True, warmup: bool = False,
                    precision: str = 'fp32', shard=None, context=None, uncond_context=None, autoencoder=None,
-                   decode_batch_size: int | None = None, desc: str | None = None) -> SampleRun:
+                   decode_batch_size: int | None = None, desc: str | None = None, exit_points=None) -> SampleRun:
     """Sample `n` images (or the rows of `x_T`) in batches with an optional exit rule and classifier-free guidance
     (`guidance_scale`, `guidance_policy` as in `samplers.GuidedDenoiser`), the model under autocast at `precision`;
     `shard=(rank, world)` samples only that block of the batches. A text-to-image model takes `context` (n or 1, N, D)
     and, guided, `uncond_context` (the empty prompt's); `autoencoder` decodes latents (see above); `desc` labels the
-    progress bars (e.g. 'early exit' -> 'early exit ddim')."""
+    progress bars (e.g. 'early exit' -> 'early exit ddim'); `exit_points` (exits, or a callable model_time -> exits)
+    restrict where the threshold is tested (`StepExitSchedule.exit_points` gives the calibrated ones)."""
     fn, opts = get_sampler(sampler), check_sampler_opts(sampler, sampler_opts)
     seed, labels = check_seed(seed), _as_labels(labels)
     if x_T is not None: check_noise(x_T, model_image_shape(model))
@@ -419,7 +420,7 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
     dt = check_precision(precision, dev)
     sch, K, shape = schedule_for(model, schedule), model_num_labels(model), model_image_shape(model)
     denoiser = make_denoiser(model if dt is None else AutocastModel(model, dt), threshold, exit_layers,
-                             guidance_scale, guidance_policy, uncond_context)
+                             guidance_scale, guidance_policy, uncond_context, exit_points)
     m, cond = _make_meter(model, meter), context if context is not None else labels
     if warmup:
         xw = x_T[:2].clone() if x_T is not None else torch.zeros(min(2, n), *shape)
