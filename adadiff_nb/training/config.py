@@ -141,7 +141,7 @@ def backbone_family(model: str | dict) -> str:
     return family_of(model)
 
 # %% ../../nbs/training/04_config.ipynb #e87af4b3
-_LOSS_KW = ('detach_u', 'normalize_ual', 'target_reduce')
+_LOSS_KW = ('detach_u', 'normalize_ual', 'target_reduce', 'u_target')
 
 @dataclass
 class TrainConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['REDUCTIONS', 'LAYER_REDUCE', 'l_simple', 'uncertainty_target', 'l_u', 'l_ual', 'l_layer', 'adadiff_loss']
+__all__ = ['REDUCTIONS', 'LAYER_REDUCE', 'U_TARGETS', 'l_simple', 'uncertainty_target', 'l_u', 'l_ual', 'l_layer', 'adadiff_loss']
 
 # %% ../../nbs/training/02d_losses.ipynb #d1690fa1
 REDUCTIONS = ('per_pixel', 'per_sample')
@@ -81,22 +81,27 @@ def l_layer(exits, eps, layer_reduce: str = 'sum'):
     return _reduce_layers(_pixel_mean((exits - eps).pow(2), 2), layer_reduce)
 
 # %% ../../nbs/training/02d_losses.ipynb #79d0ad6a
+U_TARGETS = ('noise', 'final')     # what L_u's target measures: the error against eps, or the change of the output
+
 def adadiff_loss(out: dict, eps, lam: float = 1., beta: float = 1., gamma: float = 0., reduction: str = 'per_pixel',
                  layer_reduce: str = 'sum', detach_u: bool = False, normalize_ual: bool = False,
-                 target_reduce: str = 'mean') -> dict:
+                 target_reduce: str = 'mean', u_target: str = 'noise') -> dict:
     """Joint loss (Eq. 12, + the blog's Eq. 10): L_simple + lam*L_u + beta*L_UAL + gamma*L_n from the dict of
     `EarlyExitUViT.forward_train`. Returns 'loss' (differentiable) and detached 0-d tensors 'l_simple', 'l_u',
     'l_ual', 'l_layer', 'u_mean', 'u_target_mean' for logging. `reduction`: 'per_pixel' (default; 'mean' is an
-    alias) or 'per_sample'; `target_reduce`: how the per-sample target aggregates the u_hat map."""
+    alias) or 'per_sample'; `target_reduce`: how the per-sample target aggregates the u_hat map. `u_target`: what
+    L_u's pseudo ground truth measures, 'noise' (Eq. 8: tanh|g_i - eps|, the error against the true noise) or 'final'
+    (tanh|g_i - g_L|, what exiting at i changes in the model's own output; g_L detached)."""
     if reduction == 'mean': reduction = 'per_pixel'            # alias: the elementwise mean-square default
     _check_choice('reduction', reduction, REDUCTIONS)
     _check_choice('target_reduce', target_reduce, ('mean', 'max'))
+    _check_choice('u_target', u_target, U_TARGETS)
     for k in ('eps', 'exits', 'u_map', 'u'):
         if k not in out:
             raise KeyError(f"adadiff_loss needs the dict of forward_train with key {k!r}; got keys {sorted(out)}")
     exits = out['exits']
     _check_exits(exits, eps)
-    u_hat = uncertainty_target(exits, eps)                                      # (L, B, C, H, W)
+    u_hat = uncertainty_target(exits, eps if u_target == 'noise' else out['eps'].detach())   # (L, B, C, H, W)
     if reduction == 'per_pixel': u = out['u_map']
     else:
         u = out['u']
