@@ -2,12 +2,12 @@
 
 `adadiff_nb/<old>.py` for every old flat module path in `MOVED`: importing it warns (DeprecationWarning, with the new
 path) and its names resolve in the module(s) it moved to. `adadiff_nb/<package>/__init__.py` for every subpackage in
-`PACKAGES`: its description as the docstring; `adadiff_nb/sampling/__init__.py` also answers the old
-`adadiff_nb.sampling` module's names (it took that name), warning on each. (The package's own `__init__.py` docstring
-is nbdev-export's.) These files are generated: edit nbs/99_compat.ipynb, then run this.
+`PACKAGES`: its description as the docstring (nbdev-export lists the modules in the package's own `__init__.py`);
+`adadiff_nb/sampling/__init__.py` also answers the old `adadiff_nb.sampling` module's names (it took that name),
+warning on each. These files are generated: edit nbs/99_compat.ipynb, then run this.
 Usage: python tools/make_shims.py [--check] (--check exits 1 and names the files that are out of date).
 """
-import ast, importlib.util, re, sys
+import importlib.util, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
@@ -31,19 +31,10 @@ def shim(old: str, new: tuple, package: bool = False) -> str:
     return HEAD + doc + imp + f'\n__getattr__, __dir__ = deprecated_module(__name__, warn_on_import={not package})\n'
 
 
-def summary(path: Path) -> str:
-    "The first sentence of a module's docstring."
-    doc = ast.get_docstring(ast.parse(path.read_text())) or ''
-    doc = ' '.join(doc.split('\n\nDocs:')[0].split())
-    return re.split(r'(?<=[a-z)`])\. ', doc)[0].rstrip('.')
-
-
 def package_init(name: str, what: str, moved: dict) -> str:
-    "Source of the subpackage's `__init__.py`."
-    mods = sorted(p.stem for p in (LIB / name).glob('*.py') if not p.stem.startswith('_'))
-    lines = [f'"""{what[0].upper() + what[1:]}.', '', 'Modules:', '']
-    lines += [f'- `adadiff_nb.{name}.{m}`: {summary(LIB / name / f"{m}.py")}.' for m in mods]
-    src = HEAD + '\n'.join(lines) + '\n"""\n'
+    """Source of the subpackage's `__init__.py`: its description (nbdev-export lists every module in the package's
+    own docstring); the `sampling` package also answers the old `adadiff_nb.sampling` module's names."""
+    src = HEAD + f'"""{what[0].upper() + what[1:]}."""\n'
     old = f'adadiff_nb.{name}'
     if old in moved: src += shim(old, moved[old], package=True).split('\n', 2)[2]
     return src
