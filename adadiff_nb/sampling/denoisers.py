@@ -332,10 +332,8 @@ def make_denoiser(model, threshold=None, exit_layers=None, guidance_scale=None, 
     threshold / exit schedule, inside a `GuidedDenoiser` when guidance_scale != 1 (`uncond`: the empty prompt's
     context of a text-to-image model)."""
     check_guidance_policy(guidance_policy)
-    if threshold is not None or exit_layers is not None:
+    if threshold is not None or exit_layers is not None or exit_points is not None:      # it checks the rule
         model = EarlyExitDenoiser(model, threshold=threshold, static_schedule=exit_layers, exit_points=exit_points)
-    elif exit_points is not None:
-        raise ValueError("exit_points restrict where dynamic exits are tested: pass them with a threshold")
     s = 1. if guidance_scale is None else check_guidance_scale(guidance_scale)
     _check_text_guidable(model, s, uncond)                      # the same errors with or without guidance
     if s == 1: return model
