@@ -4,7 +4,8 @@ The embedded default model's uncertainty estimators (UEMs) are re-initialised an
 the exit heads frozen, for the same number of training images under each target of `adadiff_loss(u_target=...)`:
 'noise' (the paper's Eq. 8, tanh|g_i - eps|) and 'final' (tanh|g_i - g_L|: what exiting at i changes in the model's
 own output). Each is then measured by `exit_discrimination` (within-step Spearman / AUROC of u against the real exit
-error, eta squared of u and of the exit layer) at the threshold that gives the same layer ratio as the shipped model.
+error, eta squared of u and of the exit layer) at the threshold `calibrate_threshold` finds, on other noise, for the
+shipped model's layer ratio there.
 Writes one JSON (atomically) and prints a table. Usage:
     python bench/uem_targets.py [--steps 400] [--batch-size 64] [--n 64] [--out results/uem_targets_cpu.json]
 """
@@ -19,7 +20,8 @@ from adadiff_nb.models.default_model import load_default, default_threshold
 from adadiff_nb.training.common import finetune
 from adadiff_nb.training.losses import adadiff_loss, U_TARGETS
 from adadiff_nb.evaluation.discrimination import exit_discrimination
-from adadiff_nb.exits.schedule import record_exits
+from adadiff_nb.sampling.run import sample_batches
+from adadiff_nb.exits.calibrate import calibrate_threshold
 
 
 def uem_loss(u_target: str):
@@ -42,17 +44,6 @@ def train_uem(base, u_target: str, steps: int, batch_size: int, seed: int, data:
                    ema_decay=0., seed=seed, params=list(m.uem.parameters()), log_every=max(steps // 10, 1))
     out = res['raw'].eval()
     return out, dict(seconds=round(time.time() - t0, 1), log=res.get('log'))
-
-
-def threshold_for_ratio(model, ratio: float, n: int, steps: int, seed: int) -> float:
-    "The threshold whose exits on calibration noise run `ratio` of the layers (bisection on recorded u)."
-    lo, hi = 0., 1.
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        _, ex = record_exits(model, mid, 'ddim', steps, n=n, batch_size=n, seed=seed)
-        r = ex.mean() / model.num_layers
-        lo, hi = (mid, hi) if r > ratio else (lo, mid)
-    return (lo + hi) / 2
 
 
 def summary(res: dict) -> dict:
@@ -84,14 +75,16 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(a.seed)
     base = load_default('cpu')
-    _, ex0 = record_exits(base, default_threshold(base), 'ddim', a.sample_steps, n=a.n, batch_size=a.n,
-                          seed=a.seed + 1)
-    ratio = float(ex0.mean() / base.num_layers)
+    bb = base.backbone
+    x_cal = torch.randn(a.n, bb.in_chans, bb.img_size, bb.img_size, generator=torch.Generator().manual_seed(a.seed + 1))
+    ratio = sample_batches(base, 'ddim', a.sample_steps, x_T=x_cal, batch_size=a.n,
+                           threshold=default_threshold(base)).stats['layer_ratio']     # the shipped model's, to match
     rows = {'shipped': dict(training=None, **summary(exit_discrimination(
         base, a.n, 'ddim', a.sample_steps, a.seed, threshold=default_threshold(base), keep_samples=False)))}
     for target in U_TARGETS:
         m, info = train_uem(base, target, a.steps, a.batch_size, a.seed, a.data)
-        tau = threshold_for_ratio(m, ratio, a.n, a.sample_steps, a.seed + 1)
+        cal = calibrate_threshold(m, x_cal, 'ddim', steps=a.sample_steps, target_reduction=1 - ratio)
+        tau = float(cal['threshold'])
         res = exit_discrimination(m, a.n, 'ddim', a.sample_steps, a.seed, threshold=tau, keep_samples=False)
         rows[target] = dict(training=dict(steps=a.steps, batch_size=a.batch_size, images=a.steps * a.batch_size,
                                           **info), **summary(res))
