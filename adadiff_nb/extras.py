@@ -19,6 +19,7 @@ EXTRAS = {
     'diffusers': 'early exit for stock diffusers pipelines (diffusers)',
     't2i': 'latent and text-to-image models (diffusers, transformers)',
     'docs': 'the documentation site (nbdev, smalldocs)',
+    'tome': "Token Merging, the ASE paper's ToMe baseline (tomesd)",
 }
 
 def install_hint(extra: str) -> str:

@@ -2,10 +2,13 @@
 
 For a user the whole sampling run counts, not one forward. Each cell (model, batch, threads, mode, precision) samples
 `batch` images from the same noise with the plain backbone and with the early-exit model under each exit rule, timed
-in turns (`adadiff_nb.experiments.sampling_bench.sampling_grid`): dynamic exits at the model's threshold, the per-step
-schedule `compile_exit_schedule(model, threshold)` compiles from a calibration run (seed + 1), and the static exit
-with the dynamic run's layer ratio. Rows: measured speed-up (median plain / median method), ideal (1 / layer ratio),
-share of ideal, host syncs, and max |threshold 0 - plain| (0: threshold 0 is exactly the full model).
+in turns (`adadiff_nb.experiments.sampling_bench.sampling_grid`): dynamic exits at the model's threshold ('dynamic'),
+the same threshold tested only at the exit points `calibrate_exit_points(model, threshold)` finds on calibration noise
+(seed + 1; 'points'), the per-step schedule `compile_exit_schedule(model, threshold)` compiles from a calibration run
+(seed + 1; 'scheduled'), the static exit with the dynamic run's layer ratio ('static') and threshold 0 ('zero': no row
+can leave). Rows: measured speed-up (median plain / median method), ideal (1 / layer ratio), share of ideal, host
+syncs, max |threshold 0 - plain| (0: threshold 0 is exactly the full model) and, for 'points', the share of exits
+that differ from the dynamic run's on the same noise.
 
 Models: `default` (the embedded model at its documented threshold), `uvit-s2` and `dit-xl2` (random weights, reduced
 widths unless --full-width, a threshold that skips about --skip of the layers of a random batch).
@@ -38,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--sampler', default='ddim')
     p.add_argument('--steps', type=int, default=50)
     p.add_argument('--skip', type=float, default=.4, help="share of layers the bench models' threshold skips")
-    p.add_argument('--schedule-n', type=int, default=64, help='images of the calibration run of the schedule')
+    p.add_argument('--schedule-n', type=int, default=64,
+                   help='images of the calibration runs of the schedule and the exit points (seed + 1)')
+    p.add_argument('--min-seconds', type=float, default=3.,
+                   help='time each method for about this long at least (more repeats where a run is short)')
+    p.add_argument('--slack', type=float, default=.5,
+                   help='exit points: keep an exit where a calibration row had u < threshold * (1 + slack)')
     p.add_argument('--full-width', action='store_true', help='uvit-s2 / dit-xl2 at full width (default: reduced)')
     p.add_argument('--buckets', default='fine', help="compiled mode's batch buckets: fine (default) or pow2")
     p.add_argument('--out', default=None,
@@ -57,23 +65,29 @@ def _check_args(a):
     if a.steps < 1: raise ValueError(f"--steps must be >= 1, got {a.steps}")
     if not 0 < a.skip < 1: raise ValueError(f"--skip must lie in (0, 1), got {a.skip}")
     if a.schedule_n < 1: raise ValueError(f"--schedule-n must be >= 1, got {a.schedule_n}")
+    if not a.slack >= 0: raise ValueError(f"--slack must be >= 0, got {a.slack}")
+    if not a.min_seconds >= 0: raise ValueError(f"--min-seconds must be >= 0, got {a.min_seconds}")
     if torch.device(a.device).type == 'cuda' and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA GPU; run on a GPU machine or use --device cpu")
 
 
-def _schedule_fn():
-    "`compile_exit_schedule`, imported when the scheduled method is asked for."
-    try:
-        from adadiff_nb.exits.schedule import compile_exit_schedule
-    except ImportError as e:
-        raise ValueError(f"the scheduled method needs adadiff_nb.exits.schedule.compile_exit_schedule ({e}); update "
-                         "adadiff_nb, or leave it out: --methods dynamic static") from None
-    return compile_exit_schedule
+def _calibrations(a, m, thr) -> tuple:
+    "(per-step schedule, exit points) of model `m` at threshold `thr`, each calibrated on seed + 1 when asked for."
+    from adadiff_nb.exits.calibrate import calibrate_exit_points
+    from adadiff_nb.exits.schedule import compile_exit_schedule
+    sch = pts = None
+    if 'scheduled' in a.methods:
+        sch = compile_exit_schedule(m, thr, sampler=a.sampler, steps=a.steps, n=a.schedule_n, batch_size=a.schedule_n,
+                                    seed=a.seed + 1)
+    if 'points' in a.methods:
+        pts = calibrate_exit_points(m, thr, sampler=a.sampler, steps=a.steps, n=a.schedule_n, seed=a.seed + 1,
+                                    slack=a.slack)
+    return sch, pts
 
 
 def build_models(a, log=print) -> dict:
     "{name: dict(model, threshold, schedule, static_exits)} of `--models` on `--device`."
-    dev, compile_schedule = torch.device(a.device), _schedule_fn() if {'scheduled', 'points'} & set(a.methods) else None
+    dev = torch.device(a.device)
     out = {}
     for name in a.models:
         if name == 'default':
@@ -84,13 +98,11 @@ def build_models(a, log=print) -> dict:
             bb, g = m.backbone, torch.Generator().manual_seed(a.seed)
             x = torch.randn(16, bb.in_chans, bb.img_size, bb.img_size, generator=g).to(dev)
             thr = threshold_for_skip(m, x, (torch.rand(16, generator=g) * 999.).to(dev), skip=a.skip)[0]
-        sch = None
-        if compile_schedule is not None:
-            sch = compile_schedule(m, thr, sampler=a.sampler, steps=a.steps, n=a.schedule_n, batch_size=a.schedule_n,
-                                   seed=a.seed + 1)
-        log(f"{name}: {m.num_layers} layers, threshold {thr:.4g}")
+        sch, pts = _calibrations(a, m, thr)
+        tested = '' if pts is None else f", exit points tested {pts.tested_share:.0%}"
+        log(f"{name}: {m.num_layers} layers, threshold {thr:.4g}{tested}")
         out[name] = dict(model=m, threshold=thr if 'dynamic' in a.methods else None, schedule=sch,
-                         static_exits='auto' if 'static' in a.methods else None)
+                         static_exits='auto' if 'static' in a.methods else None, points=pts)
     return out
 
 
@@ -106,7 +118,7 @@ def main(argv=None) -> int:
         _check_args(a)
         models = build_models(a, log)
         res = sampling_grid(models, batches, threads, a.modes, a.precisions, a.sampler, a.steps, a.repeats, a.warmup,
-                            a.seed, dev, True, a.buckets, log=log)
+                            a.seed, dev, True, a.buckets, a.min_seconds, log=log)
     except ValueError as e:
         print(f"bench_sampling: error: {e}", file=sys.stderr)
         return 2

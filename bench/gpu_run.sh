@@ -31,7 +31,7 @@ t0=$SECONDS
 echo "== 1/2 whole sampling runs ($STEPS steps, $REPEATS repeats) =="
 "$PY" bench/bench_sampling.py --device cuda --models default uvit-s2 dit-xl2 --full-width \
     --batches 1 8 64 256 --precisions fp32 bf16 --modes eager compiled \
-    --steps "$STEPS" --repeats "$REPEATS" --warmup 0 --out "$SAMPLING_OUT"
+    --steps "$STEPS" --repeats "$REPEATS" --min-seconds 0 --warmup 0 --out "$SAMPLING_OUT"
 echo "sampling runs: $((SECONDS - t0))s"
 
 echo "== 2/2 early-exit forward grid =="

@@ -30,8 +30,11 @@ def test_bench_sampling_script(tmp_path):
     assert 'measured' in r.stdout and 'scheduled' in r.stdout and f'wrote {out}' in r.stdout
     res = json.loads(out.read_text())
     rows = {x['method']: x for x in res['rows']}
-    assert list(rows) == ['dynamic', 'points', 'scheduled', 'static']
+    assert list(rows) == ['dynamic', 'points', 'scheduled', 'static', 'zero']
     assert rows['dynamic']['max_abs_diff_threshold0_vs_plain'] == 0.             # threshold 0 is the full model
+    assert rows['zero']['layer_ratio'] == 1 and rows['zero']['host_syncs_per_forward'] == 0   # and runs no UEM
+    assert 0 <= rows['points']['exits_changed'] <= 1 and rows['dynamic']['exits_changed'] is None
+    assert 0 < res['models']['default']['points']['tested_share'] <= 1
     assert rows['static']['max_abs_diff_threshold0_vs_plain'] is None
     L = res['models']['default']['num_layers']
     assert rows['static']['rule'] == f"exit_layers={matched_static_exit(rows['dynamic']['layer_ratio'], L)}"
@@ -63,13 +66,13 @@ def test_bench_sampling_runs_tiny(tiny):
     torch.set_num_threads(1)
     every2 = lambda mt: torch.full(mt.shape, 2, dtype=torch.long)
     rows = bench_sampling_runs(tiny, 2, threshold=.38, schedule=every2, static_exits=4, steps=3, repeats=1, warmup=0)
-    assert [r['method'] for r in rows] == ['dynamic', 'scheduled', 'static']
+    assert [r['method'] for r in rows] == ['dynamic', 'scheduled', 'static', 'zero']
     assert rows[0]['max_abs_diff_threshold0_vs_plain'] == 0.
     assert 0 < rows[0]['layer_ratio'] < 1 and rows[0]['host_syncs_per_forward'] >= 1
     assert (rows[1]['layer_ratio'], rows[2]['layer_ratio']) == (.4, .8)             # 2 of 5 and 4 of 5 blocks
     for r in rows:
         _check_ratios(r)
     only = bench_sampling_runs(tiny, 1, threshold=.38, static_exits=None, steps=2, repeats=1, warmup=0)
-    assert [r['method'] for r in only] == ['dynamic']
+    assert [r['method'] for r in only] == ['dynamic', 'zero']
     with pytest.raises(ValueError, match='static_exits must be None'):
         bench_sampling_runs(tiny, 1, threshold=.38, static_exits=6, steps=2)

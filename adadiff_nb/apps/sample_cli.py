@@ -46,7 +46,7 @@ from .sample_io import (NAMED_CHECKPOINTS, resolve_checkpoint, load_sampling_mod
                                        json_labels, metric_reference, metric_nets, metric_scores, SHARD_DIR, OUTPUTS,
                                        shard_name, parse_shard, check_shard_run, check_writable, check_out, UNFINISHED,
                                        read_shard, checkpoint_id, shard_plan, shard_settings, parse_prompts,
-                                       check_prompts_fit, read_shards, merged_stats)
+                                       check_prompts_fit, read_shards, merged_stats, resolve_exit_points)
 _all_ = ['NAMED_CHECKPOINTS', 'resolve_checkpoint', 'load_sampling_model', 'label_values', 'parse_labels',
          'GRID_IMAGES', 'grid_header', 'SHARD_DIR', 'OUTPUTS', 'shard_name', 'parse_shard', 'check_out', 'UNFINISHED',
          'read_shard', 'shard_plan', 'parse_prompts']
@@ -130,10 +130,12 @@ def _sampled(model, checkpoint, kw: dict, threshold, exit_layers, schedule, labe
     run = sample_batches(model, threshold=threshold, exit_layers=exit_layers, desc='early exit' if rule else None, **kw)
     stats = _run_stats(model, checkpoint, run, kw['sampler'], kw['steps'], threshold, exit_layers, len(run.images),
                        kw['batch_size'], kw['seed'], kw['device'], schedule, kw['sampler_opts'])
-    stats.update(labels_spec=json_labels(labels), **(info or {}))
+    pts = kw.get('exit_points')
+    stats.update(labels_spec=json_labels(labels), **(info or {}),
+                 exit_points=None if pts is None else dict(pts.source, tested_share=pts.tested_share))
     xf = None
     if compare_full:
-        full = sample_batches(model, meter=False, desc='full', **kw)
+        full = sample_batches(model, meter=False, desc='full', **{k: v for k, v in kw.items() if k != 'exit_points'})
         xf = full.images
         stats.update(_vs_full(run.images, xf, run.seconds, full.seconds))
     return run, stats, xf
@@ -178,6 +180,7 @@ def _prepare(a: SimpleNamespace):
     for k in ('compare_full', 'overwrite', 'resume', 'progress', 'compile'): setattr(a, k, check_flag(getattr(a, k), k))
     a.sch = None if a.schedule is None else schedule_for(None, a.schedule)          # a name / spec that exists
     a.threshold, a.exit_layers = _exit_rule(a.threshold, a.exit_layers)
+    a.points = resolve_exit_points(a.exit_points, a.checkpoint, a.threshold)
     a.label_values = label_values(a.labels)                    # all of them, also those past the n-th
     a.ys, a.ps = parse_labels(a.labels, a.n), parse_prompts(a.prompts, a.prompts_file, a.n)
     if a.guidance_scale is not None: a.guidance_scale = check_guidance_scale(a.guidance_scale)
@@ -205,13 +208,14 @@ def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int
                   guidance_scale=None, guidance_policy: str = 'joint', precision: str = 'fp32', shard=None,
                   fid=None, proxy_fd=None, vae=None, text_encoder=None, prompts=None, prompts_file=None,
                   vae_scale: float | None = None, preset: str | None = None, compile: bool = False,
-                  overwrite: bool = False, resume: bool = False, agree=None) -> dict:
+                  overwrite: bool = False, resume: bool = False, exit_points='auto', agree=None) -> dict:
     """Sample `n` images from `checkpoint` (path, name or loaded model) into `out`: samples.png, samples.npz and
     stats.json. `labels`: a class, a list / comma list / file cycled over the images (`parse_labels`), or None
     (random labels); `precision`: 'fp32', 'bf16' or 'fp16' autocast of the model; `shard=(rank, world)`: only that
     block of the batches, into `out/shards` (`merge_shards` joins them); `fid` / `proxy_fd`: a reference (statistics
     .npz or image folder) to score the samples against. Latent / text-to-image checkpoints: `vae`, `text_encoder`,
-    `prompts` / `prompts_file` (`latent_inputs`); `preset`: an official U-ViT .pth; `compile`: `_compile`.
+    `prompts` / `prompts_file` (`latent_inputs`); `preset`: an official U-ViT .pth; `compile`: `_compile`;
+    `exit_points`: where a dynamic exit tests its threshold ('auto', 'all' or a table file: `resolve_exit_points`).
     `out` must be new or empty unless `overwrite`; a shard's files need `resume` (kept when finished) or `overwrite`
     (`check_out`, `shard_plan`: all checked before anything is loaded). `agree`: `sample_processes`' collective."""
     a = _prepared(SimpleNamespace(**{k: v for k, v in locals().items() if k != 'agree'}), agree)
@@ -220,6 +224,10 @@ def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int
     model = checkpoint.to(a.dev).eval() if isinstance(checkpoint, nn.Module) else \
         load_sampling_model(checkpoint, a.dev, preset)
     _check_rule_fits(model, a.threshold, a.exit_layers)
+    if a.points is not None and a.points.num_layers != getattr(model, 'num_layers', None):
+        raise ValueError(f"the exit points are for a model of {a.points.num_layers} layers, not "
+                         f"{getattr(model, 'num_layers', None)}; calibrate them on this model or pass "
+                         "exit_points='all'")
     check_labels_fit(model, a.label_values, a.guidance_scale)
     lat, info = latent_inputs(model, checkpoint, a.dev, vae, text_encoder, a.ps, a.guidance_scale, a.batch, vae_scale,
                               preset)
@@ -227,7 +235,7 @@ def sample_to_dir(checkpoint, out, sampler: str = 'dpm_solver_pp_2m', steps: int
     kw = dict(sampler=sampler, steps=a.steps, n=a.n, batch_size=a.batch, seed=seed,
               schedule=schedule_for(model, a.sch), device=a.dev, sampler_opts=a.sampler_opts, progress=progress,
               labels=a.ys, guidance_scale=a.guidance_scale, guidance_policy=guidance_policy, precision=precision,
-              shard=a.shard, **lat)
+              shard=a.shard, **lat, **({} if a.points is None else dict(exit_points=a.points)))
     rule = (a.threshold, a.exit_layers, schedule, labels, compare_full)
     if a.shard is not None: return _sample_shard(model, checkpoint, a.out, kw, rule, shard_settings(a), info, a.ps)
     run, stats, xf = _sampled(model, checkpoint, kw, *rule, info=info)
@@ -406,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument('--exit-layers', default=None,
                    help='static exit index (or a comma list over timestep buckets) instead of a threshold')
+    p.add_argument('--exit-points', default='auto', metavar='auto|all|FILE',
+                   help="where a dynamic exit tests its threshold: 'auto' (default: the checkpoint's exit_points.json "
+                        "when calibrated at this threshold, else every exit), 'all', or an exit-points JSON")
     p.add_argument('--n', '--num-images', dest='n', type=int, default=16, help='number of images (default 16; '
                    'under torchrun / accelerate launch write --num-images: their parsers take --n for an abbreviation)')
     p.add_argument('--batch', type=int, default=16, help='batch size (default 16)')
@@ -450,7 +461,7 @@ def _sample_kwargs(args) -> dict:
                 precision=args.precision, fid=args.fid, proxy_fd=args.proxy_fd, vae=args.vae,
                 vae_scale=args.vae_scale, text_encoder=args.text_encoder, prompts=args.prompt,
                 prompts_file=args.prompts, preset=args.preset, compile=args.compile, overwrite=args.overwrite,
-                resume=args.resume)
+                resume=args.resume, exit_points=args.exit_points)
 
 def _run(args) -> dict:
     "Sample (one process, a --shard, or this process's shard under torchrun), or --merge -> the stats to report."

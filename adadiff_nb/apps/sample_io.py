@@ -17,6 +17,7 @@ from ..models.checkpoint import RecoveryWarning
 from ..models.checkpoint import (load_model, atomic_write, atomic_write_json, load_official_uvit, sha256_file,
                                           resolve_device)
 from ..models.dit import DIT_PRESETS, load_official_dit
+from ..exits.exit_points import ExitPoints, EXIT_POINTS_FILE
 from ..models.text_encoder import check_prompts, read_prompts
 from ..sampling.samplers import TimestepSchedule, make_denoiser, context_shape_of
 from ..sampling.run import (save_grid, save_panels, grid_scale, images_uint8, check_labels, model_num_labels,
@@ -25,12 +26,12 @@ from ..evaluation.metrics import (fid as _fid, proxy_fd as _proxy_fd, fid_incept
                                            load_stats, feature_name, FID_FEATURES)
 
 # %% auto #0
-__all__ = ['NAMED_CHECKPOINTS', 'GRID_IMAGES', 'SHARD_DIR', 'OUTPUTS', 'UNFINISHED', 'resolve_checkpoint', 'load_sampling_model',
-           'schedule_label', 'run_device', 'parse_values', 'json_spec', 'check_count', 'label_values', 'parse_labels',
-           'check_labels_fit', 'grid_header', 'save_arrays', 'sample_arrays', 'json_labels', 'metric_reference',
-           'metric_nets', 'metric_scores', 'shard_name', 'parse_shard', 'check_shard_run', 'check_writable',
-           'check_out', 'read_shard', 'checkpoint_id', 'shard_plan', 'shard_settings', 'parse_prompts',
-           'check_prompts_fit', 'read_shards', 'merged_stats']
+__all__ = ['NAMED_CHECKPOINTS', 'EXIT_POINTS_HELP', 'GRID_IMAGES', 'SHARD_DIR', 'OUTPUTS', 'UNFINISHED', 'resolve_checkpoint',
+           'load_sampling_model', 'resolve_exit_points', 'schedule_label', 'run_device', 'parse_values', 'json_spec',
+           'check_count', 'label_values', 'parse_labels', 'check_labels_fit', 'grid_header', 'save_arrays',
+           'sample_arrays', 'json_labels', 'metric_reference', 'metric_nets', 'metric_scores', 'shard_name',
+           'parse_shard', 'check_shard_run', 'check_writable', 'check_out', 'read_shard', 'checkpoint_id', 'shard_plan',
+           'shard_settings', 'parse_prompts', 'check_prompts_fit', 'read_shards', 'merged_stats']
 
 # %% ../../nbs/apps/050_sample_io.ipynb #3ceb1ad9
 NAMED_CHECKPOINTS: dict = (
@@ -65,6 +66,40 @@ def load_sampling_model(checkpoint, device='cpu', preset: str | None = None) -> 
         load = load_official_dit if preset in DIT_PRESETS else load_official_uvit
         return load(path, preset, map_location=device).to(device).eval()
     return load_model(path, map_location=device).eval()
+
+# %% ../../nbs/apps/050_sample_io.ipynb #e8f68838
+EXIT_POINTS_HELP = ("pass 'auto' (the checkpoint's exit_points.json when calibrated at the run's threshold), 'all' "
+                    "(test every exit) or an exit-points JSON from calibrate_exit_points(model, threshold).save(FILE)")
+
+def _points_table(f: Path, what: str) -> ExitPoints:
+    try: return ExitPoints.load(f)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{what} {f} is not an exit-points table ({e}); {EXIT_POINTS_HELP}") from None
+
+def resolve_exit_points(spec, checkpoint, threshold) -> ExitPoints | None:
+    """The exit points a run tests its threshold at (None: every exit). 'auto' (default): the checkpoint's
+    `exit_points.json` when it was calibrated at this (scalar) threshold, else None; 'all': None; a path: that table,
+    which must be calibrated at `threshold`. Checked before any model is loaded."""
+    spec = 'auto' if spec is None else spec
+    if spec == 'all': return None
+    scalar = isinstance(threshold, float)
+    if spec == 'auto':
+        if not scalar or isinstance(checkpoint, nn.Module): return None
+        p = resolve_checkpoint(checkpoint)
+        f = (p if p.is_dir() else p.parent) / EXIT_POINTS_FILE
+        pts = _points_table(f, "the checkpoint's") if f.is_file() else None
+        return pts if pts is not None and pts.source.get('threshold') == threshold else None
+    f = Path(str(spec)).expanduser()
+    if not f.is_file(): raise ValueError(f"--exit-points {spec}: no such file; {EXIT_POINTS_HELP}")
+    if not scalar:
+        raise ValueError(f"--exit-points {spec} needs one --threshold value (got {threshold!r}); pass "
+                         "--exit-points all")
+    pts = _points_table(f, '--exit-points')
+    if pts.source.get('threshold') != threshold:
+        raise ValueError(f"--exit-points {spec} was calibrated at threshold {pts.source.get('threshold')}, not "
+                         f"{threshold}: calibrate one at this threshold (calibrate_exit_points) or pass "
+                         "--exit-points all")
+    return pts
 
 # %% ../../nbs/apps/050_sample_io.ipynb #3efc6b1c
 def schedule_label(spec) -> str:
@@ -406,7 +441,8 @@ def shard_settings(a) -> dict:
              threshold=json_spec(a.threshold), exit_layers=json_spec(a.exit_layers), n=a.n, batch=a.batch,
              seed=a.seed, schedule=None if a.schedule is None else repr(a.schedule), sampler_opts=a.sampler_opts,
              labels_spec=json_labels(a.labels), guidance_scale=a.guidance_scale, guidance_policy=a.guidance_policy,
-             precision=a.precision, compare_full=a.compare_full, prompts=a.ps, vae_scale=a.vae_scale)
+             precision=a.precision, compare_full=a.compare_full, prompts=a.ps, vae_scale=a.vae_scale,
+             exit_points=None if getattr(a, 'points', None) is None else a.points.source)
     return json.loads(json.dumps(s))
 
 # %% ../../nbs/apps/050_sample_io.ipynb #58201bbf

@@ -1,6 +1,7 @@
 """The computations behind the exit-trends app: one sampling run of an early-exit model that records what the app
 shows (the exit layer of every sample at every step, every layer's uncertainty, per-pixel uncertainty maps, the
-full model's samples from the same noise), the calibrated threshold per sampler and the note when nothing exits.
+full model's samples from the same noise), the calibrated threshold per sampler, the note when nothing exits and
+the within-step statistics (do the samples of one step exit alike?).
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/apps/trend_runs.html.md"""
 
@@ -8,22 +9,24 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/apps/trend_runs.html.md"""
 
 # %% ../../nbs/apps/02i0_trend_runs.ipynb #273415d9
 from __future__ import annotations
-import math, inspect
+import math, inspect, warnings
 from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ..data import CIFAR10_CLASSES
 from ..sampling.samplers import get_sampler, check_steps
 from ..exits.early_exit import check_threshold, is_early_exit_model
+from ..exits.runner import record_uncertainty
 from ..evaluation.metrics import psnr as image_psnr
 from ..sampling.run import schedule_for, sample_batches, model_device, model_image_shape, model_num_labels
 from ..models.default_model import EMBEDDED_MODELS
+from ..evaluation.stats import step_modes, eta_squared
 
 # %% auto #0
 __all__ = ['SAMPLER_CHOICES', 'THRESHOLD_STEP', 'SAMPLER_THRESHOLDS', 'CALIBRATION', 'NOTE_RATIO', 'NOTE_TARGET', 'TrendRun',
            'class_names', 'run_full', 'run_trends', 'exits_at', 'ratio_at', 'threshold_for_ratio',
            'no_exit_uncertainty', 'calibrate_sampler_thresholds', 'sampler_thresholds', 'model_threshold',
-           'threshold_hint', 'exit_note']
+           'threshold_hint', 'exit_note', 'within_step_stats', 'within_step_line']
 
 # %% ../../nbs/apps/02i0_trend_runs.ipynb #e63da997
 @dataclass
@@ -146,13 +149,16 @@ def run_trends(model, threshold: float = 0.1, sampler: str = 'ddim', steps: int 
                labels=None, guidance_scale=None, guidance_policy: str = 'joint', **latent) -> TrendRun:
     """Sample `batch` images with exits at `threshold` (and, unless `full` is given, with the full model, same noise);
     `labels` (an int or one per image; None: random ones for a class-conditional model), the guidance and `latent`
-    (autoencoder: decoded samples; context / uncond_context: a text-to-image model) go to `sample_batches`."""
+    (autoencoder: decoded samples; context / uncond_context: a text-to-image model) go to `sample_batches`. Every
+    UEM a row reaches is evaluated and recorded, at threshold 0 too (`record_uncertainty`: u along the full model's
+    trajectory, at the UEMs' cost)."""
     tau = check_threshold(threshold)
     fn, sch, device, x_T, steps = _setup(model, sampler, steps, seed, batch, device, schedule)
     rec, cond = dict(x=[], mt=[], ex=[], u=[]), _cond_kw(labels, guidance_scale, guidance_policy)
     clip = clip and not latent                                   # x0 clamping is for pixels, not latents
-    res = _sample(model, fn, sampler, steps, seed, x_T, sch, device, clip, threshold=tau,
-                  callback=_recorder(rec, steps, progress), **cond, **latent)
+    with record_uncertainty():                                   # threshold 0 too: the app shows u
+        res = _sample(model, fn, sampler, steps, seed, x_T, sch, device, clip, threshold=tau,
+                      callback=_recorder(rec, steps, progress), **cond, **latent)
     if full is None: full = run_full(model, sampler, steps, seed, batch, device, schedule, clip, res.labels,
                                      guidance_scale, **latent)
     x0_full, wall_full = full
@@ -203,8 +209,9 @@ def no_exit_uncertainty(model, sampler: str = 'ddim', steps: int = 20, seed: int
     "Every layer's uncertainty (S, L, B) along the full model's trajectory: a threshold-0 run (no row exits)."
     fn, sch, device, x_T, steps = _setup(model, sampler, steps, seed, batch, device, schedule)
     rec = dict(x=[], mt=[], ex=[], u=[])
-    _sample(model, fn, sampler, steps, seed, x_T, sch, device, clip, threshold=0., callback=_recorder(rec, steps),
-            meter=False, **_cond_kw(labels, None, 'joint'))
+    with record_uncertainty():                                   # a threshold-0 forward evaluates no UEM otherwise
+        _sample(model, fn, sampler, steps, seed, x_T, sch, device, clip, threshold=0., callback=_recorder(rec, steps),
+                meter=False, **_cond_kw(labels, None, 'joint'))
     return torch.stack(rec['u']).numpy()
 
 # %% ../../nbs/apps/02i0_trend_runs.ipynb #7d3c1a08
@@ -263,3 +270,45 @@ def exit_note(run: TrendRun) -> str:
     return (f"<span style='color:#b45309'><b>Note:</b> {what} at threshold {run.threshold:g} with {run.sampler} and "
             f"{run.steps} steps: the lowest uncertainty any exit reached is {np.nanmin(run.u):.3f}, and a row leaves "
             f"only where u &lt; threshold; {hint}.</span>")
+
+# %% ../../nbs/apps/02i0_trend_runs.ipynb #ea93ded4
+def _layer_spreads(u: np.ndarray) -> tuple:
+    """(within, across) std of `u` (S, L, R; NaN: not computed): per layer, the mean over steps of the std across rows
+    (steps with >= 2 rows) and the std over steps of the step's mean (>= 2 steps); each averaged over the layers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)                  # all-NaN slices: nothing was computed
+        n = (~np.isnan(u)).sum(2)                                        # (S, L) rows that computed each UEM
+        within = np.nanmean(np.where(n >= 2, np.nanstd(u, 2), np.nan), 0)
+        m = np.nanmean(u, 2)                                             # (S, L) the step's mean u
+        across = np.where((~np.isnan(m)).sum(0) >= 2, np.nanstd(m, 0), np.nan)
+        return float(np.nanmean(within)), float(np.nanmean(across))
+
+# %% ../../nbs/apps/02i0_trend_runs.ipynb #37826323
+def within_step_stats(run: TrendRun) -> dict:
+    """Per sampler step, over all rows: the most common exit `mode_exit`, the `share` of rows leaving there, the
+    deciding `layer` (the exit, L - 1 for the full model) with `n` rows that computed its UEM and their u's `u_std`,
+    `u_min`, `u_q1`, `u_median`, `u_q3`, `u_max`; totals `within_std`, `across_std` (std of u within a step, across
+    steps), `eta2_exit` (share of the exit layer's variance the step explains) and `steps_agree` (steps where all
+    rows exit alike). Arrays (S,); NaN: undefined."""
+    e, u, L = np.asarray(run.exit_layer), np.asarray(run.u, np.float64), int(run.num_layers)
+    if e.ndim != 2 or u.shape != (e.shape[0], L, e.shape[1]):
+        raise ValueError(f"a TrendRun needs exit_layer (S, R) and u (S, num_layers, R); got {e.shape} and {u.shape} "
+                         f"with num_layers={L}: build it with run_trends")
+    mode, share = step_modes(e)
+    layer = np.minimum(mode, L - 1)
+    ud = u[np.arange(len(layer)), layer]                                 # (S, R) u at each step's deciding layer
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)                  # a step where no row computed it: NaN
+        q, sd = np.nanpercentile(ud, [0, 25, 50, 75, 100], axis=1), np.nanstd(ud, 1)
+    within, across = _layer_spreads(u)
+    return dict(mode_exit=mode, share=share, layer=layer, n=(~np.isnan(ud)).sum(1), u_std=sd, u_min=q[0], u_q1=q[1],
+                u_median=q[2], u_q3=q[3], u_max=q[4], within_std=within, across_std=across, eta2_exit=eta_squared(e),
+                steps_agree=int((share == 1).sum()))
+
+def within_step_line(st: dict) -> str:
+    "One line of `within_step_stats` totals: the std of u within vs across steps, eta squared, the agreeing steps."
+    f = lambda x, fmt: 'n/a' if math.isnan(x) else format(x, fmt)
+    eta = ('n/a (one exit everywhere)' if math.isnan(st['eta2_exit']) else f"{100 * st['eta2_exit']:.0f}%")
+    return (f"within-step std of u {f(st['within_std'], '.3f')} vs across steps {f(st['across_std'], '.3f')}; "
+            f"exits explained by the step: {eta}; all rows exit alike at {st['steps_agree']} of {len(st['share'])} "
+            f"steps")

@@ -1,6 +1,7 @@
 """The interactive exit-trends view of an early-exit model: drag the threshold and watch the exits move (exit
-layer per denoising step, per-layer uncertainty over layers x steps, per-pixel uncertainty maps as in the
-AdaDiff paper's Figure 6, cost read-outs, and the early-exit samples beside the full model's from the same noise).
+layer per denoising step, per-layer uncertainty over layers x steps, the within-step spread of u and of exits
+across samples, per-pixel uncertainty maps as in the AdaDiff paper's Figure 6, cost read-outs, and the early-exit
+samples beside the full model's from the same noise).
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/apps/trends.html.md"""
 
@@ -21,12 +22,12 @@ from .trend_runs import (TrendRun, class_names, run_full, run_trends, SAMPLER_CH
                                         exits_at, ratio_at, threshold_for_ratio, no_exit_uncertainty,
                                         calibrate_sampler_thresholds, SAMPLER_THRESHOLDS, CALIBRATION,
                                         sampler_thresholds, model_threshold, threshold_hint, NOTE_RATIO, NOTE_TARGET,
-                                        exit_note)
+                                        exit_note, within_step_stats, within_step_line)
 
 # %% auto #0
 __all__ = ['TIMING_BATCH', 'TIMING_SECONDS', 'GUIDANCE_MAX', 'PLOTLY_MIME', 'fig_exit_layers', 'fig_exit_heatmap',
-           'fig_layer_uncertainty', 'fig_uncertainty_maps', 'fig_samples', 'timing_caveat', 'readout', 'ExitTrendsApp',
-           'figure_output', 'app_from_checkpoint', 'app_button']
+           'fig_layer_uncertainty', 'fig_within_step', 'fig_uncertainty_maps', 'fig_samples', 'timing_caveat',
+           'readout', 'ExitTrendsApp', 'figure_output', 'app_from_checkpoint', 'app_button']
 
 # %% ../../nbs/apps/02i_trends.ipynb #7d3c1a24
 _APP = 'the exit-trends app (adadiff_nb.apps.trends)'
@@ -104,6 +105,44 @@ def fig_layer_uncertainty(run: TrendRun) -> go.Figure:
                       height=360, margin=dict(_MARGIN, t=90))
     return fig
 
+# %% ../../nbs/apps/02i_trends.ipynb #87fce660
+def _nan_none(a) -> list:
+    "NaN -> None (a gap in plotly; NaN is not valid JSON)."
+    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in np.asarray(a, float).tolist()]
+
+def fig_within_step(run: TrendRun, st: dict | None = None) -> go.Figure:
+    """Within-step view: per step, the spread of u across the rows at the step's deciding layer (min-max and quartile
+    bands, median) with the threshold, and below the share of rows leaving at the step's most common exit; the title
+    gives the totals (`within_step_stats`, passed as `st` or computed)."""
+    st, s = st or within_step_stats(run), _steps_axis(run)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36], vertical_spacing=0.07)
+    for hi, lo, name, alpha in (('u_max', 'u_min', 'min-max over rows', 0.15), ('u_q3', 'u_q1', 'quartiles', 0.35)):
+        fig.add_trace(go.Scatter(x=s, y=_nan_none(st[hi]), mode='lines', line=dict(width=0), showlegend=False,
+                                 hoverinfo='skip'), 1, 1)
+        fig.add_trace(go.Scatter(x=s, y=_nan_none(st[lo]), mode='lines', line=dict(width=0), fill='tonexty',
+                                 fillcolor=f'rgba(31,119,180,{alpha})', name=name, hoverinfo='skip'), 1, 1)
+    cd = np.stack([run.model_time, st['layer'], st['mode_exit'], st['n'], st['u_std']], 1)
+    fig.add_trace(go.Scatter(x=s, y=_nan_none(st['u_median']), mode='lines+markers', name='median u',
+                             line=dict(color='rgb(31,119,180)'), customdata=cd,
+                             hovertemplate='step %{x} (t=%{customdata[0]:.0f}): layer %{customdata[1]} (most common '
+                                           'exit %{customdata[2]}), %{customdata[3]} rows: median u %{y:.3f}, '
+                                           'std %{customdata[4]:.4f}<extra></extra>'), 1, 1)
+    fig.add_trace(go.Scatter(x=[s[0], s[-1]], y=[run.threshold] * 2, mode='lines', name='threshold',
+                             line=dict(color='black', dash='dash', width=1.5), hoverinfo='skip'), 1, 1)
+    fig.add_trace(go.Bar(x=s, y=st['share'], name='share at the most common exit', customdata=st['mode_exit'],
+                         marker_color='rgb(255,127,14)',
+                         hovertemplate='step %{x}: %{y:.0%} of rows at exit %{customdata}<extra></extra>'), 2, 1)
+    fig.update_yaxes(title_text='u at the deciding layer', row=1, col=1)
+    fig.update_yaxes(title_text='share at the<br>common exit', range=[0, 1.05], tickformat='.0%', row=2, col=1)
+    fig.update_xaxes(title_text='sampler step', row=2, col=1)
+    rows = 'rows (cond, uncond)' if run.guided else 'samples'
+    fig.update_layout(title=f'Within a step: u and exits across {rows}<br>(threshold {run.threshold:g}'
+                            f"{_guide_note(run)})<br><sup>{within_step_line(st).replace('; ', '<br>')}</sup>",
+                      height=560, margin=dict(_MARGIN, t=165, b=135), bargap=0.3,    # the legend below the axis title
+                      legend=dict(orientation='h', x=0, xanchor='left', y=-62 / (560 - 165 - 135), yanchor='top',
+                                  traceorder='normal'))
+    return fig
+
 # %% ../../nbs/apps/02i_trends.ipynb #edc3b4e6
 def _img(a):
     "(C, H, W) in [-1, 1] -> (H, W, 3) uint8."
@@ -161,8 +200,8 @@ def timing_caveat(run: TrendRun) -> str:
             f"CPU); the layer ratio and GFLOPs/image are the stable cost measures")
 
 def readout(run: TrendRun) -> str:
-    """HTML summary of cost and fidelity; below it the timing caveat of a small batch and the note when few or no
-    rows exit (`exit_note`)."""
+    """HTML summary of cost and fidelity; below it the timing caveat of a small batch, a line of within-step totals
+    (`within_step_line`) and the note when few or no rows exit (`exit_note`)."""
     s = run.stats
     ps, cav, note = s['psnr_vs_full'], timing_caveat(run), exit_note(run)
     ideal = '&infin;' if s['layer_ratio'] == 0 else format(s['ideal_speedup'], '.2f') + 'x'
@@ -175,6 +214,7 @@ def readout(run: TrendRun) -> str:
     return ("<div style='line-height: 1.45'>" + ' &nbsp; '.join(f"<span style='white-space: nowrap'>{i}</span>"
                                                                for i in items)
             + (f"<br><small>{cav}</small>" if cav else f" &nbsp; (wall {s['wall_s']:.2f}s vs {s['wall_full_s']:.2f}s)")
+            + f"<br><small><b>within a step:</b> {within_step_line(within_step_stats(run))}</small>"
             + (f"<br>{note}" if note else '') + '</div>')
 
 # %% ../../nbs/apps/02i_trends.ipynb #e27e79f8
@@ -211,8 +251,8 @@ class ExitTrendsApp:
         self.w_prompt = None
         if context_shape_of(model) is None: self._class_controls(W, label, guidance_scale, guidance_policy)
         else: self._text_controls(W, prompt, guidance_scale, guidance_policy)
-        self.outs = {k: W.Output() for k in ('exit', 'heat', 'u', 'maps', 'samples')}
-        self.f_exit = self.f_heat = self.f_u = self.f_maps = self.f_samples = None      # the figures last drawn
+        self.outs = {k: W.Output() for k in ('exit', 'heat', 'u', 'within', 'maps', 'samples')}
+        self.f_exit = self.f_heat = self.f_u = self.f_within = self.f_maps = self.f_samples = None   # last drawn
         for w in (self.w_tau, self.w_steps, self.w_seed, self.w_batch, *self.class_widgets):
             w.observe(lambda _: None if self._quiet else self.update(), names='value')
         self.w_sampler.observe(self._sampler_changed, names='value')
@@ -243,13 +283,16 @@ class ExitTrendsApp:
         self.w_readout = W.HTML()
 
     def _layout(self, W):
-        "The controls above the figures; every row wraps, the two heatmaps sit side by side where they fit."
+        """The controls above the figures; every row wraps, the two heatmaps sit side by side where they fit, the
+        within-step view on a line of its own below them (in their row: the layout keeps its children)."""
         wrap = lambda ws: W.HBox(ws, layout=W.Layout(flex_flow='row wrap', align_items='center'))
         o = self.outs
         for k in ('heat', 'u'): o[k].layout = W.Layout(flex='1 1 400px', min_width='0')
+        o['within'].layout = W.Layout(flex='1 1 100%', min_width='0')
         return W.VBox([wrap([self.w_tau, self.w_sampler, self.w_hint]), wrap([self.w_steps, self.w_batch, self.w_seed]),
                        *([wrap(self.class_widgets)] if self.class_widgets else []), wrap([self.w_progress]),
-                       self.w_readout, o['exit'], wrap([o['heat'], o['u']]), self.w_sample, o['maps'], o['samples']])
+                       self.w_readout, o['exit'], wrap([o['heat'], o['u'], o['within']]), self.w_sample, o['maps'],
+                       o['samples']])
 
     def _class_controls(self, W, label, guidance_scale, guidance_policy):
         "Class selector and, for a model with a null class, guidance scale and policy (`class_widgets`; [] if none)."
@@ -338,6 +381,7 @@ class ExitTrendsApp:
         o = self.outs
         self.f_exit, self.f_heat = _show(o['exit'], fig_exit_layers(run)), _show(o['heat'], fig_exit_heatmap(run))
         self.f_u = _show(o['u'], fig_layer_uncertainty(run))
+        self.f_within = _show(o['within'], fig_within_step(run))
         self._draw_maps()
         self.f_samples = _show(o['samples'], fig_samples(run, names=self.class_names))
         self.w_readout.value = readout(run)

@@ -19,12 +19,13 @@ import torch.nn as nn
 from ..sampling.diffusion import time_bucket
 from ..models.uvit import extra_tokens
 from ..models.registry import backbone_spec, family_of
+from ..exits.heads import uem_tokens
 from ..sampling.samplers import EarlyExitDenoiser, GuidedDenoiser
 
 # %% auto #0
-__all__ = ['uvit_block_flops', 'uvit_flops', 'full_eval_flops', 'dit_flops', 'backbone_flops', 'uem_flops', 'layer_costs',
-           'exit_flops_table', 'eval_flops', 'forward_flops', 'count_flops', 'check_flops', 'sync', 'Timing', 'time_fn',
-           'throughput', 'speedup', 'CostMeter']
+__all__ = ['uvit_block_flops', 'uvit_flops', 'full_eval_flops', 'dit_flops', 'backbone_flops', 'uem_flops', 'uem_forward_flops',
+           'layer_costs', 'exit_flops_table', 'eval_flops', 'forward_flops', 'count_flops', 'check_flops', 'sync',
+           'Timing', 'time_fn', 'throughput', 'speedup', 'CostMeter']
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #97a72ec9
 def uvit_block_flops(N: int, D: int, hidden: int, skip: bool = False) -> dict:
@@ -79,25 +80,43 @@ def backbone_flops(backbone) -> dict:
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #ca3c610a
 def _uem_dims(bb_config: dict) -> tuple:
-    "(patch tokens P, width D, UEM outputs per token p*p*C) of a U-ViT, a DiT or another family's config."
+    """(patch tokens P, width D, UEM outputs per token p*p*C, all tokens T) of a U-ViT, a DiT or another family's
+    config."""
     if 'hidden_size' in bb_config:                                              # DiT: no extra tokens
         p = bb_config['patch_size']
-        return (bb_config['input_size'] // p) ** 2, bb_config['hidden_size'], p * p * bb_config['in_channels']
+        P = (bb_config['input_size'] // p) ** 2
+        return P, bb_config['hidden_size'], p * p * bb_config['in_channels'], P
     if 'embed_dim' not in bb_config:                 # another family: its width under BackboneSpec.width_key
         p, C = bb_config['patch_size'], bb_config.get('in_chans', 3)
-        return (bb_config['img_size'] // p) ** 2, bb_config[backbone_spec(family_of(bb_config)).width_key], p * p * C
+        P = (bb_config['img_size'] // p) ** 2
+        return P, bb_config[backbone_spec(family_of(bb_config)).width_key], p * p * C, P
     d = _dims(bb_config)
-    return d['P'], d['D'], d['pd']
+    return d['P'], d['D'], d['pd'], d['N']
+
+def _time_tabulated(ee_config: dict) -> bool:
+    "A linear UEM with one weight group per exit (or one shared) tabulates its time part once per forward."
+    return ee_config.get('uem', 'linear') == 'linear' and ee_config.get('uem_params', 'per_layer') in (
+        'per_layer', 'shared')
 
 def uem_flops(ee_config: dict, bb_config: dict) -> tuple[int, int]:
-    "(per-sample, per-call) FLOPs of one UEM evaluation of an `EarlyExitUViT` config (U-ViT or DiT backbone)."
-    P, D, pd = _uem_dims(bb_config)
+    """(per-sample, per-call) FLOPs of one UEM evaluation of an `EarlyExitUViT` config (U-ViT or DiT backbone). A
+    linear UEM runs on `uem_tokens` tokens; its time part is here unless tabulated (`uem_forward_flops`)."""
+    P, D, pd, T = _uem_dims(bb_config)
     Dt = ee_config.get('uem_time_dim') or D
     if ee_config.get('uem', 'linear') == 'attention':
         H = int(ee_config.get('uem_heads', 1))
         # scores tokens @ (W_k^T q): P x D x H; pooling: P x H x D; value: H x hd x D = D x D; readout: D + Dt
         return 2 * P * D * H + 2 * P * H * D + 2 * D * D + 2 * (D + Dt), 2 * D * D
-    return 2 * P * D * pd + 2 * Dt * pd, 0                                      # per-token linear + time part
+    time_part = 0 if _time_tabulated(ee_config) else 2 * Dt * pd
+    return 2 * uem_tokens(P, T) * D * pd + time_part, 0                         # per-token linear (+ time part)
+
+def uem_forward_flops(ee_config: dict, bb_config: dict, num_layers: int) -> int:
+    """Per-sample FLOPs a criterion forward spends once, before its exits: a linear UEM's time part of every weight
+    group (`LinearUEM.prepare`), one group per exit or a shared one."""
+    if not _time_tabulated(ee_config): return 0
+    _, D, pd, _ = _uem_dims(bb_config)
+    groups = num_layers if ee_config.get('uem_params', 'per_layer') == 'per_layer' else 1
+    return 2 * (ee_config.get('uem_time_dim') or D) * pd * groups
 
 def layer_costs(model) -> dict:
     """Per-image FLOPs of the pieces of one evaluation of `model` (a UViT, a DiT, an `EarlyExitUViT`, any model with
@@ -110,7 +129,8 @@ def layer_costs(model) -> dict:
     ee = getattr(model, 'config', {}) or {}
     u, u_call = uem_flops(ee, bb.config)
     head = c['head'] if ee.get('exit_head', 'per_layer') == 'shared' else c['exit_head']
-    return dict(c, exit_head=head, uem=u, uem_call=u_call)
+    return dict(c, exit_head=head, uem=u, uem_call=u_call,
+                uem_forward=uem_forward_flops(ee, bb.config, len(c['blocks'])))
 
 def _exit_head_cost(costs, e: torch.Tensor) -> torch.Tensor:
     eh, L = costs['exit_head'], len(costs['blocks'])
@@ -134,10 +154,14 @@ def exit_flops_table(costs: dict) -> torch.Tensor:
 def eval_flops(costs: dict, exit_layer: torch.Tensor, n_uem: torch.Tensor | None = None,
                table: torch.Tensor | None = None) -> torch.Tensor:
     """FLOPs (B,) of one evaluation per sample exiting at `exit_layer` (B,) (L = full model) after `n_uem` (B,)
-    criterion evaluations; `table`: `exit_flops_table(costs)`, when the caller keeps it."""
+    criterion evaluations (plus, for every row, the criterion's once-per-forward part `uem_forward` when any row was
+    evaluated); `table`: `exit_flops_table(costs)`, when the caller keeps it."""
     e = torch.as_tensor(exit_layer).detach().long().cpu().reshape(-1)
     f = (exit_flops_table(costs) if table is None else table)[e]
-    if n_uem is not None: f = f + torch.as_tensor(n_uem).detach().cpu().double() * costs.get('uem', 0)
+    if n_uem is not None:
+        n = torch.as_tensor(n_uem).detach().cpu().double()
+        f = f + n * costs.get('uem', 0)
+        if costs.get('uem_forward') and bool((n > 0).any()): f = f + costs['uem_forward']
     return f
 
 def _n_uem(info: dict):

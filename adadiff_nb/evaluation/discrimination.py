@@ -17,11 +17,12 @@ from ..sampling.run import model_num_labels
 from ..exits.early_exit import check_threshold, is_early_exit_model
 from ..apps.trend_runs import exits_at, model_threshold
 from .analysis_figures import format_table, legend_below
+from .stats import eta_squared
 
 # %% auto #0
-__all__ = ['POOLED_LABEL', 'auroc', 'spearman', 'eta_squared', 'check_epsilon', 'exit_labels', 'within_step_scores',
-           'pooled_scores', 'jsonable', 'discrimination_scores', 'record_exit_errors', 'exit_discrimination',
-           'discrimination_figure', 'discrimination_table', 'discrimination_summary']
+__all__ = ['POOLED_LABEL', 'auroc', 'spearman', 'check_epsilon', 'exit_labels', 'within_step_scores', 'pooled_scores', 'jsonable',
+           'discrimination_scores', 'record_exit_errors', 'exit_discrimination', 'discrimination_figure',
+           'discrimination_table', 'discrimination_summary']
 
 # %% ../../nbs/evaluation/03a1_discrimination.ipynb #06f8c23e
 def auroc(score, label) -> float:
@@ -44,18 +45,6 @@ def spearman(a, b) -> float:
     if a.size != b.size: raise ValueError(f"spearman needs paired values, got {a.size} and {b.size} items")
     if a.size < 2 or not (np.ptp(a) > 0 and np.ptp(b) > 0): return float('nan')
     return float(spearmanr(a, b)[0])
-
-# %% ../../nbs/evaluation/03a1_discrimination.ipynb #6e802d34
-def eta_squared(values) -> float:
-    """Share of the variance of `values` (G, n) -- G groups (timesteps) of n items (samples) -- that the group alone
-    explains: between-group sum of squares / total sum of squares. 1: the value depends only on the group; 0: the
-    group means are equal. NaN when `values` is constant."""
-    v = np.asarray(values, np.float64)
-    if v.ndim != 2 or v.shape[1] < 1:
-        raise ValueError(f"eta_squared needs a (groups, items) array, got shape {v.shape}; pass one row per timestep")
-    tot = float(((v - v.mean()) ** 2).sum())
-    if not tot > 1e-24 * max(float((v ** 2).sum()), 1e-300): return float('nan')
-    return float(min(1., v.shape[1] * ((v.mean(1) - v.mean()) ** 2).sum() / tot))
 
 # %% ../../nbs/evaluation/03a1_discrimination.ipynb #9a66ec27
 POOLED_LABEL = 'pooled (mixes timesteps)'

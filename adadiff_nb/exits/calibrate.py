@@ -9,7 +9,8 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/exits/calibrate.html.md"""
 
 # %% ../../nbs/exits/06a_calibrate.ipynb #5ece72dd
 from __future__ import annotations
-import itertools, math, time
+import contextlib, itertools, math, time
+from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
@@ -18,11 +19,16 @@ from ..sampling.samplers import get_sampler, threshold_schedule
 from ..evaluation.cost import CostMeter
 from ..sampling.run import sample_batches
 from ..evaluation.metrics import psnr, mse
+from .runner import record_uncertainty
+from .exit_points import ExitPoints, exit_points_from, EXIT_POINTS_FILE
+from ..models.checkpoint import load_model
+from .heads import check_threshold
+from ..sampling.run import model_image_shape
 
 # %% auto #0
-__all__ = ['sampler_model_times', 'bucket_weights', 'static_schedule_reduction', 'calibrate_static_schedule',
-           'calibrate_threshold', 'calibrate_fidelity', 'hb_p_value', 'ltt_fixed_sequence', 'consistency_distance',
-           'calibrate_consistency']
+__all__ = ['sampler_model_times', 'bucket_weights', 'calibrate_exit_points', 'save_checkpoint_exit_points',
+           'static_schedule_reduction', 'calibrate_static_schedule', 'calibrate_threshold', 'calibrate_fidelity',
+           'hb_p_value', 'ltt_fixed_sequence', 'consistency_distance', 'calibrate_consistency']
 
 # %% ../../nbs/exits/06a_calibrate.ipynb #09db7e32
 class _Probe(torch.nn.Module):
@@ -64,12 +70,60 @@ def _calib_run(model, x_T, sampler='ddim', schedule='linear', steps: int = 50, t
                t_max: float = 1000.) -> dict:
     "One run on `x_T`: {'samples' (clamped), 'stats' (CostMeter summary), 'seconds'} (+ 'u', 'u_times' with record_u)."
     rec = _URecorder() if record_u else None
-    run = sample_batches(model, sampler, steps, x_T=x_T, batch_size=max(int(x_T.shape[0]), 1), threshold=threshold,
-                         seed=seed, schedule=schedule, callback=rec, sampler_opts=sampler_opts,
-                         meter=CostMeter(model, buckets=buckets, max_time=t_max))
+    with record_uncertainty() if record_u else contextlib.nullcontext():        # u at threshold 0 too
+        run = sample_batches(model, sampler, steps, x_T=x_T, batch_size=max(int(x_T.shape[0]), 1),
+                             threshold=threshold, seed=seed, schedule=schedule, callback=rec,
+                             sampler_opts=sampler_opts, meter=CostMeter(model, buckets=buckets, max_time=t_max))
     out = dict(samples=run.images.clamp(-1, 1), stats=run.stats, seconds=run.seconds)
     if rec is not None and rec.u: out.update(u=torch.cat(rec.u), u_times=torch.cat(rec.t))
     return out
+
+# %% ../../nbs/exits/06a_calibrate.ipynb #b9e6ff7d
+@torch.no_grad()
+def calibrate_exit_points(model, threshold: float, x_T=None, sampler='ddim', schedule=None, steps: int = 50,
+                          n: int = 64, seed: int = 0, slack: float = 0.5,
+                          sampler_opts: dict | None = None) -> ExitPoints:
+    """The exits where `model`'s dynamic exits at `threshold` can happen, by model time (`exit_points_from`), from one
+    run on the calibration noise `x_T` (default: `n` images from `seed`). `source` records the run, the share of exit
+    points still tested and how close the skipped ones came (the least u / threshold among them)."""
+    tau = check_threshold(threshold)
+    if not slack >= 0:
+        raise ValueError(f"slack must be >= 0 (exits kept where u < threshold * (1 + slack)), got {slack}")
+    L, first = int(model.num_layers), int(getattr(model, 'first_exit', 0))
+    if x_T is None:
+        x_T = torch.randn((n, *model_image_shape(model)), generator=torch.Generator().manual_seed(seed))
+    r = _calib_run(model, x_T, sampler, schedule, steps, threshold=tau, sampler_opts=sampler_opts, record_u=True,
+                   seed=seed + 1)
+    u, t = r['u'].numpy(), r['u_times'].numpy()
+    times, pts = exit_points_from(u, t, tau, L, first, slack)
+    skipped = np.ones_like(u, dtype=bool)
+    for k, p in zip(times, pts): skipped[np.ix_(np.round(t, 6) == k, p)] = False
+    us = u[skipped & ~np.isnan(u)][:, None] if tau > 0 else np.empty((0, 1))
+    src = dict(threshold=tau, slack=slack, sampler=sampler, schedule=None if schedule is None else str(schedule),
+               steps=steps, n=int(x_T.shape[0]),
+               seed=seed, closest_skipped=float(us.min() / tau) if len(us) else None)
+    table = ExitPoints(times, pts, L, first, src)
+    table.source['tested_share'] = table.tested_share
+    return table
+
+# %% ../../nbs/exits/06a_calibrate.ipynb #de592dad
+def save_checkpoint_exit_points(checkpoint, threshold: float | None = None, n: int = 64, seed: int = 1,
+                                sampler: str = 'ddim', steps: int = 50, slack: float = 0.5) -> Path:
+    """Calibrate the exit points of a saved early-exit model (a `save_model` directory, or an embedded model's name)
+    at `threshold` (default: its record's `default_threshold`) and write them next to it as `exit_points.json`,
+    where `adadiff-sample --exit-points auto` finds them. Returns the file."""
+    from adadiff_nb.models.default_model import EMBEDDED_MODELS, default_model_dir
+    d = default_model_dir(True, str(checkpoint)) if str(checkpoint) in EMBEDDED_MODELS else Path(checkpoint)
+    if not (d / 'model.safetensors').is_file():
+        raise ValueError(f"{d} holds no model.safetensors; pass a save_model directory or an embedded model's name")
+    model = load_model(d, map_location='cpu').eval()
+    rec = getattr(model, 'record', None) or {}
+    if threshold is None and 'default_threshold' not in rec:
+        raise ValueError(f"{d} records no default_threshold; pass the threshold to calibrate the exit points at")
+    tau = float(rec['default_threshold'] if threshold is None else threshold)
+    table = calibrate_exit_points(model, tau, sampler=sampler, steps=steps, n=n, seed=seed, slack=slack)
+    table.save(d / EXIT_POINTS_FILE)
+    return d / EXIT_POINTS_FILE
 
 # %% ../../nbs/exits/06a_calibrate.ipynb #3c833ab9
 def static_schedule_reduction(keep: Sequence[int], model_times, num_layers: int, first_exit: int = 0,

@@ -146,7 +146,8 @@ class EarlyExitModel(nn.Module):
     @property
     def _head_needs_state(self) -> bool:
         "Whether an exit head reads the exiting rows' `BlockState` (shared / skip-fusion heads, DiT's adaLN heads)."
-        return self.exit_head_mode != 'per_layer' or any(h.needs_state for h in self.exit_heads[:1])
+        heads = self.exit_heads                                      # (a ModuleList slice would build a new one)
+        return self.exit_head_mode != 'per_layer' or (len(heads) > 0 and heads[0].needs_state)
 
     @property
     def null_class(self) -> int | None:
@@ -211,10 +212,11 @@ class EarlyExitModel(nn.Module):
         return u.view(-1, 1, 1, 1).expand(-1, bb.in_chans, bb.img_size, bb.img_size)
 
     def _uem_cond(self, state: BlockState, ctx: dict) -> dict:
-        "With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row."
+        """With uem_cond='backbone' the UEM's conditioning input is the backbone's (DiT's c = t_emb + y_emb), per row;
+        then what the criterion computes once per forward from it (`prepare`)."""
         if self.uem_cond == 'backbone' and 'temb' in ctx:
             ctx['temb'] = state.cond.detach() if self.uem_detach else state.cond
-        return ctx
+        return self.uem.prepare(ctx)
 
     def criterion_context(self, timesteps, state: BlockState) -> dict:
         "The criterion's per-row context for rows at model times `timesteps` with block state `state` (as `forward`'s)."
@@ -228,7 +230,8 @@ class EarlyExitModel(nn.Module):
         static exit indices instead (no criterion is evaluated). `return_maps`: the uncertainty map at each exit.
         `exit_groups` (B,): rows with the same id leave together, at the first exit where all are below threshold.
         `exit_points`: the exits where the threshold is tested (default: all); the criterion runs only there."""
-        self.backbone.check_input(x, timesteps, y)
+        if not getattr(self.backbone, 'embed_checks_input', False):              # else its embed checks it
+            self.backbone.check_input(x, timesteps, y)
         return ExitRunner(self, x, timesteps, threshold, exit_layers, exit_groups, return_maps,
                           exit_points).forward(x, timesteps, y)
 
@@ -252,22 +255,25 @@ class EarlyExitModel(nn.Module):
         return dict(eps=eps, exits=torch.stack(exits), u_map=torch.stack(umaps), u=torch.stack(us))
 
     # runtime settings: host-sync policy and compiled, bucketed blocks
-    def sync_points(self, batch: int, threshold=None) -> frozenset:
-        "Exit points where a forward of `batch` rows at a scalar `threshold` reads its exit counts (`set_exit_sync`)."
+    def sync_points(self, batch: int, threshold=None, device=None) -> frozenset:
+        """Exit points where a forward of `batch` rows at a scalar `threshold` on `device` reads its exit counts
+        (`set_exit_sync`): 'auto' is 'every' on the CPU, where a read waits for nothing, else 'learn'."""
         L, pol = self.num_layers, self.exit_sync
+        if pol == 'auto': pol = 'every' if device is not None and torch.device(device).type == 'cpu' else 'learn'
         if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
             return frozenset(range(L))
-        if pol != 'auto':
+        if pol != 'learn':
             return frozenset(i for i in range(L) if (i + 1) % pol == 0)
         return self._sync_plan.get((batch, threshold), frozenset(range(L)))
 
     def set_exit_sync(self, policy='auto') -> 'EarlyExitModel':
-        "Host-sync policy of the early-exit forward: 'auto', 'every' (compact at every exit point) or an int k >= 1."
+        """Host-sync policy of the early-exit forward: 'auto' ('every' on the CPU, 'learn' on an accelerator), 'every'
+        (compact at every exit point), 'learn' (where rows left in the last forward) or an int k >= 1."""
         is_int = isinstance(policy, int) and not isinstance(policy, bool)
         ok = policy in EXIT_SYNC if isinstance(policy, str) else is_int
         if not ok or isinstance(policy, int) and policy < 1:
-            raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every' or an int k >= 1 (exit "
-                             "points per host sync)")
+            raise ValueError(f"exit_sync={policy!r} is not supported; use 'auto', 'every', 'learn' or an int k >= 1 "
+                             "(exit points per host sync)")
         self.exit_sync, self._sync_plan = policy, {}
         return self
 

@@ -18,7 +18,8 @@ from ..models.dit import DiT, FinalLayer
 
 # %% auto #0
 __all__ = ['EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
-           'ExitCriterion', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'build_uem', 'EarlyExitOutput', 'layer_ratio']
+           'ExitCriterion', 'uem_tokens', 'on_patch_tokens', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'build_uem',
+           'EarlyExitOutput', 'layer_ratio']
 
 # %% ../../nbs/exits/020_exit_heads.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -117,6 +118,11 @@ class ExitCriterion(nn.Module):
         "Per-row tensors the criterion needs at every exit (kept aligned with the running rows)."
         return {}
 
+    def prepare(self, ctx: dict) -> dict:
+        """Per-row tensors derived once per forward from the finished context (after the model set the conditioning
+        the criterion reads), so the exits do not recompute them; kept aligned with the running rows like the rest."""
+        return ctx
+
     def uncertainty(self, i: int, bb, h, ctx: dict, prev=None, want_map: bool = False):
         "(u (b,) in [0, 1], per-pixel map (b, C, H, W) or None) for the rows of tokens `h` at exit i."
         raise NotImplementedError
@@ -133,6 +139,19 @@ def _gather_linear(x, weight, bias, g):
     if bias is None: return y
     b = bias[g]
     return y + b.view(b.shape[0], *([1] * (y.ndim - 2)), b.shape[-1])
+
+def uem_tokens(n_patch: int, n_total: int) -> int:
+    "Tokens a per-token UEM runs on: all `n_total` when the extra tokens are few (<= 1/8), else the `n_patch` only."
+    return n_total if 8 * n_patch >= 7 * n_total else n_patch
+
+def on_patch_tokens(bb, h, fn):
+    """`fn` (a per-token map) on the patch tokens of `h` (b, T, D) without copying a strided slice of `h`: when the
+    extra tokens are few (U-ViT's time token, `uem_tokens`), on all tokens, the patch tokens selected from the
+    (narrow) result; else on the slice (many text tokens: a copy costs less than running on them)."""
+    pt = bb.patch_tokens(h)
+    if uem_tokens(pt.shape[1], h.shape[1]) == h.shape[1] and pt.shape[1] != h.shape[1]:
+        return bb.patch_tokens(fn(h))
+    return fn(pt)
 
 # %% ../../nbs/exits/020_exit_heads.ipynb #1ba1edfc
 class TimeAwareUEM(ExitCriterion):
@@ -176,15 +195,36 @@ class LinearUEM(TimeAwareUEM):
         nn.init.trunc_normal_(self.time_weight, std=0.02)
         nn.init.constant_(self.bias, bias)
 
+    def token_logits(self, tokens, g):
+        "The token part W LN(token) (b, N, patch_dim) of the logits."
+        if self.norm: tokens = F.layer_norm(tokens, (self.embed_dim,))
+        return _gather_linear(tokens, self.weight, None, g)
+
+    def time_logits(self, ctx: dict, g):
+        "The time part W_t temb + b (b, patch_dim): read from `prepare`'s table when the group is one int."
+        table = ctx.get('time_logits')
+        if table is not None and isinstance(g, int): return table[:, g]
+        return _gather_linear(ctx['temb'], self.time_weight, self.bias, g)
+
+    def prepare(self, ctx: dict) -> dict:
+        "With per-layer or shared weights, the time part of every group at once: one matmul per forward (b, G, P)."
+        if self.params in ('per_layer', 'shared') and 'temb' in ctx:
+            G, P = self.groups, self.patch_dim
+            tw, b = self.time_weight.reshape(G * P, self.time_dim), self.bias.reshape(G * P)
+            ctx['time_logits'] = F.linear(ctx['temb'], tw, b).view(-1, G, P)
+        return ctx
+
     def forward(self, tokens, temb, g):
         "tokens (b, N, D) patch tokens, temb (b, Dt) -> per-token uncertainties (b, N, patch_dim) in [0, 1]."
-        if self.norm: tokens = F.layer_norm(tokens, (self.embed_dim,))
         tb = _gather_linear(temb, self.time_weight, self.bias, g)                 # (b, P): once per sample
-        return torch.sigmoid(_gather_linear(tokens, self.weight, None, g) + tb[:, None, :])
+        return torch.sigmoid(self.token_logits(tokens, g) + tb[:, None, :])
 
     def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
-        "Mean (or max) of the per-token uncertainties; the map is their unpatchified image."
-        z = self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']))     # (b, N, patch_dim)
+        """Mean (or max) of the per-token uncertainties; the map is their unpatchified image. The per-token part runs
+        on the patch tokens without copying them (`on_patch_tokens`), the time part comes from `prepare`."""
+        g = self.group(i, ctx['bucket'])
+        z = on_patch_tokens(bb, h, lambda t: self.token_logits(t, g))            # (b, N, patch_dim)
+        z = torch.sigmoid(z + self.time_logits(ctx, g)[:, None, :])
         u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
         return u, (unpatchify(z, bb.in_chans) if want_map else None)
 

@@ -14,8 +14,8 @@ from ..models.uvit import BlockState
 from .heads import EarlyExitOutput, check_threshold
 
 # %% auto #0
-__all__ = ['EXIT_SYNC', 'exit_rule_checked', 'ExitRows', 'block_modules', 'pow2_buckets', 'fine_buckets', 'check_exit_points',
-           'ExitRunner']
+__all__ = ['EXIT_SYNC', 'exit_rule_checked', 'record_uncertainty', 'ExitRows', 'block_modules', 'pow2_buckets', 'fine_buckets',
+           'check_exit_points', 'ExitRunner']
 
 # %% ../../nbs/exits/021_exit_runner.ipynb #56d3adb0
 _RULE_CHECKED = contextvars.ContextVar('adadiff_exit_rule_checked', default=False)
@@ -29,6 +29,20 @@ def exit_rule_checked():
         yield
     finally:
         _RULE_CHECKED.reset(token)
+
+_RECORD_U = contextvars.ContextVar('adadiff_record_uncertainty', default=False)
+
+@contextlib.contextmanager
+def record_uncertainty():
+    """Within it, a forward at threshold 0 still evaluates its criterion at every exit and reports `uncertainty`: for
+    probes that read u along the full model's trajectory (calibration, the app's threshold sweep). Outside it a
+    threshold of 0 runs no criterion, since no row can leave (u >= 0 is never below 0): the forward is the full
+    model's at the full model's cost, with `uncertainty` all NaN (never computed)."""
+    token = _RECORD_U.set(True)
+    try:
+        yield
+    finally:
+        _RECORD_U.reset(token)
 
 # %% ../../nbs/exits/021_exit_runner.ipynb #76e4f2f5
 def _tau(threshold, B: int, device, checked: bool = False) -> torch.Tensor:
@@ -47,7 +61,7 @@ def _tau(threshold, B: int, device, checked: bool = False) -> torch.Tensor:
 # %% ../../nbs/exits/021_exit_runner.ipynb #623fe8a8
 @dataclass
 class _Plan:
-    "How one forward exits: mode 'full' / 'threshold' / 'static', per-row tensors, exit counts (static)."
+    "How one forward exits: mode 'full' / 'threshold' / 'never' (threshold 0) / 'static', per-row values, exit counts."
     mode: str
     per_row: dict = field(default_factory=dict)
     counts: list | None = None
@@ -76,7 +90,7 @@ class ExitRows:
     rows: torch.Tensor            # original index of each row (B: a padding row)
     h: torch.Tensor               # their hidden tokens
     state: BlockState             # their skip stack / conditioning
-    per_row: dict                 # criterion context, thresholds 'tau' or static exits 'exit'
+    per_row: dict                 # criterion context, thresholds 'tau' or static exits 'exit' (floats: every row)
     live: Optional[torch.Tensor] = None   # (n,) bool: not exited yet (exited rows stay masked until a compaction)
     n_live: Optional[int] = None  # how many are live, when known on the host (None after a masked exit)
     prev: Optional[torch.Tensor] = None   # tokens before the last block (criteria with needs_prev)
@@ -94,7 +108,8 @@ class ExitRows:
         "A new row set of the rows at positions `idx`, with its own view of the skip stack."
         sel = lambda v: None if v is None else v[idx]
         return ExitRows(self.rows[idx], self.h[idx], self.state.select(idx),
-                        {k: v[idx] for k, v in self.per_row.items()}, sel(self.live), prev=sel(self.prev))
+                        {k: v[idx] if torch.is_tensor(v) else v for k, v in self.per_row.items()}, sel(self.live),
+                        prev=sel(self.prev))
 
     def keep(self, idx: torch.Tensor):
         "Keep only the rows at positions `idx`."
@@ -124,14 +139,22 @@ class _Results:
         self.unc = torch.full((B + 1, L), float('nan'), device=device)
         self.umap = None if map_shape is None else torch.full((B + 1, *map_shape), float('nan'), device=device)
 
+    def record(self, rows, i: int, u, identity: bool):
+        "Uncertainties u of rows `rows` at exit i; `identity`: the rows are 0..B-1 in order (a slice, no scatter)."
+        if identity: self.unc[:self.B, i] = u
+        else: self.unc[rows, i] = u
+
     def _buffer(self, out):
         if self.sample is None:
             self.sample = out.new_empty((self.B + 1, *out.shape[1:]))
 
-    def emit(self, rows, out, i: int, umap=None):
-        "Rows `rows` (original indices) leave at exit i with outputs `out` (and their uncertainty maps)."
-        if self.sample is None and i == self.L and len(rows) == self.B:
-            self.sample = out                                                  # nobody exited early
+    def emit(self, rows, out, i: int, umap=None, every: bool = False):
+        """Rows `rows` (original indices) leave at exit i with outputs `out` (and their uncertainty maps); `every`: they
+        are all B rows, in order, and none left before (the outputs are the result as they are)."""
+        if self.sample is None and (every or i == self.L and len(rows) == self.B):
+            self.sample = out                                                  # the whole batch at one exit
+            if i != self.L: self.exit_layer.fill_(i)
+            if umap is not None and self.umap is not None: self.umap[:self.B] = umap.detach().float()
             return
         self._buffer(out)
         self.sample.index_copy_(0, rows, out)
@@ -148,7 +171,7 @@ class _Results:
                                known_layers_run=rows_computed if run.exact else None)
 
 # %% ../../nbs/exits/021_exit_runner.ipynb #94bc89b9
-EXIT_SYNC = ('auto', 'every')                  # host-sync policies (or an int k)
+EXIT_SYNC = ('auto', 'every', 'learn')                  # host-sync policies (or an int k)
 
 # %% ../../nbs/exits/021_exit_runner.ipynb #ed800a3a
 def block_modules(bb) -> list:
@@ -193,16 +216,17 @@ class ExitRunner:
     def __init__(self, model, x, timesteps, threshold=None, exit_layers=None, exit_groups=None,
                  return_maps: bool = False, exit_points=None):
         self.model, self.bb, self.B, self.L = model, model.backbone, x.shape[0], model.num_layers
-        self.plan = plan = self.make_plan(x, timesteps, threshold, exit_layers, exit_groups)
-        if exit_points is not None and plan.mode != 'threshold':
+        if exit_points is not None and threshold is None:
             raise ValueError("exit_points restrict where dynamic exits are tested: pass them with a threshold")
         self.allowed = None if exit_points is None else (
             exit_points if _RULE_CHECKED.get() and isinstance(exit_points, frozenset)
             else check_exit_points(exit_points, self.L, model.first_exit))
+        self.return_maps = return_maps
+        self.plan = plan = self.make_plan(x, timesteps, threshold, exit_layers, exit_groups)
         shape = (self.bb.in_chans, self.bb.img_size, self.bb.img_size) if return_maps else None
         self.res, self.run, self.rows_computed = _Results(self.B, self.L, x.device, shape), None, 0
         self.want_map = return_maps and plan.mode == 'threshold'
-        self.points = model.sync_points(*plan.sync_key) if plan.mode == 'threshold' else ()
+        self.points = model.sync_points(*plan.sync_key, x.device) if plan.mode == 'threshold' else ()
 
     def make_plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
         "How this forward exits: checks the exit rule (unless `exit_rule_checked`) and builds the per-row tensors."
@@ -216,18 +240,33 @@ class ExitRunner:
             exit_layers = crit.exit_layers(timesteps)
         B, dev = x.shape[0], x.device
         if threshold is not None:
-            tau = _tau(threshold, B, dev, checked)
-            per_row = dict(crit.context(timesteps), tau=tau, always=tau >= 1)
-            per_row['tau_exit'] = torch.where(per_row['always'], float('inf'), tau)        # u < tau_exit: leave
-            if exit_groups is not None:
-                per_row['group'] = _check_groups(exit_groups, B, dev)
-            key = (B, float(threshold) if isinstance(threshold, numbers.Real) else None)
-            syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
-            return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
+            return self.threshold_plan(timesteps, threshold, exit_groups, B, dev, checked)
         if exit_layers is None:
             return _Plan('full')
         ex = self.check_exit_layers(exit_layers, B, dev)
         return _Plan('static', dict(exit=ex), self.static_counts(ex), syncs=1)
+
+    def threshold_plan(self, timesteps, threshold, exit_groups, B: int, dev, checked: bool) -> _Plan:
+        """Dynamic exits. A scalar threshold stays one float all rows share (no per-row tensors: one compare per exit);
+        a tensor gives per-row thresholds. Threshold 0 or no exit point lets no row leave: mode 'never', the full
+        model with no criterion, unless uncertainties or maps are asked for (`record_uncertainty`, `return_maps`) or
+        rows leave in groups."""
+        crit = self.model.uem
+        scalar = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+        key = (B, float(threshold) if scalar else None)
+        if scalar:
+            tau = float(threshold) if checked else check_threshold(threshold)
+            never = tau == 0 or self.allowed == frozenset()                   # no row can leave anywhere
+            if never and exit_groups is None and not (self.return_maps or _RECORD_U.get()):
+                return _Plan('never', sync_key=key)
+            per_row = dict(crit.context(timesteps), tau=tau, tau_exit=float('inf') if tau >= 1 else tau)
+        else:
+            tau = _tau(threshold, B, dev, checked)
+            per_row = dict(crit.context(timesteps), tau=tau, tau_exit=torch.where(tau >= 1, float('inf'), tau))
+        if exit_groups is not None:
+            per_row['group'] = _check_groups(exit_groups, B, dev)
+        syncs = int(torch.is_tensor(threshold) and not checked) + (exit_groups is not None)   # the checks' reads
+        return _Plan('threshold', per_row, syncs=syncs, sync_key=key)
 
     def check_exit_layers(self, exit_layers, B, device) -> torch.Tensor:
         "Static exits as a (B,) long tensor (values are checked by `static_counts`)."
@@ -264,9 +303,9 @@ class ExitRunner:
         self.model._uem_cond(state, plan.per_row)
         self.run = run = ExitRows(torch.arange(self.B, device=x.device), h, state, plan.per_row,
                                   torch.ones(self.B, dtype=torch.bool, device=x.device), self.B)
-        allowed = self.allowed
+        self.rows0, allowed, exits = run.rows, self.allowed, plan.mode in ('threshold', 'static')
         for i in range(self.L):
-            if plan.mode != 'full' and (allowed is None or i in allowed) and self.exit_point(i, i in self.points) == 0:
+            if exits and (allowed is None or i in allowed) and self.exit_point(i, i in self.points) == 0:
                 return self.output()
             self.rows_computed += len(run.rows)
             if self.model.uem.needs_prev:
@@ -281,7 +320,7 @@ class ExitRunner:
             return (run.per_row['exit'] == i) & run.live, None
         u, umap = self.model.uem.uncertainty(i, self.bb, run.h, run.per_row, run.prev, want_map=self.want_map)
         u, clean = u.detach().float(), run.n_live == len(run.rows)                 # clean: every row is live
-        res.unc[run.rows, i] = u if clean else torch.where(run.live, u, float('nan'))
+        res.record(run.rows, i, u if clean else torch.where(run.live, u, float('nan')), run.rows is self.rows0)
         m = u < run.per_row['tau_exit']
         if 'group' in run.per_row:                                                 # 'joint': a group leaves together
             g = run.per_row['group']
@@ -292,9 +331,13 @@ class ExitRunner:
 
     def emit(self, i: int, h, m, n: int, umap=None):
         "The n rows of mask `m` (positions in the running batch) leave at exit i with their head on tokens `h`."
-        idx, model = _positions(m, n), self.model
-        state = self.run.state.select(idx) if model._head_needs_state else None  # U-ViT's per-layer heads need none
-        self.res.emit(self.run.rows[idx], model.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
+        run, model = self.run, self.model
+        if n == self.B and run.rows is self.rows0:                                # the whole batch leaves here
+            state = run.state.copy() if model._head_needs_state else None
+            return self.res.emit(run.rows, model.exit_output(i, h, state), i, umap, every=True)
+        idx = _positions(m, n)
+        state = run.state.select(idx) if model._head_needs_state else None       # U-ViT's per-layer heads need none
+        self.res.emit(run.rows[idx], model.exit_output(i, h[idx], state), i, None if umap is None else umap[idx])
 
     def resolve(self, counts: list):
         "Give the deferred exits their heads, now that their `counts` are read (one per pending exit)."
@@ -351,7 +394,7 @@ class ExitRunner:
     def remember(self):
         "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
         model, key = self.model, self.plan.sync_key
-        if self.plan.mode == 'threshold' and model.exit_sync == 'auto':
+        if self.plan.mode == 'threshold' and model.exit_sync in ('auto', 'learn'):
             model._sync_plan.pop(key, None)
             model._sync_plan[key] = frozenset(self.run.seen | {self.L - 1})
             while len(model._sync_plan) > 64:                                       # thresholds dragged in an app

@@ -1,6 +1,7 @@
 """Record where an early-exit model's samples leave at every sampler step under a threshold, and compile those exits
 into a per-step static schedule (`StepExitSchedule`): sampling with it runs no uncertainty estimator and reads
-nothing back from the device, so it costs what a static exit costs.
+nothing back from the device, so it costs what a static exit costs. Or calibrate one on the same model to a layer
+budget (`calibrate_step_schedule`: least weighted output error, by exact dynamic programming over the steps).
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/exits/exit_schedule.html.md"""
 
@@ -16,7 +17,9 @@ from ..models.checkpoint import atomic_write_json
 from ..sampling.run import sample_batches
 
 # %% auto #0
-__all__ = ['record_exits', 'within_step_spread', 'StepExitSchedule', 'compile_exit_schedule']
+__all__ = ['ONE_EVAL_SAMPLERS', 'CALIBRATION_KW', 'record_exits', 'within_step_spread', 'StepExitSchedule',
+           'compile_exit_schedule', 'check_step_sampler', 'min_error_exits', 'check_calibration',
+           'measured_step_weights', 'step_exit_errors', 'check_layer_ratio', 'calibrate_step_schedule']
 
 # %% ../../nbs/exits/06a0_exit_schedule.ipynb #7b07e249
 def record_exits(model, threshold, sampler: str = 'ddim', steps: int = 50, n: int = 64, batch_size: int = 64,
@@ -145,3 +148,184 @@ def compile_exit_schedule(model, threshold, sampler: str = 'ddim', steps: int = 
                   dynamic_layer_ratio=float(ex.mean() / L), min_step_agreement=float(spread.min()),
                   mean_step_agreement=float(spread.mean()))
     return StepExitSchedule(times, exits, L, source, points)
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #aa013e53
+import math
+from ..sampling.samplers import check_steps
+from ..sampling.run import batch_seed, check_seed, check_sampler_opts
+from .early_exit import is_early_exit_model
+from ..evaluation.discrimination import record_exit_errors
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #e1225057
+ONE_EVAL_SAMPLERS = ('ddim', 'ddpm', 'euler_maruyama', 'euler_ode', 'dpm_solver_1', 'dpm_solver_pp_2m')
+
+def check_step_sampler(sampler) -> str:
+    "`sampler`'s registered name if it evaluates the model once per step (a step schedule needs that), else an error."
+    key = sampler.strip().lower().replace('-', '_') if isinstance(sampler, str) else None
+    if key not in ONE_EVAL_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not a one-evaluation sampler; a step schedule keeps one exit per "
+                         f"model evaluation of a step: use one of {list(ONE_EVAL_SAMPLERS)}")
+    return key
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #664e99f7
+def min_error_exits(errors, budget: int, first: int = 0) -> list:
+    """One exit per step minimising the summed `errors` (steps, num_layers + 1) -- `errors[k, j]`: exit j at step k,
+    which runs j layers -- with the summed exits <= `budget` and every exit >= `first`. Exact dynamic programming over
+    the integer layer totals; ties go to the deeper schedule."""
+    E = np.asarray(errors, np.float64)
+    if E.ndim != 2 or E.shape[1] < 2 or not np.isfinite(E).all():
+        raise ValueError(f"errors must be a finite (steps, num_layers + 1) array, got shape {E.shape}; pass "
+                         "step_exit_errors(...)['errors']")
+    S, X = E.shape
+    if not 0 <= first < X: raise ValueError(f"first must lie in [0, {X - 1}], got {first}")
+    budget = min(int(budget), S * (X - 1))
+    if budget < S * first:
+        raise ValueError(f"budget {budget} is below the cheapest schedule ({S} steps x exit {first}); raise it")
+    best = np.full(budget + 1, np.inf)
+    best[0] = 0.
+    choice = np.zeros((S, budget + 1), np.int64)
+    for k in range(S):
+        new = np.full(budget + 1, np.inf)
+        for j in range(first, X):
+            cand = np.full(budget + 1, np.inf)
+            cand[j:] = best[:budget + 1 - j] + E[k, j]
+            take = cand <= new                                        # j ascending: ties go to the deeper exit
+            new[take], choice[k, take] = cand[take], j
+        best = new
+    b = int(np.flatnonzero(best == best.min()).max())                 # ties: the deeper schedule
+    exits = []
+    for k in range(S - 1, -1, -1):
+        exits.append(int(choice[k, b]))
+        b -= exits[-1]
+    return exits[::-1]
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #93adb3ab
+CALIBRATION_KW = ('device', 'sampler_opts')          # the sampling keywords the calibration passes on
+
+def _int_at_least(v, name: str, lo: int):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+def _chunks(n: int, batch_size: int) -> list:
+    "Sizes of the calibration chunks: `batch_size` each, a last chunk of one sample joined to the one before."
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] == 1: sizes = sizes[:-2] + [sizes[-2] + 1]
+    return sizes
+
+def _check_weight(weight, steps: int):
+    if isinstance(weight, str):
+        if weight not in ('measured', 'none'):
+            raise ValueError(f"weight must be 'measured', 'none' or one weight per step, got {weight!r}")
+        return weight
+    w = np.asarray(weight, np.float64)
+    if w.shape != (steps,) or not (np.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError(f"weight as an array needs {steps} finite weights >= 0 (one per step), got shape {w.shape}")
+    return w
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #9abbe748
+def check_calibration(model, sampler, steps, n, batch_size, seed, weight='measured', weight_n=16,
+                      sample_kw=None) -> str:
+    "The inputs of a calibration, checked before any compute; returns the sampler's registered name."
+    if not is_early_exit_model(model) or not hasattr(model, 'forward_train') or not hasattr(model, 'num_layers'):
+        raise ValueError(f"calibration needs an early-exit model with forward_train (e.g. load_default(), "
+                         f"create_early_exit('adadiff_tiny')); got {type(model).__name__}")
+    name = check_step_sampler(sampler)
+    check_steps(steps)
+    _int_at_least(n, 'n', 2)
+    _int_at_least(batch_size, 'batch_size', 2)
+    _int_at_least(weight_n, 'weight_n', 1)
+    check_seed(seed)
+    _check_weight(weight, steps)
+    bad = sorted(set(sample_kw or {}) - set(CALIBRATION_KW))
+    if bad: raise ValueError(f"the calibration passes on only {list(CALIBRATION_KW)} to the sampler, got {bad}")
+    check_sampler_opts(name, (sample_kw or {}).get('sampler_opts'))
+    return name
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #78ca76e2
+@torch.no_grad()
+def measured_step_weights(model, model_times, errors, sampler: str = 'ddim', n: int = 16, batch_size: int = 16,
+                          seed: int = 0, exit: int | None = None, **sample_kw) -> np.ndarray:
+    """Per step k, how much the step's output error moves the final sample: the mean squared change of the final
+    images (clamped to [-1, 1]) when step k alone leaves at `exit` and every other step runs the full model, divided
+    by `errors[k, exit]` (that exit's mean squared output error at step k). Steps where that error is 0 get the
+    largest weight measured."""
+    L, first = int(model.num_layers), int(getattr(model, 'first_exit', 0))
+    j = (first + L) // 2 if exit is None else exit
+    if not first <= j < L: raise ValueError(f"exit must lie in [{first}, {L - 1}] (an early exit), got {j}")
+    S = len(model_times)
+    kw = dict(n=n, batch_size=batch_size, seed=seed, meter=False, **sample_kw)
+    full = sample_batches(model, sampler, S, exit_layers=L, **kw).images.clamp(-1, 1)
+    moved = []
+    for k in range(S):
+        sched = StepExitSchedule(list(model_times), [j if i == k else L for i in range(S)], L)
+        img = sample_batches(model, sampler, S, exit_layers=sched, **kw).images.clamp(-1, 1)
+        moved.append(float((img - full).pow(2).mean()))
+    e = np.asarray(errors, np.float64)[:, j]
+    w = np.divide(moved, e, out=np.full(S, np.nan), where=e > 0)
+    return np.nan_to_num(w, nan=np.nanmax(w) if np.isfinite(w).any() else 1.)
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #5d8faf52
+def step_exit_errors(model, sampler: str = 'ddim', steps: int = 50, n: int = 64, batch_size: int = 64, seed: int = 0,
+                     weight='measured', weight_n: int = 16, **sample_kw) -> dict:
+    """The calibration table of `calibrate_step_schedule`: along the full model's trajectory from `n` samples of
+    `seed` (`record_exit_errors`, in chunks of `batch_size`), `raw_errors` (steps, num_layers + 1): the mean squared
+    change of the model output if step k left at exit j (the last column, the full model: 0); `weights` (steps,)
+    ('measured': `measured_step_weights` on `weight_n` samples; 'none': ones; or as given) and
+    `errors` = weights x raw_errors."""
+    sampler = check_calibration(model, sampler, steps, n, batch_size, seed, weight, weight_n, sample_kw)
+    d = []
+    for b, size in enumerate(_chunks(n, batch_size)):
+        rec = record_exit_errors(model, size, sampler, steps, batch_seed(seed, b), follow='full', **sample_kw)
+        d.append(rec['d'])
+    times = rec['model_time'].tolist()
+    raw = np.concatenate([np.concatenate(d, 2).mean(2), np.zeros((len(times), 1))], 1)
+    if isinstance(weight, str) and weight == 'measured':
+        w = measured_step_weights(model, times, raw, sampler, min(weight_n, n), batch_size, seed, **sample_kw)
+    else:
+        w = np.ones(len(times)) if isinstance(weight, str) else np.asarray(weight, np.float64)
+    return dict(model_time=times, raw_errors=raw, weights=w, errors=raw * w[:, None],
+                weight=weight if isinstance(weight, str) else 'given', sampler=sampler, steps=steps, n=n, seed=seed,
+                weight_n=min(weight_n, n) if isinstance(weight, str) and weight == 'measured' else None,
+                num_layers=int(model.num_layers), first_exit=int(getattr(model, 'first_exit', 0)))
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #8e66a9e7
+def _table_for(table, sampler: str, steps: int, L: int) -> dict:
+    "A given calibration table, checked against the sampler, steps and model it is used for."
+    if not isinstance(table, dict) or 'errors' not in table:
+        raise ValueError("table must be a step_exit_errors(...) result (a dict with 'errors'), or None")
+    if (table['sampler'], table['steps'], table['num_layers']) != (sampler, steps, L):
+        raise ValueError(f"the table was recorded for {table['sampler']!r} with {table['steps']} steps on a model of "
+                         f"{table['num_layers']} layers, not {sampler!r} / {steps} / {L}; pass the same or no table")
+    return table
+
+def check_layer_ratio(layer_ratio, num_layers: int, first: int = 0) -> float:
+    "`layer_ratio` as a float in [first / num_layers, 1] (the cheapest and the full schedule), else an error."
+    lo = first / num_layers
+    if isinstance(layer_ratio, bool) or not isinstance(layer_ratio, (int, float)) or not math.isfinite(layer_ratio) \
+            or not lo - 1e-12 <= layer_ratio <= 1 + 1e-12:
+        raise ValueError(f"layer_ratio must be a number in [{lo:g}, 1] (first exit {first} of {num_layers} layers "
+                         f"... the full model), got {layer_ratio!r}")
+    return float(layer_ratio)
+
+# %% ../../nbs/exits/06a0_exit_schedule.ipynb #9b48072a
+def calibrate_step_schedule(model, layer_ratio, sampler: str = 'ddim', steps: int = 50, n: int = 64,
+                            batch_size: int = 64, seed: int = 0, *, weight='measured', weight_n: int = 16,
+                            table: dict | None = None, **sample_kw) -> StepExitSchedule:
+    """The per-step static schedule of `model` with the least summed (weighted) output error at a budget of
+    `layer_ratio` x steps x num_layers block evaluations (`min_error_exits` on `step_exit_errors`, calibrated on `n`
+    samples from `seed`; `table`: a table already recorded for this model, sampler and steps, reused). `source`
+    records method='calibrated', the target and achieved layer ratio, n, seed and the weighting."""
+    sampler = check_calibration(model, sampler, steps, n, batch_size, seed, weight, weight_n, sample_kw)
+    L, first = int(model.num_layers), int(getattr(model, 'first_exit', 0))
+    ratio = check_layer_ratio(layer_ratio, L, first)
+    table = step_exit_errors(model, sampler, steps, n, batch_size, seed, weight, weight_n, **sample_kw) \
+        if table is None else _table_for(table, sampler, steps, L)
+    S = len(table['model_time'])
+    budget = int(math.floor(ratio * S * L + 1e-9))
+    exits = min_error_exits(table['errors'], budget, first)
+    err = table['errors'][np.arange(S), exits]
+    source = dict(method='calibrated', sampler=sampler, steps=steps, n=table['n'], seed=table['seed'],
+                  weight=table['weight'], weight_n=table['weight_n'], target_layer_ratio=ratio,
+                  layer_ratio=sum(exits) / (S * L), budget_layers=budget, summed_error=float(err.sum()),
+                  summed_raw_error=float(table['raw_errors'][np.arange(S), exits].sum()))
+    return StepExitSchedule(list(table['model_time']), exits, L, source)

@@ -9,16 +9,17 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/sampling_bench.html.md
 
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #fe76e698
 from __future__ import annotations
-import time
+import math, time
 import torch
 from .exit_bench import run_environment, time_interleaved
 from ..sampling.run import sample_batches, check_precision, check_flag
 
 # %% auto #0
-__all__ = ['METHODS', 'MODES', 'matched_static_exit', 'bench_sampling_runs', 'sampling_grid', 'sampling_table']
+__all__ = ['METHODS', 'MODES', 'matched_static_exit', 'sampling_runs', 'exits_changed', 'bench_sampling_runs', 'sampling_grid',
+           'sampling_table']
 
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #4a9f001b
-METHODS = ('dynamic', 'points', 'scheduled', 'static')   # the exit rules compared with the plain backbone, in order
+METHODS = ('dynamic', 'points', 'scheduled', 'static', 'zero')   # the rules timed against the plain backbone
 MODES = ('eager', 'compiled')
 
 def matched_static_exit(layer_ratio: float, num_layers: int, first: int = 0) -> int:
@@ -57,38 +58,52 @@ def _settle_runs(fns: dict, rounds: int = 4) -> int | None:
         for f in fns.values(): f()
     return counters['stats']['unique_graphs']
 
-def _sampling_fns(model, rules: dict, batch, sampler, steps, precision, seed, device, clip_denoised) -> dict:
-    """name -> a function that runs one whole `sample_batches` run (meter off: what a user times) and keeps its
-    result in `fn.last`; `rules` maps names to sample_batches keywords ({} = the plain backbone)."""
-    opts = {'clip_denoised': clip_denoised}
+def sampling_runs(model, rules: dict, n: int, batch: int, sampler='ddim', steps: int = 50, seed: int = 0,
+                  device='cpu', sampler_opts: dict | None = None, precision: str = 'fp32') -> dict:
+    """name -> a function that runs one whole `sample_batches` run of `n` images in batches of `batch` (meter off
+    unless asked: what a user times) and keeps its result in `fn.last`; `rules` maps names to sample_batches keywords
+    ({} = the plain backbone)."""
     def make(kw):
         net = model.backbone if not kw else model
-        def run(meter=False):
-            run.last = sample_batches(net, sampler, steps, n=batch, batch_size=batch, seed=seed, device=device,
-                                      precision=precision, sampler_opts=opts, meter=meter, **kw)
+        def run(meter=False, callback=None):
+            run.last = sample_batches(net, sampler, steps, n=n, batch_size=batch, seed=seed, device=device,
+                                      precision=precision, sampler_opts=sampler_opts, meter=meter, callback=callback,
+                                      **kw)
             return run.last
         return run
     return {k: make(kw) for k, kw in rules.items()}
 
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #5fc6a99e
 def _method_row(name, rule, res, sec: dict, base: dict) -> dict:
-    "One row: the method's run statistics and its median seconds against the plain run's."
+    """One row: the method's run statistics and its median seconds against the plain run's. Two ideals: 1 / layer
+    ratio (the blocks only) and the FLOP ratio (`CostMeter`: embedding, heads and criteria too)."""
     st, plain, s = res.stats, sec['plain'], sec[name]
-    ratio = st.get('layer_ratio')
+    ratio, gf, gf_full = st.get('layer_ratio'), st.get('gflops_per_image'), st.get('gflops_full_per_image')
     measured = plain / s
     ideal = 1 / ratio if ratio else None                # no blocks run at all: no finite ideal
+    flop_ideal = gf_full / gf if gf and gf_full else None
     return dict(base, method=name, rule=rule, layer_ratio=ratio, layer_reduction=None if ratio is None else 1 - ratio,
                 plain_s=plain, method_s=s, measured_speedup=measured, ideal_speedup=ideal,
-                share_of_ideal=None if ideal is None else measured / ideal,
+                share_of_ideal=None if ideal is None else measured / ideal, flop_ideal_speedup=flop_ideal,
+                share_of_flop_ideal=None if flop_ideal is None else measured / flop_ideal,
                 host_syncs_per_forward=st.get('host_syncs_per_forward'), compute_ratio=st.get('compute_ratio'),
-                max_abs_diff_threshold0_vs_plain=None)
+                max_abs_diff_threshold0_vs_plain=None, exits_changed=None)
 
-def _rules(threshold, schedule, static_exits) -> dict:
+def _exit_recorder(rec: list):
+    "Sampler callback: appends each step's exit layers (B,) to `rec`."
+    return lambda d: rec.append(d['exit']['exit_layer'].cpu()) if 'exit' in d else None
+
+def exits_changed(a: list, b: list) -> float:
+    "Share of the (step, row) exits of two runs on the same noise (per-step exit layers) that differ."
+    if len(a) != len(b): raise ValueError(f"runs of {len(a)} and {len(b)} steps cannot be compared exit by exit")
+    return float((torch.stack(a) != torch.stack(b)).double().mean()) if a else 0.
+
+def _rules(threshold, schedule, static_exits, points=None) -> dict:
     "name -> sample_batches keywords of the plain run and every method whose input is given."
     r = {'plain': {}}
     if threshold is not None: r['dynamic'] = dict(threshold=float(threshold))
-    if threshold is not None and callable(getattr(schedule, 'exit_points', None)):      # tested where samples left
-        r['points'] = dict(threshold=float(threshold), exit_points=schedule.exit_points)
+    if threshold is not None and points is not None:                     # tested only where an exit can happen
+        r['points'] = dict(threshold=float(threshold), exit_points=points)
     if schedule is not None: r['scheduled'] = dict(exit_layers=schedule)
     if static_exits is not None: r['static'] = dict(exit_layers=static_exits)
     return r
@@ -97,57 +112,71 @@ def _rules(threshold, schedule, static_exits) -> dict:
 def _rule_label(name, kw) -> str:
     if name == 'dynamic': return f"threshold={kw['threshold']:g}"
     if name == 'points': return f"threshold={kw['threshold']:g} at calibrated exit points"
+    if name == 'zero': return 'threshold=0 (no row can leave)'
     v = kw['exit_layers']
     return f'exit_layers={v}' if isinstance(v, int) else f'schedule {type(v).__name__}'
+
+def _untimed_runs(model, rules: dict, fns: dict, args: dict, auto: bool) -> tuple:
+    """One untimed run per method (its statistics, and a warm-up), the exits the dynamic and points runs took, the
+    threshold-0 check against the plain run and the 'auto' static exit; (stats, max |threshold 0 - plain|, changed)."""
+    exits = {k: [] for k in ('dynamic', 'points')}
+    stats = {k: f(meter=True, callback=_exit_recorder(exits[k]) if k in exits else None) for k, f in fns.items()}
+    diff = changed = None
+    if 'zero' in fns: diff = float((stats['zero'].images - stats['plain'].images).abs().max())
+    if 'points' in fns: changed = exits_changed(exits['points'], exits['dynamic'])
+    if auto and 'dynamic' in stats:
+        k = matched_static_exit(stats['dynamic'].stats['layer_ratio'], model.num_layers, model.first_exit)
+        rules['static'] = dict(exit_layers=k)
+        fns.update(sampling_runs(model, {'static': rules['static']}, **args))
+        stats['static'] = fns['static'](meter=True)
+    return stats, diff, changed
 
 @torch.no_grad()
 def bench_sampling_runs(model, batch: int, threshold=None, schedule=None, static_exits='auto', sampler='ddim',
                         steps: int = 50, precision: str = 'fp32', compiled: bool = False, repeats: int = 3,
                         warmup: int = 1, seed: int = 0, device='cpu', clip_denoised: bool = True,
-                        buckets='fine') -> list:
+                        buckets='fine', points=None, min_seconds: float = 0.) -> list:
     """Whole `sample_batches` runs of `batch` images on the same noise, timed in turns (`time_interleaved`): the
-    plain backbone against dynamic exits (`threshold`), a per-step `schedule` and a `static_exits` layer ('auto':
-    the dynamic run's layer ratio, rounded); one row per method given. `compiled`: `compile_exits(buckets)` first,
-    whose compiled blocks the plain backbone runs too."""
+    plain backbone against dynamic exits (`threshold`), the same threshold tested only at calibrated exit `points`,
+    a per-step `schedule`, a `static_exits` layer ('auto': the dynamic run's layer ratio, rounded) and threshold 0
+    (no row can leave: the cost of the early-exit model when nothing exits); one row per method given.
+    `compiled`: `compile_exits(buckets)` first, whose compiled blocks the plain backbone runs too. `min_seconds`: more
+    repeats than `repeats` where a plain run is short, so that each method is timed for about that long."""
     _check_run_inputs(model, batch, threshold, schedule, static_exits, repeats)
     check_flag(compiled, 'compiled')
     dev = torch.device(device)
     check_precision(precision, dev)
-    auto = static_exits == 'auto'
-    rules = _rules(threshold, schedule, None if auto else static_exits)
+    auto = static_exits == 'auto' and threshold is not None
+    rules = _rules(threshold, schedule, None if static_exits == 'auto' else static_exits, points)
+    if threshold is not None: rules['zero'] = dict(threshold=0.)
     if compiled: model.compile_exits(buckets, max_batch=batch)
     try:
-        args = (batch, sampler, steps, precision, seed, dev, clip_denoised)
-        fns = _sampling_fns(model, rules, *args)
-        stats = {k: f(meter=True) for k, f in fns.items()}              # untimed: the statistics, and a warm-up
-        diff = None
-        if threshold is not None:
-            zero = _sampling_fns(model, {'zero': dict(threshold=0.)}, *args)['zero']()
-            diff = float((zero.images - stats['plain'].images).abs().max())
-            if auto:
-                k = matched_static_exit(stats['dynamic'].stats['layer_ratio'], model.num_layers, model.first_exit)
-                rules['static'] = dict(exit_layers=k)
-                fns.update(_sampling_fns(model, {'static': rules['static']}, *args))
-                stats['static'] = fns['static'](meter=True)
+        args = dict(n=batch, batch=batch, sampler=sampler, steps=steps, seed=seed, device=dev, precision=precision,
+                    sampler_opts={'clip_denoised': clip_denoised})
+        fns = sampling_runs(model, rules, **args)
+        stats, diff, changed = _untimed_runs(model, rules, fns, args, auto)
         graphs = _settle_runs(fns) if compiled else None
+        repeats = max(repeats, math.ceil(min_seconds / max(stats['plain'].seconds, 1e-9)))
         tm = time_interleaved(fns, repeats, warmup, dev)
     finally:
         if compiled: model.uncompile_exits()
     sec = {k: v.median for k, v in tm.items()}
     base = dict(batch=batch, precision=precision, mode=f'compiled/{buckets}' if compiled else 'eager',
-                threads=torch.get_num_threads(), sampler=sampler, steps=steps, compiled_graphs=graphs)
+                threads=torch.get_num_threads(), sampler=sampler, steps=steps, compiled_graphs=graphs, repeats=repeats)
     rows = [_method_row(k, _rule_label(k, rules[k]), stats[k], sec, base) for k in METHODS if k in rules]
     for r in rows:
         if r['method'] == 'dynamic': r['max_abs_diff_threshold0_vs_plain'] = diff
+        if r['method'] == 'points': r['exits_changed'] = changed
     return rows
 
 # %% ../../nbs/experiments/07d_sampling_bench.ipynb #88e049c8
 def _model_spec(name, spec) -> dict:
-    "A grid entry as a dict: model, threshold, schedule (callable or None) and static_exits ('auto' by default)."
+    """A grid entry as a dict: model, threshold, schedule (callable or None), static_exits ('auto' by default) and
+    exit points (None)."""
     if not isinstance(spec, dict) or 'model' not in spec:
-        raise ValueError(f"models[{name!r}] must be a dict with 'model' (and 'threshold', 'schedule', 'static_exits'), "
-                         f"got {type(spec).__name__}")
-    return dict(dict(threshold=None, schedule=None, static_exits='auto'), **spec)
+        raise ValueError(f"models[{name!r}] must be a dict with 'model' (and 'threshold', 'schedule', 'static_exits', "
+                         f"'points'), got {type(spec).__name__}")
+    return dict(dict(threshold=None, schedule=None, static_exits='auto', points=None), **spec)
 
 def _schedule_info(schedule):
     "A per-step schedule for the results JSON: its exits and source (a `StepExitSchedule`), else its repr."
@@ -157,7 +186,7 @@ def _schedule_info(schedule):
 
 def sampling_grid(models: dict, batches=(1, 8, 64), threads=(1, 2), modes=('eager',), precisions=('fp32',),
                   sampler='ddim', steps: int = 50, repeats: int = 3, warmup: int = 1, seed: int = 0, device='cpu',
-                  clip_denoised: bool = True, buckets='fine', log=print) -> dict:
+                  clip_denoised: bool = True, buckets='fine', min_seconds: float = 0., log=print) -> dict:
     """`bench_sampling_runs` over models x batch sizes x threads (`torch.set_num_threads` per cell, restored after)
     x modes x precisions. `models`: {name: dict(model=, threshold=, schedule=, static_exits=)}."""
     specs = {k: _model_spec(k, v) for k, v in models.items()}
@@ -175,15 +204,18 @@ def sampling_grid(models: dict, batches=(1, 8, 64), threads=(1, 2), modes=('eage
                             t0 = time.time()
                             rs = bench_sampling_runs(s['model'], batch, s['threshold'], s['schedule'],
                                                      s['static_exits'], sampler, steps, prec, mode == 'compiled',
-                                                     repeats, warmup, seed, device, clip_denoised, buckets)
+                                                     repeats, warmup, seed, device, clip_denoised, buckets,
+                                                     s['points'], min_seconds)
                             rows += [dict(model=name, **r) for r in rs]
                             log(f"{name} batch {batch} threads {th} {mode} {prec}: {time.time() - t0:.1f}s")
     finally:
         torch.set_num_threads(keep)
     info = {k: dict(num_layers=s['model'].num_layers, threshold=s['threshold'], schedule=_schedule_info(s['schedule']),
+                    points=getattr(s['points'], 'source', None),
                     params=sum(p.numel() for p in s['model'].backbone.parameters())) for k, s in specs.items()}
     settings = dict(batches=list(batches), threads=list(threads), modes=list(modes), precisions=list(precisions),
-                    sampler=sampler, steps=steps, repeats=repeats, warmup=warmup, seed=seed, buckets=buckets)
+                    sampler=sampler, steps=steps, repeats=repeats, warmup=warmup, seed=seed, buckets=buckets,
+                    min_seconds=min_seconds)
     return dict(environment=dict(run_environment(), device=str(device)), rows=rows, models=info, settings=settings,
                 command=f"sampling_grid({', '.join(f'{k}={v!r}' for k, v in settings.items())})")
 
@@ -196,16 +228,18 @@ def sampling_table(rows: list) -> str:
     "The rows of `sampling_grid` as a fixed-width text table (what bench/bench_sampling.py prints)."
     head = (f"{'model':10s} {'batch':>5s} {'thr':>3s} {'mode':13s} {'prec':4s} {'method':9s} {'layers':>6s} "
             f"{'plain s':>9s} {'method s':>9s} {'measured':>9s} {'ideal':>7s} {'share':>6s} {'syncs':>6s} "
-            f"{'thr0 diff':>9s}")
+            f"{'flop sh':>7s} {'thr0 diff':>9s} {'changed':>7s}")
     lines = [head, '-' * len(head)]
     for r in rows:
         lines.append(f"{r.get('model', '-'):10s} {r['batch']:5d} {r['threads']:3d} {r['mode']:13s} "
                      f"{r['precision']:4s} {r['method']:9s} {_f(r['layer_ratio'], '.1%', 6)} "
                      f"{r['plain_s']:9.3f} {r['method_s']:9.3f} {r['measured_speedup']:8.3f}x "
                      f"{_f(r['ideal_speedup'], '.3f', 6)}x {_f(r['share_of_ideal'], '.3f', 6)} "
-                     f"{_f(r['host_syncs_per_forward'], '.2f', 6)} "
-                     f"{_f(r['max_abs_diff_threshold0_vs_plain'], '.1e', 9)}")
+                     f"{_f(r['host_syncs_per_forward'], '.2f', 6)} {_f(r.get('share_of_flop_ideal'), '.3f', 7)} "
+                     f"{_f(r['max_abs_diff_threshold0_vs_plain'], '.1e', 9)} {_f(r.get('exits_changed'), '.2%', 7)}")
     lines += ["whole sampling runs, same noise, timed in turns: measured = median plain backbone s / median method s;",
               "layers = layer ratio (block evaluations run); ideal = 1 / layer ratio; share = measured / ideal;",
-              "thr = torch threads; syncs = host syncs per forward; thr0 diff = max |threshold 0 - plain| (must be 0)"]
+              "thr = torch threads; syncs = host syncs per forward; thr0 diff = max |threshold 0 - plain| (must be 0);",
+              "flop sh = measured / FLOP ideal (full FLOPs / method FLOPs, embedding, heads and criteria included);",
+              "changed = share of the points run's exits that differ from the dynamic run's (0: the same exits)"]
     return '\n'.join(lines)

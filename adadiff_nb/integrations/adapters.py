@@ -359,6 +359,7 @@ def diffusers_layer_costs(bb: DiffusersBackbone, uem_config: dict | None = None,
         extra = 2 * (256 * D + D * D)                                   # each DiT block embeds (t, y) again
     costs['blocks'] = [b + extra for b in costs['blocks']]
     if uem_config is not None:
-        from adadiff_nb.evaluation.cost import uem_flops
+        from adadiff_nb.evaluation.cost import uem_flops, uem_forward_flops
         costs['uem'], costs['uem_call'] = uem_flops(uem_config, dit)
+        costs['uem_forward'] = uem_forward_flops(uem_config, dit, len(costs['blocks']))
     return costs

@@ -211,6 +211,8 @@ class DiT(nn.Module):
         if msg:
             raise ValueError(msg)
 
+    embed_checks_input = True                 # `embed` raises on bad input: callers need not check first
+
     def embed(self, x, timesteps, y=None, force_drop_ids=None) -> tuple[torch.Tensor, BlockState]:
         "Check the input; patch tokens + pos_embed (B, L, D) and a `BlockState` with `cond` = t_emb + y_emb (B, D)."
         self.check_input(x, timesteps, y)

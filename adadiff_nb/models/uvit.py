@@ -313,6 +313,8 @@ class UViT(nn.Module):
         if msg:
             raise ValueError(msg)
 
+    embed_checks_input = True                 # `embed` raises on bad input: callers need not check first
+
     def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
         """Check the input; tokens [(class), time, (context), patches] + pos_embed before the first block (the official
         orders), and a fresh `BlockState`."""

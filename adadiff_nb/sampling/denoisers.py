@@ -133,6 +133,7 @@ class EarlyExitDenoiser:
         L, first = getattr(model, 'num_layers', None), getattr(model, 'first_exit', 0)
         self.exit_points = exit_points if exit_points is None or callable(exit_points) else \
             check_exit_points(exit_points, L, first)
+        self._checked = set()                                                     # point sets already checked
 
     def __getattr__(self, name):                                                  # num_layers, num_exits, arch, ...
         model = self.__dict__.get('model')
@@ -162,10 +163,15 @@ class EarlyExitDenoiser:
         return v if isinstance(th, TimestepSchedule) else check_threshold(v)
 
     def points_at(self, model_time: torch.Tensor) -> frozenset:
-        "The exits where the threshold is tested at these model times (a callable's answer is checked here)."
+        """The exits where the threshold is tested at these model times (a callable's answer is checked here, once per
+        distinct set: a table of exit points answers with a few sets, step after step)."""
         p = self.exit_points
         if isinstance(p, frozenset): return p
-        return check_exit_points(p(model_time), self.model.num_layers, getattr(self.model, 'first_exit', 0))
+        pts = p(model_time)
+        if isinstance(pts, frozenset) and pts in self._checked: return pts
+        pts = check_exit_points(pts, self.model.num_layers, getattr(self.model, 'first_exit', 0))
+        self._checked.add(pts)
+        return pts
 
     def exit_layers(self, model_time: torch.Tensor):
         "The static exit indices for these model times: None or a (B,) long tensor."

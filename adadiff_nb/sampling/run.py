@@ -408,7 +408,8 @@ def sample_batches(model, sampler='ddim', steps: int = 20, n: int = 16, batch_si
     `shard=(rank, world)` samples only that block of the batches. A text-to-image model takes `context` (n or 1, N, D)
     and, guided, `uncond_context` (the empty prompt's); `autoencoder` decodes latents (see above); `desc` labels the
     progress bars (e.g. 'early exit' -> 'early exit ddim'); `exit_points` (exits, or a callable model_time -> exits)
-    restrict where the threshold is tested (`StepExitSchedule.exit_points` gives the calibrated ones)."""
+    restrict where the threshold is tested (`adadiff_nb.exits.calibrate.calibrate_exit_points` gives the calibrated
+    ones)."""
     fn, opts = get_sampler(sampler), check_sampler_opts(sampler, sampler_opts)
     seed, labels = check_seed(seed), _as_labels(labels)
     if x_T is not None: check_noise(x_T, model_image_shape(model))
