@@ -1,6 +1,10 @@
-"Per-sample discrimination of the exit criterion on the embedded default model, at a tiny size."
+"Per-sample discrimination of the exit criteria: the embedded default model, BERxiT and CALM, at a tiny size."
 import json, math
 import numpy as np
+import pytest
+import torch
+from adadiff_nb.exits.baselines import BERxiTUViT, CALMUViT
+from adadiff_nb.models.uvit import create_uvit
 from adadiff_nb.models.default_model import load_default, default_threshold
 from adadiff_nb.evaluation.discrimination import exit_discrimination, discrimination_summary
 
@@ -34,3 +38,19 @@ def test_exit_discrimination_default_model():
     assert p['label'] == 'pooled (mixes timesteps)' and len(p['spearman']) == len(p['auroc']) == L
     assert _in(p['spearman'], -1, 1) and _in(p['auroc'], 0, 1) and not math.isnan(p['spearman_all'])
     assert 'median Spearman' in discrimination_summary(res)
+
+
+def test_exit_discrimination_of_every_criterion_family():
+    "The same within-step measurement for BERxiT's learned exit predictor and CALM's two measures (tiny, random)."
+    torch.manual_seed(0)
+    models = {'berxit': BERxiTUViT.from_backbone(create_uvit('uvit_tiny')),
+              'calm cosine': CALMUViT.from_backbone(create_uvit('uvit_tiny')),
+              'calm classifier': CALMUViT.from_backbone(create_uvit('uvit_tiny'), criterion='classifier')}
+    for name, m in models.items():
+        res = exit_discrimination(m.eval(), n=4, steps=3, seed=0, threshold=0.5)
+        L = m.num_layers
+        assert np.array(res['spearman'], np.float64).shape == (3, L), name
+        assert _in(res['spearman'], -1, 1) and _in(res['auroc'], 0, 1) and _in([res['eta2_exit']], 0, 1), name
+        assert np.array(res['u']).shape == (3, L, 4) and res['pooled']['label'] == 'pooled (mixes timesteps)', name
+    with pytest.raises(ValueError, match='needs an early-exit model'):
+        exit_discrimination(create_uvit('uvit_tiny'), n=4, steps=2)
