@@ -255,11 +255,16 @@ class EarlyExitModel(nn.Module):
         return dict(eps=eps, exits=torch.stack(exits), u_map=torch.stack(umaps), u=torch.stack(us))
 
     # runtime settings: host-sync policy and compiled, bucketed blocks
+    def sync_policy(self, device=None):
+        """The host-sync policy in force on `device`: 'auto' is 'every' on the CPU, where a read waits for nothing,
+        else 'learn'."""
+        if self.exit_sync != 'auto': return self.exit_sync
+        return 'every' if device is not None and torch.device(device).type == 'cpu' else 'learn'
+
     def sync_points(self, batch: int, threshold=None, device=None) -> frozenset:
         """Exit points where a forward of `batch` rows at a scalar `threshold` on `device` reads its exit counts
-        (`set_exit_sync`): 'auto' is 'every' on the CPU, where a read waits for nothing, else 'learn'."""
-        L, pol = self.num_layers, self.exit_sync
-        if pol == 'auto': pol = 'every' if device is not None and torch.device(device).type == 'cpu' else 'learn'
+        (`set_exit_sync`, `sync_policy`)."""
+        L, pol = self.num_layers, self.sync_policy(device)
         if batch <= 1 or pol == 'every' or self.exit_head_mode == 'skip_fusion':    # skip-fusion heads pop skips
             return frozenset(range(L))
         if pol != 'learn':

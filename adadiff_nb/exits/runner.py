@@ -226,6 +226,7 @@ class ExitRunner:
         shape = (self.bb.in_chans, self.bb.img_size, self.bb.img_size) if return_maps else None
         self.res, self.run, self.rows_computed = _Results(self.B, self.L, x.device, shape), None, 0
         self.want_map = return_maps and plan.mode == 'threshold'
+        self.device = x.device
         self.points = model.sync_points(*plan.sync_key, x.device) if plan.mode == 'threshold' else ()
 
     def make_plan(self, x, timesteps, threshold, exit_layers, exit_groups=None) -> _Plan:
@@ -304,11 +305,12 @@ class ExitRunner:
         self.run = run = ExitRows(torch.arange(self.B, device=x.device), h, state, plan.per_row,
                                   torch.ones(self.B, dtype=torch.bool, device=x.device), self.B)
         self.rows0, allowed, exits = run.rows, self.allowed, plan.mode in ('threshold', 'static')
+        needs_prev = self.model.uem.needs_prev
         for i in range(self.L):
             if exits and (allowed is None or i in allowed) and self.exit_point(i, i in self.points) == 0:
                 return self.output()
             self.rows_computed += len(run.rows)
-            if self.model.uem.needs_prev:
+            if needs_prev:
                 run.prev = run.h
             run.h = bb.run_block(i, run.h, run.state)
         return self.finish()
@@ -392,9 +394,9 @@ class ExitRunner:
         return self.output()
 
     def remember(self):
-        "After a threshold forward under 'auto': read next time where rows left this time, and at the last exit point."
+        "After a threshold forward under 'learn': read next time where rows left this time, and at the last exit point."
         model, key = self.model, self.plan.sync_key
-        if self.plan.mode == 'threshold' and model.exit_sync in ('auto', 'learn'):
+        if self.plan.mode == 'threshold' and model.sync_policy(self.device) == 'learn':
             model._sync_plan.pop(key, None)
             model._sync_plan[key] = frozenset(self.run.seen | {self.L - 1})
             while len(model._sync_plan) > 64:                                       # thresholds dragged in an app

@@ -19,7 +19,7 @@ from ..exits.schedule import (calibrate_step_schedule, check_calibration, compil
 from .exit_bench import run_environment, time_interleaved
 from .sampling_bench import sampling_runs
 from ..evaluation.discrimination import jsonable
-from ..sampling.run import sample_batches
+from ..evaluation.metrics import mse, psnr
 
 # %% auto #0
 __all__ = ['PSNR_CAP', 'SCHEDULES', 'METHODS', 'image_fidelity', 'paired_bootstrap', 'schedule_baselines',
@@ -31,12 +31,10 @@ PSNR_CAP = 100.      # dB given to an image identical to the reference (MSE 0), 
 def image_fidelity(images, reference) -> dict:
     """Per image: 'mse' (n,) mean squared difference to `reference` and 'psnr' (n,) in dB, both images clamped to
     [-1, 1] (peak-to-peak 2); an identical image gets `PSNR_CAP`."""
-    a, b = torch.as_tensor(images).float(), torch.as_tensor(reference).float()
+    a, b = (torch.as_tensor(x).float().clamp(-1, 1) for x in (images, reference))
     if a.shape != b.shape:
         raise ValueError(f"images {tuple(a.shape)} and reference {tuple(b.shape)} must match (the same noise, n)")
-    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).flatten(1).mean(1).double().numpy()
-    psnr = np.minimum(10 * np.log10(4. / np.maximum(mse, 1e-300)), PSNR_CAP)
-    return dict(mse=mse, psnr=psnr)
+    return dict(mse=mse(a, b, 'none').numpy(), psnr=psnr(a, b, reduction='none', max_db=PSNR_CAP).numpy())
 
 # %% ../../nbs/experiments/07e_schedule_baselines.ipynb #65731e03
 def paired_bootstrap(a, b, confidence: float = .95, n_resamples: int = 4000, seed: int = 0) -> dict:
