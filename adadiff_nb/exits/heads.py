@@ -163,8 +163,11 @@ class TimeAwareUEM(ExitCriterion):
         return self
 
     def context(self, timesteps) -> dict:
-        bucket = time_bucket(timesteps, self.time_buckets, self.time_max).to(timesteps.device)
-        return dict(temb=timestep_embedding(timesteps, self.time_dim), bucket=bucket)
+        "The time context: the sinusoidal embedding, and the time bucket where the weights depend on it."
+        ctx = dict(temb=timestep_embedding(timesteps, self.time_dim))
+        if self.params in ('per_timestep', 'per_layer_timestep'):
+            ctx['bucket'] = time_bucket(timesteps, self.time_buckets, self.time_max).to(timesteps.device)
+        return ctx
 
     def group(self, i: int, bucket):
         "Weight group for exit i: an int (same for all rows) or a (b,) tensor of per-sample groups."
@@ -219,12 +222,19 @@ class LinearUEM(TimeAwareUEM):
         tb = _gather_linear(temb, self.time_weight, self.bias, g)                 # (b, P): once per sample
         return torch.sigmoid(self.token_logits(tokens, g) + tb[:, None, :])
 
+    def logits(self, tokens, g, time_part):
+        "All logits (b, N, patch_dim) from the tokens and the time part (b, patch_dim); one row: one matmul + bias."
+        if tokens.shape[0] == 1 and isinstance(g, int):
+            x = F.layer_norm(tokens, (self.embed_dim,)) if self.norm else tokens
+            return F.linear(x, self.weight[g], time_part[0])
+        return self.token_logits(tokens, g) + time_part[:, None, :]
+
     def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
         """Mean (or max) of the per-token uncertainties; the map is their unpatchified image. The per-token part runs
         on the patch tokens without copying them (`on_patch_tokens`), the time part comes from `prepare`."""
-        g = self.group(i, ctx['bucket'])
-        z = on_patch_tokens(bb, h, lambda t: self.token_logits(t, g))            # (b, N, patch_dim)
-        z = torch.sigmoid(z + self.time_logits(ctx, g)[:, None, :])
+        g = self.group(i, ctx.get('bucket'))
+        tp = self.time_logits(ctx, g)
+        z = torch.sigmoid(on_patch_tokens(bb, h, lambda t: self.logits(t, g, tp)))   # (b, N, patch_dim)
         u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
         return u, (unpatchify(z, bb.in_chans) if want_map else None)
 
@@ -269,7 +279,7 @@ class AttentionUEM(TimeAwareUEM):
     def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
         "One probe value per sample (no map)."
         g_attn = i if self.attn_groups > 1 else 0
-        return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx['bucket']), g_attn), None
+        return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx.get('bucket')), g_attn), None
 
 # %% ../../nbs/exits/020_exit_heads.ipynb #615f5ef0
 EXIT_HEADS = ('per_layer', 'shared', 'skip_fusion')
