@@ -20,6 +20,7 @@ EXTRAS = {
     't2i': 'latent and text-to-image models (diffusers, transformers)',
     'docs': 'the documentation site (nbdev, smalldocs)',
     'tome': "Token Merging, the ASE paper's ToMe baseline (tomesd)",
+    'prune': "S-Pruning, Diff-Pruning's structural pruning of heads and MLP channels (torch-pruning)",
 }
 
 def install_hint(extra: str) -> str:
