@@ -22,9 +22,9 @@ from ..models.registry import diffusers_adapters
 
 # %% auto #0
 __all__ = ['TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer', 'tiny_pixart_pipeline',
-           'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead', 'DiTAdapter',
-           'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter', 'make_adapter',
-           'diffusers_layer_costs']
+           'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'CopyHead', 'DiTOutputHead',
+           'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'mask_bias',
+           'PixArtAdapter', 'make_adapter', 'diffusers_layer_costs']
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #bbf94b57
 TESTED_DIFFUSERS = ('0.35', '0.43')        # [lowest tested, first untested)
@@ -125,9 +125,12 @@ def config_hash(model) -> str:
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #2aa21fca
 class DiffusersBackbone(nn.Module):
-    "Base adapter: the backbone protocol on a diffusers 2-D transformer held by reference (see the subclasses)."
+    """Base adapter: the backbone protocol on a diffusers transformer held by reference (see the subclasses). A
+    subclass names its `model_class`, the attributes it `needed`, its `geometry`, the forward keywords it takes
+    (`cond_keys`, turned into its `y` by `make_cond`), and `embed` / `run_block` / `decode` / `check_input`."""
     arch, model_class, extras = None, None, 0
     needed = ('pos_embed', 'transformer_blocks', 'norm_out')
+    cond_keys: tuple = ()                  # the transformer's forward keywords the early-exit forward honours
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -137,13 +140,17 @@ class DiffusersBackbone(nn.Module):
                             f"{type(model).__name__}" + (f" lacking {missing}" if missing else '')
                             + "; see adadiff_nb.models.registry.diffusers_adapters() for the supported classes")
         object.__setattr__(self, 'model', model)                       # a reference, not a submodule
-        c = model.config
-        self.num_layers, self.embed_dim = len(model.transformer_blocks), int(model.inner_dim)
-        self.patch_size, self.in_chans, self.img_size = int(c.patch_size), int(c.in_channels), int(c.sample_size)
-        self.out_channels = int(model.out_channels)
+        for k, v in self.geometry(model).items(): setattr(self, k, v)
         self.config = dict(model_class=type(model).__name__, config_hash=config_hash(model),
                            num_layers=self.num_layers, model_config=_json_config(model))
         self.train(model.training)
+
+    def geometry(self, model) -> dict:
+        "num_layers, embed_dim, patch_size, in_chans, img_size, out_channels of `model` (a 2-D latent transformer)."
+        c = model.config
+        return dict(num_layers=len(model.transformer_blocks), embed_dim=int(model.inner_dim),
+                    patch_size=int(c.patch_size), in_chans=int(c.in_channels), img_size=int(c.sample_size),
+                    out_channels=int(model.out_channels))
 
     def parameters(self, recurse: bool = True):
         "The transformer's parameters (not registered here: the early-exit model's state holds the heads only)."
@@ -152,6 +159,25 @@ class DiffusersBackbone(nn.Module):
     def patch_tokens(self, h):
         "The image tokens of `h`: all of them."
         return h
+
+    def model_timesteps(self, t):
+        "The model time (0..1000) the UEMs read, from the `timestep` the pipeline passes (Flux passes t / 1000)."
+        return t
+
+    def make_cond(self, timestep=None, **kw):
+        "The adapter's `y` from the forward keywords in `cond_keys` (None ones dropped) and the raw `timestep`."
+        raise NotImplementedError(f"{type(self).__name__} does not build its y from forward keywords")
+
+    def cond_from_kwargs(self, kw: dict, timestep=None):
+        """The adapter's `y` from the transformer's forward keywords `kw` (besides hidden_states, timestep and
+        return_dict); keywords outside `cond_keys` (that are not None) are refused in one line."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        rest = sorted(set(kw) - set(self.cond_keys))
+        y = self.make_cond(timestep=timestep, **{k: v for k, v in kw.items() if k in self.cond_keys})
+        if rest:
+            raise ValueError(f"the early-exit forward of a {self.model_class} does not take {rest}; call "
+                             "disable_early_exit(pipe) to run with them")
+        return y
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #8c8c9301
 def _check_latents(bb, x, timesteps):
@@ -172,8 +198,8 @@ def dit_output(h, cond, norm, lin1, lin2, channels: int) -> torch.Tensor:
     shift, scale = lin1(F.silu(cond)).chunk(2, dim=1)
     return unpatchify(lin2(norm(h) * (1 + scale[:, None]) + shift[:, None]), channels)
 
-class _CopyHead(nn.Module):
-    "Exit head made of copies of the modules `parts` of a diffusers model's output layer."
+class CopyHead(nn.Module):
+    "Exit head made of copies of the modules (or parameters) `parts` of a diffusers model's output layer."
     parts: tuple = ()
     needs_state = True
 
@@ -184,8 +210,10 @@ class _CopyHead(nn.Module):
             if isinstance(mine, nn.Parameter): mine.data.copy_(theirs.data)
             else: mine.load_state_dict(theirs.state_dict())
 
+_CopyHead = CopyHead                     # the older private name
+
 # %% ../../nbs/integrations/02h0_adapters.ipynb #a366aeeb
-class DiTOutputHead(_CopyHead):
+class DiTOutputHead(CopyHead):
     "An exit head for `DiTTransformer2DModel`: copies of its `norm_out`, `proj_out_1`, `proj_out_2`."
     parts = ('norm_out', 'proj_out_1', 'proj_out_2')
 
@@ -214,6 +242,7 @@ class DiTAdapter(DiffusersBackbone):
     "The backbone protocol on a diffusers `DiTTransformer2DModel`; `y` = class labels (B,), None = the null class."
     arch, model_class, head_class = 'diffusers_dit', 'DiTTransformer2DModel', DiTOutputHead
     needed = DiffusersBackbone.needed + ('proj_out_1', 'proj_out_2')
+    cond_keys = ('class_labels',)
 
     @property
     def num_labels(self) -> int: return int(self.model.config.num_embeds_ada_norm)
@@ -228,6 +257,10 @@ class DiTAdapter(DiffusersBackbone):
         msg = _check_latents(self, x, timesteps)
         msg = msg or label_error(y, x.shape[0], self.num_labels + (self.null_class is not None), self.null_class)
         if msg: raise ValueError(msg)
+
+    def make_cond(self, timestep=None, class_labels=None):
+        "y = the class labels (None: the null class)."
+        return class_labels
 
     def embed(self, x, timesteps, y=None):
         m = self.model
@@ -267,7 +300,7 @@ def pixart_output(h, cond, norm, table, proj, channels: int) -> torch.Tensor:
     return unpatchify(proj(norm(h) * (1 + scale) + shift), channels)
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #b706e451
-class PixArtOutputHead(_CopyHead):
+class PixArtOutputHead(CopyHead):
     "An exit head for `PixArtTransformer2DModel`: copies of its `norm_out`, `scale_shift_table`, `proj_out`."
     parts = ('norm_out', 'scale_shift_table', 'proj_out')
 
@@ -292,16 +325,25 @@ class PixArtOutputHead(_CopyHead):
         return cls(bb.embed_dim, bb.patch_size, bb.out_channels, bb.model.norm_out.eps)
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #089854e1
-def _mask_bias(mask, dtype):
+def mask_bias(mask, dtype):
     "A keep-mask (B, T) as the additive bias (B, 1, T) diffusers' attention takes; a bias passes through."
     if mask is None or mask.ndim != 2: return mask
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+_mask_bias = mask_bias                   # the older private name
 
 class PixArtAdapter(DiffusersBackbone):
     "The backbone protocol on a diffusers `PixArtTransformer2DModel`; `y` = a `TextCond`."
     arch, model_class, head_class = 'diffusers_pixart', 'PixArtTransformer2DModel', PixArtOutputHead
     needed = DiffusersBackbone.needed + ('adaln_single', 'caption_projection', 'scale_shift_table', 'proj_out')
     null_class, num_labels = None, 0
+    cond_keys = ('encoder_hidden_states', 'encoder_attention_mask', 'added_cond_kwargs')
+
+    def make_cond(self, timestep=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                  added_cond_kwargs=None) -> TextCond:
+        "y = a `TextCond` of the prompt embeddings, their mask and PixArt's added condition kwargs."
+        if encoder_hidden_states is None: raise ValueError("PixArt's forward needs encoder_hidden_states")
+        return TextCond(encoder_hidden_states, encoder_attention_mask, added_cond_kwargs)
 
     def check_input(self, x, timesteps, y=None):
         msg = _check_latents(self, x, timesteps)
@@ -319,7 +361,7 @@ class PixArtAdapter(DiffusersBackbone):
         enc = y.encoder_hidden_states
         if m.caption_projection is not None: enc = m.caption_projection(enc).view(B, -1, h.shape[-1])
         rows = dict(timestep=tmod, encoder_hidden_states=enc,
-                    encoder_attention_mask=_mask_bias(y.encoder_attention_mask, h.dtype))
+                    encoder_attention_mask=mask_bias(y.encoder_attention_mask, h.dtype))
         return h, DiffusersState(temb, rows)
 
     def run_block(self, i: int, h, state: DiffusersState):
@@ -336,13 +378,18 @@ def make_adapter(transformer) -> DiffusersBackbone:
     cls = adapters.get(type(transformer).__name__)
     if cls is None:
         raise TypeError(f"early exit supports the diffusers transformers {sorted(adapters)}; got a "
-                        f"{type(transformer).__name__}")
+                        f"{type(transformer).__name__}, which has no adapter (the map of its blocks, conditioning "
+                        "and output layer onto the early-exit runner): use a supported model, or register an "
+                        "adapter in a BackboneSpec (adadiff_nb.models.registry.register_backbone)")
     return cls(transformer)
 
 # %% ../../nbs/integrations/02h0_adapters.ipynb #c0fbd485
 def diffusers_layer_costs(bb: DiffusersBackbone, uem_config: dict | None = None, text_tokens: int = 120) -> dict:
     """Analytic per-image FLOPs of the pieces of one evaluation (the keys of `evaluation.cost.layer_costs`): DiT's
-    count with its per-block (timestep, class) embedder, plus PixArt's cross-attention over `text_tokens` tokens."""
+    count with its per-block (timestep, class) embedder, plus PixArt's cross-attention over `text_tokens` tokens. An
+    adapter with its own `layer_costs(uem_config)` (the token transformers of `integrations.transformer_adapters`)
+    counts itself."""
+    if callable(getattr(bb, 'layer_costs', None)): return bb.layer_costs(uem_config)
     D, p, S = bb.embed_dim, bb.patch_size, bb.img_size
     c = bb.model.config
     ff = int(getattr(c, 'ff_inner_dim', None) or 4 * D) / D

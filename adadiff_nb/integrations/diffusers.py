@@ -1,6 +1,6 @@
 """Early exit for the models people already have: `enable_early_exit(pipe)` attaches exit heads and UEMs to the
-transformer of a stock diffusers `DiTPipeline` or PixArt pipeline, `disable_early_exit(pipe)` takes them off
-again, and the heads travel as a small adapter file.
+transformer of a stock diffusers pipeline (DiT, PixArt, Flux, SD3, Sana, Wan), `disable_early_exit(pipe)` takes
+them off again, and the heads travel as a small adapter file.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/pipelines.html.md"""
 
@@ -50,6 +50,10 @@ POLICIES = ('joint', 'independent')
 def _split(obj):
     "(pipeline or None, transformer) of a pipeline or a bare transformer."
     tr = getattr(obj, 'transformer', None)
+    if isinstance(tr, nn.Module) and isinstance(getattr(obj, 'transformer_2', None), nn.Module):
+        raise ValueError(f"this {type(obj).__name__} has two transformers (Wan 2.2's high- and low-noise experts, "
+                         "`transformer` and `transformer_2`); early exit hooks one: enable it on one transformer "
+                         "(enable_early_exit(pipe.transformer)) or use a one-transformer checkpoint (Wan 2.1)")
     if isinstance(tr, nn.Module): return obj, tr
     if isinstance(obj, nn.Module): return None, obj
     raise TypeError(f"expected a diffusers pipeline with a `transformer` or a transformer model, got "
@@ -87,20 +91,10 @@ class ExitControl:
         return dict(threshold=self.threshold)
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #9d7df314
-def _kwargs_cond(bb: DiffusersBackbone, kw: dict):
-    "The adapter's `y` from the transformer's forward keywords; refuses arguments the early-exit forward cannot honour."
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if isinstance(bb, DiTAdapter):
-        y, rest = kw.pop('class_labels', None), kw
-    else:
-        y = TextCond(kw.pop('encoder_hidden_states', None), kw.pop('encoder_attention_mask', None),
-                     kw.pop('added_cond_kwargs', None))
-        if y.encoder_hidden_states is None: raise ValueError("PixArt's forward needs encoder_hidden_states")
-        rest = kw
-    if rest:
-        raise ValueError(f"the early-exit forward of a {bb.model_class} does not take {sorted(rest)}; call "
-                         "disable_early_exit(pipe) to run with them")
-    return y
+def _kwargs_cond(bb: DiffusersBackbone, kw: dict, timestep=None):
+    """The adapter's `y` from the transformer's forward keywords (its `cond_from_kwargs`); refuses arguments the
+    early-exit forward cannot honour."""
+    return bb.cond_from_kwargs(kw, timestep)
 
 def _timesteps(timestep, B: int, device):
     t = torch.as_tensor(timestep, device=device)
@@ -112,8 +106,8 @@ def _ee_forward(ctl: ExitControl, hidden_states, timestep=None, return_dict: boo
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     x = hidden_states
     if timestep is None: raise ValueError("the early-exit forward needs the timestep")
-    y = _kwargs_cond(ctl.adapter, kw)
-    t = _timesteps(timestep, x.shape[0], x.device)
+    y = _kwargs_cond(ctl.adapter, kw, timestep)
+    t = ctl.adapter.model_timesteps(_timesteps(timestep, x.shape[0], x.device))
     ee = ctl.model
     p = next(ee.exit_heads.parameters(), None)
     if p is not None and (p.device != x.device or p.dtype != x.dtype): ee.to(device=x.device, dtype=x.dtype)

@@ -73,6 +73,7 @@ class BackboneSpec:
 
 # %% ../../nbs/models/010_registry.ipynb #93352588
 _EE = 'adadiff_nb.exits.heads'
+_TA = 'adadiff_nb.integrations.transformer_adapters'
 BACKBONES: dict[str, BackboneSpec] = {
     'uvit': BackboneSpec(
         'uvit', 'U-ViT', backbone='adadiff_nb.models.uvit:UViT', create='adadiff_nb.models.uvit:create_uvit',
@@ -95,6 +96,22 @@ BACKBONES: dict[str, BackboneSpec] = {
         'pixart', 'PixArt', exit_head=f'{_EE}:AdaLNExitHead', diffusers_classes=('PixArtTransformer2DModel',),
         diffusers_adapter='adadiff_nb.integrations.adapters:PixArtAdapter',
         note="PixArt-alpha / sigma: diffusers' PixArtTransformer2DModel (text cross-attention) through an adapter"),
+    'flux': BackboneSpec(
+        'flux', 'Flux', exit_head=f'{_TA}:FluxOutputHead', diffusers_classes=('FluxTransformer2DModel',),
+        diffusers_adapter=f'{_TA}:FluxAdapter',
+        note="FLUX.1: diffusers' FluxTransformer2DModel (dual- then single-stream MMDiT blocks) through an adapter"),
+    'sd3': BackboneSpec(
+        'sd3', 'SD3', exit_head=f'{_TA}:SD3OutputHead', diffusers_classes=('SD3Transformer2DModel',),
+        diffusers_adapter=f'{_TA}:SD3Adapter',
+        note="Stable Diffusion 3 / 3.5: diffusers' SD3Transformer2DModel (joint MMDiT blocks) through an adapter"),
+    'sana': BackboneSpec(
+        'sana', 'Sana', exit_head=f'{_TA}:SanaOutputHead', diffusers_classes=('SanaTransformer2DModel',),
+        diffusers_adapter=f'{_TA}:SanaAdapter',
+        note="Sana: diffusers' SanaTransformer2DModel (linear attention, caption cross-attention) through an adapter"),
+    'wan': BackboneSpec(
+        'wan', 'Wan', exit_head=f'{_TA}:WanOutputHead', diffusers_classes=('WanTransformer3DModel',),
+        diffusers_adapter=f'{_TA}:WanAdapter',
+        note="Wan 2.1 (text-to-video): diffusers' WanTransformer3DModel on 5-D video latents through an adapter"),
 }
 
 # %% ../../nbs/models/010_registry.ipynb #78f74c88
