@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adadiff_nb.models.unet import UNet, ResBlock, create_unet, unet_flops
-from adadiff_nb.models.registry import BACKBONES, BackboneSpec, register_backbone, unregister_backbone, family_of
+from adadiff_nb.models.registry import BACKBONES, BackboneSpec, register_backbone, family_of
 from adadiff_nb.exits.unet_exits import (EarlyExitUNet, UNetExitHead, create_unet_early_exit, train_unet_exits,
                                          unet_exit_costs, unet_forward_flops)
 from adadiff_nb.evaluation.cost import CostMeter, backbone_flops, count_flops, exit_flops_table, layer_costs
@@ -195,8 +195,9 @@ def test_cost_meter_reads_the_exit_costs_while_sampling():
     assert y.shape == x.shape and torch.isfinite(y).all()
     s = meter.summary(2)
     assert s['exit_histogram'][0] == 6 and s['layer_ratio'] == 0.
-    c = unet_exit_costs(m)                         # the meter charges the mean UEM cost per call (see requests)
-    assert abs(s['gflops_per_eval'] * 1e9 - (float(meter.table[0]) + c['uem'])) < 1e-6 * float(meter.table[0])
+    c = unet_exit_costs(m)                         # the meter charges exit 0's own UEM (costs['uem_exits'])
+    assert abs(s['gflops_per_eval'] * 1e9 - (float(meter.table[0]) + c['uem_exits'][0])) < 1e-6 * float(meter.table[0])
+    assert c['uem_exits'][0] != c['uem']
 
 
 def test_sampling_runs_exact_at_threshold0_and_cheaper_at_threshold1(unet_registered):
@@ -214,20 +215,23 @@ UNET_SPEC = BackboneSpec('unet', 'UNet', backbone='adadiff_nb.models.unet:UNet',
                         create='adadiff_nb.models.unet:create_unet', presets='adadiff_nb.models.unet:UNET_PRESETS',
                         width_key='ch', config_keys=('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions'),
                         exit_head='adadiff_nb.exits.unet_exits:UNetExitHead',
-                        flops='adadiff_nb.models.unet:unet_flops')          # the entry asked for in the notes
+                        flops='adadiff_nb.models.unet:unet_flops',
+                        uem_builder='adadiff_nb.exits.unet_exits:build_unet_uem',
+                        exit_costs='adadiff_nb.exits.unet_exits:unet_exit_costs')      # the entry of the notes
 
 
 @pytest.fixture
 def unet_registered():
-    "The 'unet' family registered for one test (the registry notebook does not list it yet), then as it was."
-    before = BACKBONES.get('unet')
-    register_backbone(UNET_SPEC, replace=True)
-    yield UNET_SPEC
-    unregister_backbone('unet')
-    if before is not None: register_backbone(before)
+    "The 'unet' family as the registry ships it."
+    return BACKBONES['unet']
 
 
 def test_registry_entry_through_register_backbone(unet_registered):
+    for f in ('family', 'backbone', 'create', 'presets', 'width_key', 'config_keys', 'exit_head', 'flops',
+              'uem_builder', 'exit_costs'):
+        assert getattr(unet_registered, f) == getattr(UNET_SPEC, f), f
+    register_backbone(UNET_SPEC, replace=True)                        # re-registering it changes nothing
+    register_backbone(unet_registered, replace=True)
     u = create_unet('unet_test8')
     assert family_of('ddpm_cifar10') == 'unet' and family_of(dict(u.config)) == 'unet' and family_of(u) == 'unet'
     assert backbone_flops(u) == unet_flops(u.config)

@@ -204,10 +204,10 @@ def readout(run: TrendRun) -> str:
     (`within_step_line`) and the note when few or no rows exit (`exit_note`)."""
     s = run.stats
     ps, cav, note = s['psnr_vs_full'], timing_caveat(run), exit_note(run)
-    ideal = '&infin;' if s['layer_ratio'] == 0 else format(s['ideal_speedup'], '.2f') + 'x'
+    ideal = '&infin;' if not math.isfinite(s['ideal_speedup']) else format(s['ideal_speedup'], '.2f') + 'x'
     items = [f"<b>layer ratio</b> {s['layer_ratio']:.3f} (reduction {100 * s['layer_reduction']:.1f}%)",
              f"<b>GFLOPs/image</b> {s['gflops_per_image']:.3f} vs full {s['gflops_full_per_image']:.3f}",
-             f"<b>speed-up</b> ideal {ideal}, measured {s['speedup']:.2f}x{'*' if cav else ''}",
+             f"<b>speed-up</b> ideal (FLOPs) {ideal}, measured {s['speedup']:.2f}x{'*' if cav else ''}",
              f"<b>PSNR vs full</b> {'identical' if not math.isfinite(ps) else f'{ps:.1f} dB'}"]
     if _guidance(run): items.append(f"<b>guidance</b> {_guidance(run)}" + (' (cost: both rows of every sample)'
                                                                             if run.guided else ''))

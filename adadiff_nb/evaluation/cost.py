@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from ..sampling.diffusion import time_bucket
 from ..models.uvit import extra_tokens
-from ..models.registry import backbone_spec, family_of
+from ..models.registry import BACKBONES, backbone_spec, family_of
 from ..exits.heads import uem_tokens
 from ..sampling.samplers import EarlyExitDenoiser, GuidedDenoiser
 
@@ -118,12 +118,20 @@ def uem_forward_flops(ee_config: dict, bb_config: dict, num_layers: int) -> int:
     groups = num_layers if ee_config.get('uem_params', 'per_layer') == 'per_layer' else 1
     return 2 * (ee_config.get('uem_time_dim') or D) * pd * groups
 
+def _family_exit_costs(bb):
+    "The early-exit cost model of `bb`'s family (`BackboneSpec.exit_costs`), or None when it has none."
+    spec = BACKBONES.get(getattr(bb, 'arch', None))
+    return None if spec is None or spec.exit_costs is None else spec.get('exit_costs')
+
 def layer_costs(model) -> dict:
     """Per-image FLOPs of the pieces of one evaluation of `model` (a UViT, a DiT, an `EarlyExitUViT`, any model with
-    `flop_costs()`, or the samplers' wrappers around them: an evaluation there is per row)."""
+    `flop_costs()`, an early-exit model whose backbone family has `exit_costs` in its `BackboneSpec`, or the samplers'
+    wrappers around them: an evaluation there is per row)."""
     while isinstance(model, (EarlyExitDenoiser, GuidedDenoiser)): model = model.model
     if callable(getattr(model, 'flop_costs', None)): return model.flop_costs()
     bb = getattr(model, 'backbone', model)
+    family_costs = None if model is bb else _family_exit_costs(bb)
+    if family_costs is not None: return family_costs(model)
     c = backbone_flops(bb)
     if model is bb: return dict(c, uem=0, uem_call=0)
     ee = getattr(model, 'config', {}) or {}
@@ -175,7 +183,11 @@ def _info_flops(costs: dict, info: dict, table: torch.Tensor | None = None) -> t
     calls = 0
     if n is not None and costs.get('uem_call'):
         calls = int((~torch.isnan(info['uncertainty'])).any(0).sum())        # exits evaluated for >= 1 row
-    per = eval_flops(costs, info['exit_layer'], n, table)
+    exact = n is not None and isinstance(costs.get('uem_exits'), (list, tuple))   # per-exit criterion costs
+    per = eval_flops({**costs, 'uem': 0} if exact else costs, info['exit_layer'], n, table)
+    if exact:
+        ran = (~torch.isnan(info['uncertainty'].detach().cpu())).double()
+        per = per + ran @ torch.tensor([float(v) for v in costs['uem_exits']], dtype=torch.float64)
     return per, float(per.sum()) + calls * costs.get('uem_call', 0)
 
 def forward_flops(model, out, batch: int | None = None) -> dict:

@@ -71,6 +71,9 @@ def _check_ee_config(c: dict, bb):
     for k, opts in (('exit_head', EXIT_HEADS), ('uem', UEM_KINDS), ('uem_params', UEM_PARAMS),
                     ('uem_reduce', UEM_REDUCE), ('uem_cond', UEM_COND)):
         _choice(k, c[k], opts)
+    if c['exit_head'] != 'per_layer' and getattr(bb, 'arch', None) == 'unet':
+        raise ValueError(f"exit_head={c['exit_head']!r} does not apply to a UNet: its exit d has its own adapter and "
+                         "up path; use exit_head='per_layer'")
     if c['exit_head'] == 'skip_fusion' and not hasattr(bb, 'in_blocks'):
         raise ValueError(f"exit_head='skip_fusion' needs U-ViT's long skips; a {type(bb).__name__} has none: "
                          "use exit_head='per_layer' or 'shared'")
@@ -91,6 +94,17 @@ def _head_class(bb) -> type:
                          "pass head_class= (a module class with for_backbone, "
                          "copy_from, reset_parameters, needs_state)")
     return spec.get('exit_head')
+
+def _make_head(cls, bb, i: int) -> nn.Module:
+    "Exit i's head: `cls.for_backbone(bb, i)` when the head class takes the exit index (a UNet's), else `(bb)`."
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    n_args = sum(p.kind in kinds for p in inspect.signature(cls.for_backbone).parameters.values())
+    return cls.for_backbone(bb, i) if n_args > 1 else cls.for_backbone(bb)
+
+def _uem_builder(bb):
+    "The criterion builder of `bb`'s family (`BackboneSpec.uem_builder`), else `build_uem`."
+    spec = BACKBONES.get(getattr(bb, 'arch', None))
+    return spec.get('uem_builder') if spec is not None and spec.uem_builder is not None else build_uem
 
 # %% ../../nbs/exits/02_early_exit.ipynb #bb0c22ed
 class EarlyExitModel(nn.Module):
@@ -125,8 +139,8 @@ class EarlyExitModel(nn.Module):
         self.uem_detach, self.uem_init_bias = c['uem_detach'], c['uem_init_bias']
         n_heads = bb.num_layers if exit_head == 'per_layer' else 0
         head_class = head_class or _head_class(bb)
-        self.exit_heads = nn.ModuleList([head_class.for_backbone(bb) for _ in range(n_heads)])
-        self.uem = criterion if criterion is not None else build_uem(bb, c)
+        self.exit_heads = nn.ModuleList([_make_head(head_class, bb, i) for i in range(n_heads)])
+        self.uem = criterion if criterion is not None else _uem_builder(bb)(bb, {**c, 'uem_cond': uem_cond})
         self.exit_sync, self._sync_plan, self._buckets = 'auto', {}, None     # runtime settings, not config
         self.init_weights()
 

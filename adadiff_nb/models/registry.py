@@ -35,6 +35,8 @@ FIELDS_HELP = dict(
     flops='analytic FLOP model: flops(config) -> dict of per-part FLOPs',
     official_loader='loads the official release checkpoint (local path, strict keys)',
     diffusers_adapter="wraps a diffusers transformer in the backbone protocol (`diffusers_classes`)",
+    uem_builder='criterion builder uem_builder(bb, ee_config) -> ExitCriterion (default exits.heads.build_uem)',
+    exit_costs='early-exit FLOP costs exit_costs(model) -> dict like layer_costs',
 )
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class BackboneSpec:
     diffusers_adapter: object = None
     bench: dict = field(default_factory=dict)    # benchmark models: {name: dict(preset, full={...}, reduced={...})}
     note: str = ''
+    uem_builder: object = None                   # None: exits.heads.build_uem (per-token UEMs of one width)
+    exit_costs: object = None                    # None: evaluation.cost.layer_costs' generic early-exit costs
 
     def get(self, what: str):
         "The object of field `what` (imported on first use), or a clear error when the family has none."
@@ -74,6 +78,7 @@ class BackboneSpec:
 # %% ../../nbs/models/010_registry.ipynb #93352588
 _EE = 'adadiff_nb.exits.heads'
 _TA = 'adadiff_nb.integrations.transformer_adapters'
+_UE = 'adadiff_nb.exits.unet_exits'
 BACKBONES: dict[str, BackboneSpec] = {
     'uvit': BackboneSpec(
         'uvit', 'U-ViT', backbone='adadiff_nb.models.uvit:UViT', create='adadiff_nb.models.uvit:create_uvit',
@@ -112,6 +117,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         'wan', 'Wan', exit_head=f'{_TA}:WanOutputHead', diffusers_classes=('WanTransformer3DModel',),
         diffusers_adapter=f'{_TA}:WanAdapter',
         note="Wan 2.1 (text-to-video): diffusers' WanTransformer3DModel on 5-D video latents through an adapter"),
+    'unet': BackboneSpec(
+        'unet', 'UNet', backbone='adadiff_nb.models.unet:UNet', create='adadiff_nb.models.unet:create_unet',
+        presets='adadiff_nb.models.unet:UNET_PRESETS', width_key='ch',
+        config_keys=('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions'),
+        exit_head=f'{_UE}:UNetExitHead', flops='adadiff_nb.models.unet:unet_flops',
+        uem_builder=f'{_UE}:build_unet_uem', exit_costs=f'{_UE}:unet_exit_costs',
+        note='DDPM-style convolutional UNet (Ho et al. 2020): exit d runs levels 0..d, an adapter and the up path '
+             'from d'),
 }
 
 # %% ../../nbs/models/010_registry.ipynb #78f74c88

@@ -46,7 +46,8 @@ def _f(default, help: str, check: tuple | None = None):
 class ModelConfig:
     "What to train: the backbone, its early-exit options and where its weights start."
     model: str | dict = _f('uvit_s2_cifar10', "U-ViT preset (adadiff_nb.models.uvit.PRESETS), DiT preset "
-                           "(adadiff_nb.models.dit.DIT_PRESETS, e.g. 'DiT-S/2') or a full UViT / DiT config dict")
+                           "(adadiff_nb.models.dit.DIT_PRESETS, e.g. 'DiT-S/2'), UNet preset "
+                           "(adadiff_nb.models.unet.UNET_PRESETS, e.g. 'unet_tiny16') or a full backbone config dict")
     model_kw: dict = _f({}, "overrides of the preset's arguments, e.g. {'embed_dim': 64} (U-ViT), "
                         "{'input_size': 32, 'in_channels': 3, 'num_classes': 10} (DiT)")
     exit_kw: dict = _f({}, 'EarlyExitUViT options (early_exit.EE_OPTIONS: uem, uem_params, exit_head, ...)')
@@ -171,7 +172,7 @@ class TrainConfig:
 
 # %% ../../nbs/training/04_config.ipynb #8acdc927
 _SIZES = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'num_heads', 'input_size', 'in_channels', 'hidden_size',
-          'num_clip_token', 'clip_dim')
+          'num_clip_token', 'clip_dim', 'ch', 'num_res_blocks', 'norm_groups')
 
 def _check_model_args(kw, where: str):
     "The sizes among a model's arguments (`model_kw`, or a `model` config dict) are sound, before any model is built."
@@ -244,6 +245,7 @@ _CPU16 = dict(model='uvit_cpu16', data='cifar10_partial', img_size=16, batch_siz
               betas=(0.9, 0.999), warmup_steps=300, grad_clip=1.0, ema_decay=0.999, log_every=50, ckpt_every=1000,
               sample_every=2000, sample_steps=50, schedule='linear')
 _CPU16C = {**_CPU16, 'model_kw': {'num_classes': 11, 'null_class': True}, 'p_uncond': 0.1}   # 10 classes + null
+_CPU16U = {**_CPU16, 'model': 'unet_tiny16'}                                   # the DDPM-style UNet, unconditional
 _DIT8 = {**_TINY, 'model': 'DiT-S/2', 'p_uncond': 0.1, 'out': 'runs/tiny_dit8',     # 10 classes + null (DiT's 10)
          'model_kw': dict(input_size=8, in_channels=3, hidden_size=32, depth=4, num_heads=4, num_classes=10)}
 _S2 = dict(model='uvit_s2_cifar10', data='cifar10', schedule='vpsde', sample_every=5000)
@@ -267,6 +269,11 @@ TRAIN_PRESETS: dict = {
                        'lr': 2e-4, 'warmup_steps': 200, 'out': 'runs/cpu16c_adadiff'},
     'cpu16_frozen': {**_CPU16, 'mode': 'frozen', 'init': 'runs/cpu16_backbone/final', 'steps': 3_000, 'lr': 5e-4,
                      'warmup_steps': 100, 'out': 'runs/cpu16_frozen'},
+    'cpu16_unet_backbone': {**_CPU16U, 'mode': 'backbone', 'steps': 3_000, 'out': 'runs/cpu16_unet_backbone'},
+    'cpu16_unet_adadiff': {**_CPU16U, 'mode': 'finetune', 'init': 'runs/cpu16_unet_backbone/final', 'steps': 1_500,
+                           'lr': 2e-4, 'warmup_steps': 200, 'out': 'runs/cpu16_unet_adadiff'},
+    'cpu16_unet_frozen': {**_CPU16U, 'mode': 'frozen', 'init': 'runs/cpu16_unet_backbone/final', 'steps': 3_000,
+                          'lr': 5e-4, 'warmup_steps': 100, 'out': 'runs/cpu16_unet_frozen'},
     'uvit_s2_cifar10_backbone': dict(**_S2, mode='backbone', steps=500_000, ckpt_every=50_000,
                                      out='runs/uvit_s2_cifar10_backbone'),
     'uvit_s2_cifar10_adadiff': dict(**_S2, mode='finetune', init='cifar10_uvit_small.pth', steps=100_000,

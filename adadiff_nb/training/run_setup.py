@@ -43,7 +43,7 @@ def _early_exit_cls():
 
 
 def backbone_config(cfg: TrainConfig) -> dict:
-    "The UViT / DiT constructor arguments of the run's backbone (preset or dict, with `model_kw` applied)."
+    "The backbone constructor arguments of the run (preset or dict of its family, with `model_kw` applied)."
     m = cfg.model
     spec = backbone_spec(backbone_family(m.model))
     cls, create = spec.get('backbone'), spec.get('create')
@@ -54,6 +54,8 @@ def backbone_config(cfg: TrainConfig) -> dict:
         args = [a for a in inspect.signature(cls.__init__).parameters if a != 'self']
         raise ConfigError(f"invalid {cls.__name__} config {conf or m.model_kw}: {e}; {cls.__name__} takes {args}"
                           ) from None
+    except ValueError as e:                                       # the backbone's own check of its arguments
+        raise ConfigError(f"invalid {cls.__name__} config {conf or m.model_kw}: {e}") from None
     return dict(bb.config)
 
 def _init_record(path: Path) -> dict | None:
@@ -107,9 +109,10 @@ def resolve_model_config(cfg: TrainConfig) -> tuple[str, dict]:
     return 'adadiff', ee
 
 def build_train_model(arch: str, conf: dict) -> nn.Module:
-    "Instantiate the training model ('uvit', 'dit' or 'adadiff')."
+    "Instantiate the training model (a backbone family of the registry: 'uvit', 'dit', 'unet', ..., or 'adadiff')."
     try: return backbone_spec(arch).get('backbone')(**conf) if arch in BACKBONES else _early_exit_cls()(**conf)
     except TypeError as e: raise ConfigError(f"invalid {arch} model config {conf}: {e}") from None
+    except ValueError as e: raise ConfigError(f"invalid {arch} model: {e}") from None
 
 # %% ../../nbs/training/04a0_run_setup.ipynb #87c43e81
 def load_init(model: nn.Module, path, source: str | None = None) -> str:
@@ -211,10 +214,18 @@ def build_run_data(cfg: TrainConfig, bb, rank: int, world: int) -> tuple[DataStr
 _COND_FIX = ("give it classes and a null class: for a U-ViT model_kw num_classes = classes + 1 and null_class=True, "
              "for a DiT num_classes = classes and class_dropout_prob > 0")
 
+def _takes_classes(bb) -> bool:
+    "Can `bb`'s family be built class-conditional (a `num_classes` constructor argument)?"
+    spec = BACKBONES.get(getattr(bb, 'arch', None))
+    return spec is None or spec.backbone is None or 'num_classes' in spec.constructor_args()
+
 def check_labels(cfg: TrainConfig, bb, ds):
     "Label dropout and the data's labels fit the model (checked before the first step)."
     p, name = cfg.loss.p_uncond, type(bb).__name__
     if getattr(bb, 'context_shape', None) is not None: return      # text-to-image: contexts (`latent_setup`)
+    if p and bb.num_labels == 0 and not _takes_classes(bb):
+        raise ConfigError(f"p_uncond={p} drops class labels, but a {name} takes no labels (its family is "
+                          "unconditional only): set p_uncond=0")
     if p and bb.num_labels == 0:
         raise ConfigError(f"p_uncond={p} drops class labels, but this {name} is unconditional (it takes no labels): "
                           f"{_COND_FIX}; or set p_uncond=0")
