@@ -131,6 +131,7 @@ class DiffusersBackbone(nn.Module):
     arch, model_class, extras = None, None, 0
     needed = ('pos_embed', 'transformer_blocks', 'norm_out')
     cond_keys: tuple = ()                  # the transformer's forward keywords the early-exit forward honours
+    input_key = 'hidden_states'            # the forward's model-input keyword (a UNet's: 'sample')
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -1,6 +1,6 @@
 """Early exit for the models people already have: `enable_early_exit(pipe)` attaches exit heads and UEMs to the
-transformer of a stock diffusers pipeline (DiT, PixArt, Flux, SD3, Sana, Wan), `disable_early_exit(pipe)` takes
-them off again, and the heads travel as a small adapter file.
+transformer (or UNet) of a stock diffusers pipeline (DiT, PixArt, Flux, SD3, Sana, Wan; DDPM, SD, SDXL),
+`disable_early_exit(pipe)` takes them off again, and the heads travel as a small adapter file.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/pipelines.html.md"""
 
@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/pipelines.html.md"""
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #197b64ce
 from __future__ import annotations
-import functools, hashlib, json, numbers, time, warnings
+import functools, hashlib, inspect, json, numbers, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +28,14 @@ from .adapters import (TESTED_DIFFUSERS, check_diffusers_version, tiny_dit_pipel
 
 # %% auto #0
 __all__ = ['POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'FINGERPRINT_METHOD',
-           'guidance_groups', 'ExitControl', 'EarlyExitHook', 'make_hook', 'cache_hooks', 'check_composable',
-           'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model', 'exit_stats',
-           'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights', 'check_base_weights',
-           'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads', 'load_exit_heads',
-           'TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer', 'tiny_pixart_pipeline',
-           'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead', 'DiTAdapter',
-           'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter', 'make_adapter',
-           'diffusers_layer_costs']
+           'guidance_groups', 'ExitControl', 'forward_arguments', 'EarlyExitHook', 'make_hook', 'cache_hooks',
+           'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model',
+           'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights',
+           'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
+           'load_exit_heads', 'TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
+           'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
+           'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
+           'make_adapter', 'diffusers_layer_costs']
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #d2315d65
 # the moved names stay in this module's __all__
@@ -48,15 +48,17 @@ _all_ = ['TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'ti
 POLICIES = ('joint', 'independent')
 
 def _split(obj):
-    "(pipeline or None, transformer) of a pipeline or a bare transformer."
+    "(pipeline or None, model) of a pipeline (its `transformer`, else its `unet`) or a bare transformer / UNet."
     tr = getattr(obj, 'transformer', None)
     if isinstance(tr, nn.Module) and isinstance(getattr(obj, 'transformer_2', None), nn.Module):
         raise ValueError(f"this {type(obj).__name__} has two transformers (Wan 2.2's high- and low-noise experts, "
                          "`transformer` and `transformer_2`); early exit hooks one: enable it on one transformer "
                          "(enable_early_exit(pipe.transformer)) or use a one-transformer checkpoint (Wan 2.1)")
     if isinstance(tr, nn.Module): return obj, tr
+    unet = getattr(obj, 'unet', None)
+    if isinstance(unet, nn.Module) and not isinstance(obj, nn.Module): return obj, unet   # DDPM, SD, SDXL pipelines
     if isinstance(obj, nn.Module): return None, obj
-    raise TypeError(f"expected a diffusers pipeline with a `transformer` or a transformer model, got "
+    raise TypeError(f"expected a diffusers pipeline with a `transformer` or a `unet`, or such a model, got "
                     f"{type(obj).__name__}")
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #91318b83
@@ -101,10 +103,28 @@ def _timesteps(timestep, B: int, device):
     return t.expand(B) if t.ndim == 0 else t.reshape(-1)
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #cef85280
-def _ee_forward(ctl: ExitControl, hidden_states, timestep=None, return_dict: bool = True, **kw):
-    "The hooked `transformer.forward`: the compaction forward, with what diffusers expects back."
+def forward_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    "The arguments of a call `module(*args, **kwargs)` by name (positional ones bound to its class's `forward`)."
+    if not args: return dict(kwargs)
+    ps = list(inspect.signature(type(module).forward).parameters.values())[1:]          # without self
+    names = [p.name for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+def _output(bb, sample):
+    "What the model's own forward returns with return_dict=True (the adapter's `model_output`, else a transformer's)."
+    if callable(getattr(bb, 'model_output', None)): return bb.model_output(sample)
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    x = hidden_states
+    return Transformer2DModelOutput(sample=sample)
+
+def _ee_forward(ctl: ExitControl, *args, **kwargs):
+    """The hooked model forward (`transformer` or `unet`, arguments as its own `forward` takes them): the compaction
+    forward, with what diffusers expects back."""
+    bb = ctl.adapter
+    kw = forward_arguments(bb.model, args, kwargs)
+    x, timestep, return_dict = kw.pop(bb.input_key, None), kw.pop('timestep', None), kw.pop('return_dict', True)
+    if x is None: raise ValueError(f"the early-exit forward needs the model input `{bb.input_key}`")
     if timestep is None: raise ValueError("the early-exit forward needs the timestep")
     y = _kwargs_cond(ctl.adapter, kw, timestep)
     t = ctl.adapter.model_timesteps(_timesteps(timestep, x.shape[0], x.device))
@@ -118,7 +138,7 @@ def _ee_forward(ctl: ExitControl, hidden_states, timestep=None, return_dict: boo
                             layers_total=out.layers_total, n_uem=(~out.uncertainty.isnan()).sum(1).cpu(),
                             uncertainty=out.uncertainty.cpu(),
                             guidance=groups is not None))
-    return Transformer2DModelOutput(sample=out.sample) if return_dict else (out.sample,)
+    return _output(bb, out.sample) if return_dict else (out.sample,)
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #59444781
 HOOK_NAME = 'adadiff_early_exit'              # early exit's hook in the transformer's diffusers HookRegistry
@@ -147,7 +167,7 @@ class EarlyExitHook:
             except RuntimeError:
                 self.timesteps = None                     # the next forward checks again
                 raise
-        x = kwargs.get('hidden_states', args[0] if args else None)
+        x = kwargs.get(self.ctl.adapter.input_key, args[0] if args else None)
         dev = x.device if torch.is_tensor(x) else None
         if self.pipe is not None and starts:
             self.ctl.records, self.ctl.seconds = [], None
@@ -218,11 +238,16 @@ def _heads_record(heads) -> tuple[dict, dict, dict]:
     raise TypeError(f"heads must be None, a path to an adapter directory or an EarlyExitUViT, got "
                     f"{type(heads).__name__}")
 
+def _wrap(bb: DiffusersBackbone, heads_from_backbone: bool, ee_cfg: dict) -> EarlyExitUViT:
+    "The early-exit model around adapter `bb`: its own `early_exit_class` (the UNets'), else `EarlyExitUViT`."
+    cls = getattr(bb, 'early_exit_class', None)
+    if cls is not None: return cls.wrap(bb, heads_from_backbone=heads_from_backbone, **ee_cfg)
+    return EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone=heads_from_backbone, **ee_cfg)
+
 def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict,
                  allow_other_weights: bool = False) -> tuple[EarlyExitUViT, dict]:
     "(early-exit model around `bb`, model-card facts) from heads=None (copies of the output layer), a path or a module."
-    if heads is None:
-        return EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone=True, **ee_cfg), {}
+    if heads is None: return _wrap(bb, True, ee_cfg), {}
     src = str(heads) if isinstance(heads, (str, Path)) else f'the {type(heads).__name__} passed as heads'
     if ee_cfg:
         raise ValueError(f"the options {sorted(ee_cfg)} build new heads, but {src} brings its own (from its "
@@ -232,8 +257,7 @@ def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict,
     sd, conf, card = _heads_record(heads)
     _check_base(conf['base'], bb, src)
     check_base_weights(conf['base'], bb.model, src, allow_other_weights)
-    m = EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone=False,
-                           **{k: conf[k] for k in EE_OPTIONS if k in conf and k != 'backbone_arch'})
+    m = _wrap(bb, False, {k: conf[k] for k in EE_OPTIONS if k in conf and k != 'backbone_arch'})
     _check_heads_fit(m, sd, src)
     p = next(bb.parameters())
     m.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in sd.items()})
@@ -308,9 +332,10 @@ def _transaction(tr, change):
 # %% ../../nbs/integrations/02h_pipelines.ipynb #e5a1b001
 def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=None, policy: str = 'joint',
                       exit_layer: int | None = None, allow_other_weights: bool = False, **ee_cfg):
-    """Attach exit heads and UEMs to a diffusers pipeline's transformer (or a transformer): `pipe(...)` then runs
-    per-sample early exits. `threshold` in [0, 1] (0: output unchanged, 1: no block runs), or a static `exit_layer`
-    (then leave `threshold` at 0 or None); `heads`: None (copies of the model's output layer), an adapter directory
+    """Attach exit heads and UEMs to a diffusers pipeline's transformer (its `unet` when it has none), or to a bare
+    transformer / UNet: `pipe(...)` then runs per-sample early exits. `threshold` in [0, 1] (0: output unchanged, 1:
+    every row at the first exit: no transformer block, a UNet's outermost level only), or a static `exit_layer` (then
+    leave `threshold` at 0 or None); `heads`: None (copies of the model's output layer), an adapter directory
     (`save_exit_heads`) or an `EarlyExitUViT` trained on this model (used as it is when built around this
     transformer); heads trained on other weights of the same config are refused unless `allow_other_weights`
     (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent'. `ee_cfg`: options of new heads
@@ -380,10 +405,20 @@ def early_exit_model(pipe) -> EarlyExitUViT:
     return _control(pipe).model
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #c435829e
+def _record_flops(costs: dict, r: dict) -> float:
+    "FLOPs of one recorded forward: each row's exit, and the UEMs it ran (per exit when the costs give `uem_exits`)."
+    exact = isinstance(costs.get('uem_exits'), (list, tuple))
+    per = eval_flops({**costs, 'uem': 0} if exact else costs, r['exit_layer'], r['n_uem'])
+    if exact:
+        ran = (~torch.isnan(r['uncertainty'])).double()
+        per = per + ran @ torch.tensor([float(v) for v in costs['uem_exits']], dtype=torch.float64)
+    return float(per.sum())
+
 def exit_stats(pipe) -> dict:
     """What the last pipeline call did (on a bare transformer: every forward since enabling or the last reset):
     steps, rows, `layer_ratio`, `exit_layers` (steps, rows), `uncertainty` (steps, rows, L; NaN where not
-    evaluated), `timesteps`, analytic `gflops` (and of the full model),
+    evaluated), `timesteps`, `gflops` (and of the full model; `flop_ratio` = their ratio: on a UNet the real
+    cost of its U-shaped exits, which `layer_ratio`, the share of exit points passed, is not),
     `seconds` (wall clock of the last pipeline call's denoising loop, from its first transformer forward to the end
     of its last; None for a bare transformer), the exit rule (threshold, exit_layer) and policy (also before any
     call)."""
@@ -393,13 +428,14 @@ def exit_stats(pipe) -> dict:
     if not rec: return dict(steps=0, rows=0, layer_ratio=None, exit_layers=torch.zeros(0, 0, dtype=torch.long),
                             timesteps=[], gflops=0., gflops_full=0., seconds=ctl.seconds, **rule)
     costs = diffusers_layer_costs(ctl.adapter, ctl.model.config)
-    flops = sum(float(eval_flops(costs, r['exit_layer'], r['n_uem']).sum()) for r in rec)
+    flops = sum(_record_flops(costs, r) for r in rec)
     full = full_eval_flops(costs) * sum(len(r['exit_layer']) for r in rec)
     run, total = sum(r['layers_run'] for r in rec), sum(r['layers_total'] for r in rec)
     return dict(steps=len(rec), rows=len(rec[0]['exit_layer']), layer_ratio=run / max(total, 1),
                 exit_layers=torch.stack([r['exit_layer'] for r in rec]), timesteps=[r['timestep'] for r in rec],
                 uncertainty=torch.stack([r['uncertainty'] for r in rec]),
-                gflops=flops / 1e9, gflops_full=full / 1e9, seconds=ctl.seconds, **rule,
+                gflops=flops / 1e9, gflops_full=full / 1e9, flop_ratio=flops / max(full, 1), seconds=ctl.seconds,
+                **rule,
                 guidance=any(r['guidance'] for r in rec))
 
 def reset_exit_stats(pipe):

@@ -79,6 +79,7 @@ class BackboneSpec:
 _EE = 'adadiff_nb.exits.heads'
 _TA = 'adadiff_nb.integrations.transformer_adapters'
 _UE = 'adadiff_nb.exits.unet_exits'
+_UA = 'adadiff_nb.integrations.unet_adapters'
 BACKBONES: dict[str, BackboneSpec] = {
     'uvit': BackboneSpec(
         'uvit', 'U-ViT', backbone='adadiff_nb.models.uvit:UViT', create='adadiff_nb.models.uvit:create_uvit',
@@ -125,6 +126,16 @@ BACKBONES: dict[str, BackboneSpec] = {
         uem_builder=f'{_UE}:build_unet_uem', exit_costs=f'{_UE}:unet_exit_costs',
         note='DDPM-style convolutional UNet (Ho et al. 2020): exit d runs levels 0..d, an adapter and the up path '
              'from d'),
+    'diffusers_unet2d': BackboneSpec(
+        'diffusers_unet2d', 'UNet2DModel', exit_head=f'{_UA}:UNetAdapterHead', diffusers_classes=('UNet2DModel',),
+        diffusers_adapter=f'{_UA}:UNet2DAdapter', uem_builder=f'{_UE}:build_unet_uem',
+        exit_costs=f'{_UA}:diffusers_unet_exit_costs',
+        note="diffusers' UNet2DModel (DDPM): U-shaped exits (levels 0..d, an adapter, the UNet's up path)"),
+    'diffusers_unet2d_condition': BackboneSpec(
+        'diffusers_unet2d_condition', 'UNet2DConditionModel', exit_head=f'{_UA}:UNetAdapterHead',
+        diffusers_classes=('UNet2DConditionModel',), diffusers_adapter=f'{_UA}:UNet2DConditionAdapter',
+        uem_builder=f'{_UE}:build_unet_uem', exit_costs=f'{_UA}:diffusers_unet_exit_costs',
+        note="diffusers' UNet2DConditionModel (SD 1.x / 2.x, SDXL): U-shaped exits through an adapter"),
 }
 
 # %% ../../nbs/models/010_registry.ipynb #78f74c88

@@ -32,16 +32,26 @@ from .loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, ma
 from ..models.registry import diffusers_adapters
 
 # %% auto #0
-__all__ = ['PROMPT_KIND', 'load_diffusers_model', 'pack_prompts', 'unpack_prompts', 'PromptEncoder', 'empty_prompt_path',
-           'precompute_prompt_embeddings', 'PromptPixArtAdapter', 'check_prompt_cache', 'prompt_data', 'latent_data',
-           'measured_layer_ratios', 'train_diffusers']
+__all__ = ['TRAINABLE', 'PROMPT_KIND', 'check_trainable', 'load_diffusers_model', 'pack_prompts', 'unpack_prompts',
+           'PromptEncoder', 'empty_prompt_path', 'precompute_prompt_embeddings', 'PromptPixArtAdapter',
+           'check_prompt_cache', 'prompt_data', 'latent_data', 'measured_layer_ratios', 'train_diffusers']
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
-def _model_class(name: str):
-    import diffusers
+TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel')    # the models adadiff-train trains exit heads on
+
+def check_trainable(name: str):
+    "A clear error, before any data is read, for a diffusers model early exit runs on but cannot train heads for yet."
     if name not in diffusers_adapters():
         raise TrainInputError(f"{name} is not a supported transformer: early exit supports "
                               f"{sorted(diffusers_adapters())}")
+    if name not in TRAINABLE:
+        raise TrainInputError(f"training exit heads for a {name} is not supported yet (enable_early_exit runs on it "
+                              f"with heads copied from its output layer); adadiff-train --diffusers-model trains "
+                              f"{list(TRAINABLE)}")
+
+def _model_class(name: str):
+    import diffusers
+    check_trainable(name)
     return getattr(diffusers, name)
 
 def load_diffusers_model(src) -> tuple[nn.Module, nn.Module | None]:
@@ -221,6 +231,7 @@ def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #738584b4
 def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter:
     "The training adapter of transformer `tr`, frozen: DiT's, or PixArt's taking packed prompt contexts."
+    check_trainable(type(tr).__name__)
     bb = make_adapter(tr)
     if isinstance(bb, PixArtAdapter): bb = PromptPixArtAdapter(tr)
     tr.requires_grad_(False).eval()
