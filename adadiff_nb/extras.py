@@ -21,6 +21,7 @@ EXTRAS = {
     'docs': 'the documentation site (nbdev, smalldocs)',
     'tome': "Token Merging, the ASE paper's ToMe baseline (tomesd)",
     'prune': "S-Pruning, Diff-Pruning's structural pruning of heads and MLP channels (torch-pruning)",
+    'market': "the accelerator market's cache-dit rows (cache-dit)",
 }
 
 def install_hint(extra: str) -> str:

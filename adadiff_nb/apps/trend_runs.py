@@ -165,7 +165,7 @@ def run_trends(model, threshold: float = 0.1, sampler: str = 'ddim', steps: int 
     st = dict(res.stats)
     g, gf = st.get('gflops_per_image'), st.get('gflops_full_per_image')
     st.update(wall_s=res.seconds, wall_full_s=wall_full, speedup=wall_full / max(res.seconds, 1e-12),   # ideal: FLOPs
-              ideal_speedup=gf / g if g and gf else 1. / max(st['layer_ratio'], 1e-12))  # (a UNet exit runs its up path)
+              ideal_speedup=gf / g if g and gf else 1. / max(st['layer_ratio'], 1e-12))  # (UNet exits run up paths)
     maps = _diagnostic_maps(model, rec, map_steps, device, _map_labels(res, cond, latent, batch))
     run = TrendRun(tau, sampler, steps, model.num_layers, np.array(rec['mt']), torch.stack(rec['ex']).numpy(),
                    torch.stack(rec['u']).numpy(), maps, res.images.float().numpy(), x0_full, st,

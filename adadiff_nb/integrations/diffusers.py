@@ -29,9 +29,9 @@ from .adapters import (TESTED_DIFFUSERS, check_diffusers_version, tiny_dit_pipel
 # %% auto #0
 __all__ = ['POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'FINGERPRINT_METHOD',
            'guidance_groups', 'ExitControl', 'forward_arguments', 'EarlyExitHook', 'make_hook', 'cache_hooks',
-           'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit', 'early_exit_model',
-           'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint', 'same_weights',
-           'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
+           'foreign_forward', 'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit',
+           'early_exit_model', 'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint',
+           'same_weights', 'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
            'load_exit_heads', 'TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
            'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
            'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
@@ -200,10 +200,24 @@ def cache_hooks(tr: nn.Module) -> list[str]:
                   if k != HOOK_NAME and getattr(h, '_is_stateful', False)]
     return found
 
+def foreign_forward(tr: nn.Module) -> str | None:
+    """What replaced `tr.forward` outside diffusers' hooks and accelerate's offload (cache-dit, DeepCache, ...): a name
+    for the message, or None. Early exit's hook would run instead of such a forward and silently bypass it."""
+    if getattr(tr, '_is_cached', False): return 'cache-dit'
+    f = tr.__dict__.get('forward')
+    if f is None or '_diffusers_hook' in tr.__dict__ or '_hf_hook' in tr.__dict__: return None
+    if getattr(f, '__func__', None) is type(tr).forward: return None                  # the class's own, put back
+    return getattr(f, '__qualname__', type(f).__name__)
+
 def check_composable(tr: nn.Module):
     """Refuse, in one line, what early exit cannot run under: a diffusers cache on `tr` (it keeps the whole batch's
     block outputs between forwards, while exited rows leave the batch), or weights accelerate keeps off the module
     (sequential or disk offload, device maps). Model CPU offload (`pipe.enable_model_cpu_offload()`) composes."""
+    patched = foreign_forward(tr)
+    if patched:
+        raise RuntimeError(f"early exit would bypass a patched forward on the {type(tr).__name__} ({patched}: e.g. "
+                           "cache-dit or DeepCache): undo it first (cache_dit.disable_cache(pipe), helper.disable()), "
+                           "or call disable_early_exit(pipe) to keep it")
     caches = cache_hooks(tr)
     if caches:
         raise RuntimeError(f"early exit does not compose with diffusers' caches ({', '.join(caches[:3])}): a cache "

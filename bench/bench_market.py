@@ -1,0 +1,140 @@
+"""The market beside early exit: one diffusers pipeline, every accelerator on the same noise and clock.
+
+Plain, `enable_early_exit` at `--thresholds`, cache-dit's DBCache at its defaults and at `--cache-dit-thresholds`
+(first block computed, 2 warm-up steps: `TINY_CACHE_DIT`), diffusers' own caches where the transformer has
+`CacheMixin` (Flux, Wan; DiT, PixArt, SD3 and Sana get a row with the reason), and early exit on top of a cache
+(`adadiff_nb.experiments.market`). Whole pipeline calls are timed in turns (every method once per round, medians);
+each method's images are compared with the plain pipeline's on the same noise (PSNR / MSE per image, bootstrap
+intervals), with its own statistics (early exit: layer ratio and GFLOPs; cache-dit: cached steps), the linear-layer
+FLOPs its blocks really ran, and whether disabling it gave the plain output back. Random weights by default
+(`weights: 'random'`: only speed and fidelity to plain mean anything; the exit heads are untrained copies of the
+output layer); `--pipeline DIR` (+ `--heads DIR`) runs a saved pipeline with trained heads instead. Needs the
+`market` extra (cache-dit) unless `--no-cache-dit`.
+
+    OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --out results/market_dit_cpu.json
+    OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --family flux --out results/market_flux_cpu.json
+"""
+from __future__ import annotations
+import argparse, sys, time
+from pathlib import Path
+import torch
+from adadiff_nb.experiments.exit_bench import add_timing_args, write_bench_json
+from adadiff_nb.experiments.market import DIFFUSERS_CACHES, market_methods, market_table, run_market
+
+FAMILIES = ('dit', 'pixart', 'flux', 'sd3', 'sana', 'wan')
+PROMPTS = ['a photo of a cat', 'a painting of a red bird', 'a small dog on the green', 'the blue cat with a dog']
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], conflict_handler='resolve')
+    add_timing_args(p, repeats=5)
+    p.add_argument('--family', choices=FAMILIES, default='dit', help='tiny random pipeline to build')
+    p.add_argument('--pipeline', default=None, help='a saved diffusers pipeline directory instead (DiT or PixArt)')
+    p.add_argument('--heads', default=None, help='trained exit heads (adapter directory) for --pipeline')
+    p.add_argument('--layers', type=int, default=12, help='transformer blocks (Flux: double-stream blocks)')
+    p.add_argument('--single-layers', type=int, default=8, help='Flux single-stream blocks')
+    p.add_argument('--heads-n', type=int, default=4, help='attention heads (DiT, PixArt)')
+    p.add_argument('--head-dim', type=int, default=64, help='attention head width (DiT, PixArt)')
+    p.add_argument('--sample-size', type=int, default=16, help='latent side (DiT, PixArt)')
+    p.add_argument('--batch', type=int, default=4, help='images per call')
+    p.add_argument('--steps', type=int, default=20, help='sampling steps per call')
+    p.add_argument('--guidance-scale', type=float, default=4.0, help='DiT / PixArt guidance (> 1: 2 rows per image)')
+    p.add_argument('--thresholds', type=float, nargs='*', default=[.2, .4, .6, .8], help='early-exit thresholds')
+    p.add_argument('--cache-dit-thresholds', type=float, nargs='*', default=[.05, .1, .2, .4],
+                   help="cache-dit residual_diff_threshold sweep (with Fn=1, Bn=0, 2 warm-up steps)")
+    p.add_argument('--no-cache-dit', action='store_true', help='leave cache-dit out (no market extra needed)')
+    p.add_argument('--diffusers-caches', nargs='*', default=list(DIFFUSERS_CACHES), help='diffusers caches to try')
+    p.add_argument('--no-compose', action='store_true', help='no early exit + cache rows')
+    p.add_argument('--out', default='results/market_cpu.json')
+    p.set_defaults(warmup=1)
+    return p
+
+
+def check_args(a):
+    "Clear errors before building anything."
+    for name in ('layers', 'single_layers', 'heads_n', 'head_dim', 'sample_size', 'batch', 'steps', 'repeats'):
+        if getattr(a, name) < 1: raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup < 0: raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
+    if a.sample_size % 2: raise ValueError(f"--sample-size must be even (patch size 2), got {a.sample_size}")
+    bad = [t for t in a.thresholds if not 0 <= t <= 1]
+    if bad: raise ValueError(f"--thresholds must lie in [0, 1], got {bad}")
+    bad = [t for t in a.cache_dit_thresholds if t < 0]
+    if bad: raise ValueError(f"--cache-dit-thresholds must be >= 0, got {bad}")
+    bad = [c for c in a.diffusers_caches if c not in DIFFUSERS_CACHES]
+    if bad: raise ValueError(f"--diffusers-caches {bad} unknown; use some of {' '.join(DIFFUSERS_CACHES)}")
+    if a.heads and not a.pipeline: raise ValueError("--heads needs --pipeline (trained heads belong to a saved model)")
+    if a.pipeline and not Path(a.pipeline).is_dir(): raise ValueError(f"--pipeline {a.pipeline} is not a directory")
+    if a.heads and not Path(a.heads).is_dir(): raise ValueError(f"--heads {a.heads} is not a directory")
+    if a.threads is not None and a.threads < 1: raise ValueError(f"--threads must be >= 1, got {a.threads}")
+    if not Path(a.out).parent.is_dir():
+        raise ValueError(f"{Path(a.out).parent} does not exist; create it or pass another --out")
+    if not a.no_cache_dit:
+        from adadiff_nb.experiments.market import require_cache_dit
+        require_cache_dit()                                              # the missing extra, named before any work
+
+
+def build_pipeline(a):
+    "(pipeline, weights) of the arguments: a saved one, or a tiny random one of --family."
+    if a.pipeline:
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained(a.pipeline)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, f'trained: {a.pipeline}'
+    if a.family in ('dit', 'pixart'):
+        from adadiff_nb.integrations.adapters import tiny_dit_pipeline, tiny_pixart_pipeline
+        build = tiny_dit_pipeline if a.family == 'dit' else tiny_pixart_pipeline
+        return build(seed=a.seed, num_layers=a.layers, sample_size=a.sample_size, heads=a.heads_n,
+                     head_dim=a.head_dim), 'random'
+    from adadiff_nb.integrations import transformer_adapters as ta
+    if a.family == 'flux': return ta.tiny_flux_pipeline(a.seed, a.layers, a.single_layers), 'random'
+    return getattr(ta, f'tiny_{a.family}_pipeline')(a.seed, a.layers), 'random'
+
+
+def call_kwargs(pipe, a) -> dict:
+    "The keyword arguments of every call: labels or prompts (or tiny embeddings), steps, decoded images."
+    kw = dict(num_inference_steps=a.steps, output_type='np')
+    name = type(pipe).__name__
+    if name == 'DiTPipeline':
+        n = int(pipe.transformer.config.num_embeds_ada_norm)
+        return dict(kw, class_labels=[(97 * i + 1) % n for i in range(a.batch)], guidance_scale=a.guidance_scale)
+    if name.startswith('PixArt'):
+        kw.update(prompt=[PROMPTS[i % len(PROMPTS)] for i in range(a.batch)], guidance_scale=a.guidance_scale,
+                  clean_caption=False)
+        if a.pipeline: return kw
+        side = int(pipe.transformer.config.sample_size) * pipe.vae_scale_factor      # tiny: no resolution bins
+        return dict(kw, height=side, width=side, use_resolution_binning=False, max_sequence_length=8)
+    from adadiff_nb.integrations.transformer_adapters import tiny_call_kwargs
+    return dict(tiny_call_kwargs(pipe, batch=a.batch, seed=a.seed), **kw)
+
+
+def run(a, log=print) -> dict:
+    "Build the pipeline and the market, run it, print the table."
+    pipe, weights = build_pipeline(a)
+    dev = torch.device(a.device)
+    pipe = pipe.to(dev)
+    kw = call_kwargs(pipe, a)
+    ms = market_methods(pipe, kw, thresholds=a.thresholds, heads=a.heads, cache_dit_default=not a.no_cache_dit,
+                        cache_dit_thresholds=[] if a.no_cache_dit else a.cache_dit_thresholds,
+                        diffusers_caches=a.diffusers_caches, compose=not a.no_compose, seed=a.seed)
+    res = run_market(pipe, kw, ms, repeats=a.repeats, warmup=a.warmup, seed=a.seed, weights=weights, device=dev,
+                     log=log)
+    log(market_table(res))
+    return dict(res, family=None if a.pipeline else a.family)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a, t0 = build_parser().parse_args(argv), time.time()
+    try:
+        check_args(a)
+        if a.threads: torch.set_num_threads(a.threads)
+        res = run(a, log=lambda s: print(s, flush=True))
+    except (ValueError, ImportError) as e:
+        print(f"bench_market: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {write_bench_json(a.out, 'bench/bench_market.py', argv, t0, **res)}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The accelerator market (adadiff_nb.experiments.market) on tiny random pipelines: plain against plain is identical,
+a method that changes the output has a finite PSNR, disabling restores the plain output (and a method that does not
+restore stops the run), unsupported caches give a reason row, cache-dit leaves the transformer as it found it, and
+bench/bench_market.py runs end to end and refuses bad input before building anything. No timing thresholds."""
+import json, os, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('diffusers')
+pytest.importorskip('cache_dit')
+from adadiff_nb.experiments.market import (PSNR_CAP, TINY_CACHE_DIT, MarketMethod, cache_dit_method,  # noqa: E402
+                                           diffusers_cache_method, market_methods, market_table, module_forwards,
+                                           plain_method, run_market)
+from adadiff_nb.integrations.adapters import tiny_dit_pipeline  # noqa: E402
+from adadiff_nb.integrations.transformer_adapters import (tiny_call_kwargs, tiny_flux_pipeline,  # noqa: E402
+                                                          tiny_sd3_pipeline)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+SCRIPT = str(ROOT / 'bench' / 'bench_market.py')
+KW = dict(class_labels=[1, 2, 3], num_inference_steps=5, output_type='np')
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='module')
+def dit():
+    return tiny_dit_pipeline(num_layers=4)
+
+
+@pytest.fixture(scope='module')
+def dit_market(dit):
+    ms = market_methods(dit, KW, thresholds=[1.], cache_dit_default=False, cache_dit_thresholds=[.3],
+                        diffusers_caches=['FirstBlockCache'])
+    res = run_market(dit, KW, ms, repeats=1, warmup=0)
+    return res, {r['method']: r for r in res['rows']}
+
+
+def test_plain_identical_and_methods_change_output(dit_market):
+    res, rows = dit_market
+    p = rows['plain']
+    assert p['identical_to_plain'] and p['mse'] == 0 and p['psnr'] == PSNR_CAP and p['speedup'] == 1
+    ee = rows['early_exit 1']                                       # every row at the first exit: a different image
+    assert not ee['identical_to_plain'] and ee['mse'] > 0 and np.isfinite(ee['psnr']) and ee['psnr'] < PSNR_CAP
+    assert ee['mse_ci']['low'] <= ee['mse'] <= ee['mse_ci']['high'] and ee['mse_ci']['n'] == 3
+    assert ee['compute']['layer_ratio'] < .3 and ee['compute']['linear_flops_ratio'] < .3
+    assert ee['restored'] and ee['leftover'] == [] and ee['seconds'] > 0
+    assert abs(ee['speedup'] - ee['plain_seconds'] / ee['seconds']) < 1e-12
+    assert res['weights'] == 'random' and 'untrained copies' in res['notes'][0]
+    json.dumps(res)                                                 # JSON-ready
+
+
+def test_cache_dit_row_and_composition(dit_market):
+    _, rows = dit_market
+    cd = rows['cache_dit 0.3']
+    assert cd['restored'] and cd['leftover'] == []                 # its patched forwards and new submodule put back
+    assert cd['compute']['n_cached_steps'] == len(cd['compute']['cached_steps'])
+    comp = rows['early_exit 1 + cache_dit 0.3']
+    assert not comp['supported'] and 'refused' in comp['reason'] and 'cache-dit' in comp['reason']
+    assert 'seconds' not in comp
+
+
+def test_unsupported_caches_give_reason_rows(dit_market):
+    res, rows = dit_market
+    for k in ('FirstBlockCache', 'early_exit 1 + FirstBlockCache'):
+        assert not rows[k]['supported'] and 'has no diffusers CacheMixin' in rows[k]['reason']
+    assert 'not run: DiTTransformer2DModel has no diffusers CacheMixin' in market_table(res)
+    m = diffusers_cache_method(tiny_sd3_pipeline(), 'FirstBlockCache')
+    assert m.enable is None and m.reason.startswith('SD3Transformer2DModel has no diffusers CacheMixin')
+    reason = cache_dit_method(tiny_dit_pipeline(num_layers=2)).reason       # its defaults need 8 blocks
+    assert reason.startswith("cache-dit's Fn_compute_blocks=8 / Bn_compute_blocks=0 exceed the transformer's 2 blocks")
+
+
+def test_method_that_does_not_restore_stops_the_run(dit):
+    w = dit.transformer.proj_out_2.bias
+    def enable(p):
+        with torch.no_grad(): w.add_(.5)                            # changes the model and never undoes it
+    ms = dict(plain=plain_method(), broken=MarketMethod('early_exit', enable=enable, disable=lambda p: None))
+    try:
+        with pytest.raises(RuntimeError, match="broken: after disabling it the plain pipeline's output differs"):
+            run_market(dit, KW, ms, repeats=1, warmup=0)
+    finally:
+        with torch.no_grad(): w.sub_(.5)
+
+
+def test_bad_input_refused(dit):
+    ms = dict(plain=plain_method())
+    with pytest.raises(ValueError, match="output_type='np' or 'pt'"):
+        run_market(dit, {**KW, 'output_type': 'latent'}, ms)
+    with pytest.raises(ValueError, match="must contain 'plain'"):
+        run_market(dit, KW, {'x': MarketMethod('cache_dit', reason='none')})
+    with pytest.raises(ValueError, match='repeats must be an integer >= 1'):
+        run_market(dit, KW, ms, repeats=0)
+    with pytest.raises(ValueError, match='threshold'):
+        market_methods(dit, KW, thresholds=[1.5])
+
+
+def test_cache_dit_puts_flux_back_and_diffusers_cache_runs_after():
+    pipe = tiny_flux_pipeline(num_layers=1, num_single_layers=2)
+    kw = dict(tiny_call_kwargs(pipe, batch=1), num_inference_steps=4, output_type='np')
+    before = module_forwards(pipe.transformer)
+    order = [n for n, _ in pipe.transformer.named_children()]
+    m = cache_dit_method(pipe, .3, **TINY_CACHE_DIT)
+    m.enable(pipe)
+    pipe(**kw)                                                      # a cached call re-registers the block lists
+    m.disable(pipe)
+    assert [n for n, _ in pipe.transformer.named_children()] == order
+    assert module_forwards(pipe.transformer) == before
+    fbc = diffusers_cache_method(pipe, 'FirstBlockCache', threshold=.2)
+    fbc.enable(pipe)
+    try: pipe(**kw)                                                 # fails when the block order stays changed
+    finally: fbc.disable(pipe)
+
+
+def test_bench_market_script(tmp_path):
+    out = tmp_path / 'market.json'
+    cmd = [sys.executable, SCRIPT, '--layers', '2', '--heads-n', '2', '--head-dim', '8', '--sample-size', '8',
+           '--steps', '3', '--batch', '2', '--repeats', '1', '--warmup', '0', '--thresholds', '0.5',
+           '--cache-dit-thresholds', '0.2', '--diffusers-caches', 'FirstBlockCache', '--threads', '1',
+           '--out', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    names = [x['method'] for x in res['rows']]
+    assert names[:2] == ['plain', 'early_exit 0.5'] and 'cache_dit 0.2' in names and 'FirstBlockCache' in names
+    assert res['weights'] == 'random' and res['family'] == 'dit' and res['command'].startswith('python bench/')
+    assert res['pipeline']['config']['num_layers'] == 2
+    bad = subprocess.run([sys.executable, SCRIPT, '--diffusers-caches', 'TeaCache'], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    assert bad.returncode == 2 and "--diffusers-caches ['TeaCache'] unknown" in bad.stderr
