@@ -22,6 +22,7 @@ EXTRAS = {
     'tome': "Token Merging, the ASE paper's ToMe baseline (tomesd)",
     'prune': "S-Pruning, Diff-Pruning's structural pruning of heads and MLP channels (torch-pruning)",
     'market': "the accelerator market's cache-dit rows (cache-dit)",
+    'deepcache': "the accelerator market's DeepCache rows on Stable Diffusion (DeepCache)",
 }
 
 def install_hint(extra: str) -> str:

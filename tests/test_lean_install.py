@@ -12,8 +12,8 @@ tomllib = pytest.importorskip('tomllib' if sys.version_info >= (3, 11) else 'tom
 
 # what the extras install (import names), hidden from the lean interpreter
 OPTIONAL = ['plotly', 'ipywidgets', 'anywidget', 'accelerate', 'pytorch_fid', 'diffusers', 'transformers', 'nbdev',
-            'tomesd', 'torch_pruning', 'cache_dit', 'smalldocs', 'IPython', 'pandas', 'hypothesis', 'playwright',
-            'jupyterlab']
+            'tomesd', 'torch_pruning', 'cache_dit', 'DeepCache', 'smalldocs', 'IPython', 'pandas', 'hypothesis',
+            'playwright', 'jupyterlab']
 CORE_MODULES = ['extras', 'diffusion', 'uvit', 'dit', 'checkpoint', 'early_exit', 'default_model', 'samplers', 'cost',
                 'losses', 'metrics', 'sampling', 'official_adadiff', 'sample', 'baselines', 'calibrate', 'caching',
                 'exits.token_merging', 'exits.pruning']
@@ -49,11 +49,11 @@ def test_extras_cover_the_optional_packages():
     assert set(EXTRAS) <= set(extras), f'extras named in errors but not declared: {set(EXTRAS) - set(extras)}'
     want = {'app': {'plotly', 'ipywidgets', 'anywidget'}, 'metrics': {'pytorch-fid'}, 'train': {'accelerate'},
             'diffusers': {'diffusers'}, 't2i': {'diffusers', 'transformers'}, 'docs': {'nbdev', 'smalldocs'},
-            'tome': {'tomesd'}, 'prune': {'torch-pruning'}, 'market': {'cache-dit'}}
+            'tome': {'tomesd'}, 'prune': {'torch-pruning'}, 'market': {'cache-dit'}, 'deepcache': {'deepcache'}}
     for extra, pkgs in want.items():
         assert pkgs <= names(extras[extra]), f'[{extra}] lacks {pkgs - names(extras[extra])}'
     dev = extras['dev']
-    assert {'app', 'metrics', 'train', 't2i', 'docs', 'tome', 'prune', 'market'} <= self_extras(dev), \
+    assert {'app', 'metrics', 'train', 't2i', 'docs', 'tome', 'prune', 'market', 'deepcache'} <= self_extras(dev), \
         'the dev extra must pull in every extra'
     assert {'hypothesis', 'pytest', 'playwright', 'nbdev', 'jupyterlab'} <= names(dev)
     assert 'quarto' not in self_extras(dev), 'quarto-cli downloads Quarto at install: it cannot be in dev (offline CI)'

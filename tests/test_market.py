@@ -1,7 +1,9 @@
 """The accelerator market (adadiff_nb.experiments.market) on tiny random pipelines: plain against plain is identical,
 a method that changes the output has a finite PSNR, disabling restores the plain output (and a method that does not
 restore stops the run), unsupported caches give a reason row, cache-dit leaves the transformer as it found it, and
-bench/bench_market.py runs end to end and refuses bad input before building anything. No timing thresholds."""
+bench/bench_market.py runs end to end and refuses bad input before building anything. On a tiny Stable Diffusion
+pipeline (UNet): plain against plain is identical, DeepCache and tomesd change the output and give the plain one back,
+early exit on top of DeepCache is refused. No timing thresholds."""
 import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('cache_dit')
 from adadiff_nb.experiments.market import (PSNR_CAP, TINY_CACHE_DIT, MarketMethod, cache_dit_method,  # noqa: E402
-                                           diffusers_cache_method, market_methods, market_table, module_forwards,
+                                           diffusers_cache_method, market_methods, market_sd_call_kwargs,
+                                           market_sd_pipeline, market_table, module_attrs, module_forwards,
                                            plain_method, run_market)
 from adadiff_nb.integrations.adapters import tiny_dit_pipeline  # noqa: E402
 from adadiff_nb.integrations.transformer_adapters import (tiny_call_kwargs, tiny_flux_pipeline,  # noqa: E402
@@ -129,3 +132,70 @@ def test_bench_market_script(tmp_path):
     bad = subprocess.run([sys.executable, SCRIPT, '--diffusers-caches', 'TeaCache'], capture_output=True, text=True,
                          env=ENV, timeout=300)
     assert bad.returncode == 2 and "--diffusers-caches ['TeaCache'] unknown" in bad.stderr
+
+
+@pytest.fixture(scope='module')
+def sd_market():
+    pytest.importorskip('DeepCache')
+    pytest.importorskip('tomesd')
+    pipe = market_sd_pipeline(block_out_channels=(16, 32), sample_size=16)    # attention at full resolution
+    kw = market_sd_call_kwargs(pipe, batch=2, steps=3)
+    forwards, attrs = module_forwards(pipe.unet), module_attrs(pipe.unet)
+    classes = [type(m) for m in pipe.unet.modules()]
+    ms = market_methods(pipe, kw, thresholds=[1.], exit_layers=[0], cache_dit_default=False, cache_dit_thresholds=[],
+                        diffusers_caches=[], deepcache_intervals=[2], tome_ratios=[.5])
+    res = run_market(pipe, kw, ms, repeats=1, warmup=0)
+    after = (module_forwards(pipe.unet) == forwards, module_attrs(pipe.unet) == attrs,
+             [type(m) for m in pipe.unet.modules()] == classes)
+    return res, {r['method']: r for r in res['rows']}, after
+
+
+def test_sd_plain_identical(sd_market):
+    res, rows, _ = sd_market
+    p = rows['plain']
+    assert p['identical_to_plain'] and p['mse'] == 0 and p['psnr'] == PSNR_CAP and p['speedup'] == 1
+    assert (res['pipeline']['pipeline'], res['pipeline']['unet']) == ('StableDiffusionPipeline', 'UNet2DConditionModel')
+    assert p['compute']['block_flops_ratio'] == 1 and res['plain_work']['conv_flops'] > 0
+    json.dumps(res)
+
+
+@pytest.mark.parametrize('name', ['deepcache 2', 'tomesd 0.5', 'static_exit 0'])
+def test_sd_methods_change_output_and_restore(sd_market, name):
+    _, rows, after = sd_market
+    r = rows[name]
+    assert r['supported'] and not r['identical_to_plain'] and r['mse'] > 0 and r['psnr'] < PSNR_CAP
+    assert r['restored'] and r['leftover'] == [] and r['compute']['block_flops_ratio'] < 1
+    assert all(after)                                   # forwards, instance attributes and block classes as before
+
+
+def test_sd_deepcache_counts_its_cached_steps(sd_market):
+    _, rows, _ = sd_market
+    assert rows['deepcache 2']['compute']['cached_steps'] == [1]          # steps 0 and 2 of 3 run in full
+    assert rows['static_exit 0']['compute']['flop_ratio'] < 1
+
+
+def test_sd_early_exit_on_deepcache_refused(sd_market):
+    _, rows, _ = sd_market
+    comp = rows['early_exit 1 + deepcache 2']
+    assert not comp['supported'] and 'seconds' not in comp
+    assert comp['reason'].startswith('refused: early exit would bypass a patched forward on the UNet2DConditionModel')
+
+
+def test_bench_market_sd_script(tmp_path):
+    pytest.importorskip('DeepCache')
+    pytest.importorskip('tomesd')
+    out = tmp_path / 'market_sd.json'
+    cmd = [sys.executable, SCRIPT, '--family', 'sd', '--sd-channels', '16', '32', '--sample-size', '16', '--steps', '3',
+           '--batch', '2', '--repeats', '1', '--warmup', '0', '--thresholds', '1', '--cache-dit-thresholds',
+           '--diffusers-caches', '--deepcache-intervals', '2', '--tome-ratios', '0.5', '--threads', '1',
+           '--out', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {x['method']: x for x in res['rows']}
+    assert res['family'] == 'sd' and res['pipeline']['config']['block_out_channels'] == [16, 32]
+    assert rows['static_exit 0']['restored'] and rows['static_exit 1']['restored']        # every exit below the full
+    assert rows['deepcache 2']['restored'] and rows['tomesd 0.5']['restored']
+    bad = subprocess.run([sys.executable, SCRIPT, '--family', 'sd', '--tome-ratios', '0.9'], capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert bad.returncode == 2 and '--tome-ratios must lie in (0, 0.75]' in bad.stderr

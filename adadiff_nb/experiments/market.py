@@ -1,8 +1,9 @@
 """Early exit against the accelerators users already have, on one diffusers pipeline and one clock: plain,
 `enable_early_exit` at several thresholds, cache-dit's DBCache (its default and a sweep of its residual threshold),
-diffusers' own caches where the model supports them, and early exit on top of a cache; the same prompts or labels
-and initial noise for every method, whole pipeline calls timed in turns, fidelity to the plain pipeline's output
-with bootstrap intervals, each method's own compute statistics, and whether disabling it restores the pipeline.
+diffusers' own caches where the model supports them, DeepCache and tomesd on UNet pipelines (Stable Diffusion), and
+early exit on top of a cache; the same prompts or labels and initial noise for every method, whole pipeline calls
+timed in turns, fidelity to the plain pipeline's output with bootstrap intervals, each method's own compute
+statistics, and whether disabling it restores the pipeline.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/market.html.md"""
 
@@ -10,7 +11,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/market.html.md"""
 
 # %% ../../nbs/experiments/07f_market.ipynb #281a16bc
 from __future__ import annotations
-import ast, contextlib, io, logging, re, time
+import ast, contextlib, inspect, io, logging, math, re, time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,12 +20,15 @@ import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['METHOD_FAMILIES', 'TINY_CACHE_DIT', 'BLOCK_LISTS', 'DIFFUSERS_CACHES', 'CALL_ERRORS', 'NOTES', 'require_cache_dit',
-           'quiet_cache_dit', 'MarketMethod', 'plain_method', 'early_exit_stats', 'early_exit_method',
-           'transformer_blocks', 'cache_dit_reason', 'cache_dit_stats', 'module_forwards', 'put_back_forwards',
-           'cache_dit_method', 'diffusers_cache_reason', 'calibrate_mag_ratios', 'diffusers_cache_config',
-           'diffusers_cache_method', 'composed_method', 'market_methods', 'pipeline_images', 'count_block_work',
-           'hook_state', 'leftover', 'time_market', 'run_market', 'market_table', 'market_compare']
+__all__ = ['DENOISERS', 'METHOD_FAMILIES', 'TINY_CACHE_DIT', 'BLOCK_LISTS', 'UNET_PARTS', 'DIFFUSERS_CACHES', 'DEEPCACHE_EXTRA',
+           'CALL_ERRORS', 'NOTES', 'UNET_NOTE', 'require_cache_dit', 'quiet_cache_dit', 'denoiser_name', 'denoiser',
+           'market_sd_pipeline', 'market_sd_call_kwargs', 'MarketMethod', 'plain_method', 'early_exit_stats',
+           'early_exit_method', 'static_exit_method', 'transformer_blocks', 'unet_blocks', 'is_unet', 'denoiser_blocks',
+           'cache_dit_reason', 'cache_dit_stats', 'module_forwards', 'put_back_forwards', 'cache_dit_method',
+           'diffusers_cache_reason', 'calibrate_mag_ratios', 'diffusers_cache_config', 'diffusers_cache_method',
+           'require_deepcache', 'unet_reason', 'deepcache_method', 'module_attrs', 'drop_new_attrs', 'tome_reason',
+           'tome_method', 'composed_method', 'market_methods', 'pipeline_images', 'count_block_work', 'hook_state',
+           'leftover', 'time_market', 'run_market', 'market_table', 'market_compare']
 
 # %% ../../nbs/experiments/07f_market.ipynb #331d35a9
 from ..extras import require
@@ -34,6 +38,7 @@ from ..exits.early_exit import check_threshold
 from .exit_bench import run_environment
 from .schedule_baselines import PSNR_CAP, image_fidelity, paired_bootstrap
 from ..integrations.diffusers import disable_early_exit, enable_early_exit, exit_stats
+from ..integrations.unet_adapters import tiny_unet_call_kwargs
 
 # %% ../../nbs/experiments/07f_market.ipynb #68ab25a1
 def require_cache_dit():
@@ -50,8 +55,79 @@ def quiet_cache_dit(level: int = logging.ERROR):
     finally:
         for n, lv in old.items(): logging.getLogger(n).setLevel(lv)
 
+# %% ../../nbs/experiments/07f_market.ipynb #67744762
+DENOISERS = ('transformer', 'unet')
+
+def denoiser_name(pipe) -> str:
+    "'transformer' or 'unet': the attribute of `pipe` holding the model the market measures (a transformer first)."
+    for k in DENOISERS:
+        if isinstance(getattr(pipe, k, None), nn.Module): return k
+    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet: the market runs on diffusers "
+                     "pipelines with one of them")
+
+def denoiser(pipe) -> nn.Module:
+    "The pipeline's transformer, or its UNet where it has no transformer (`denoiser_name`)."
+    return getattr(pipe, denoiser_name(pipe))
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #45b6625d
+def _check_sd_size(block_out_channels, sample_size: int, attention_head_dim: int):
+    n = len(block_out_channels)
+    if n < 2 or any(c % 8 or c % attention_head_dim for c in block_out_channels):
+        raise ValueError(f"block_out_channels must hold >= 2 widths divisible by 8 and by attention_head_dim "
+                         f"({attention_head_dim}), got {tuple(block_out_channels)}")
+    if sample_size % 8 or sample_size % 2 ** (n - 1):
+        raise ValueError(f"sample_size must be a multiple of 8 and of 2^{n - 1} (the pipeline's size check, the "
+                         f"UNet's downsampling), got {sample_size}")
+
+def market_sd_pipeline(seed: int = 0, block_out_channels=(64, 128), sample_size: int = 32, xl: bool = False,
+                       attention_head_dim: int = 8):
+    """A tiny random `StableDiffusionPipeline` (`xl`: `StableDiffusionXLPipeline`, added time / text embeddings) for the
+    market: a `UNet2DConditionModel` with cross-attention blocks at every level (self-attention at full resolution,
+    where tomesd merges), `sample_size` latents, one ResNet per level, a one-level VAE, DDIM; no text encoders
+    (`market_sd_call_kwargs` gives prompt embeddings)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    _check_sd_size(block_out_channels, sample_size, attention_head_dim)
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    xl_kw = dict(addition_embed_type='text_time', addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                 use_linear_projection=True) if xl else {}                  # 6 time ids x 8 + pooled 32
+    unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=tuple(block_out_channels), norm_num_groups=8,
+                                attention_head_dim=attention_head_dim, cross_attention_dim=32,
+                                down_block_types=('CrossAttnDownBlock2D',) * n,
+                                up_block_types=('CrossAttnUpBlock2D',) * n, **xl_kw)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=('DownEncoderBlock2D',),
+                        up_block_types=('UpDecoderBlock2D',), latent_channels=4, norm_num_groups=8)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    parts = dict(vae=vae.eval(), unet=unet.eval(), scheduler=sched)
+    if xl:
+        pipe = diffusers.StableDiffusionXLPipeline(text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                                   tokenizer_2=None, add_watermarker=False, **parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(text_encoder=None, tokenizer=None, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #c3105a00
+def market_sd_call_kwargs(pipe, batch: int = 2, steps: int = 20, guidance_scale: float = 5., seed: int = 0,
+                          text_tokens: int = 8) -> dict:
+    """The keyword arguments of every market call on a `market_sd_pipeline`: random prompt and negative-prompt
+    embeddings of `seed` (SDXL: pooled ones too), the latents' full size, `steps`, guidance (> 1: 2 UNet rows per
+    image), decoded images; no generator (`run_market` gives every call its own)."""
+    kw = tiny_unet_call_kwargs(pipe, batch, seed, text_tokens)
+    kw.pop('generator')
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return dict(kw, height=side, width=side, num_inference_steps=steps, guidance_scale=float(guidance_scale),
+                output_type='np')
+
+
 # %% ../../nbs/experiments/07f_market.ipynb #e397b1ed
-METHOD_FAMILIES = ('plain', 'early_exit', 'cache_dit', 'diffusers_cache', 'composed')
+METHOD_FAMILIES = ('plain', 'early_exit', 'cache_dit', 'diffusers_cache', 'deepcache', 'tome', 'composed')
 
 @dataclass
 class MarketMethod:
@@ -83,9 +159,11 @@ def _heads_name(heads) -> str:
     return str(heads) if isinstance(heads, (str, bytes)) or hasattr(heads, '__fspath__') else type(heads).__name__
 
 def early_exit_stats(pipe) -> dict:
-    "The layer ratio and GFLOPs (and the full model's) of the last call of a pipeline with early exit enabled."
+    """The layer ratio, GFLOPs (and the full model's) and their ratio of the last call of a pipeline with early exit
+    enabled (a UNet's exit runs its up path: there `flop_ratio`, not the layer ratio, is the cost)."""
     s = exit_stats(pipe)
-    return dict(layer_ratio=s['layer_ratio'], gflops=s['gflops'], gflops_full=s['gflops_full'])
+    return dict(layer_ratio=s['layer_ratio'], gflops=s['gflops'], gflops_full=s['gflops_full'],
+                flop_ratio=s.get('flop_ratio'))
 
 def early_exit_method(threshold: float, heads=None, **ee_kw) -> MarketMethod:
     """Early exit at `threshold` (`enable_early_exit`); `heads`: None (untrained copies of the output layer), an
@@ -94,6 +172,18 @@ def early_exit_method(threshold: float, heads=None, **ee_kw) -> MarketMethod:
     return MarketMethod('early_exit', dict(threshold=float(thr), heads=_heads_name(heads), **ee_kw),
                         enable=lambda p: enable_early_exit(p, thr, heads=heads, **ee_kw), disable=disable_early_exit,
                         stats=early_exit_stats)
+
+def static_exit_method(exit_layer: int, heads=None) -> MarketMethod:
+    """Every row of every step leaves at exit `exit_layer` (`enable_early_exit(pipe, None, exit_layer=...)`, no UEM;
+    on a UNet: levels 0..exit_layer, the exit adapter and the up path): what exiting there costs, whatever a UEM
+    would decide (on random weights the UEMs decide nothing meaningful)."""
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or exit_layer < 0:
+        raise ValueError(f"exit_layer must be an integer >= 0 (0 = the first exit), got {exit_layer!r}")
+    d = int(exit_layer)
+    return MarketMethod('early_exit', dict(exit_layer=d, heads=_heads_name(heads)),
+                        enable=lambda p: enable_early_exit(p, None, heads=heads, exit_layer=d),
+                        disable=disable_early_exit, stats=early_exit_stats)
+
 
 # %% ../../nbs/experiments/07f_market.ipynb #d12ebe4b
 TINY_CACHE_DIT = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=2)   # can cache on 8 blocks
@@ -108,8 +198,29 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
         if isinstance(blocks, nn.ModuleList): out += list(blocks)
     return out
 
+
+# %% ../../nbs/experiments/07f_market.ipynb #14169d0b
+UNET_PARTS = ('resnets', 'attentions', 'downsamplers', 'upsamplers')
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    "The layers (`UNET_PARTS`: ResNets, attentions, samplers) of a diffusers UNet's down, mid and up blocks."
+    out = []
+    for blk in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for name in UNET_PARTS: out += list(getattr(blk, name, None) or [])
+    return out
+
+def is_unet(model: nn.Module) -> bool:
+    "Whether `model` is a diffusers UNet (down and up blocks)."
+    return isinstance(getattr(model, 'down_blocks', None), nn.ModuleList) and hasattr(model, 'up_blocks')
+
+def denoiser_blocks(model: nn.Module) -> list[nn.Module]:
+    "The blocks whose work the market counts: a transformer's `transformer_blocks`, a UNet's `unet_blocks`."
+    return unet_blocks(model) if is_unet(model) else transformer_blocks(model)
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #ec289e91
 def _cache_dit_fits(pipe, config: dict) -> str | None:
-    n, fn, bn = len(transformer_blocks(pipe.transformer)), config['Fn_compute_blocks'], config['Bn_compute_blocks']
+    n, fn, bn = len(transformer_blocks(denoiser(pipe))), config['Fn_compute_blocks'], config['Bn_compute_blocks']
     if max(fn, bn) <= n: return None
     return (f"cache-dit's Fn_compute_blocks={fn} / Bn_compute_blocks={bn} exceed the transformer's {n} blocks (its "
             "calls fail): pass smaller ones")
@@ -179,7 +290,7 @@ def cache_dit_method(pipe, residual_diff_threshold: float | None = None, **confi
     cd.DBCacheConfig(**config)                                              # unknown settings fail here, not later
     memo = {}
     def enable(p):
-        memo['forwards'] = module_forwards(p.transformer)
+        memo['forwards'] = module_forwards(denoiser(p))
         with quiet_cache_dit():
             if thr is None: cd.enable_cache(p)
             else: cd.enable_cache(p, cache_config=cd.DBCacheConfig(residual_diff_threshold=float(thr), **config))
@@ -197,7 +308,7 @@ def diffusers_cache_reason(pipe, name: str) -> str | None:
     "Why diffusers' cache `name` cannot run on `pipe`, or None."
     import diffusers
     from diffusers.models.cache_utils import CacheMixin
-    tr = pipe.transformer
+    tr = denoiser(pipe)
     if not isinstance(tr, CacheMixin):
         return (f"{type(tr).__name__} has no diffusers CacheMixin (transformer.enable_cache) in diffusers "
                 f"{diffusers.__version__}")
@@ -211,10 +322,10 @@ def calibrate_mag_ratios(pipe, call_kwargs: dict, seed: int = 1) -> list[float]:
     ratios diffusers prints at its end are read back)."""
     from diffusers import MagCacheConfig
     steps, buf = int(call_kwargs['num_inference_steps']), io.StringIO()
-    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    denoiser(pipe).enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
     try:
         with contextlib.redirect_stdout(buf): pipe(**dict(call_kwargs, generator=torch.Generator().manual_seed(seed)))
-    finally: pipe.transformer.disable_cache()
+    finally: denoiser(pipe).disable_cache()
     m = re.search(r'Calibration Complete[^\n]*\n(\[[^\]]*\])', buf.getvalue())
     if m is None: raise RuntimeError("MagCache's calibration printed no ratios (another diffusers version?): pass "
                                      "mag_ratios to market_methods")
@@ -264,10 +375,113 @@ def diffusers_cache_method(pipe, name: str, call_kwargs: dict | None = None, mag
     def enable(p):
         if name == 'MagCache' and memo['ratios'] is None:
             memo['ratios'] = calibrate_mag_ratios(p, call_kwargs, seed + 1)
-        p.transformer.enable_cache(diffusers_cache_config(p, name, steps, memo['ratios'], **overrides))
+        denoiser(p).enable_cache(diffusers_cache_config(p, name, steps, memo['ratios'], **overrides))
     cfg = vars(diffusers_cache_config(pipe, name, steps, [1.] * steps, **overrides))
     settings = dict(cache=name, **{k: _setting(v) for k, v in cfg.items() if k != 'mag_ratios'})
-    return MarketMethod('diffusers_cache', settings, enable, lambda p: p.transformer.disable_cache(), reason=None)
+    return MarketMethod('diffusers_cache', settings, enable, lambda p: denoiser(p).disable_cache(), reason=None)
+
+# %% ../../nbs/experiments/07f_market.ipynb #04d6730c
+DEEPCACHE_EXTRA = 'deepcache'
+
+def require_deepcache():
+    """Import `DeepCache` (the `deepcache` extra), or raise a `MissingExtraError` that names the extra installing it."""
+    return require('DeepCache', 'DeepCache in the accelerator market', DEEPCACHE_EXTRA)
+
+def unet_reason(pipe, what: str) -> str | None:
+    "Why `what` (DeepCache, tomesd: they patch a diffusers UNet) cannot run on `pipe`, or None."
+    if denoiser_name(pipe) == 'unet': return None
+    return f"{what} patches a diffusers UNet (pipe.unet); {type(pipe).__name__} has a {type(denoiser(pipe)).__name__}"
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #9cba091a
+def _counting_skips(helper, skipped: set):
+    "Wrap `helper.is_skip_step` so that the steps at which DeepCache skips the mid block land in `skipped`."
+    orig = helper.is_skip_step
+    def is_skip_step(block_i, layer_i, blocktype='down'):
+        skip = orig(block_i, layer_i, blocktype)
+        if skip and blocktype == 'mid': skipped.add(int(helper.cur_timestep))
+        return skip
+    helper.is_skip_step = is_skip_step
+
+def deepcache_method(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> MarketMethod:
+    """DeepCache on `pipe.unet` (`DeepCacheSDHelper(pipe).set_params(cache_interval, cache_branch_id)`, uniform
+    skipping; a fresh helper at every enable), or a row with the reason it cannot run."""
+    for v, name, lo in ((cache_interval, 'cache_interval', 1), (cache_branch_id, 'cache_branch_id', 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    settings = dict(cache_interval=cache_interval, cache_branch_id=cache_branch_id, skip_mode='uniform')
+    reason = unet_reason(pipe, 'DeepCache')
+    if reason: return MarketMethod('deepcache', settings, reason=reason)
+    dc, memo = require_deepcache(), dict(skipped=set())
+    def enable(p):
+        memo['forwards'], memo['skipped'] = module_forwards(p.unet), set()
+        helper = dc.DeepCacheSDHelper(pipe=p)
+        helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+        _counting_skips(helper, memo['skipped'])
+        helper.enable()
+        memo['helper'] = helper
+    def disable(p):
+        helper = memo.pop('helper', None)
+        if helper is not None: helper.disable()
+        if 'forwards' in memo: put_back_forwards(memo.pop('forwards'))     # its bound forwards left on every module
+    def stats(p):
+        s = sorted(memo['skipped'])
+        return dict(cached_steps=s, n_cached_steps=len(s))
+    return MarketMethod('deepcache', settings, enable, disable, stats)
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #5f0255e1
+def module_attrs(model: nn.Module) -> dict:
+    "{module: the names of its instance attributes} of `model` and its submodules (for `drop_new_attrs`)."
+    return {m: set(m.__dict__) for m in model.modules()}
+
+def drop_new_attrs(snap: dict):
+    "Remove from every module of a `module_attrs` snapshot the instance attributes it did not have then."
+    for m, names in snap.items():
+        for k in [k for k in m.__dict__ if k not in names]: del m.__dict__[k]
+
+def tome_reason(pipe, max_downsample: int = 1) -> str | None:
+    """Why tomesd would change nothing on `pipe`: no `unet`, or no self-attention (`BasicTransformerBlock`) at the
+    levels downsampled at most `max_downsample` times; or None."""
+    reason = unet_reason(pipe, 'tomesd')
+    if reason: return reason
+    levels = [d for d in range(len(pipe.unet.down_blocks)) if 2 ** d <= max_downsample]
+    if any(type(m).__name__ == 'BasicTransformerBlock' for d in levels for m in pipe.unet.down_blocks[d].modules()):
+        return None
+    return (f"tomesd merges tokens only in self-attention at the levels downsampled at most max_downsample="
+            f"{max_downsample} times (levels {levels}), where this {type(pipe.unet).__name__} has none: it would "
+            "change nothing; put attention there (market_sd_pipeline) or raise max_downsample")
+
+
+# %% ../../nbs/experiments/07f_market.ipynb #47550737
+def _check_tome_args(tomesd, ratio, tome_kw: dict):
+    bad = sorted(set(tome_kw) - set(inspect.signature(tomesd.apply_patch).parameters) - {'model'})
+    if bad: raise ValueError(f"tomesd.apply_patch takes no {bad}: use some of sx, sy, use_rand, merge_attn, "
+                             "merge_crossattn, merge_mlp")
+    top = 1 - 1 / (tome_kw.get('sx', 2) * tome_kw.get('sy', 2))
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= top:
+        raise ValueError(f"ratio must lie in (0, {top:g}] (tomesd merges at most 1 - 1/(sx*sy) of the tokens), "
+                         f"got {ratio!r}")
+
+def tome_method(pipe, ratio: float, max_downsample: int = 1, seed: int = 0, **tome_kw) -> MarketMethod:
+    """tomesd's ToMe on `pipe.unet` (`tomesd.apply_patch(pipe, ratio, max_downsample, **tome_kw)`, the generator of
+    its random destination tokens seeded with `seed` at every enable; `tomesd.remove_patch` and `drop_new_attrs` on
+    disable), or a row with the reason it would change nothing."""
+    tomesd = require('tomesd', 'tomesd in the accelerator market', 'tome')
+    _check_tome_args(tomesd, ratio, tome_kw)
+    settings = dict(ratio=float(ratio), max_downsample=max_downsample, seed=seed, **tome_kw)
+    reason = tome_reason(pipe, max_downsample)
+    if reason: return MarketMethod('tome', settings, reason=reason)
+    memo = {}
+    def enable(p):
+        memo['attrs'] = module_attrs(p.unet)
+        tomesd.apply_patch(p, ratio=float(ratio), max_downsample=max_downsample, **tome_kw)
+        p.unet._tome_info['args']['generator'] = torch.Generator(device=p.unet.device).manual_seed(seed)
+    def disable(p):
+        tomesd.remove_patch(p)
+        if 'attrs' in memo: drop_new_attrs(memo.pop('attrs'))
+    return MarketMethod('tome', settings, enable, disable)
+
 
 # %% ../../nbs/experiments/07f_market.ipynb #5031857a
 def _composed_check(cache: MarketMethod):
@@ -275,12 +489,14 @@ def _composed_check(cache: MarketMethod):
         if cache.family == 'cache_dit' and not s.get('n_cached_steps'):
             return ("cache-dit cached no step under early exit: early exit's hook replaces the forward that cache-dit "
                     "wraps, so the cache is bypassed (not a composition)")
+        if cache.family == 'deepcache' and not s.get('n_cached_steps'):
+            return "DeepCache skipped no step under early exit: the cache is bypassed (not a composition)"
         return None
     return check
 
 def composed_method(ee: MarketMethod, cache: MarketMethod) -> MarketMethod:
     "Early exit `ee` on top of the cache `cache` (enabled first; disabled last)."
-    if ee.family != 'early_exit' or cache.family not in ('cache_dit', 'diffusers_cache'):
+    if ee.family != 'early_exit' or cache.family not in ('cache_dit', 'diffusers_cache', 'deepcache'):
         raise ValueError(f"compose an early_exit method with a cache, got {ee.family} and {cache.family}")
     settings = dict(early_exit=ee.settings, cache=dict(family=cache.family, **cache.settings))
     if ee.reason or cache.reason: return MarketMethod('composed', settings, reason=ee.reason or cache.reason)
@@ -297,35 +513,51 @@ def composed_method(ee: MarketMethod, cache: MarketMethod) -> MarketMethod:
     return MarketMethod('composed', settings, enable, disable, stats, _composed_check(cache), parts=(ee, cache))
 
 # %% ../../nbs/experiments/07f_market.ipynb #1fc29088
-def _check_market_args(thresholds, cache_dit_thresholds, diffusers_caches):
-    "Clear errors before anything is built."
-    for name, v in (('thresholds', thresholds), ('cache_dit_thresholds', cache_dit_thresholds),
-                    ('diffusers_caches', diffusers_caches)):
+def _check_market_args(thresholds, diffusers_caches, **lists):
+    "Clear errors before anything is built (`lists`: the other sweeps, by name)."
+    for name, v in (('thresholds', thresholds), ('diffusers_caches', diffusers_caches), *lists.items()):
         if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
             raise ValueError(f"{name} must be a list or tuple (possibly empty), got {v!r}")
     for t in thresholds: check_threshold(t)
     bad = [c for c in diffusers_caches if c not in DIFFUSERS_CACHES]
     if bad: raise ValueError(f"unknown diffusers caches {bad}: use some of {', '.join(DIFFUSERS_CACHES)}")
 
+def _unet_methods(pipe, exit_layers, deepcache_intervals, deepcache_branch: int, tome_ratios, heads,
+                  seed: int) -> dict:
+    "The static exits, DeepCache and tomesd rows of `market_methods`."
+    out = {f'static_exit {d}': static_exit_method(d, heads) for d in exit_layers}
+    out.update({f'deepcache {n}': deepcache_method(pipe, n, deepcache_branch) for n in deepcache_intervals})
+    out.update({f'tomesd {r:g}': tome_method(pipe, r, seed=seed) for r in tome_ratios})
+    return out
+
+
 # %% ../../nbs/experiments/07f_market.ipynb #3292fb58
 def market_methods(pipe, call_kwargs: dict | None = None, thresholds=(.2, .4, .6), heads=None,
                    cache_dit_default: bool = True, cache_dit_thresholds=(.05, .1, .2), cache_dit_config=None,
                    diffusers_caches=DIFFUSERS_CACHES, compose: bool = True, mag_ratios=None, overrides=None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, exit_layers=(), deepcache_intervals=(), deepcache_branch: int = 0,
+                   tome_ratios=()) -> dict:
     """{name: `MarketMethod`} of the market on `pipe`: 'plain', 'early_exit T' per threshold (`heads` as in
     `early_exit_method`), 'cache_dit default' (cache-dit's own settings), 'cache_dit R' per residual threshold (with
     `cache_dit_config`, default `TINY_CACHE_DIT`), diffusers' caches by name, and with `compose` early exit at the
     middle threshold on top of the middle cache-dit setting and of FirstBlockCache. Methods that cannot run on
-    `pipe` come with their reason. `call_kwargs`: MagCache's calibration call (noise `seed` + 1)."""
-    _check_market_args(thresholds, cache_dit_thresholds, diffusers_caches)
+    `pipe` come with their reason. `call_kwargs`: MagCache's calibration call (noise `seed` + 1). UNets (and, with
+    reasons, transformers): 'static_exit d' per `exit_layers`, 'deepcache N' per `deepcache_intervals` (branch
+    `deepcache_branch`), 'tomesd R' per `tome_ratios` (seeded with `seed`), and with `compose` early exit at the
+    middle threshold on top of the first DeepCache setting."""
+    _check_market_args(thresholds, diffusers_caches, cache_dit_thresholds=cache_dit_thresholds,
+                       exit_layers=exit_layers, deepcache_intervals=deepcache_intervals, tome_ratios=tome_ratios)
     out = dict(plain=plain_method())
     out.update({f'early_exit {t:g}': early_exit_method(t, heads) for t in thresholds})
+    unet = _unet_methods(pipe, exit_layers, deepcache_intervals, deepcache_branch, tome_ratios, heads, seed)
+    out.update({k: m for k, m in unet.items() if k.startswith('static_exit')})
     cfg = dict(TINY_CACHE_DIT if cache_dit_config is None else cache_dit_config)
     if cache_dit_default: out['cache_dit default'] = cache_dit_method(pipe)
     out.update({f'cache_dit {r:g}': cache_dit_method(pipe, r, **cfg) for r in cache_dit_thresholds})
     ov = overrides or {}
     out.update({c: diffusers_cache_method(pipe, c, call_kwargs, mag_ratios, seed, **ov.get(c, {}))
                 for c in diffusers_caches})
+    out.update({k: m for k, m in unet.items() if not k.startswith('static_exit')})
     if compose and thresholds:
         t = sorted(thresholds)[len(thresholds) // 2]
         if cache_dit_thresholds:
@@ -335,6 +567,10 @@ def market_methods(pipe, call_kwargs: dict | None = None, thresholds=(.2, .4, .6
         fbc = out.get('FirstBlockCache') or diffusers_cache_method(pipe, 'FirstBlockCache',
                                                                    **ov.get('FirstBlockCache', {}))
         out[f'early_exit {t:g} + FirstBlockCache'] = composed_method(early_exit_method(t, heads), fbc)
+        if deepcache_intervals:
+            n = deepcache_intervals[0]
+            out[f'early_exit {t:g} + deepcache {n}'] = composed_method(early_exit_method(t, heads),
+                                                                       out[f'deepcache {n}'])
     return out
 
 # %% ../../nbs/experiments/07f_market.ipynb #93519544
@@ -349,14 +585,21 @@ def pipeline_images(out) -> torch.Tensor:
 @contextlib.contextmanager
 def count_block_work(transformer: nn.Module):
     """Inside the block: a dict with 'rows', the batch rows entering the transformer's blocks (summed over block calls),
-    and 'flops', the FLOPs (2 x multiply-adds) of the `nn.Linear` layers inside the blocks that actually ran."""
+    and 'flops', the FLOPs (2 x multiply-adds) of the `nn.Linear` layers inside the blocks that actually ran. On a
+    UNet the blocks are `unet_blocks` and 'conv_flops' adds the FLOPs of their `nn.Conv2d` layers."""
     w, hooks = dict(rows=0, flops=0), []
+    if is_unet(transformer):
+        w['conv_flops'] = 0
+        def conv_post(mod, args, out):
+            w['conv_flops'] += 2 * out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+        hooks += [m.register_forward_hook(conv_post) for b in denoiser_blocks(transformer) for m in b.modules()
+                  if isinstance(m, nn.Conv2d)]
     def block_pre(mod, args, kwargs):
         h = args[0] if args else kwargs.get('hidden_states')
         if torch.is_tensor(h): w['rows'] += int(h.shape[0])
     def linear_pre(mod, args):
         if args and torch.is_tensor(args[0]): w['flops'] += 2 * args[0].numel() * mod.out_features
-    for b in transformer_blocks(transformer):
+    for b in denoiser_blocks(transformer):
         hooks.append(b.register_forward_pre_hook(block_pre, with_kwargs=True))
         hooks += [m.register_forward_pre_hook(linear_pre) for m in b.modules() if isinstance(m, nn.Linear)]
     try: yield w
@@ -365,19 +608,22 @@ def count_block_work(transformer: nn.Module):
 
 # %% ../../nbs/experiments/07f_market.ipynb #e17f69d8
 def hook_state(pipe) -> dict:
-    "What accelerators change on a pipeline: the transformer's instance attributes and the class's `__call__`."
-    tr = pipe.transformer
-    return dict(attrs={k: id(v) if callable(v) else None for k, v in vars(tr).items()},
+    """What accelerators change on a pipeline: the denoiser's (`denoiser`: transformer or UNet) instance attributes and
+    the class's `__call__`."""
+    name = denoiser_name(pipe)
+    tr = getattr(pipe, name)
+    return dict(name=name, attrs={k: id(v) if callable(v) else None for k, v in vars(tr).items()},
                 call=id(type(pipe).__dict__.get('__call__')), cls_attrs=sorted(vars(type(pipe))))
 
 def leftover(before: dict, after: dict) -> list[str]:
-    "What differs between two `hook_state`s, as short notes ('transformer.forward set', ...)."
-    a, b = before['attrs'], after['attrs']
-    notes = [f'transformer.{k} set' for k in b if k not in a] + [f'transformer.{k} removed' for k in a if k not in b]
-    notes += [f'transformer.{k} replaced' for k in a if k in b and a[k] != b[k]]
+    "What differs between two `hook_state`s, as short notes ('transformer.forward set', 'unet.forward set', ...)."
+    a, b, n = before['attrs'], after['attrs'], before.get('name', 'transformer')
+    notes = [f'{n}.{k} set' for k in b if k not in a] + [f'{n}.{k} removed' for k in a if k not in b]
+    notes += [f'{n}.{k} replaced' for k in a if k in b and a[k] != b[k]]
     if before['call'] != after['call']: notes.append('pipeline class __call__ replaced')
     notes += [f'pipeline class .{k} set' for k in after['cls_attrs'] if k not in before['cls_attrs']]
     return notes
+
 
 # %% ../../nbs/experiments/07f_market.ipynb #bef561ff
 def _check_run_args(call_kwargs: dict, methods: dict, repeats: int, warmup: int, confidence: float, weights: str):
@@ -420,8 +666,12 @@ def _refusal(m: MarketMethod, pipe, e: Exception, call, ref, name: str) -> dict:
     return dict(supported=False, reason=f"refused: {e}")
 
 def _work_ratios(work: dict, plain: dict) -> dict:
-    return dict(block_rows_ratio=work['rows'] / max(plain['rows'], 1),
-                linear_flops_ratio=work['flops'] / max(plain['flops'], 1), linear_gflops=work['flops'] / 1e9)
+    out = dict(block_rows_ratio=work['rows'] / max(plain['rows'], 1),
+               linear_flops_ratio=work['flops'] / max(plain['flops'], 1), linear_gflops=work['flops'] / 1e9)
+    if 'conv_flops' not in work: return out
+    both, both_plain = work['flops'] + work['conv_flops'], plain['flops'] + plain['conv_flops']
+    return dict(out, conv_flops_ratio=work['conv_flops'] / max(plain['conv_flops'], 1),
+                block_flops_ratio=both / max(both_plain, 1), block_gflops=both / 1e9)
 
 CALL_ERRORS = (AssertionError, RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)
 
@@ -433,7 +683,7 @@ def _first_run(pipe, m: MarketMethod, call, ref: torch.Tensor, plain: dict, name
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
             return _refusal(m, pipe, e, call, ref, name)
     try:
-        with count_block_work(pipe.transformer) as work: images = call()
+        with count_block_work(denoiser(pipe)) as work: images = call()
         stats = m.stats(pipe) if m.stats else {}
     except CALL_ERRORS as e:                                  # a third-party accelerator failing inside the call
         m.disable(pipe)
@@ -492,15 +742,24 @@ def _method_row(name: str, m: MarketMethod, first: dict, ref, times: dict, confi
                 mse_per_image=fid['mse'], psnr_per_image=fid['psnr'])
 
 # %% ../../nbs/experiments/07f_market.ipynb #766e5634
+_CONFIG_KEYS = ('num_layers', 'num_single_layers', 'num_attention_heads', 'attention_head_dim', 'sample_size',
+                'patch_size', 'block_out_channels', 'layers_per_block', 'down_block_types', 'up_block_types',
+                'cross_attention_dim', 'addition_embed_type')
+
 def _pipeline_record(pipe, call_kwargs: dict) -> dict:
-    tr, conf = pipe.transformer, dict(pipe.transformer.config)
-    keep = ('num_layers', 'num_single_layers', 'num_attention_heads', 'attention_head_dim', 'sample_size', 'patch_size')
-    return dict(pipeline=type(pipe).__name__, transformer=type(tr).__name__, dtype=str(tr.dtype),
-                parameters=sum(p.numel() for p in tr.parameters()), config={k: conf[k] for k in keep if k in conf},
-                call={k: _setting(v) for k, v in call_kwargs.items() if k != 'generator'})
+    name = denoiser_name(pipe)
+    tr = getattr(pipe, name)
+    conf = dict(tr.config)
+    return {'pipeline': type(pipe).__name__, name: type(tr).__name__, 'dtype': str(tr.dtype),
+            'parameters': sum(p.numel() for p in tr.parameters()),
+            'config': {k: _setting(conf[k]) for k in _CONFIG_KEYS if k in conf and conf[k] is not None},
+            'call': {k: _setting(v) for k, v in call_kwargs.items() if k != 'generator'}}
 
 NOTES = {'random': ("random weights: only the speed and the fidelity to the plain pipeline mean anything here; the "
                     "early-exit heads are untrained copies of the transformer's output layer, the UEMs untrained")}
+UNET_NOTE = ("UNet: the exit adapters are untrained copies of the next-deeper level's first ResNet and the "
+             "output layer the UNet's own, the UEMs untrained, so where a threshold sends rows means nothing; the "
+             "static exits (static_exit d: every row at exit d) measure what exiting at level d costs")
 
 # %% ../../nbs/experiments/07f_market.ipynb #92e71eac
 def _note_cache_alone(methods: dict, first: dict):
@@ -522,7 +781,7 @@ def run_market(pipe, call_kwargs: dict, methods: dict, repeats: int = 5, warmup:
     JSON-ready; `log` gets one line per method."""
     _check_run_args(call_kwargs, methods, repeats, warmup, confidence, weights)
     call, t0 = _caller(pipe, call_kwargs, seed), time.time()
-    with count_block_work(pipe.transformer) as work: ref = call()
+    with count_block_work(denoiser(pipe)) as work: ref = call()
     if not torch.equal(call(), ref):
         raise RuntimeError("the plain pipeline gives different images on the same noise; make it deterministic "
                            "(torch.use_deterministic_algorithms, one thread) before comparing methods")
@@ -536,7 +795,8 @@ def run_market(pipe, call_kwargs: dict, methods: dict, repeats: int = 5, warmup:
     out = [_method_row(k, m, first[k], ref, times, confidence, seed) for k, m in methods.items()]
     if log:
         for r in out: log(_log_line(r))
-    return jsonable(dict(kind='market', weights=weights, notes=[NOTES.get(weights, weights)], rows=out,
+    notes = [NOTES.get(weights, weights)] + ([UNET_NOTE] if denoiser_name(pipe) == 'unet' else [])
+    return jsonable(dict(kind='market', weights=weights, notes=notes, rows=out,
                          pipeline=_pipeline_record(pipe, call_kwargs), plain_work=work,
                          settings=dict(repeats=repeats, warmup=warmup, seed=seed, confidence=confidence,
                                        psnr_cap=PSNR_CAP),
@@ -547,15 +807,22 @@ def run_market(pipe, call_kwargs: dict, methods: dict, repeats: int = 5, warmup:
 # %% ../../nbs/experiments/07f_market.ipynb #5de8cb7c
 def _log_line(r: dict) -> str:
     if 'seconds' not in r: return f"{r['method']:38s} not run: {r['reason']}"
-    return (f"{r['method']:38s} {r['seconds']:.4f} s/call  {r['speedup']:.3f}x  PSNR {r['psnr']:.2f} dB  "
-            f"linear FLOPs {r['compute']['linear_flops_ratio']:.3f}")
+    c = r['compute']
+    work = (f"block FLOPs {c['block_flops_ratio']:.3f}" if 'block_flops_ratio' in c
+            else f"linear FLOPs {c['linear_flops_ratio']:.3f}")
+    return f"{r['method']:38s} {r['seconds']:.4f} s/call  {r['speedup']:.3f}x  PSNR {r['psnr']:.2f} dB  {work}"
 
 # %% ../../nbs/experiments/07f_market.ipynb #26fe28e4
 def _ci(c: dict, fmt: str) -> str: return f"{c['mean']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
 
 def _compute_text(c: dict) -> str:
     parts = [f"linear FLOPs {c['linear_flops_ratio']:.3f}, block rows {c['block_rows_ratio']:.3f}"]
+    if 'block_flops_ratio' in c:
+        parts[0] = (f"linear+conv FLOPs {c['block_flops_ratio']:.3f} (linear {c['linear_flops_ratio']:.3f}), "
+                    f"block rows {c['block_rows_ratio']:.3f}")
     if c.get('layer_ratio') is not None: parts.append(f"layer ratio {c['layer_ratio']:.3f}, {c['gflops']:.3g} GFLOPs")
+    if c.get('flop_ratio') is not None and 'block_flops_ratio' in c:
+        parts.append(f"exit FLOP ratio {c['flop_ratio']:.3f}")
     if 'n_cached_steps' in c: parts.append(f"{c['n_cached_steps']} cached steps")
     return '; '.join(parts)
 
@@ -579,11 +846,15 @@ def market_table(res: dict) -> str:
                  _ci(r['mse_ci'], '.3g'), _compute_text(r['compute']), rest]
         lines.append('| ' + ' | '.join(cells) + ' |')
     p, s = res['pipeline'], res['settings']
-    lines += ['', f"{p['pipeline']} ({p['transformer']}, {p['parameters']:,} parameters, weights: {res['weights']}); "
+    unet = 'unet' in p
+    what = ("the linear and conv layers of the UNet's down, mid and up blocks (ResNets, attentions, samplers) and the "
+            "batch rows entering them" if unet else
+            "the work of the transformer blocks' linear layers and the batch rows entering its blocks")
+    lines += ['', f"{p['pipeline']} ({p.get('transformer') or p['unet']}, {p['parameters']:,} parameters, weights: "
+              f"{res['weights']}); "
               f"medians of {s['repeats']} whole calls per method timed in turns; speed-up = plain s / method s; PSNR "
               f"and MSE per image against the plain call on the same noise (identical: {s['psnr_cap']:g} dB); "
-              "linear FLOPs and block rows: the work of the transformer blocks' linear layers and the batch rows "
-              "entering its blocks, measured by hooks, relative to plain's (`count_block_work`).",
+              f"FLOPs and block rows: {what}, measured by hooks, relative to plain's (`count_block_work`).",
               *[f"- {n}" for n in res['notes']]]
     return '\n'.join(lines)
 
