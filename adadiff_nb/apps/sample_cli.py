@@ -400,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         '--checkpoint',
         required=True,
-        help="save_model directory or .safetensors file, or an embedded model: 'default' (unconditional) or "
-             "'cifar10_cond' (class-conditional, for --class / --guidance-scale)",
+        help="save_model directory or .safetensors file, or an embedded model: 'default' (unconditional), "
+             "'cifar10_cond' (class-conditional, for --class / --guidance-scale) or 'cifar10_unet' (a convolutional "
+             "UNet)",
     )
     p.add_argument('--sampler', default='dpm_solver_pp_2m',
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default dpm_solver_pp_2m)")

@@ -40,7 +40,7 @@ NAMED_CHECKPOINTS: dict = (
 
 def resolve_checkpoint(name) -> Path:
     """Path of a checkpoint named on the command line: a name registered in `NAMED_CHECKPOINTS`, an embedded model
-    ('default', 'cifar10_cond'), or a path."""
+    ('default', 'cifar10_cond', 'cifar10_unet'), or a path."""
     key = str(name)
     if key in NAMED_CHECKPOINTS:
         p = NAMED_CHECKPOINTS[key]

@@ -231,6 +231,7 @@ def calibrate_sampler_thresholds(model, threshold: float, reference: str = 'ddim
 SAMPLER_THRESHOLDS = {
     'default': dict(ddim=0.075, ddpm=0.075, dpm_solver_pp_2m=0.09, dpm_solver=0.085, euler_maruyama=0.085),
     'cifar10_cond': dict(ddim=0.07, ddpm=0.07, dpm_solver_pp_2m=0.09, dpm_solver=0.075, euler_maruyama=0.085),
+    'cifar10_unet': dict(ddim=0.07, ddpm=0.07, dpm_solver_pp_2m=0.075, dpm_solver=0.07, euler_maruyama=0.07),
 }
 CALIBRATION = dict(steps=20, seed=0, batch=8)                       # the setting they were calibrated at
 

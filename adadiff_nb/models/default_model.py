@@ -17,8 +17,8 @@ import torch
 from .checkpoint import asset_path, load_model, save_model
 
 # %% auto #0
-__all__ = ['DEFAULT_RECIPE', 'DEFAULT_MODEL_ENV', 'COND_RECIPE', 'EMBEDDED_MODELS', 'default_model_dir', 'load_default',
-           'default_threshold', 'export_default']
+__all__ = ['DEFAULT_RECIPE', 'DEFAULT_MODEL_ENV', 'COND_RECIPE', 'UNET_RECIPE', 'EMBEDDED_MODELS', 'default_model_dir',
+           'load_default', 'default_threshold', 'export_default']
 
 # %% ../../nbs/models/02a_default_model.ipynb #b8eb8990
 DEFAULT_RECIPE = [
@@ -38,7 +38,16 @@ COND_RECIPE = [
     "python -c \"from adadiff_nb.default_model import export_default; "
     "export_default('runs/cpu16c_adadiff', name='cifar10_cond', use_ema=False, default_threshold=0.07)\"",
 ]
-EMBEDDED_MODELS = {'default': ('default_model', DEFAULT_RECIPE), 'cifar10_cond': ('cifar10_cond_model', COND_RECIPE)}
+UNET_RECIPE = [
+    "OMP_NUM_THREADS=1 adadiff-train --config cpu16_unet_backbone --steps 3000 --sample-every 1000 --ckpt-every 500 "
+    "--out runs/cpu16_unet_backbone",
+    "OMP_NUM_THREADS=1 adadiff-train --config cpu16_unet_adadiff --init runs/cpu16_unet_backbone/final --steps 1500 "
+    "--sample-every 500 --ckpt-every 500 --out runs/cpu16_unet_adadiff",
+    "python -c \"from adadiff_nb.models.default_model import export_default; "
+    "export_default('runs/cpu16_unet_adadiff', name='cifar10_unet', use_ema=False, default_threshold=0.07)\"",
+]
+EMBEDDED_MODELS = {'default': ('default_model', DEFAULT_RECIPE), 'cifar10_cond': ('cifar10_cond_model', COND_RECIPE),
+                   'cifar10_unet': ('cifar10_unet_model', UNET_RECIPE)}
 
 # %% ../../nbs/models/02a_default_model.ipynb #55012819
 def _embedded(name: str) -> tuple:
