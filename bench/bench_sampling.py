@@ -10,10 +10,13 @@ can leave). Rows: measured speed-up (median plain / median method), ideal (1 / l
 syncs, max |threshold 0 - plain| (0: threshold 0 is exactly the full model) and, for 'points', the share of exits
 that differ from the dynamic run's on the same noise.
 
-Models: `default` (the embedded model at its documented threshold), `uvit-s2` and `dit-xl2` (random weights, reduced
-widths unless --full-width, a threshold that skips about --skip of the layers of a random batch).
+Models: `default` and `cifar10_unet` (the embedded U-ViT and convolutional UNet at their documented thresholds; a
+UNet's exits run their up path, so read its FLOP ideal, not 1 / layer ratio), `uvit-s2` and `dit-xl2` (random weights,
+reduced widths unless --full-width, a threshold that skips about --skip of the layers of a random batch).
 
     OMP_NUM_THREADS=2 python bench/bench_sampling.py --out results/sampling_cpu_bench.json
+    OMP_NUM_THREADS=2 python bench/bench_sampling.py --models cifar10_unet --threads 2 --methods dynamic points zero \
+        --out results/sampling_unet_cpu_bench.json
     python bench/bench_sampling.py --device cuda --models default uvit-s2 dit-xl2 --full-width --batches 1 8 64 256
 """
 from __future__ import annotations
@@ -25,12 +28,13 @@ from adadiff_nb.experiments.sampling_bench import METHODS, MODES, sampling_grid,
 from adadiff_nb.models.default_model import default_threshold, load_default
 
 BENCH_MODELS = {'uvit-s2': 'U-ViT-S/2', 'dit-xl2': 'DiT-XL/2'}     # --models name -> build_bench_model arch
+EMBEDDED = ('default', 'cifar10_unet')        # embedded models, at their documented thresholds
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], conflict_handler='resolve')
     add_timing_args(p, repeats=3)
-    p.add_argument('--models', nargs='+', default=['default'], choices=['default', *BENCH_MODELS])
+    p.add_argument('--models', nargs='+', default=['default'], choices=[*EMBEDDED, *BENCH_MODELS])
     p.add_argument('--batches', nargs='+', type=int, default=None, help='batch sizes (CPU: 1 8 64; GPU: 1 8 64 256)')
     p.add_argument('--threads', nargs='+', type=int, default=None,
                    help='torch threads, one cell each (CPU default: 1 2; CUDA: as set)')
@@ -90,8 +94,8 @@ def build_models(a, log=print) -> dict:
     dev = torch.device(a.device)
     out = {}
     for name in a.models:
-        if name == 'default':
-            m = load_default(dev)
+        if name in EMBEDDED:
+            m = load_default(dev, name=name)
             thr = default_threshold(m)
         else:
             m = spread_uem_weights(build_bench_model(BENCH_MODELS[name], not a.full_width, a.seed).to(dev), seed=a.seed)

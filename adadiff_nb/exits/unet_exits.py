@@ -52,31 +52,28 @@ class UNetExitHead(nn.Module):
     def extra_repr(self) -> str:
         return f"level={self.level}, up path: the backbone's (shared)"
 
+    def copy_from(self, bb: UNet):
+        "Start the adapter as a copy of the backbone block of its shape (`_adapter_source`)."
+        self.adapter.load_state_dict(_adapter_source(bb, self.level).state_dict())
+
+    def reset_parameters(self):
+        "A fresh adapter that starts as its shortcut: default init, the residual branch's last conv zeroed."
+        for m in self.adapter.modules():
+            if m is not self.adapter and hasattr(m, 'reset_parameters'): m.reset_parameters()
+        nn.init.zeros_(self.adapter.conv2.weight)
+        nn.init.zeros_(self.adapter.conv2.bias)
+
+    @classmethod
+    def for_backbone(cls, bb: UNet, level: int | None = None) -> 'UNetExitHead':
+        if level is None:
+            raise TypeError("a UNet exit head belongs to one level: UNetExitHead.for_backbone(bb, level); build all of "
+                            "a model's heads with unet_head_factory(bb) or create_unet_early_exit")
+        return cls(bb, level)
+
 # %% ../../nbs/exits/02c_unet_exits.ipynb #43f78be6
 def _adapter_source(bb: UNet, level: int) -> ResBlock:
     "The backbone ResBlock shaped like the adapter of `level`: the next-deeper level's first, or the mid block's first."
     return bb.down[level + 1].res[0] if level < bb.num_layers - 1 else bb.mid.block1
-
-def _copy_from(self, bb: UNet):
-    "Start the adapter as a copy of the backbone block of its shape (`_adapter_source`)."
-    self.adapter.load_state_dict(_adapter_source(bb, self.level).state_dict())
-
-def _reset_parameters(self):
-    "A fresh adapter that starts as its shortcut: default init, the residual branch's last conv zeroed."
-    for m in self.adapter.modules():
-        if m is not self.adapter and hasattr(m, 'reset_parameters'): m.reset_parameters()
-    nn.init.zeros_(self.adapter.conv2.weight)
-    nn.init.zeros_(self.adapter.conv2.bias)
-
-@classmethod
-def _for_backbone(cls, bb: UNet, level: int | None = None) -> 'UNetExitHead':
-    if level is None:
-        raise TypeError("a UNet exit head belongs to one level: UNetExitHead.for_backbone(bb, level); build all of "
-                        "a model's heads with unet_head_factory(bb) or create_unet_early_exit")
-    return cls(bb, level)
-
-UNetExitHead.copy_from, UNetExitHead.reset_parameters, UNetExitHead.for_backbone = (
-    _copy_from, _reset_parameters, _for_backbone)
 
 # %% ../../nbs/exits/02c_unet_exits.ipynb #43a644da
 def unet_head_factory(bb: UNet) -> type:

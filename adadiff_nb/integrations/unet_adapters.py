@@ -152,62 +152,71 @@ class DiffusersUNetAdapter(DiffusersBackbone):
         m = self.model
         return m.down_blocks[level + 1].resnets[0] if level < self.num_layers - 1 else m.mid_block.resnets[0]
 
+    def down_level(self, l: int, h, state: UNetState):
+        "The ResNets (+ attentions) of down level l, each output pushed: diffusers' down block without its downsampler."
+        blk = self.model.down_blocks[l]
+        attns = getattr(blk, 'attentions', None) or [None] * len(blk.resnets)
+        cross = getattr(blk, 'has_cross_attention', False)
+        for res, attn in zip(blk.resnets, attns):
+            h = res(h, state.cond)
+            if attn is not None: h = attn(h, **_cross(state), return_dict=False)[0] if cross else attn(h)
+            state.push(h)
+        return h
+
+    def run_block(self, i: int, h, state: UNetState):
+        "Block i: level i's downsampler + down level i+1 (skips pushed), or the mid block (i = n-1)."
+        m = self.model
+        if i == self.num_layers - 1:
+            mb = m.mid_block
+            cross = getattr(mb, 'has_cross_attention', False)
+            return mb(h, state.cond, **_cross(state)) if cross else mb(h, state.cond)
+        blk = m.down_blocks[i]
+        for ds in blk.downsamplers:
+            h = ds(h, temb=state.cond) if getattr(blk, 'downsample_type', None) == 'resnet' else ds(h)
+        state.push(h)
+        return self.down_level(i + 1, h, state)
+
+    def up_from(self, d: int, h, state: UNetState):
+        """The up path from level d (its input: what up level d receives from below, `layout[d]['up_in']` wide, at level
+        d's side) through level 0 and the output layer; pops the skips of levels d..0 from `state`."""
+        m, n = self.model, self.num_layers
+        for l in range(d, -1, -1):
+            blk = m.up_blocks[n - 1 - l]
+            res = state.pop_many(len(blk.resnets))
+            kw = _cross(state) if getattr(blk, 'has_cross_attention', False) else {}
+            h = blk(hidden_states=h, temb=state.cond, res_hidden_states_tuple=res, upsample_size=None, **kw)
+        return self.output_layer(h)
+
+    def decode(self, h, state: UNetState):
+        "The whole up path after the mid block."
+        return self.up_from(self.num_layers - 1, h, state)
+
+    def output_layer(self, h):
+        "conv_norm_out -> conv_act -> conv_out (diffusers' post-process)."
+        m = self.model
+        if getattr(m, 'conv_norm_out', None) is not None: h = m.conv_act(m.conv_norm_out(h))
+        return m.conv_out(h)
+
+    @property
+    def head_class(self) -> type:
+        "The exit head of every level (`UNetAdapterHead`, defined below)."
+        return UNetAdapterHead
+
+    @property
+    def early_exit_class(self) -> type:
+        "The early-exit model around this adapter (`EarlyExitDiffusersUNet`, defined below)."
+        return EarlyExitDiffusersUNet
+
+    def layer_costs(self, uem_config: dict | None = None) -> dict:
+        "Per-image FLOPs of the parts of one evaluation (`unet_layer_costs`, defined below)."
+        return unet_layer_costs(self, uem_config)
+
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #9a2b2e8c
 def _cross(state: UNetState) -> dict:
     "The cross-attention keywords diffusers passes its blocks (no cross_attention_kwargs: refused when set)."
     e = state.extra
     return dict(encoder_hidden_states=e.get('encoder_hidden_states'), attention_mask=e.get('attention_mask'),
                 encoder_attention_mask=e.get('encoder_attention_mask'), cross_attention_kwargs=None)
-
-def _down_level(self, l: int, h, state: UNetState):
-    "The ResNets (+ attentions) of down level l, each output pushed: diffusers' down block without its downsampler."
-    blk = self.model.down_blocks[l]
-    attns = getattr(blk, 'attentions', None) or [None] * len(blk.resnets)
-    cross = getattr(blk, 'has_cross_attention', False)
-    for res, attn in zip(blk.resnets, attns):
-        h = res(h, state.cond)
-        if attn is not None: h = attn(h, **_cross(state), return_dict=False)[0] if cross else attn(h)
-        state.push(h)
-    return h
-
-def _run_block(self, i: int, h, state: UNetState):
-    "Block i: level i's downsampler + down level i+1 (skips pushed), or the mid block (i = n-1)."
-    m = self.model
-    if i == self.num_layers - 1:
-        mb = m.mid_block
-        return mb(h, state.cond, **_cross(state)) if getattr(mb, 'has_cross_attention', False) else mb(h, state.cond)
-    blk = m.down_blocks[i]
-    for ds in blk.downsamplers:
-        h = ds(h, temb=state.cond) if getattr(blk, 'downsample_type', None) == 'resnet' else ds(h)
-    state.push(h)
-    return self.down_level(i + 1, h, state)
-
-DiffusersUNetAdapter.down_level, DiffusersUNetAdapter.run_block = _down_level, _run_block
-
-# %% ../../nbs/integrations/02h2_unet_adapters.ipynb #33f2f7a1
-def _up_from(self, d: int, h, state: UNetState):
-    """The up path from level d (its input: what up level d receives from below, `layout[d]['up_in']` wide, at level
-    d's side) through level 0 and the output layer; pops the skips of levels d..0 from `state`."""
-    m, n = self.model, self.num_layers
-    for l in range(d, -1, -1):
-        blk = m.up_blocks[n - 1 - l]
-        res = state.pop_many(len(blk.resnets))
-        kw = _cross(state) if getattr(blk, 'has_cross_attention', False) else {}
-        h = blk(hidden_states=h, temb=state.cond, res_hidden_states_tuple=res, upsample_size=None, **kw)
-    return self.output_layer(h)
-
-def _decode(self, h, state: UNetState):
-    "The whole up path after the mid block."
-    return self.up_from(self.num_layers - 1, h, state)
-
-def _output_layer(self, h):
-    "conv_norm_out -> conv_act -> conv_out (diffusers' post-process)."
-    m = self.model
-    if getattr(m, 'conv_norm_out', None) is not None: h = m.conv_act(m.conv_norm_out(h))
-    return m.conv_out(h)
-
-DiffusersUNetAdapter.up_from, DiffusersUNetAdapter.decode = _up_from, _decode
-DiffusersUNetAdapter.output_layer = _output_layer
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #b2223640
 def _check_unet_input(bb, x, timesteps) -> str | None:
@@ -455,8 +464,6 @@ class UNetAdapterHead(nn.Module):
     def extra_repr(self) -> str:
         return f"level={self.level}, up path: the UNet's (shared)"
 
-DiffusersUNetAdapter.head_class = UNetAdapterHead
-
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #e9b40312
 def unet_adapter_heads(bb: DiffusersUNetAdapter) -> type:
     """A `head_class` for `EarlyExitModel`: its `for_backbone(bb, i)` builds exit i's head; called without `i` (once per
@@ -489,8 +496,6 @@ class EarlyExitDiffusersUNet(EarlyExitModel):
     def flop_costs(self) -> dict:
         "Per-image FLOPs of the parts of one evaluation on the last forward's geometry (`unet_layer_costs`)."
         return unet_layer_costs(self.backbone, self.config)
-
-DiffusersUNetAdapter.early_exit_class = EarlyExitDiffusersUNet
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #b3c29f0c
 def _counted_unet_costs(bb: DiffusersUNetAdapter, x, t, y) -> dict:
@@ -534,8 +539,6 @@ def unet_layer_costs(bb: DiffusersUNetAdapter, uem_config: dict | None = None) -
     uem = [2 * p * lay['width'] * 4 ** d * C + 2 * Dt * 4 ** d * C
            for d, (p, lay) in enumerate(zip(pixels, bb.layout))]
     return dict(costs, uem_exits=uem, uem=sum(uem) / len(uem), uem_call=0, uem_forward=0)
-
-DiffusersUNetAdapter.layer_costs = unet_layer_costs
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #e02d04ef
 DDPM_CIFAR10_CONFIG = dict(                # google/ddpm-cifar10-32's UNet2DModel (Ho et al. 2020's CIFAR-10 model)

@@ -149,111 +149,99 @@ class UNet(nn.Module):
         "Exit points of the U: one per resolution level (the deeper levels, then the mid block, are its blocks)."
         return len(self.layout)
 
-# %% ../../nbs/models/01f_unet.ipynb #e692347c
-@torch.no_grad()
-def _unet_check_input(self, x, timesteps, y=None):
-    "Raise a clear error (problem and fix) when `x`, `timesteps` or `y` do not fit this UNet."
-    C, S = self.in_chans, self.img_size
-    if not torch.is_tensor(x) or x.ndim != 4:
-        what = f"a {x.ndim}-D tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected images of shape (B, {C}, {S}, {S}), got {what}")
-    if x.shape[1] != C:
-        raise ValueError(f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); this UNet "
-                         f"was built with in_chans={C}")
-    if tuple(x.shape[2:]) != (S, S):
-        raise ValueError(f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this UNet was built with "
-                         f"img_size={S} (resize the images or build it with img_size={x.shape[2]})")
-    if not torch.is_tensor(timesteps):
-        raise ValueError(f"timesteps must be a tensor of shape (B,) = ({x.shape[0]},), got "
-                         f"{type(timesteps).__name__}")
-    msg = timestep_error(timesteps, x.shape[0]) or label_error(y, x.shape[0], 0)
-    if msg: raise ValueError(msg)
+    @torch.no_grad()
+    def check_input(self, x, timesteps, y=None):
+        "Raise a clear error (problem and fix) when `x`, `timesteps` or `y` do not fit this UNet."
+        C, S = self.in_chans, self.img_size
+        if not torch.is_tensor(x) or x.ndim != 4:
+            what = f"a {x.ndim}-D tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, {C}, {S}, {S}), got {what}")
+        if x.shape[1] != C:
+            raise ValueError(f"expected {C} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); this UNet "
+                             f"was built with in_chans={C}")
+        if tuple(x.shape[2:]) != (S, S):
+            raise ValueError(f"expected spatial size ({S}, {S}), got {tuple(x.shape[2:])}; this UNet was built with "
+                             f"img_size={S} (resize the images or build it with img_size={x.shape[2]})")
+        if not torch.is_tensor(timesteps):
+            raise ValueError(f"timesteps must be a tensor of shape (B,) = ({x.shape[0]},), got "
+                             f"{type(timesteps).__name__}")
+        msg = timestep_error(timesteps, x.shape[0]) or label_error(y, x.shape[0], 0)
+        if msg: raise ValueError(msg)
 
-UNet.check_input = _unet_check_input
-
-# %% ../../nbs/models/01f_unet.ipynb #1898b03d
-def _down_level(self, l: int, h, state: BlockState):
-    "The ResBlocks (+ attention) of down level l, each output pushed on the skip stack."
-    lv = self.down[l]
-    for res, attn in zip(lv.res, lv.attn):
-        h = attn(res(h, state.cond))
-        state.push(h)
-    return h
-
-def _embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
-    """Check the input; time embedding (kept as `state.cond`), `conv_in` and level 0 (skips pushed): the features of
-    level 0 at exit point 0."""
-    self.check_input(x, timesteps, y)
-    temb = self.time_embed(timestep_embedding(timesteps, self.ch).to(self.conv_in.weight.dtype))
-    h = self.conv_in(x)
-    state = BlockState(cond=temb)
-    state.push(h)
-    return self._down_level(0, h, state), state
-
-def _run_block(self, i: int, h, state: BlockState):
-    "Block i: downsample + level i+1 (i < n-1, skips pushed), or the mid block (i = n-1)."
-    if not 0 <= i < self.num_layers:
-        raise IndexError(f"block {i} does not exist; this UNet has blocks 0..{self.num_layers - 1}")
-    if i == self.num_layers - 1:
-        m = self.mid
-        return m.block2(m.attn(m.block1(h, state.cond)), state.cond)
-    h = self.down[i].downsample(h)
-    state.push(h)
-    return self._down_level(i + 1, h, state)
-
-UNet._down_level, UNet.embed, UNet.run_block = _down_level, _embed, _run_block
-
-# %% ../../nbs/models/01f_unet.ipynb #b5a2beda
-def _skips_through(self, d: int) -> int:
-    "How many skips levels 0..d push (conv_in's, the ResBlocks', the downsamples' of levels 0..d-1)."
-    return 1 + (d + 1) * self.config['num_res_blocks'] + d
-
-def _skip_state(self, state: BlockState, d: int) -> BlockState:
-    """A state of its own holding only the skips of levels 0..d (the bottom of the stack), for the up path from level
-    d: popping it leaves `state` untouched, and skips of deeper levels pushed since are ignored."""
-    k = self.skips_through(d)
-    if len(state.skips) < k:
-        raise ValueError(f"the state holds {len(state.skips)} skips but the up path from level {d} needs {k}: run "
-                         f"the down path to level {d} first")
-    return BlockState(list(state.skips[:k]), list(state.rows[:k]), state.cond)
-
-def _up_from(self, d: int, h, state: BlockState):
-    """The up path from level d (its input: what level d's up path receives, `layout[d]['up_in']` wide, at side
-    S/2^d) through level 0 and the output head; pops the skips of levels d..0 from `state`."""
-    for l in range(d, -1, -1):
-        lv = self.up[l]
+    def _down_level(self, l: int, h, state: BlockState):
+        "The ResBlocks (+ attention) of down level l, each output pushed on the skip stack."
+        lv = self.down[l]
         for res, attn in zip(lv.res, lv.attn):
-            h = attn(res(torch.cat([h, state.pop()], dim=1), state.cond))
-        h = lv.upsample(h)
-    return self.conv_out(F.silu(self.norm_out(h)))
+            h = attn(res(h, state.cond))
+            state.push(h)
+        return h
 
-def _decode(self, h, state: BlockState):
-    "The whole up path after the mid block: `up_from(n-1, ...)`. (B, in_chans, S, S)."
-    return self.up_from(self.num_layers - 1, h, state)
+    def embed(self, x, timesteps, y=None) -> tuple[torch.Tensor, BlockState]:
+        """Check the input; time embedding (kept as `state.cond`), `conv_in` and level 0 (skips pushed): the features of
+        level 0 at exit point 0."""
+        self.check_input(x, timesteps, y)
+        temb = self.time_embed(timestep_embedding(timesteps, self.ch).to(self.conv_in.weight.dtype))
+        h = self.conv_in(x)
+        state = BlockState(cond=temb)
+        state.push(h)
+        return self._down_level(0, h, state), state
 
-UNet.skips_through, UNet.skip_state, UNet.up_from, UNet.decode = _skips_through, _skip_state, _up_from, _decode
+    def run_block(self, i: int, h, state: BlockState):
+        "Block i: downsample + level i+1 (i < n-1, skips pushed), or the mid block (i = n-1)."
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"block {i} does not exist; this UNet has blocks 0..{self.num_layers - 1}")
+        if i == self.num_layers - 1:
+            m = self.mid
+            return m.block2(m.attn(m.block1(h, state.cond)), state.cond)
+        h = self.down[i].downsample(h)
+        state.push(h)
+        return self._down_level(i + 1, h, state)
 
-# %% ../../nbs/models/01f_unet.ipynb #14e1a73f
-def _patch_tokens(self, h):
-    "The features of an exit point (B, C, H, W) as pixel tokens (B, H*W, C), row-major (what per-token UEMs read)."
-    return h.flatten(2).transpose(1, 2)
+    def skips_through(self, d: int) -> int:
+        "How many skips levels 0..d push (conv_in's, the ResBlocks', the downsamples' of levels 0..d-1)."
+        return 1 + (d + 1) * self.config['num_res_blocks'] + d
 
-def _block_modules(self) -> list:
-    "The modules `run_block` and `embed` call, in run order (for `compile_exits`)."
-    mods = [self.conv_in]
-    for l, lv in enumerate(self.down):
-        mods += [*lv.res, *(a for a in lv.attn if not isinstance(a, nn.Identity))]
-        if l < self.num_layers - 1: mods.append(lv.downsample)
-    return mods + [self.mid.block1, self.mid.attn, self.mid.block2]
+    def skip_state(self, state: BlockState, d: int) -> BlockState:
+        """A state of its own holding only the skips of levels 0..d (the bottom of the stack), for the up path from
+        level d: popping it leaves `state` untouched, and skips of deeper levels pushed since are ignored."""
+        k = self.skips_through(d)
+        if len(state.skips) < k:
+            raise ValueError(f"the state holds {len(state.skips)} skips but the up path from level {d} needs {k}: run "
+                             f"the down path to level {d} first")
+        return BlockState(list(state.skips[:k]), list(state.rows[:k]), state.cond)
 
-def _forward(self, x, timesteps, y=None):
-    "The full UNet: embed, every block, decode."
-    h, state = self.embed(x, timesteps, y)
-    for i in range(self.num_layers):
-        h = self.run_block(i, h, state)
-    return self.decode(h, state)
+    def up_from(self, d: int, h, state: BlockState):
+        """The up path from level d (its input: what level d's up path receives, `layout[d]['up_in']` wide, at side
+        S/2^d) through level 0 and the output head; pops the skips of levels d..0 from `state`."""
+        for l in range(d, -1, -1):
+            lv = self.up[l]
+            for res, attn in zip(lv.res, lv.attn):
+                h = attn(res(torch.cat([h, state.pop()], dim=1), state.cond))
+            h = lv.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
-UNet.patch_tokens, UNet.block_modules, UNet.forward = _patch_tokens, _block_modules, _forward
+    def decode(self, h, state: BlockState):
+        "The whole up path after the mid block: `up_from(n-1, ...)`. (B, in_chans, S, S)."
+        return self.up_from(self.num_layers - 1, h, state)
+
+    def patch_tokens(self, h):
+        "The features of an exit point (B, C, H, W) as pixel tokens (B, H*W, C), row-major (what per-token UEMs read)."
+        return h.flatten(2).transpose(1, 2)
+
+    def block_modules(self) -> list:
+        "The modules `run_block` and `embed` call, in run order (for `compile_exits`)."
+        mods = [self.conv_in]
+        for l, lv in enumerate(self.down):
+            mods += [*lv.res, *(a for a in lv.attn if not isinstance(a, nn.Identity))]
+            if l < self.num_layers - 1: mods.append(lv.downsample)
+        return mods + [self.mid.block1, self.mid.attn, self.mid.block2]
+
+    def forward(self, x, timesteps, y=None):
+        "The full UNet: embed, every block, decode."
+        h, state = self.embed(x, timesteps, y)
+        for i in range(self.num_layers):
+            h = self.run_block(i, h, state)
+        return self.decode(h, state)
 
 # %% ../../nbs/models/01f_unet.ipynb #4c7f400e
 def ddpm_cifar10(**kw) -> UNet:
