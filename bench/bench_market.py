@@ -22,10 +22,10 @@ top of DeepCache (refused: a patched forward). cache-dit and diffusers' caches g
     OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --family sd --out results/market_sd_cpu.json
 """
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys
 from pathlib import Path
 import torch
-from adadiff_nb.experiments.exit_bench import add_timing_args, write_bench_json
+from adadiff_nb.experiments.exit_bench import add_timing_args, bench_main
 from adadiff_nb.experiments.market import (DIFFUSERS_CACHES, market_methods, market_sd_call_kwargs, market_sd_pipeline,
                                            market_table, run_market)
 
@@ -182,17 +182,7 @@ def run(a, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a, t0 = build_parser().parse_args(argv), time.time()
-    try:
-        check_args(a)
-        if a.threads: torch.set_num_threads(a.threads)
-        res = run(a, log=lambda s: print(s, flush=True))
-    except (ValueError, ImportError) as e:
-        print(f"bench_market: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {write_bench_json(a.out, 'bench/bench_market.py', argv, t0, **res)}")
-    return 0
+    return bench_main('bench/bench_market.py', build_parser, check_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -17,12 +17,12 @@ interval of each method's PSNR minus early exit's (same images, same noise). Nee
 settings, so a rerun (e.g. on an idle machine, for the timing) loads it instead of pruning and training again.
 """
 from __future__ import annotations
-import argparse, copy, json, sys, time
+import argparse, copy, json, sys
 from pathlib import Path
 import torch
 from adadiff_nb.data import get_dataset
 from adadiff_nb.exits.pruning import finetune_pruned, load_pruned, prune_backbone, save_pruned, taylor_importance
-from adadiff_nb.experiments.exit_bench import add_timing_args, run_environment, time_interleaved, write_bench_json
+from adadiff_nb.experiments.exit_bench import add_timing_args, run_environment, time_interleaved, bench_main
 from adadiff_nb.experiments.schedule_baselines import image_fidelity, paired_bootstrap
 from adadiff_nb.apps.sample_io import resolve_exit_points
 from adadiff_nb.models.default_model import default_threshold, load_default
@@ -156,17 +156,7 @@ def run(a, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a, t0 = build_parser().parse_args(argv), time.time()
-    try:
-        check_args(a)
-        if a.threads: torch.set_num_threads(a.threads)
-        res = run(a, log=lambda s: print(s, flush=True))
-    except (ValueError, ImportError) as e:
-        print(f"bench_pruning: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {write_bench_json(a.out, 'bench/bench_pruning.py', argv, t0, device_name='CPU', **res)}")
-    return 0
+    return bench_main('bench/bench_pruning.py', build_parser, check_args, run, argv, device_name='CPU')
 
 
 if __name__ == '__main__':

@@ -10,11 +10,11 @@ extra (tomesd).
     OMP_NUM_THREADS=2 python bench/bench_tome.py --threads 2 --out results/tome_cpu_bench.json
 """
 from __future__ import annotations
-import argparse, copy, itertools, sys, time
+import argparse, copy, itertools, sys
 from pathlib import Path
 import torch
 from adadiff_nb.exits.token_merging import TOME_SCHEDULES, apply_tome, check_ratio, tome_flop_ratio
-from adadiff_nb.experiments.exit_bench import add_timing_args, run_environment, time_interleaved, write_bench_json
+from adadiff_nb.experiments.exit_bench import add_timing_args, run_environment, time_interleaved, bench_main
 from adadiff_nb.experiments.schedule_baselines import image_fidelity
 from adadiff_nb.models.default_model import load_default
 from adadiff_nb.sampling.run import sample_batches
@@ -84,17 +84,7 @@ def run(a, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a, t0 = build_parser().parse_args(argv), time.time()
-    try:
-        check_args(a)
-        if a.threads: torch.set_num_threads(a.threads)
-        res = run(a, log=lambda s: print(s, flush=True))
-    except (ValueError, ImportError) as e:
-        print(f"bench_tome: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {write_bench_json(a.out, 'bench/bench_tome.py', argv, t0, device_name='CPU', **res)}")
-    return 0
+    return bench_main('bench/bench_tome.py', build_parser, check_args, run, argv, device_name='CPU')
 
 
 if __name__ == '__main__':

@@ -21,14 +21,38 @@ from ..evaluation.cost import exit_flops_table
 from ..sampling.diffusion import get_schedule
 
 # %% auto #0
-__all__ = ['UNET_UEM_PARAMS', 'UNetExitHead', 'unet_head_factory', 'UNetUEM', 'build_unet_uem', 'EarlyExitUNet',
-           'create_unet_early_exit', 'unet_uem_flops', 'unet_exit_costs', 'unet_forward_flops', 'train_unet_exits']
+__all__ = ['UNET_UEM_PARAMS', 'LevelAdapterHead', 'UNetExitHead', 'unet_head_factory', 'UNetUEM', 'build_unet_uem',
+           'EarlyExitUNet', 'create_unet_early_exit', 'unet_uem_flops', 'unet_exit_costs', 'unet_forward_flops',
+           'train_unet_exits']
 
 # %% ../../nbs/exits/02c_unet_exits.ipynb #7db65b64
-class UNetExitHead(nn.Module):
+class LevelAdapterHead(nn.Module):
+    """Base of the U-shaped exit heads: exit `level`'s `adapter` (a ResBlock / ResNet standing in for the inner levels)
+    then the UNet's own up path from `level`; one head per level, built with `for_backbone(bb, level)`."""
+    needs_state = True                                   # it reads the exiting rows' skips
+    factory_hint = ''                                    # how to build every level's head at once (for the error)
+
+    def reset_parameters(self):
+        "A fresh adapter that starts as its shortcut: default init, the residual branch's last conv zeroed."
+        for m in self.adapter.modules():
+            if m is not self.adapter and hasattr(m, 'reset_parameters'): m.reset_parameters()
+        nn.init.zeros_(self.adapter.conv2.weight)
+        nn.init.zeros_(self.adapter.conv2.bias)
+
+    @classmethod
+    def for_backbone(cls, bb, level: int | None = None) -> 'LevelAdapterHead':
+        if level is None:
+            raise TypeError(f"a UNet exit head belongs to one level: {cls.__name__}.for_backbone(bb, level)"
+                            + cls.factory_hint)
+        return cls(bb, level)
+
+    def extra_repr(self) -> str:
+        return f"level={self.level}, up path: the UNet's (shared)"
+
+class UNetExitHead(LevelAdapterHead):
     """Exit head of UNet exit `level`: an adapter `ResBlock` (level features -> what that level's up path receives from
     below), then the backbone's own up path from `level` and its output head (shared modules, held by reference)."""
-    needs_state = True                                   # it reads the exiting rows' skips
+    factory_hint = "; build all of a model's heads with unet_head_factory(bb) or create_unet_early_exit"
 
     def __init__(self, bb: UNet, level: int):
         super().__init__()
@@ -49,26 +73,9 @@ class UNetExitHead(nn.Module):
         st = bb.skip_state(state, self.level)
         return bb.up_from(self.level, self.adapter(h, st.cond), st)
 
-    def extra_repr(self) -> str:
-        return f"level={self.level}, up path: the backbone's (shared)"
-
     def copy_from(self, bb: UNet):
         "Start the adapter as a copy of the backbone block of its shape (`_adapter_source`)."
         self.adapter.load_state_dict(_adapter_source(bb, self.level).state_dict())
-
-    def reset_parameters(self):
-        "A fresh adapter that starts as its shortcut: default init, the residual branch's last conv zeroed."
-        for m in self.adapter.modules():
-            if m is not self.adapter and hasattr(m, 'reset_parameters'): m.reset_parameters()
-        nn.init.zeros_(self.adapter.conv2.weight)
-        nn.init.zeros_(self.adapter.conv2.bias)
-
-    @classmethod
-    def for_backbone(cls, bb: UNet, level: int | None = None) -> 'UNetExitHead':
-        if level is None:
-            raise TypeError("a UNet exit head belongs to one level: UNetExitHead.for_backbone(bb, level); build all of "
-                            "a model's heads with unet_head_factory(bb) or create_unet_early_exit")
-        return cls(bb, level)
 
 # %% ../../nbs/exits/02c_unet_exits.ipynb #43f78be6
 def _adapter_source(bb: UNet, level: int) -> ResBlock:

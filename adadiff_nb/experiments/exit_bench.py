@@ -9,7 +9,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/exit_bench.html.md"""
 
 # %% ../../nbs/experiments/070_exit_bench.ipynb #d89520ed
 from __future__ import annotations
-import itertools, os, platform, shlex, statistics, time
+import itertools, os, platform, shlex, statistics, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from ..models.registry import bench_models
 __all__ = ['BENCH_ARCHS', 'run_environment', 'time_interleaved', 'peak_memory', 'spread_exit_layers', 'randomize_zero_init',
            'build_bench_dit', 'exit_bench_inputs', 'bench_exits', 'bench_dit_exits', 'exit_bench_table',
            'build_bench_model', 'spread_uem_weights', 'threshold_for_skip', 'bench_exit_group', 'bench_exit_grid',
-           'exit_grid_table', 'add_timing_args', 'write_bench_json']
+           'exit_grid_table', 'add_timing_args', 'write_bench_json', 'bench_main']
 
 # %% ../../nbs/experiments/070_exit_bench.ipynb #e5603d6c
 def run_environment() -> dict:
@@ -382,3 +382,20 @@ def write_bench_json(out, script: str, argv: list, t0: float, **payload) -> Path
     cmd = ' '.join([f'python {script}', *map(shlex.quote, map(str, argv))])
     return atomic_write_json(out, dict(command=cmd, created=time.strftime('%Y-%m-%d %H:%M:%S'),
                                        seconds=round(time.time() - t0, 1), **payload))
+
+# %% ../../nbs/experiments/070_exit_bench.ipynb #50e3dec4
+def bench_main(script: str, build_parser, check_args, run, argv=None, **extra) -> int:
+    """The `main` of a bench/ script: parse `argv`, `check_args` (a ValueError / ImportError: its message, exit status
+    2, nothing run), set `--threads`, `run(a, log)` -> payload, written to `--out` with the command line (`extra`
+    added). Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a, t0 = build_parser().parse_args(argv), time.time()
+    try:
+        check_args(a)
+        if getattr(a, 'threads', None): torch.set_num_threads(a.threads)
+        res = run(a, log=lambda s: print(s, flush=True))
+    except (ValueError, ImportError) as e:
+        print(f"{Path(script).stem}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {write_bench_json(a.out, script, argv, t0, **extra, **res)}")
+    return 0

@@ -19,7 +19,8 @@ import torch.nn as nn
 from .adapters import DiffusersBackbone, adapter_forward
 from ..exits.early_exit import EarlyExitModel
 from ..exits.heads import ExitCriterion
-from ..exits.unet_exits import build_unet_uem
+from ..exits.unet_exits import LevelAdapterHead, build_unet_uem
+from ..models.uvit import BlockState
 from ..evaluation.cost import count_flops
 
 # %% auto #0
@@ -31,22 +32,11 @@ __all__ = ['DOWN_TYPES', 'UP_TYPES', 'MID_TYPES', 'DDPM_CIFAR10_CONFIG', 'UNetSt
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #cca231c2
 @dataclass
-class UNetState:
-    """What a diffusers UNet's blocks read besides h, for the running rows: the skip stack (`res_samples`, each with
-    the rows it is restricted to, selected lazily), the time embedding `cond` and per-row block inputs `extra`."""
-    cond: torch.Tensor                          # (B, Dt) the UNet's `emb` (time + class / added embeddings)
-    skips: list = field(default_factory=list)   # res samples in push order (conv_in, resnets, downsamples)
-    rows: list = field(default_factory=list)    # per skip: None (all its rows run) or the running rows' positions
-    extra: dict = field(default_factory=dict)   # per-row cross-attention inputs (tensors or None)
-
-    def push(self, h: torch.Tensor):
-        self.skips.append(h)
-        self.rows.append(None)
-
-    def pop(self) -> torch.Tensor:
-        "The newest skip, restricted to the running rows."
-        s, r = self.skips.pop(), self.rows.pop()
-        return s if r is None else s.index_select(0, r)
+class UNetState(BlockState):
+    """What a diffusers UNet's blocks read besides h, for the running rows: a `BlockState` (the skip stack, diffusers'
+    `res_samples`, each with the rows it is restricted to, selected lazily; `cond` = the UNet's `emb`: time + class /
+    added embeddings) plus the per-row block inputs `extra` (cross-attention inputs, tensors or None)."""
+    extra: dict = field(default_factory=dict)
 
     def pop_many(self, k: int) -> tuple:
         "The k newest skips, oldest first (diffusers' `res_hidden_states_tuple`)."
@@ -54,19 +44,18 @@ class UNetState:
 
     def copy(self) -> 'UNetState':
         "A shallow copy whose pops leave this state untouched."
-        return UNetState(self.cond, list(self.skips), list(self.rows), self.extra)
+        return UNetState(list(self.skips), list(self.rows), self.cond, self.extra)
 
     def view(self, k: int) -> 'UNetState':
         "A state of its own holding only the k oldest skips (what the up path from a level needs)."
         if len(self.skips) < k:
             raise ValueError(f"the state holds {len(self.skips)} skips but {k} are needed: run the down path first")
-        return UNetState(self.cond, list(self.skips[:k]), list(self.rows[:k]), self.extra)
+        return UNetState(list(self.skips[:k]), list(self.rows[:k]), self.cond, self.extra)
 
     def select(self, idx: torch.Tensor) -> 'UNetState':
         "The state of rows `idx` (positions in the current batch); the skip tensors are shared, not copied."
-        rows = [idx if r is None else r[idx] for r in self.rows]
-        extra = {k: None if v is None else v[idx] for k, v in self.extra.items()}
-        return UNetState(self.cond[idx], list(self.skips), rows, extra)
+        b = super().select(idx)
+        return UNetState(b.skips, b.rows, b.cond, {k: None if v is None else v[idx] for k, v in self.extra.items()})
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #3c534e28
 @dataclass
@@ -335,7 +324,7 @@ class UNet2DAdapter(DiffusersUNetAdapter):
             labels = m.time_proj(y) if m.config.class_embed_type == 'timestep' else y
             emb = emb + m.class_embedding(labels).to(dtype=m.dtype)
         h = m.conv_in(x)
-        state = UNetState(emb)
+        state = UNetState(cond=emb)
         state.push(h)
         return self.down_level(0, h, state), state
 
@@ -420,17 +409,16 @@ class UNet2DConditionAdapter(DiffusersUNetAdapter):
         enc = m.process_encoder_hidden_states(encoder_hidden_states=y.encoder_hidden_states,
                                               added_cond_kwargs=y.added_cond_kwargs)
         h = m.conv_in(x)
-        state = UNetState(emb, extra=dict(encoder_hidden_states=enc, attention_mask=am, encoder_attention_mask=eam))
+        state = UNetState(cond=emb, extra=dict(encoder_hidden_states=enc, attention_mask=am,
+                                               encoder_attention_mask=eam))
         state.push(h)
         return self.down_level(0, h, state), state
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #6347dfe3
-class UNetAdapterHead(nn.Module):
+class UNetAdapterHead(LevelAdapterHead):
     """Exit head of diffusers-UNet exit `level`: an adapter ResNet (a copy of the UNet's ResNet of its shape: level
     features -> what up level `level` receives from below), then the UNet's own up blocks of levels `level`..0 and
     output layer (held by reference: the adapter is the head's only parameters)."""
-    needs_state = True                                   # it reads the exiting rows' skips
-
     def __init__(self, bb: DiffusersUNetAdapter, level: int):
         super().__init__()
         if not 0 <= level < bb.num_layers:
@@ -447,22 +435,6 @@ class UNetAdapterHead(nn.Module):
     def copy_from(self, bb: DiffusersUNetAdapter):
         "Start the adapter as a copy of the UNet's ResNet of its shape (`adapter_source`)."
         self.adapter.load_state_dict(bb.adapter_source(self.level).state_dict())
-
-    def reset_parameters(self):
-        "A fresh adapter that starts as its shortcut: default init, the residual branch's last conv zeroed."
-        for m in self.adapter.modules():
-            if m is not self.adapter and hasattr(m, 'reset_parameters'): m.reset_parameters()
-        nn.init.zeros_(self.adapter.conv2.weight)
-        nn.init.zeros_(self.adapter.conv2.bias)
-
-    @classmethod
-    def for_backbone(cls, bb: DiffusersUNetAdapter, level: int | None = None) -> 'UNetAdapterHead':
-        if level is None:
-            raise TypeError("a UNet exit head belongs to one level: UNetAdapterHead.for_backbone(bb, level)")
-        return cls(bb, level)
-
-    def extra_repr(self) -> str:
-        return f"level={self.level}, up path: the UNet's (shared)"
 
 # %% ../../nbs/integrations/02h2_unet_adapters.ipynb #e9b40312
 def unet_adapter_heads(bb: DiffusersUNetAdapter) -> type:
