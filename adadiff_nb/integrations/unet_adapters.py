@@ -11,6 +11,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/unet_adapters.html.md
 from __future__ import annotations
 import copy, json
 from dataclasses import dataclass, field
+from typing import Optional            # BlockState's field annotation, evaluated in UNetState's __init__ by show_doc
 from pathlib import Path
 
 import torch
