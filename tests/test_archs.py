@@ -22,6 +22,7 @@ def _models() -> dict:
     from adadiff_nb.exits.baselines import StaticDropUViT, BERxiTUViT, CALMUViT
     from adadiff_nb.models.dit import DiT
     from adadiff_nb.models.official_adadiff import OfficialAdaDiffUViT
+    from adadiff_nb.models.unet import create_unet
     torch.manual_seed(0)
     bb = dict(create_uvit('uvit_tiny').config)
     return dict(uvit=UViT(**bb), adadiff=create_early_exit('adadiff_tiny'),
@@ -29,7 +30,7 @@ def _models() -> dict:
                 calm=CALMUViT(backbone=bb),
                 dit=DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                         num_classes=10),                                          # learned sigma, as officially
-                adadiff_official=OfficialAdaDiffUViT(**bb))
+                adadiff_official=OfficialAdaDiffUViT(**bb), unet=create_unet('unet_test8'))
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +86,7 @@ def test_loaded_models_match_the_saved_ones(saved):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize('name', ['uvit', 'adadiff', 'ase', 'berxit', 'calm', 'dit', 'adadiff_official'])
+@pytest.mark.parametrize('name', ['uvit', 'adadiff', 'ase', 'berxit', 'calm', 'dit', 'adadiff_official', 'unet'])
 def test_adadiff_sample_cli_round_trip(saved, name, tmp_path):
     out = tmp_path / 'out'
     cmd = [str(BIN / 'adadiff-sample'), '--checkpoint', str(saved[name]), '--steps', '2', '--n', '2', '--out', str(out),
@@ -103,6 +104,7 @@ def test_unknown_arch_names_the_known_ones(tmp_path):
     from adadiff_nb.models.checkpoint import CheckpointError, load_model, save_safetensors
     rec = {'adadiff_nb': dict(arch='mystery', config={})}
     save_safetensors({'w': torch.zeros(1)}, tmp_path / 'model.safetensors', rec)
-    known = r"unknown architecture 'mystery'.*'adadiff', 'adadiff_official', 'ase', 'berxit', 'calm', 'dit', 'uvit'"
+    known = (r"unknown architecture 'mystery'.*'adadiff', 'adadiff_official', 'ase', 'berxit', 'calm', 'dit', "
+             r"'unet', 'uvit'")
     with pytest.raises(CheckpointError, match=known):
         load_model(tmp_path)
