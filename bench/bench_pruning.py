@@ -17,11 +17,10 @@ interval of each method's PSNR minus early exit's (same images, same noise). Nee
 settings, so a rerun (e.g. on an idle machine, for the timing) loads it instead of pruning and training again.
 """
 from __future__ import annotations
-import argparse, copy, json, sys
+import argparse, sys
 from pathlib import Path
 import torch
-from adadiff_nb.data import get_dataset
-from adadiff_nb.exits.pruning import finetune_pruned, load_pruned, prune_backbone, save_pruned, taylor_importance
+from adadiff_nb.experiments.peers import cached_pruned
 from adadiff_nb.experiments.exit_bench import add_timing_args, run_environment, time_interleaved, bench_main
 from adadiff_nb.experiments.schedule_baselines import image_fidelity, paired_bootstrap
 from adadiff_nb.apps.sample_io import resolve_exit_points
@@ -66,46 +65,11 @@ def check_args(a):
         raise ValueError(f"{Path(a.out).parent} does not exist; create it or pass another --out")
 
 
-def taylor_batches(a, img_size: int) -> list:
-    "The first `--taylor-batches` batches of 64 training images (no labels: the default model is unconditional)."
-    ds = get_dataset('cifar10_partial', split='train', img_size=img_size, flip=False)
-    g = torch.Generator().manual_seed(a.seed)
-    idx = torch.randperm(len(ds), generator=g)[:64 * a.taylor_batches]
-    xs = torch.stack([ds[int(i)][0] for i in idx])
-    return [(xs[k:k + 64], None) for k in range(0, len(xs), 64)]
-
-
 def pruned_models(a, bb, log) -> dict:
-    "{target: (pruned before fine-tuning, fine-tuned, report)}, from `--cache` where already built."
-    scores, out = None, {}
-    for t in a.targets:
-        name = (f'prune{t:g}_taylor{a.taylor_batches}x{a.taylor_threshold:g}_ft{a.finetune_steps}x{a.finetune_batch}'
-                f'_lr{a.finetune_lr:g}w{a.finetune_warmup}_s{a.seed}')
-        cached = Path(a.cache) / name if a.cache else None
-        if cached is not None and (cached / 'report.json').is_file():
-            raw, ft = load_pruned(cached / 'raw'), load_pruned(cached / 'finetuned')
-            out[t] = (raw.eval(), ft.eval(), json.loads((cached / 'report.json').read_text()))
-            log(f"target {t:g}: loaded {cached}")
-            continue
-        if scores is None:
-            scores = taylor_importance(bb, taylor_batches(a, bb.img_size), threshold=a.taylor_threshold, seed=a.seed)
-            log(f"Taylor importance over {len(scores.losses)} timesteps (stopped at t = {scores.times[-1]:g})")
-        raw = prune_backbone(bb, t, importance=scores, seed=a.seed).eval()
-        res = finetune_pruned(copy.deepcopy(raw), a.finetune_steps, batch_size=a.finetune_batch, seed=a.seed,
-                              lr=a.finetune_lr, warmup_steps=a.finetune_warmup) \
-            if a.finetune_steps else dict(model=copy.deepcopy(raw), seconds=0., final_loss=None)
-        rep = dict(pruning={k: v for k, v in raw.pruning.items()}, taylor_steps=len(scores.losses),
-                   finetune_seconds=res['seconds'], finetune_final_loss=res['final_loss'])
-        ft = res['model'].eval()
-        ft.pruning = raw.pruning
-        if cached is not None:
-            save_pruned(raw, cached / 'raw')
-            save_pruned(ft, cached / 'finetuned')
-            (cached / 'report.json').write_text(json.dumps(rep, indent=1))
-        out[t] = (raw, ft, rep)
-        log(f"target {t:g}: FLOP ratio {raw.pruning['ratio']:.3f}, fine-tuned {a.finetune_steps} steps in "
-            f"{res['seconds']:.0f} s")
-    return out
+    "{target: (pruned before fine-tuning, fine-tuned, report)}, from `--cache` where already built (`cached_pruned`)."
+    return cached_pruned(bb, a.targets, a.cache, a.seed, log, taylor_batches=a.taylor_batches,
+                         taylor_threshold=a.taylor_threshold, finetune_steps=a.finetune_steps,
+                         finetune_batch=a.finetune_batch, finetune_lr=a.finetune_lr, finetune_warmup=a.finetune_warmup)
 
 
 def _row(name, method, images, ref, ee_psnr, plain_s, seconds, flop_ratio, **extra) -> dict:
@@ -139,7 +103,7 @@ def run(a, log=print) -> dict:
     ee_psnr = image_fidelity(runs['early exit'].images, ref)['psnr']
     rows = [_row('early exit', 'AdaDiff (default model)', runs['early exit'].images, ref, None, plain_s,
                  tm['early exit'].median, ee_ratio, threshold=tau, layer_ratio=st['layer_ratio'],
-                 training='exit heads + UEMs of the embedded model (frozen backbone)')]
+                 training="the embedded model's own exit heads, UEMs and backbone")]
     for t, (_, _, rep) in models.items():
         for k, ft in ((f'pruned {t:g}', False), (f'pruned {t:g} + ft', True)):
             rows.append(_row(k, 'S-Pruning', runs[k].images, ref, ee_psnr, plain_s, tm[k].median,
@@ -151,8 +115,9 @@ def run(a, log=print) -> dict:
     return dict(rows=rows, environment=dict(run_environment(), device=str(dev), threads=torch.get_num_threads()),
                 settings={k: getattr(a, k) for k in SETTINGS},
                 model='default (its U-ViT backbone)',
-                note=('early exit trains only its heads and UEMs on the frozen backbone; pruning fine-tunes the '
-                      'pruned backbone for finetune_steps x finetune_batch images'))
+                note=("the default model's recipe fine-tunes its backbone with the exit heads and UEMs (1500 x 64 "
+                      "images, cpu16_adadiff); pruning starts from that backbone and fine-tunes the pruned backbone "
+                      "for finetune_steps x finetune_batch images more"))
 
 
 def main(argv=None) -> int:

@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'and final_ema/ once every input is checked)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config field')
     p.add_argument('--diffusers-model', default=None, metavar='PATH',
-                   help='train exit heads + UEMs on the frozen transformer of this diffusers pipeline (or transformer) '
-                        'directory; --data is then an image folder or a latent cache (adadiff-latents); PixArt '
-                        'also needs --text-features CAPTIONS (.json / .txt, or a precompute_prompt_embeddings cache)')
+                   help='train exit heads + UEMs on the frozen transformer or UNet of this diffusers pipeline (or '
+                        'model) directory (DiT, PixArt, DDPM, SD 1.x/2.x); --data is then an image folder or a latent '
+                        'cache (adadiff-latents), for DDPM a data set name or image folder at the UNet size; PixArt '
+                        'and SD also need --text-features CAPTIONS (.json / .txt, or a precompute_prompt_embeddings '
+                        'cache); SD needs --schedule sd')
     for sec, cls in SECTIONS.items():
         g = p.add_argument_group(f'{sec}: {cls.__doc__} (dicts and tuples as JSON, None as "none")')
         for f in fields(cls):

@@ -1,8 +1,8 @@
-"""Diff-Pruning (Fang, Ma & Wang, NeurIPS 2023) for the project's transformers: a timestep-aware first-order Taylor
+"""Diff-Pruning (Fang, Ma & Wang, NeurIPS 2023) for the project's backbones: a timestep-aware first-order Taylor
 importance of the noise loss, summed from the clean end until the step loss is small, ranks the attention heads
-and MLP hidden channels of every U-ViT / DiT block; torch-pruning's dependency graph removes the least important
-until the counted FLOPs reach a target share; the pruned model saves and loads strictly and fine-tunes with the
-project's `finetune` loop.
+and MLP hidden channels of every U-ViT / DiT block (the GroupNorm groups of every UNet ResBlock's hidden
+channels); torch-pruning's dependency graph removes the least important until the counted FLOPs reach a target
+share; the pruned model saves and loads strictly and fine-tunes with the project's `finetune` loop.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/exits/pruning.html.md"""
 
@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..extras import MissingExtraError
 from ..models.uvit import UViT
 from ..models.dit import DiT
+from ..models.unet import UNet, ResBlock
 from ..models.checkpoint import (CheckpointError, save_model, build_model, load_weights,
                                           load_state_dict_checked, read_safetensors_metadata)
 from ..sampling.diffusion import get_schedule
@@ -27,10 +28,11 @@ from ..training.common import finetune
 from ..training.loop import LoopLoss
 
 # %% auto #0
-__all__ = ['PRUNABLE', 'ORDERS', 'IMPORTANCES', 'SCOPES', 'PRUNED_FORMAT', 'torch_pruning', 'check_prunable', 'block_widths',
-           'head_dim', 'example_inputs', 'measure_flops', 'unit_flops', 'stops_after', 'taylor_times', 'TaylorScores',
-           'taylor_importance', 'dependency_graph', 'unit_group', 'head_rows', 'unit_scores', 'make_importance',
-           'apply_plan', 'prune_backbone', 'save_pruned', 'shrink_to_widths', 'load_pruned', 'finetune_pruned']
+__all__ = ['PRUNABLE', 'KINDS', 'ORDERS', 'IMPORTANCES', 'SCOPES', 'PRUNED_FORMAT', 'torch_pruning', 'check_prunable',
+           'prunable_blocks', 'block_widths', 'head_dim', 'group_channels', 'example_inputs', 'measure_flops',
+           'unit_flops', 'unit_cost', 'stops_after', 'taylor_times', 'TaylorScores', 'taylor_importance',
+           'dependency_graph', 'unit_group', 'head_rows', 'unit_scores', 'make_importance', 'apply_plan',
+           'prune_backbone', 'save_pruned', 'shrink_to_widths', 'load_pruned', 'finetune_pruned']
 
 # %% ../../nbs/exits/06f_pruning.ipynb #3ab8cedb
 def torch_pruning():
@@ -41,24 +43,41 @@ def torch_pruning():
         raise MissingExtraError("S-Pruning needs the `torch_pruning` package, which is not installed: "
                                 "pip install 'adadiff_nb[prune]'", name='torch_pruning') from e
 
-PRUNABLE = (UViT, DiT)
+PRUNABLE = (UViT, DiT, UNet)
 
 def check_prunable(model) -> nn.Module:
-    "`model` when it is a U-ViT or a DiT backbone, else a TypeError saying what to pass."
+    "`model` when it is a U-ViT, a DiT or a UNet backbone, else a TypeError saying what to pass."
     if isinstance(model, PRUNABLE): return model
     inner = getattr(model, 'backbone', None)
-    hint = (": pass its `.backbone` (pruning keeps the residual width, so its exit heads still fit)"
+    hint = (": pass its `.backbone` (pruning keeps the widths between blocks, so its exit heads still fit)"
             if isinstance(inner, PRUNABLE) else "")
-    raise TypeError(f"S-Pruning prunes a U-ViT (adadiff_nb.models.uvit.UViT) or a DiT (adadiff_nb.models.dit.DiT) "
-                    f"backbone; got a {type(model).__name__}{hint}")
+    raise TypeError(f"S-Pruning prunes a U-ViT (adadiff_nb.models.uvit.UViT), a DiT (adadiff_nb.models.dit.DiT) or a "
+                    f"UNet (adadiff_nb.models.unet.UNet) backbone; got a {type(model).__name__}{hint}")
+
+def prunable_blocks(model) -> list:
+    """The blocks S-Pruning thins, in execution order: a U-ViT's / DiT's `layers()`; a UNet's ResBlocks (the down
+    path, the mid block's two, the up path from the deepest level)."""
+    bb = check_prunable(model)
+    if not isinstance(bb, UNet): return list(bb.layers())
+    return ([r for lv in bb.down for r in lv.res] + [bb.mid.block1, bb.mid.block2] +
+            [r for lv in reversed(bb.up) for r in lv.res])
 
 def block_widths(model) -> list:
-    "Per block, in execution order: {'heads': attention heads, 'mlp_hidden': MLP hidden channels}."
-    return [dict(heads=b.attn.num_heads, mlp_hidden=b.mlp.fc1.out_features) for b in check_prunable(model).layers()]
+    """Per block of `prunable_blocks`: {'heads': attention heads, 'mlp_hidden': MLP hidden channels} of a U-ViT / DiT
+    block, {'hidden': hidden channels (conv1's outputs), 'groups': norm2's GroupNorm groups} of a UNet ResBlock."""
+    if isinstance(check_prunable(model), UNet):
+        return [dict(hidden=b.conv1.out_channels, groups=b.norm2.num_groups) for b in prunable_blocks(model)]
+    return [dict(heads=b.attn.num_heads, mlp_hidden=b.mlp.fc1.out_features) for b in prunable_blocks(model)]
 
+# %% ../../nbs/exits/06f_pruning.ipynb #9c1d8c2e
 def head_dim(block) -> int:
     "Width of one attention head of `block` (pruning removes whole heads, so it never changes)."
     return block.attn.qkv.out_features // (3 * block.attn.num_heads)
+
+def group_channels(block, groups) -> list:
+    "The hidden channels of GroupNorm `groups` of a UNet ResBlock `block` (a group is a contiguous run of channels)."
+    c = block.conv1.out_channels // block.norm2.num_groups
+    return [g * c + j for g in sorted(groups) for j in range(c)]
 
 # %% ../../nbs/exits/06f_pruning.ipynb #0792038a
 def example_inputs(model, batch: int = 1) -> tuple:
@@ -68,7 +87,7 @@ def example_inputs(model, batch: int = 1) -> tuple:
     x = torch.zeros(batch, bb.in_chans, bb.img_size, bb.img_size, device=dev)
     t, y = torch.full((batch,), 500., device=dev), None
     if getattr(bb, 'context_shape', None) is not None: y = torch.zeros(batch, *bb.context_shape, device=dev)
-    elif bb.num_classes > 0: y = torch.zeros(batch, dtype=torch.long, device=dev)
+    elif getattr(bb, 'num_classes', 0) > 0: y = torch.zeros(batch, dtype=torch.long, device=dev)
     return x, t, y
 
 @torch.no_grad()
@@ -79,12 +98,32 @@ def measure_flops(model) -> int:
     try: return count_flops(lambda: model(*example_inputs(model)))['total']
     finally: model.train(was)
 
+# %% ../../nbs/exits/06f_pruning.ipynb #0350a64d
+def _unet_sides(unet) -> list:
+    "Side of the feature map each ResBlock of `prunable_blocks(unet)` runs on."
+    lay, k = unet.layout, unet.config['num_res_blocks']
+    return ([d['side'] for d in lay for _ in range(k)] + [lay[-1]['side']] * 2 +
+            [d['side'] for d in lay[::-1] for _ in range(k + 1)])
+
 def unit_flops(model) -> dict:
     """Per-image FLOPs one prunable unit costs: 'head' (its qkv rows, attention scores and values, proj columns) and
-    'channel' (one MLP hidden channel: an fc1 row and an fc2 column), on the N tokens of width D."""
+    'channel' (one MLP hidden channel: an fc1 row and an fc2 column), on the N tokens of width D; on a UNet 'group',
+    one number per ResBlock: a GroupNorm group of c hidden channels on P pixels, c (18 P (cin + cout) + 2 temb_dim)
+    (c conv1 rows, c conv2 columns, c temb_proj rows)."""
     bb = check_prunable(model)
+    if isinstance(bb, UNet):
+        return dict(group=[b.conv1.out_channels // b.norm2.num_groups * (
+            18 * s * s * (b.conv1.in_channels + b.conv2.out_channels) + 2 * b.temb_proj.in_features)
+            for b, s in zip(prunable_blocks(bb), _unet_sides(bb))])
     N, D, d = bb.extras + bb.num_patches, bb.embed_dim, head_dim(bb.layers()[0])
     return dict(head=8 * N * D * d + 4 * N * N * d, channel=4 * N * D)
+
+KINDS = dict(head='heads', channel='mlp_hidden', group='groups')   # unit kind -> the width `block_widths` counts
+
+def unit_cost(cost: dict, block: int, kind: str) -> int:
+    "FLOPs of one unit of `kind` in block `block`, from `unit_flops`' dict (one number per kind, or one per block)."
+    c = cost[kind]
+    return c[block] if isinstance(c, (list, tuple)) else c
 
 # %% ../../nbs/exits/06f_pruning.ipynb #2d99ca1f
 def stops_after(losses, threshold: float) -> int:
@@ -186,7 +225,7 @@ def taylor_importance(model, batches, schedule='linear', threshold: float = 0.1,
     return res
 
 # %% ../../nbs/exits/06f_pruning.ipynb #72ea9b56
-_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding)
+_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding, nn.GroupNorm)
 
 def dependency_graph(model):
     "torch-pruning's `DependencyGraph` of `model`, traced on `example_inputs` (its note on pos_embed silenced)."
@@ -196,16 +235,24 @@ def dependency_graph(model):
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs(model),
                                                      forward_fn=lambda m, a: m(*a))
 
+def _unit_layers(block, kind: str) -> tuple:
+    "(the layer whose out-channels a unit of `kind` is, every layer its removal may touch)."
+    if kind == 'head': return block.attn.qkv, {block.attn.qkv, block.attn.proj}
+    if kind == 'channel': return block.mlp.fc1, {block.mlp.fc1, block.mlp.fc2}
+    return block.conv1, {block.conv1, block.temb_proj, block.norm2, block.conv2}
+
 def unit_group(DG, block, kind: str, idxs):
-    """torch-pruning's group that removes out-channels `idxs` of a block's qkv ('head') or fc1 ('channel'), checked to
-    touch only that layer and its partner (proj / fc2): the residual width and the long skips never change."""
+    """torch-pruning's group that removes out-channels `idxs` of a block's qkv ('head'), fc1 ('channel') or a UNet
+    ResBlock's conv1 ('group'), checked to touch only that layer and its partners (proj / fc2; temb_proj, norm2 and
+    conv2): the residual width, the long skips and a ResBlock's input and output widths never change."""
     tp = torch_pruning()
-    root, leaf = (block.attn.qkv, block.attn.proj) if kind == 'head' else (block.mlp.fc1, block.mlp.fc2)
-    group = DG.get_pruning_group(root, tp.prune_linear_out_channels, idxs=list(idxs))
+    root, own = _unit_layers(block, kind)
+    fn = tp.prune_conv_out_channels if kind == 'group' else tp.prune_linear_out_channels
+    group = DG.get_pruning_group(root, fn, idxs=list(idxs))
     layers = {dep.target.module for dep, _ in group if isinstance(dep.target.module, _LAYERS)}
-    if layers != {root, leaf}:
+    if layers != own:
         raise RuntimeError(f"torch-pruning couples the {kind} channels of a block with {len(layers)} layers, not just "
-                           "its own two; this model cannot be pruned without changing the residual width")
+                           f"its own {len(own)}; this model cannot be pruned without changing the residual width")
     return group
 
 def head_rows(block, heads) -> list:
@@ -213,10 +260,16 @@ def head_rows(block, heads) -> list:
     H, d = block.attn.num_heads, head_dim(block)
     return [k * H * d + h * d + j for k in range(3) for h in sorted(heads) for j in range(d)]
 
+# %% ../../nbs/exits/06f_pruning.ipynb #ff36d94a
 def unit_scores(DG, model, imp) -> list:
-    "(score, block, kind, index) of every head and MLP channel: `imp`'s group score summed over the unit's channels."
+    """(score, block, kind, index) of every head and MLP channel, or of every ResBlock's GroupNorm group: `imp`'s
+    group score summed over the unit's channels."""
     out = []
-    for i, blk in enumerate(check_prunable(model).layers()):
+    for i, blk in enumerate(prunable_blocks(model)):
+        if isinstance(blk, ResBlock):
+            sg = imp(unit_group(DG, blk, 'group', range(blk.conv1.out_channels))).view(blk.norm2.num_groups, -1)
+            out += [(float(s), i, 'group', g) for g, s in enumerate(sg.sum(1))]
+            continue
         H, hid = blk.attn.num_heads, blk.mlp.fc1.out_features
         sh = imp(unit_group(DG, blk, 'head', head_rows(blk, range(H)))).view(3, H, -1).sum((0, 2))
         sc = imp(unit_group(DG, blk, 'channel', range(hid)))
@@ -257,39 +310,42 @@ SCOPES = ('local', 'global')
 
 def _order(units, cost: dict, scope: str) -> list:
     """`units` in removal order. 'global': least score per FLOP first. 'local' (Diff-Pruning's uniform sparsity):
-    by the share of its block's heads / channels a unit's removal reaches, then by score per FLOP."""
+    by the share of its block's heads / channels / groups a unit's removal reaches, then by score per FLOP."""
     by_group = {}
     for u in sorted(units, key=lambda u: u[0]): by_group.setdefault((u[1], u[2]), []).append(u)
     share = {u[1:]: (j + 1) / len(g) for g in by_group.values() for j, u in enumerate(g)}
-    per_flop = lambda u: u[0] / cost[u[2]]
+    per_flop = lambda u: u[0] / unit_cost(cost, u[1], u[2])
     key = (lambda u: (per_flop(u), u[1:])) if scope == 'global' else (lambda u: (share[u[1:]], per_flop(u), u[1:]))
     return sorted(units, key=key)
 
 def _plan(units, widths, F, goal, floor, cost, keep) -> tuple:
     """Walk the ordered `units`, dropping each until the FLOPs `F` reach `goal`, but skipping any that would go below
-    `floor` or leave its block with fewer than `keep` heads / channels. ({(block, kind): [index]}, FLOPs)."""
-    left, plan = [dict(head=w['heads'], channel=w['mlp_hidden']) for w in widths], {}
+    `floor` or leave its block with fewer than `keep` heads / channels / groups. ({(block, kind): [index]}, FLOPs)."""
+    left, plan = [{k: w[n] for k, n in KINDS.items() if n in w} for w in widths], {}
     for s, i, kind, idx in units:
         if F <= goal: break
-        if left[i][kind] <= keep[kind] or F - cost[kind] < floor: continue
+        c = unit_cost(cost, i, kind)
+        if left[i][kind] <= keep[kind] or F - c < floor: continue
         left[i][kind] -= 1
-        F -= cost[kind]
+        F -= c
         plan.setdefault((i, kind), []).append(idx)
     return plan, F
 
 def apply_plan(DG, model, plan: dict):
-    "Remove the planned heads and MLP channels with torch-pruning's groups (one group per block and kind)."
-    blocks = check_prunable(model).layers()
+    "Remove the planned heads, MLP channels and GroupNorm groups with torch-pruning's groups (one per block and kind)."
+    blocks = prunable_blocks(model)
     for (i, kind), idxs in plan.items():
         blk = blocks[i]
-        unit_group(DG, blk, kind, head_rows(blk, idxs) if kind == 'head' else idxs).prune()
+        rows = head_rows(blk, idxs) if kind == 'head' else group_channels(blk, idxs) if kind == 'group' else idxs
+        unit_group(DG, blk, kind, rows).prune()
         if kind == 'head': blk.attn.num_heads -= len(idxs)
+        if kind == 'group': blk.norm2.num_groups -= len(idxs)
 
 def _floor_ratio(model, F0: int, keep: dict) -> float:
-    "The smallest FLOP ratio pruning can reach: every block down to `keep` heads and channels."
+    "The smallest FLOP ratio pruning can reach: every block down to `keep` heads, channels or groups."
     cost = unit_flops(model)
-    cut = sum((w['heads'] - keep['head']) * cost['head'] + (w['mlp_hidden'] - keep['channel']) * cost['channel']
-              for w in block_widths(model))
+    cut = sum(max(0, w[n] - keep[k]) * unit_cost(cost, i, k)
+              for i, w in enumerate(block_widths(model)) for k, n in KINDS.items() if n in w)
     return (F0 - cut) / F0
 
 # %% ../../nbs/exits/06f_pruning.ipynb #b14bc9b6
@@ -303,6 +359,19 @@ def _check_keep(name, v) -> int:
         raise ValueError(f"{name} must be an integer >= 1 (what every block keeps at least), got {v!r}")
     return int(v)
 
+def _check_reach(m, F0: int, target: float, tol: float, keep: dict):
+    "Clear errors for a model without prunable units and for a target below what the minimum widths allow."
+    lo, unet = _floor_ratio(m, F0, keep), isinstance(m, UNet)
+    what = (f"{keep['group']} GroupNorm group(s) per ResBlock" if unet else
+            f"{keep['head']} head(s) and {keep['channel']} MLP channel(s) per block")
+    if lo >= 1:
+        fix = "build it with more norm_groups or lower min_groups" if unet else "lower min_heads / min_channels"
+        raise ValueError(f"this {type(m).__name__} has no prunable units: every block already has at most {what}; "
+                         f"{fix}")
+    if lo > target + tol:
+        raise ValueError(f"target_flop_ratio={target:g} is out of reach: pruning every block down to {what} leaves "
+                         f"{lo:.3f} of the FLOPs (the other layers stay); pick a target >= {lo:.3f}")
+
 def _copy_for_pruning(model, importance) -> nn.Module:
     "A deep copy of `model` in eval mode with its grads (deepcopy drops them) or the `TaylorScores`' summed grads."
     m = copy.deepcopy(model).eval()
@@ -314,22 +383,22 @@ def _copy_for_pruning(model, importance) -> nn.Module:
 
 # %% ../../nbs/exits/06f_pruning.ipynb #12fc3728
 def prune_backbone(model, target_flop_ratio: float, importance=None, tol: float = 0.01, min_heads: int = 1,
-                   min_channels: int = 1, scope: str = 'local', max_rounds: int = 3, seed: int = 0) -> nn.Module:
+                   min_channels: int = 1, scope: str = 'local', max_rounds: int = 3, seed: int = 0,
+                   min_groups: int = 1) -> nn.Module:
     """S-Pruning: a copy of the U-ViT / DiT `model` without its least important attention heads and MLP hidden channels
-    (`make_importance`, in `scope` order), removed by torch-pruning until the counted FLOPs of a forward are within
-    `tol` of `target_flop_ratio` times the original's. Embeddings, output layers, the residual width and U-ViT's long
-    skips stay. The copy's `pruning` dict reports the FLOPs and the per-block widths."""
+    (of a UNet: without the least important GroupNorm groups of its ResBlocks' hidden channels), ranked by
+    `make_importance` in `scope` order and removed by torch-pruning until the counted FLOPs of a forward are within
+    `tol` of `target_flop_ratio` times the original's. Embeddings, output layers, the residual width, U-ViT's long
+    skips and a UNet's block input/output widths stay. The copy's `pruning` dict reports the FLOPs and the widths."""
     check_prunable(model)
     target, tol = _check_ratio('target_flop_ratio', target_flop_ratio), _check_ratio('tol', tol, 0., 0.5)
-    keep = dict(head=_check_keep('min_heads', min_heads), channel=_check_keep('min_channels', min_channels))
+    keep = dict(head=_check_keep('min_heads', min_heads), channel=_check_keep('min_channels', min_channels),
+                group=_check_keep('min_groups', min_groups))
     if scope not in SCOPES: raise ValueError(f"scope={scope!r} is not supported; choose one of {list(SCOPES)}")
     imp = make_importance(importance)
     m = _copy_for_pruning(model, importance)
     F0 = measure_flops(m)
-    if (lo := _floor_ratio(m, F0, keep)) > target + tol:
-        raise ValueError(f"target_flop_ratio={target:g} is out of reach: pruning every block down to {keep['head']} "
-                         f"head(s) and {keep['channel']} MLP channel(s) leaves {lo:.3f} of the FLOPs (embeddings and "
-                         f"output layers stay); pick a target >= {lo:.3f}")
+    _check_reach(m, F0, target, tol, keep)
     F, rounds = F0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)                                 # RandomImportance draws from the global generator
@@ -352,29 +421,51 @@ def prune_backbone(model, target_flop_ratio: float, importance=None, tol: float 
 PRUNED_FORMAT = 'adadiff-pruned-1'
 
 def save_pruned(model, path) -> Path:
-    """Save a (pruned) U-ViT / DiT to directory `path` with `save_model`: model.safetensors + config.json, whose record
-    carries the per-block widths under 'pruned'; `load_pruned` rebuilds it."""
-    return save_model(model, path, pruned=dict(format=PRUNED_FORMAT, widths=block_widths(model)))
+    """Save a (pruned) U-ViT / DiT / UNet to directory `path` with `save_model`: model.safetensors + config.json, whose
+    record carries the architecture and the per-block widths under 'pruned'; `load_pruned` rebuilds it."""
+    return save_model(model, path, pruned=dict(format=PRUNED_FORMAT, arch=check_prunable(model).arch,
+                                               widths=block_widths(model)))
+
+def _shrink_block(blk, w: dict):
+    "Give a fresh U-ViT / DiT block `w`'s heads and MLP channels (new layers of the pruned shapes)."
+    a, D, d = blk.attn, blk.attn.qkv.in_features, head_dim(blk)
+    h, c = int(w['heads']), int(w['mlp_hidden'])
+    if not (1 <= h <= a.num_heads and 1 <= c <= blk.mlp.fc1.out_features):
+        raise CheckpointError(f"block widths {w} are empty or wider than the unpruned block ({a.num_heads} heads, "
+                              f"{blk.mlp.fc1.out_features} channels); re-save the model with save_pruned")
+    a.qkv, a.proj, a.num_heads = nn.Linear(D, 3 * h * d, bias=a.qkv.bias is not None), nn.Linear(h * d, D), h
+    blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(D, c), nn.Linear(c, D)
+
+def _shrink_resblock(blk, w: dict):
+    "Give a fresh UNet ResBlock `w`'s GroupNorm groups of hidden channels (new conv1, temb_proj, norm2, conv2)."
+    G, H = blk.norm2.num_groups, blk.conv1.out_channels
+    g, h = int(w['groups']), int(w['hidden'])
+    if not (1 <= g <= G and h == g * (H // G)):
+        raise CheckpointError(f"ResBlock widths {w} are empty, wider than the unpruned block ({G} groups of {H // G} "
+                              "channels) or not whole groups; re-save the model with save_pruned")
+    blk.conv1 = nn.Conv2d(blk.conv1.in_channels, h, 3, padding=1)
+    blk.temb_proj = nn.Linear(blk.temb_proj.in_features, h)
+    blk.norm2 = nn.GroupNorm(g, h, eps=blk.norm2.eps)
+    blk.conv2 = nn.Conv2d(h, blk.conv2.out_channels, 3, padding=1)
 
 def shrink_to_widths(model, widths: list) -> nn.Module:
-    """Give each block of a fresh U-ViT / DiT the attention heads and MLP channels of `widths` (new layers of the
-    pruned shapes, to be loaded), so that a pruned state dict loads strictly."""
-    blocks = check_prunable(model).layers()
+    """Give each block of a fresh U-ViT / DiT the attention heads and MLP channels of `widths` (each ResBlock of a fresh
+    UNet its hidden GroupNorm groups): new layers of the pruned shapes, so that a pruned state dict loads strictly."""
+    blocks, keys = prunable_blocks(model), set(block_widths(model)[0])
     if len(widths) != len(blocks):
         raise CheckpointError(f"{len(widths)} block widths for a model of {len(blocks)} blocks: the saved widths do "
                               "not fit the saved config; re-save the model with save_pruned")
+    if any(not isinstance(w, dict) or set(w) != keys for w in widths):
+        raise CheckpointError(f"the saved widths are not those of a {type(model).__name__} (each a dict of "
+                              f"{sorted(keys)}); re-save the model with save_pruned")
     for blk, w in zip(blocks, widths):
-        a, D, d = blk.attn, blk.attn.qkv.in_features, head_dim(blk)
-        h, c = int(w['heads']), int(w['mlp_hidden'])
-        if not (1 <= h <= a.num_heads and 1 <= c <= blk.mlp.fc1.out_features):
-            raise CheckpointError(f"block widths {w} are empty or wider than the unpruned block ({a.num_heads} heads, "
-                                  f"{blk.mlp.fc1.out_features} channels); re-save the model with save_pruned")
-        a.qkv, a.proj, a.num_heads = nn.Linear(D, 3 * h * d, bias=a.qkv.bias is not None), nn.Linear(h * d, D), h
-        blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(D, c), nn.Linear(c, D)
+        (_shrink_resblock if isinstance(blk, ResBlock) else _shrink_block)(blk, w)
     return model
 
+# %% ../../nbs/exits/06f_pruning.ipynb #a8d3289d
 def load_pruned(path, map_location='cpu') -> nn.Module:
-    "Load a model saved by `save_pruned` (its directory or model.safetensors): rebuilt at its widths, loaded strictly."
+    """Load a U-ViT / DiT / UNet saved by `save_pruned` (its directory or model.safetensors): rebuilt from its config at
+    its saved widths, loaded strictly."""
     path = Path(path)
     wpath = path / 'model.safetensors' if path.is_dir() else path
     if not wpath.exists():
@@ -384,6 +475,9 @@ def load_pruned(path, map_location='cpu') -> nn.Module:
     if info.get('format') != PRUNED_FORMAT:
         raise CheckpointError(f"{wpath} holds no pruned widths (record['pruned'] of format {PRUNED_FORMAT!r}); "
                               "save pruned models with save_pruned, and load unpruned ones with load_model")
+    if info.get('arch', rec.get('arch')) != rec.get('arch'):
+        raise CheckpointError(f"{wpath} holds widths of a {info['arch']!r} for a {rec.get('arch')!r} model; "
+                              "re-save the model with save_pruned")
     model = shrink_to_widths(build_model(rec), info['widths'])
     load_state_dict_checked(model, load_weights(wpath, map_location), source=str(wpath))
     model.record = rec
@@ -392,6 +486,7 @@ def load_pruned(path, map_location='cpu') -> nn.Module:
 # %% ../../nbs/exits/06f_pruning.ipynb #7859ac5c
 def finetune_pruned(model, steps: int, data: str = 'cifar10_partial', **kw) -> dict:
     """Fine-tune a pruned backbone with the project's `finetune` loop (AdamW, EMA, the seeded data stream) on the
-    training loop's noise loss (`LoopLoss`: L_simple on the eps channels). Keyword arguments go to `finetune`."""
+    training loop's noise loss (`LoopLoss`: L_simple on the eps channels) at the model's img_size (a UNet
+    unconditionally). Keyword arguments go to `finetune`."""
     check_prunable(model)
     return finetune(model, LoopLoss(None, early=False), steps, data=data, **kw)

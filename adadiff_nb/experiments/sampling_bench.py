@@ -62,9 +62,9 @@ def sampling_runs(model, rules: dict, n: int, batch: int, sampler='ddim', steps:
                   device='cpu', sampler_opts: dict | None = None, precision: str = 'fp32') -> dict:
     """name -> a function that runs one whole `sample_batches` run of `n` images in batches of `batch` (meter off
     unless asked: what a user times) and keeps its result in `fn.last`; `rules` maps names to sample_batches keywords
-    ({} = the plain backbone)."""
+    ({} = the plain backbone) or to (network, keywords): another network sampled on the same noise (a peer method)."""
     def make(kw):
-        net = model.backbone if not kw else model
+        net, kw = kw if isinstance(kw, tuple) else (model.backbone if not kw else model, kw)
         def run(meter=False, callback=None):
             run.last = sample_batches(net, sampler, steps, n=n, batch_size=batch, seed=seed, device=device,
                                       precision=precision, sampler_opts=sampler_opts, meter=meter, callback=callback,

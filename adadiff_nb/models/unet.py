@@ -210,15 +210,22 @@ class UNet(nn.Module):
                              f"the down path to level {d} first")
         return BlockState(list(state.skips[:k]), list(state.rows[:k]), state.cond)
 
-    def up_from(self, d: int, h, state: BlockState):
+    def up_from(self, d: int, h, state: BlockState, keep=None):
         """The up path from level d (its input: what level d's up path receives, `layout[d]['up_in']` wide, at side
-        S/2^d) through level 0 and the output head; pops the skips of levels d..0 from `state`."""
+        S/2^d) through level 0 and the output head; pops the skips of levels d..0 from `state`. With `keep` (levels in
+        0..d): (output, {l: the tensor entering up level l}) instead of the output alone (for caches)."""
+        kept = None if keep is None else {}
+        bad = [] if keep is None else sorted(l for l in keep if not 0 <= l <= d)
+        if bad:
+            raise ValueError(f"keep levels {bad} are not on the up path from level {d}; keep levels in 0..{d}")
         for l in range(d, -1, -1):
+            if kept is not None and l in keep: kept[l] = h
             lv = self.up[l]
             for res, attn in zip(lv.res, lv.attn):
                 h = attn(res(torch.cat([h, state.pop()], dim=1), state.cond))
             h = lv.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out if kept is None else (out, kept)
 
     def decode(self, h, state: BlockState):
         "The whole up path after the mid block: `up_from(n-1, ...)`. (B, in_chans, S, S)."

@@ -1,6 +1,7 @@
-"""`train_diffusers`: exit heads and UEMs trained with the AdaDiff losses on a pretrained diffusers transformer that
-stays frozen (DiT, or PixArt with the prompt embeddings of its captions), from an image folder or a precomputed
-latent cache, with Accelerate (one CPU, one GPU or many) and bf16 on GPU. The result is an adapter directory for
+"""`train_diffusers`: exit heads and UEMs trained with the AdaDiff losses on a pretrained diffusers transformer or UNet
+that stays frozen (DiT, DDPM's UNet2DModel, or PixArt and Stable Diffusion 1.x / 2.x with the prompt embeddings of
+their captions), from an image folder, a data set or a precomputed latent cache, with Accelerate (one CPU, one GPU
+or many) and bf16 on GPU. The result is an adapter directory for
 `adadiff_nb.integrations.diffusers.load_exit_heads`.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/training/train_diffusers.html.md"""
@@ -21,9 +22,10 @@ from ..exits.early_exit import EarlyExitUViT
 from ..models.autoencoder import LatentAutoencoder, LatentCache, precompute_latents
 from ..integrations.diffusers import (DiTAdapter, PixArtAdapter, TextCond, make_adapter,
                                                write_exit_heads)
+from ..integrations.unet_adapters import UNet2DAdapter, UNet2DConditionAdapter, UNetCond, tiny_sd_pipeline
 from ..models.text_encoder import (TextEncoder, TextFeatureCache, check_prompts, precompute_text_features,
                                             read_prompts)
-from ..models.text_encoder import flat_prompts
+from ..models.text_encoder import flat_prompts, write_tiny_clip
 from .config import ConfigError, TrainConfig, load_train_config
 from .common import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConfig,
                                         load_empty_context, train_step, mix_seed)
@@ -32,17 +34,20 @@ from .loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, ma
 from ..models.registry import diffusers_adapters
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'PROMPT_KIND', 'check_trainable', 'load_diffusers_model', 'pack_prompts', 'unpack_prompts',
-           'PromptEncoder', 'empty_prompt_path', 'precompute_prompt_embeddings', 'PromptPixArtAdapter',
-           'check_prompt_cache', 'prompt_data', 'latent_data', 'measured_layer_ratios', 'train_diffusers']
+__all__ = ['TRAINABLE', 'TEXT_ADAPTERS', 'PROMPT_KIND', 'check_trainable', 'load_diffusers_model', 'scheduler_config',
+           'pipeline_schedule', 'unet_training_error', 'pack_prompts', 'unpack_prompts', 'PromptEncoder',
+           'tiny_sd_text_pipeline', 'empty_prompt_path', 'precompute_prompt_embeddings', 'PromptPixArtAdapter',
+           'PromptUNetAdapter', 'ImageBatches', 'pixel_data', 'context_width', 'check_prompt_cache', 'prompt_data',
+           'latent_data', 'wrap_heads', 'measured_layer_ratios', 'train_diffusers']
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
-TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel')    # the models adadiff-train trains exit heads on
+TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel', 'UNet2DModel', 'UNet2DConditionModel')
+TEXT_ADAPTERS = (PixArtAdapter, UNet2DConditionAdapter)      # adapters whose y is a prompt embedding
 
 def check_trainable(name: str):
     "A clear error, before any data is read, for a diffusers model early exit runs on but cannot train heads for yet."
     if name not in diffusers_adapters():
-        raise TrainInputError(f"{name} is not a supported transformer: early exit supports "
+        raise TrainInputError(f"{name} is not a supported diffusers model: early exit supports "
                               f"{sorted(diffusers_adapters())}")
     if name not in TRAINABLE:
         raise TrainInputError(f"training exit heads for a {name} is not supported yet (enable_early_exit runs on it "
@@ -54,16 +59,24 @@ def _model_class(name: str):
     check_trainable(name)
     return getattr(diffusers, name)
 
+def _denoiser_key(idx: dict) -> str:
+    "The pipeline component early exit runs on: its transformer, else its UNet."
+    return 'transformer' if idx.get('transformer', [None])[0] else 'unet'
+
 def load_diffusers_model(src) -> tuple[nn.Module, nn.Module | None]:
-    "(transformer, autoencoder or None) of a diffusers pipeline/transformer directory, or of a loaded object."
+    "(transformer or UNet, autoencoder or None) of a diffusers pipeline/model directory, or of a loaded object."
     if isinstance(src, nn.Module): return src, None
-    if hasattr(src, 'transformer'): return src.transformer, getattr(src, 'vae', None)
+    for key in ('transformer', 'unet'):
+        if getattr(src, key, None) is not None: return getattr(src, key), getattr(src, 'vae', None)
     p = Path(src).expanduser()
     if (p / 'model_index.json').is_file():
         idx = json.loads((p / 'model_index.json').read_text())
-        tr = _model_class(idx['transformer'][1]).from_pretrained(p, subfolder='transformer')
+        key = _denoiser_key(idx)
+        if not (idx.get(key) or [None, None])[1]:
+            raise TrainInputError(f"{p / 'model_index.json'} names no transformer or unet: pass a diffusers pipeline")
+        tr = _model_class(idx[key][1]).from_pretrained(p, subfolder=key)
         vae = None
-        if 'vae' in idx:
+        if (idx.get('vae') or [None])[0]:
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(p, subfolder='vae')
         return tr, vae
@@ -71,6 +84,51 @@ def load_diffusers_model(src) -> tuple[nn.Module, nn.Module | None]:
         name = json.loads((p / 'config.json').read_text()).get('_class_name')
         return _model_class(name).from_pretrained(p), None
     raise TrainInputError(f"{p} is not a diffusers model directory (no model_index.json or config.json there)")
+
+# %% ../../nbs/training/04aa_train_diffusers.ipynb #2e96bf39
+_SCHEDULES = (('linear', 'linear', 1e-4, 0.02), ('sd', 'scaled_linear', 0.00085, 0.012),
+              ('cosine', 'squaredcos_cap_v2', None, None))    # (loss.schedule, diffusers beta_schedule, start, end)
+_EXTRA_CONDS = ('class_embed_type', 'num_class_embeds', 'addition_embed_type', 'encoder_hid_dim_type',
+                'time_cond_proj_dim')
+
+def scheduler_config(model) -> dict | None:
+    "The config of the scheduler of pipeline `model` (a loaded pipeline or its directory); None without one."
+    if not isinstance(model, (str, Path)):
+        s = getattr(model, 'scheduler', None)
+        return None if s is None else dict(s.config)
+    f = Path(model).expanduser() / 'scheduler' / 'scheduler_config.json'
+    return json.loads(f.read_text()) if f.is_file() else None
+
+def pipeline_schedule(sched: dict) -> str | None:
+    "The `loss.schedule` of a diffusers scheduler config's training betas (None: none of the library's)."
+    if sched.get('trained_betas') is not None or int(sched.get('num_train_timesteps', 1000)) != 1000: return None
+    for name, kind, lo, hi in _SCHEDULES:
+        if sched.get('beta_schedule', 'linear') != kind: continue
+        if lo is None or (math.isclose(sched.get('beta_start', 1e-4), lo) and math.isclose(sched.get('beta_end', 0.02),
+                                                                                        hi)): return name
+    return None
+
+def unet_training_error(unet, sched: dict | None, schedule: str) -> str | None:
+    "Why adadiff-train cannot train exit heads on diffusers UNet `unet` with `loss.schedule` `schedule` (None: it can)."
+    c, name = unet.config, type(unet).__name__
+    if c.get('addition_embed_type') == 'text_time':
+        return ("training exit heads on an SDXL UNet (addition_embed_type='text_time') is not supported yet: its "
+                "pooled text embeddings and time ids (added_cond_kwargs) are not precomputed; train SD 1.x / 2.x UNets")
+    extra = {k: c.get(k) for k in _EXTRA_CONDS if c.get(k) is not None}
+    if extra:
+        return (f"training exit heads on a {name} with {extra} is not supported yet: train an unconditional "
+                "UNet2DModel (DDPM) or a text-conditioned UNet2DConditionModel (SD 1.x / 2.x)")
+    if not sched: return None
+    if sched.get('prediction_type', 'epsilon') != 'epsilon':
+        return (f"the pipeline's scheduler has prediction_type={sched['prediction_type']!r} (e.g. SD 2.x 768-v), but "
+                "the AdaDiff loss trains epsilon-prediction exits: use an epsilon-prediction checkpoint")
+    want, betas = pipeline_schedule(sched), {k: sched.get(k) for k in ('beta_schedule', 'beta_start', 'beta_end')}
+    if want is None:
+        return (f"the pipeline's scheduler trains with {betas} over {sched.get('num_train_timesteps')} steps, none of "
+                f"adadiff-train's schedules {[s[0] for s in _SCHEDULES]}: train heads on a UNet of one of them")
+    if want != schedule:
+        return f"the pipeline's scheduler trains with {betas}: pass --schedule {want} (loss.schedule, got {schedule!r})"
+    return None
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #01be426b
 def pack_prompts(embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,21 +151,31 @@ def _call_default(pipe, name: str, fallback):
     p = inspect.signature(type(pipe).__call__).parameters.get(name)
     return fallback if p is None or p.default is inspect.Parameter.empty else p.default
 
+# %% ../../nbs/training/04aa_train_diffusers.ipynb #39cc99ec
 class PromptEncoder:
-    "A diffusers PixArt pipeline's own `encode_prompt` as a text encoder: prompts -> packed contexts (B, T, D + 1)."
+    """A diffusers PixArt or Stable Diffusion pipeline's own `encode_prompt` as a text encoder: prompts -> packed
+    contexts (B, T, D + 1) (SD: the CLIP hidden states at the tokenizer's `model_max_length`, an all-ones mask)."""
     config_hash = TextEncoder.config_hash          # T5 config + vocabulary size + max length, as for CLIP
 
     def __init__(self, pipe, max_sequence_length: int | None = None, clean_caption: bool = False):
         if not hasattr(pipe, 'encode_prompt') or getattr(pipe, 'text_encoder', None) is None:
             raise TypeError(f"prompt embeddings need a text-to-image pipeline with encode_prompt and its text encoder "
-                            f"(PixArtAlphaPipeline / PixArtSigmaPipeline), got a {type(pipe).__name__}")
+                            f"(PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline), got a "
+                            f"{type(pipe).__name__}")
+        if getattr(pipe, 'text_encoder_2', None) is not None or hasattr(pipe, 'tokenizer_2'):
+            raise TypeError(f"prompt embeddings of a {type(pipe).__name__} (two text encoders, pooled embeddings and "
+                            "time ids: SDXL) are not supported yet: use an SD 1.x / 2.x or PixArt pipeline")
         self.pipe, self.model, self.tokenizer = pipe, pipe.text_encoder, pipe.tokenizer
-        self.clean_caption = clean_caption
-        self.max_length = int(max_sequence_length or _call_default(pipe, 'max_sequence_length', 120))
+        self.clean_caption, self.unet = clean_caption, hasattr(pipe, 'unet')
+        default = int(pipe.tokenizer.model_max_length) if self.unet else _call_default(pipe, 'max_sequence_length', 120)
+        if self.unet and max_sequence_length not in (None, default):
+            raise ValueError(f"a {type(pipe).__name__} encodes prompts at its tokenizer's model_max_length ({default}):"
+                             f" drop max_sequence_length={max_sequence_length}")
+        self.max_length = int(max_sequence_length or default)
 
     @property
     def context_shape(self) -> tuple[int, int]:
-        "(T, D + 1): the max sequence length, the T5 width and the mask channel."
+        "(T, D + 1): the max sequence length, the text encoder's width and the mask channel."
         c = self.model.config
         return (self.max_length, int(getattr(c, 'd_model', None) or c.hidden_size) + 1)
 
@@ -115,6 +183,10 @@ class PromptEncoder:
     def encode(self, prompts) -> torch.Tensor:
         "Packed contexts (B, T, D + 1), float32 on the CPU, of `prompts` (the empty prompt: the negative embedding)."
         dev = next(self.model.parameters()).device
+        if self.unet:
+            e = self.pipe.encode_prompt(check_prompts(prompts), device=dev, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0]
+            return pack_prompts(e).cpu()
         e, m, _, _ = self.pipe.encode_prompt(check_prompts(prompts), do_classifier_free_guidance=False, device=dev,
                                              clean_caption=self.clean_caption, max_sequence_length=self.max_length)
         return pack_prompts(e, m).cpu()
@@ -124,6 +196,18 @@ class PromptEncoder:
         return dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
                     config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
                     source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
+
+# %% ../../nbs/training/04aa_train_diffusers.ipynb #0b2b3265
+def tiny_sd_text_pipeline(clip_dir, seed: int = 0, max_length: int = 16):
+    """`tiny_sd_pipeline` (`integrations.unet_adapters`) with a text encoder: the random tiny CLIP of `write_tiny_clip`
+    (width 32, the UNet's cross_attention_dim) written into `clip_dir`, prompts of `max_length` tokens: for tests."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    pipe, clip = tiny_sd_pipeline(seed), write_tiny_clip(clip_dir, width=32, seed=seed)
+    tok = CLIPTokenizer.from_pretrained(str(clip), local_files_only=True)
+    tok.model_max_length = max_length
+    te = CLIPTextModel.from_pretrained(str(clip), local_files_only=True).eval()
+    pipe.register_modules(text_encoder=te, tokenizer=tok)
+    return pipe
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #cf4a1d7c
 def empty_prompt_path(path) -> Path:
@@ -166,6 +250,22 @@ class PromptPixArtAdapter(PixArtAdapter):
     def check_input(self, x, timesteps, y=None): super().check_input(x, timesteps, self.text_cond(y, x))
     def embed(self, x, timesteps, y=None): return super().embed(x, timesteps, self.text_cond(y, x))
 
+# %% ../../nbs/training/04aa_train_diffusers.ipynb #eacacb25
+class PromptUNetAdapter(UNet2DConditionAdapter):
+    """`UNet2DConditionAdapter` taking y as packed prompt contexts (B, T, D + 1) too: the CLIP hidden states of SD's
+    `encode_prompt`, then the mask channel (all ones: SD's UNet attends to every token)."""
+    def text_cond(self, y, x):
+        "The `UNetCond` of packed contexts `y` (a `UNetCond` or anything else passes through)."
+        if not torch.is_tensor(y): return y
+        W = int(self.model.config.cross_attention_dim) + 1
+        if y.ndim != 3 or y.shape[-1] != W:
+            raise ValueError(f"packed prompt contexts must have shape (B, T, {W}) (cross_attention_dim and the mask "
+                             f"channel), got {tuple(y.shape)}: encode the captions with this pipeline's text encoder")
+        return UNetCond(y[..., :-1].to(self.model.dtype))
+
+    def check_input(self, x, timesteps, y=None): super().check_input(x, timesteps, self.text_cond(y, x))
+    def embed(self, x, timesteps, y=None): return super().embed(x, timesteps, self.text_cond(y, x))
+
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #030a9c98
 class _NullLabels:
     "A latent cache whose rows all train the null class (no labels, or a class-free transformer)."
@@ -185,21 +285,51 @@ def _encode_folder(p: Path, bb, vae, cache: Path, device) -> Path:
         precompute_latents(_data.get_dataset(p, img_size=bb.img_size * ae.downsample, flip=False), ae, cache)
     return cache
 
+# %% ../../nbs/training/04aa_train_diffusers.ipynb #cc69e09f
+class ImageBatches:
+    "A pixel data set (`adadiff_nb.data.get_dataset`: (image in [-1, 1], label) items) read in batches."
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+
+    def get_batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        "(images (b, C, S, S), labels (b,)) of the items `idx`."
+        items = [self.ds[int(i)] for i in idx]
+        return (torch.stack([torch.as_tensor(a) for a, _ in items]).float(),
+                torch.tensor([int(b) for _, b in items], dtype=torch.long))
+
+def pixel_data(data, bb) -> ImageBatches:
+    """The training images of pixel-space UNet adapter `bb` (a `UNet2DModel`'s): a data set name (the offline CIFAR-10
+    subset `cifar10_partial`, `cifar10_slice`, ...), an .npz or an image folder, at the UNet's sample size."""
+    try: ds = ImageBatches(_data.get_dataset(data, img_size=bb.img_size, flip=False))
+    except (ValueError, FileNotFoundError, ImportError) as e: raise TrainInputError(f"data {data}: {e}") from None
+    shape, want = tuple(ds.get_batch([0])[0].shape[1:]), (bb.in_chans, bb.img_size, bb.img_size)
+    if shape != want:
+        raise TrainInputError(f"data {data} gives {shape} images but the {bb.model_class} takes {want}: pass images "
+                              f"with {bb.in_chans} channels")
+    return ds
+
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #3ad2481c
+def context_width(bb) -> int:
+    "The prompt-embedding width text adapter `bb` takes: PixArt's caption_channels, a UNet's cross_attention_dim."
+    c = bb.model.config
+    return int(c.caption_channels if isinstance(bb, PixArtAdapter) else c.cross_attention_dim)
+
 def check_prompt_cache(texts: TextFeatureCache, bb):
-    "Raise a clear error unless text cache `texts` holds prompt embeddings that PixArt adapter `bb` takes."
+    "Raise a clear error unless text cache `texts` holds prompt embeddings that text adapter `bb` takes."
     rec, width = texts.metadata.get('encoder', {}), texts.context_shape[1] - 1
     if rec.get('kind') != PROMPT_KIND:
-        raise ValueError(f"{texts.path} holds CLIP contexts (adadiff-text-features), not a PixArt pipeline's prompt "
-                         "embeddings: write them with adadiff_nb.training.diffusers_heads.precompute_prompt_embeddings")
-    want = int(bb.model.config.caption_channels)
+        raise ValueError(f"{texts.path} holds CLIP contexts (adadiff-text-features), not a diffusers pipeline's "
+                         "prompt embeddings: write them with "
+                         "adadiff_nb.training.diffusers_heads.precompute_prompt_embeddings")
+    want = context_width(bb)
     if width != want:
-        raise ValueError(f"{texts.path} holds {width}-wide prompt embeddings but the transformer takes "
-                         f"caption_channels={want}: encode the captions with this pipeline's text encoder")
+        raise ValueError(f"{texts.path} holds {width}-wide prompt embeddings but the {bb.model_class} takes "
+                         f"{want}-wide ones: encode the captions with this pipeline's text encoder")
 
 def prompt_data(latents, prompts, bb, flip: bool = True) -> LatentData:
-    """(latent, packed prompt context) batches for PixArt adapter `bb`: latent cache `latents` paired with prompt
-    cache `prompts` (`precompute_prompt_embeddings` of the same images in the same order), a caption drawn per read."""
+    """(latent, packed prompt context) batches for text adapter `bb` (PixArt, SD): latent cache `latents` paired with
+    prompt cache `prompts` (`precompute_prompt_embeddings` of the same images in the same order), a caption drawn per
+    read."""
     try:
         ds = LatentData(Path(latents).expanduser(), Path(prompts).expanduser(), flip=flip)
         ds.latents.check_model(bb)
@@ -210,17 +340,18 @@ def prompt_data(latents, prompts, bb, flip: bool = True) -> LatentData:
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #21c0ab22
 def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True, prompts=None, flip: bool = True):
     """The training latents for adapter `bb`: a latent cache (.safetensors) or an image folder, encoded with `vae`
-    into `work/latents.safetensors` (default: beside the folder) the first time; for PixArt paired with the prompt
-    cache `prompts` (`prompt_data`)."""
+    into `work/latents.safetensors` (default: beside the folder) the first time; for PixArt and SD paired with the
+    prompt cache `prompts` (`prompt_data`); for a pixel-space UNet2DModel the images themselves (`pixel_data`)."""
+    if isinstance(bb, UNet2DAdapter): return pixel_data(path, bb)
     p, fill = Path(path).expanduser(), bb.null_class if bb.null_class is not None else 0
     if p.suffix != '.safetensors':
         if vae is None:
             raise TrainInputError(f"data {p} is an image folder, but no autoencoder came with the model: pass a "
                                   "pipeline directory (with vae/) or a latent cache (adadiff-latents ... --out F)")
         p = _encode_folder(p, bb, vae, Path(work or p.parent) / 'latents.safetensors', device)
-    if isinstance(bb, PixArtAdapter):
+    if isinstance(bb, TEXT_ADAPTERS):
         if prompts is None:
-            raise TrainInputError(f"a PixArt transformer is text-conditioned: pass the prompt embeddings of the images "
+            raise TrainInputError(f"a {bb.model_class} is text-conditioned: pass the prompt embeddings of the images "
                                   f"of {p} (text_features: a caption file or precompute_prompt_embeddings' cache)")
         return prompt_data(p, prompts, bb, flip)
     ds = LatentCache(p, flip=flip)
@@ -229,17 +360,24 @@ def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True
     return ds if labels and ds.has_labels and bb.num_labels else _NullLabels(ds, fill)
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #738584b4
-def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter:
-    "The training adapter of transformer `tr`, frozen: DiT's, or PixArt's taking packed prompt contexts."
+def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter | UNet2DAdapter | PromptUNetAdapter:
+    "The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's or SD's taking packed prompt contexts."
     check_trainable(type(tr).__name__)
     bb = make_adapter(tr)
     if isinstance(bb, PixArtAdapter): bb = PromptPixArtAdapter(tr)
+    elif isinstance(bb, UNet2DConditionAdapter): bb = PromptUNetAdapter(tr)
     tr.requires_grad_(False).eval()
     return bb
 
+def wrap_heads(bb, heads_from_backbone: bool, exit_kw: dict) -> EarlyExitUViT:
+    "The early-exit model around adapter `bb`: its own `early_exit_class` (the UNets'), else `EarlyExitUViT`."
+    cls = getattr(bb, 'early_exit_class', None)
+    if cls is not None: return cls.wrap(bb, heads_from_backbone=heads_from_backbone, **exit_kw)
+    return EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone, **exit_kw)
+
 def _wrap_frozen(bb, cfg: TrainConfig) -> EarlyExitUViT:
     "The early-exit model around frozen adapter `bb` (heads copied from its output layer, or fresh)."
-    try: return EarlyExitUViT.wrap(bb, bb.head_class, cfg.model.heads_from_backbone, **cfg.model.exit_kw).train()
+    try: return wrap_heads(bb, cfg.model.heads_from_backbone, cfg.model.exit_kw).train()
     except (TypeError, ValueError) as e: raise ConfigError(f"exit_kw {cfg.model.exit_kw}: {e}") from None
 
 def _state(cfg: TrainConfig, ee, stream, acc) -> TrainState:
@@ -257,7 +395,8 @@ def _text_pipeline(model, tr, vae):
         raise TrainInputError(f"text_features is a caption file, which needs the pipeline's text encoder, but {model} "
                               "is no pipeline directory: pass the pipeline, or precompute_prompt_embeddings' cache")
     from diffusers import DiffusionPipeline
-    return DiffusionPipeline.from_pretrained(p, transformer=tr, **({} if vae is None else dict(vae=vae)))
+    key = _denoiser_key(json.loads((p / 'model_index.json').read_text()))
+    return DiffusionPipeline.from_pretrained(p, **{key: tr}, **({} if vae is None else dict(vae=vae)))
 
 def _same_captions(cache: Path, captions: list) -> bool:
     "True when prompt cache `cache` holds exactly `captions` (so a run can reuse it)."
@@ -279,14 +418,14 @@ def _encode_captions(model, tr, vae, captions: Path, cache: Path, device) -> Pat
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #3a1cd2c0
 def _prompt_setup(model, tr, vae, bb, cfg: TrainConfig, out: Path, device) -> tuple[Path | None, torch.Tensor | None]:
-    "(prompt cache, the empty prompt's packed context or None) of a PixArt run; (None, None) for a DiT."
+    "(prompt cache, the empty prompt's packed context or None) of a PixArt / SD run; (None, None) for the others."
     d = cfg.data
-    if not isinstance(bb, PixArtAdapter):
-        if d.text_features: raise TrainInputError(f"text_features applies to PixArt; a {bb.model_class} is "
-                                                  "class-conditional (labels come with the latent cache)")
+    if not isinstance(bb, TEXT_ADAPTERS):
+        if d.text_features: raise TrainInputError(f"text_features applies to PixArt and Stable Diffusion; a "
+                                                  f"{bb.model_class} is not text-conditioned: drop text_features")
         return None, None
     if not d.text_features:
-        raise TrainInputError("a PixArt transformer is text-conditioned: pass text_features (--text-features), a "
+        raise TrainInputError(f"a {bb.model_class} is text-conditioned: pass text_features (--text-features), a "
                               "caption file of the images or precompute_prompt_embeddings' cache")
     text = Path(d.text_features).expanduser()
     if text.suffix != '.safetensors': text = _encode_captions(model, tr, vae, text, out / 'prompts.safetensors', device)
@@ -303,15 +442,16 @@ def _prompt_setup(model, tr, vae, bb, cfg: TrainConfig, out: Path, device) -> tu
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #ac9927f6
 @torch.no_grad()
-def measured_layer_ratios(ee, ds, schedule, thresholds=(0.05, 0.1, 0.2, 0.3), n: int = 64, seed: int = 0) -> dict:
-    "{threshold: layer ratio} of `ee` on up to `n` training latents noised at evenly spread times."
+def measured_layer_ratios(ee, ds, schedule, thresholds=(0.05, 0.1, 0.2, 0.3), n: int = 64, seed: int = 0,
+                          labels: bool = True) -> dict:
+    "{threshold: layer ratio} of `ee` on up to `n` training latents noised at evenly spread times (`labels`: pass y)."
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:n]
     x0, y = ds.get_batch(idx)
     dev = next(ee.parameters()).device
     t = (torch.arange(len(idx)) + 0.5) / len(idx) * schedule.T
     x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g)).to(dev)
-    mt, y = schedule.model_time(t).float().to(dev), y.to(dev)
+    mt, y = schedule.model_time(t).float().to(dev), y.to(dev) if labels else None
     return {float(tau): ee(x_t, mt, y, threshold=tau).layer_ratio for tau in thresholds}
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #2e2c1fd8
@@ -327,14 +467,21 @@ def _loop(state: TrainState, step_cfg: StepConfig, steps: int, log_every: int, l
     return rows
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #40caacde
+def _check_unet(model, tr, cfg: TrainConfig):
+    "Refuse, before any data is read, a UNet (or its scheduler) adadiff-train cannot train heads on."
+    if type(tr).__name__ not in ('UNet2DModel', 'UNet2DConditionModel'): return
+    msg = unet_training_error(tr, scheduler_config(model), cfg.loss.schedule)
+    if msg: raise TrainInputError(msg)
+
 def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command: str | None = None,
                     **overrides) -> dict:
-    """Train exit heads + UEMs with the AdaDiff losses on the frozen transformer of `model` (a diffusers pipeline or
-    transformer directory, or object: DiT, or PixArt with `text_features`); `cfg`: an `adadiff-train` config (with
-    `overrides`). Returns the losses per log row, the adapter directory `heads`, the log path and the measured layer
-    ratios."""
+    """Train exit heads + UEMs with the AdaDiff losses on the frozen transformer or UNet of `model` (a diffusers
+    pipeline or model directory, or object: DiT, DDPM's UNet2DModel, or PixArt / SD 1.x-2.x with `text_features`);
+    `cfg`: an `adadiff-train` config (with `overrides`). Returns the losses per log row, the adapter directory
+    `heads`, the log path and the measured layer ratios."""
     cfg = load_train_config(cfg if not isinstance(cfg, TrainConfig) else cfg.to_dict(), **overrides)
     tr, vae = load_diffusers_model(model)
+    _check_unet(model, tr, cfg)
     acc, out = make_accelerator(cfg, early=True), Path(cfg.run.out).expanduser()
     bb = _frozen_adapter(tr.to(acc.device))
     text, null = _prompt_setup(model, tr, vae, bb, cfg, out, acc.device)
@@ -342,7 +489,8 @@ def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command:
     if text is not None: bb.image_size = int(ds.latents.metadata['image_size'])
     torch.manual_seed(cfg.run.seed)
     ee = _wrap_frozen(bb, cfg)
-    stream = DataStream(ds, cfg.data.batch_size, cfg.run.seed, False, acc.process_index, acc.num_processes)
+    flip = isinstance(ds, ImageBatches) and cfg.data.flip                 # latent caches flip themselves
+    stream = DataStream(ds, cfg.data.batch_size, cfg.run.seed, flip, acc.process_index, acc.num_processes)
     state = _state(cfg, ee, stream, acc)
     fwd, state.optimizer = acc.prepare(TrainForward(ee, True), state.optimizer)
     sch = get_schedule(cfg.loss.schedule)
@@ -359,9 +507,9 @@ def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command:
 def _finish(cfg, ee, state, ds, sch, rows, out: Path, command, acc, text=None) -> dict:
     "EMA heads into a fresh early-exit model around the same adapter; the adapter directory with its model card."
     bb = ee.backbone
-    final = EarlyExitUViT.wrap(bb, bb.head_class, False, **cfg.model.exit_kw)
+    final = wrap_heads(bb, False, cfg.model.exit_kw)
     state.ema.copy_to(final)
-    ratios = measured_layer_ratios(final.eval(), ds, sch, seed=cfg.run.seed)
+    ratios = measured_layer_ratios(final.eval(), ds, sch, seed=cfg.run.seed, labels=not isinstance(bb, UNet2DAdapter))
     card = dict(command=command or 'adadiff_nb.training.diffusers_heads.train_diffusers(...)', data=str(cfg.data.data),
                 images=len(ds), steps=state.step, batch_size=cfg.data.batch_size, lr=cfg.optim.lr,
                 final_losses={k: round(v, 5) for k, v in rows[-1].items() if k not in ('step', 'lr')},
