@@ -75,8 +75,14 @@ def dit_flops(config: dict) -> dict:
 
 def backbone_flops(backbone) -> dict:
     """The analytic FLOPs of a backbone by its family's FLOP model (`BackboneSpec.flops` in
-    `adadiff_nb.models.registry`: `uvit_flops`, `dit_flops`, ...); a backbone without `arch` counts as a U-ViT."""
-    return backbone_spec(getattr(backbone, 'arch', None) or 'uvit').get('flops')(backbone.config)
+    `adadiff_nb.models.registry`: `uvit_flops`, `dit_flops`, ...); a backbone without `arch` counts as a U-ViT. A
+    pruned backbone (`exits.pruning`: its `pruning['flops']`, counted per image) keeps its embedding and head, and
+    its blocks shrink in proportion so that a full forward costs the counted FLOPs."""
+    c = backbone_spec(getattr(backbone, 'arch', None) or 'uvit').get('flops')(backbone.config)
+    counted = (getattr(backbone, 'pruning', None) or {}).get('flops')
+    if counted is None: return c
+    k = (float(counted) - c['embed'] - c['head']) / sum(c['blocks'])
+    return dict(c, blocks=[b * k for b in c['blocks']])
 
 # %% ../../nbs/evaluation/02c_cost.ipynb #ca3c610a
 def _uem_dims(bb_config: dict) -> tuple:

@@ -424,7 +424,7 @@ def save_pruned(model, path) -> Path:
     """Save a (pruned) U-ViT / DiT / UNet to directory `path` with `save_model`: model.safetensors + config.json, whose
     record carries the architecture and the per-block widths under 'pruned'; `load_pruned` rebuilds it."""
     return save_model(model, path, pruned=dict(format=PRUNED_FORMAT, arch=check_prunable(model).arch,
-                                               widths=block_widths(model)))
+                                               widths=block_widths(model), flops=measure_flops(model)))
 
 def _shrink_block(blk, w: dict):
     "Give a fresh U-ViT / DiT block `w`'s heads and MLP channels (new layers of the pruned shapes)."
@@ -481,6 +481,7 @@ def load_pruned(path, map_location='cpu') -> nn.Module:
     model = shrink_to_widths(build_model(rec), info['widths'])
     load_state_dict_checked(model, load_weights(wpath, map_location), source=str(wpath))
     model.record = rec
+    if 'flops' in info: model.pruning = dict(flops=int(info['flops']), widths=info['widths'])   # what CostMeter reads
     return model.to(map_location).float().eval()
 
 # %% ../../nbs/exits/06f_pruning.ipynb #7859ac5c

@@ -1,6 +1,6 @@
 """`train_diffusers`: exit heads and UEMs trained with the AdaDiff losses on a pretrained diffusers transformer or UNet
-that stays frozen (DiT, DDPM's UNet2DModel, or PixArt and Stable Diffusion 1.x / 2.x with the prompt embeddings of
-their captions), from an image folder, a data set or a precomputed latent cache, with Accelerate (one CPU, one GPU
+that stays frozen (DiT, DDPM's UNet2DModel, or PixArt, Stable Diffusion 1.x / 2.x and SDXL with the prompt embeddings
+of their captions), from an image folder, a data set or a precomputed latent cache, with Accelerate (one CPU, one GPU
 or many) and bf16 on GPU. The result is an adapter directory for
 `adadiff_nb.integrations.diffusers.load_exit_heads`.
 
@@ -20,12 +20,12 @@ from .. import data as _data
 from ..sampling.diffusion import get_schedule
 from ..exits.early_exit import EarlyExitUViT
 from ..models.autoencoder import LatentAutoencoder, LatentCache, precompute_latents
-from ..integrations.diffusers import (DiTAdapter, PixArtAdapter, TextCond, make_adapter,
-                                               write_exit_heads)
-from ..integrations.unet_adapters import UNet2DAdapter, UNet2DConditionAdapter, UNetCond, tiny_sd_pipeline
-from ..models.text_encoder import (TextEncoder, TextFeatureCache, check_prompts, precompute_text_features,
-                                            read_prompts)
-from ..models.text_encoder import flat_prompts, write_tiny_clip
+from ..integrations.diffusers import DiTAdapter, PixArtAdapter, make_adapter, write_exit_heads
+from ..integrations.unet_adapters import UNet2DAdapter, UNet2DConditionAdapter
+from ..models.text_encoder import TextFeatureCache, flat_prompts, read_prompts
+from .prompt_cache import (PROMPT_KIND, PromptEncoder, PromptPixArtAdapter, PromptSDXLAdapter,
+                                              PromptUNetAdapter, empty_prompt_path, precompute_prompt_embeddings)
+from .prompt_cache import pack_prompts, unpack_prompts, tiny_sd_text_pipeline   # their old home
 from .config import ConfigError, TrainConfig, load_train_config
 from .common import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConfig,
                                         load_empty_context, train_step, mix_seed)
@@ -34,10 +34,8 @@ from .loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, ma
 from ..models.registry import diffusers_adapters
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'TEXT_ADAPTERS', 'PROMPT_KIND', 'check_trainable', 'load_diffusers_model', 'scheduler_config',
-           'pipeline_schedule', 'unet_training_error', 'pack_prompts', 'unpack_prompts', 'PromptEncoder',
-           'tiny_sd_text_pipeline', 'empty_prompt_path', 'precompute_prompt_embeddings', 'PromptPixArtAdapter',
-           'PromptUNetAdapter', 'ImageBatches', 'pixel_data', 'context_width', 'check_prompt_cache', 'prompt_data',
+__all__ = ['TRAINABLE', 'TEXT_ADAPTERS', 'check_trainable', 'load_diffusers_model', 'scheduler_config', 'pipeline_schedule',
+           'unet_training_error', 'ImageBatches', 'pixel_data', 'context_width', 'check_prompt_cache', 'prompt_data',
            'latent_data', 'wrap_heads', 'measured_layer_ratios', 'train_diffusers']
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
@@ -111,13 +109,11 @@ def pipeline_schedule(sched: dict) -> str | None:
 def unet_training_error(unet, sched: dict | None, schedule: str) -> str | None:
     "Why adadiff-train cannot train exit heads on diffusers UNet `unet` with `loss.schedule` `schedule` (None: it can)."
     c, name = unet.config, type(unet).__name__
-    if c.get('addition_embed_type') == 'text_time':
-        return ("training exit heads on an SDXL UNet (addition_embed_type='text_time') is not supported yet: its "
-                "pooled text embeddings and time ids (added_cond_kwargs) are not precomputed; train SD 1.x / 2.x UNets")
     extra = {k: c.get(k) for k in _EXTRA_CONDS if c.get(k) is not None}
+    if extra.get('addition_embed_type') == 'text_time': extra.pop('addition_embed_type')       # SDXL
     if extra:
         return (f"training exit heads on a {name} with {extra} is not supported yet: train an unconditional "
-                "UNet2DModel (DDPM) or a text-conditioned UNet2DConditionModel (SD 1.x / 2.x)")
+                "UNet2DModel (DDPM) or a text-conditioned UNet2DConditionModel (SD 1.x / 2.x, SDXL)")
     if not sched: return None
     if sched.get('prediction_type', 'epsilon') != 'epsilon':
         return (f"the pipeline's scheduler has prediction_type={sched['prediction_type']!r} (e.g. SD 2.x 768-v), but "
@@ -129,142 +125,6 @@ def unet_training_error(unet, sched: dict | None, schedule: str) -> str | None:
     if want != schedule:
         return f"the pipeline's scheduler trains with {betas}: pass --schedule {want} (loss.schedule, got {schedule!r})"
     return None
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #01be426b
-def pack_prompts(embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    "PixArt's prompt condition as one float tensor (B, T, D + 1): the T5 hidden states, then the keep-mask channel."
-    keep = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask
-    return torch.cat([embeds.float(), keep.to(embeds.device, torch.float32)[..., None]], -1)
-
-def unpack_prompts(c: torch.Tensor, added_cond_kwargs: dict | None = None, dtype=None) -> TextCond:
-    "The `TextCond` of packed prompt contexts `c` (B, T, D + 1) (`pack_prompts`), hidden states cast to `dtype`."
-    if c.ndim != 3 or c.shape[-1] < 2:
-        raise ValueError(f"packed prompt contexts have shape (B, T, D + 1) (pack_prompts), got {tuple(c.shape)}")
-    return TextCond(c[..., :-1].to(dtype or c.dtype), c[..., -1], added_cond_kwargs)
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #ef443081
-PROMPT_KIND = 'diffusers_prompt'
-
-def _call_default(pipe, name: str, fallback):
-    "The default of argument `name` of the pipeline's `__call__`."
-    import inspect
-    p = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #39cc99ec
-class PromptEncoder:
-    """A diffusers PixArt or Stable Diffusion pipeline's own `encode_prompt` as a text encoder: prompts -> packed
-    contexts (B, T, D + 1) (SD: the CLIP hidden states at the tokenizer's `model_max_length`, an all-ones mask)."""
-    config_hash = TextEncoder.config_hash          # T5 config + vocabulary size + max length, as for CLIP
-
-    def __init__(self, pipe, max_sequence_length: int | None = None, clean_caption: bool = False):
-        if not hasattr(pipe, 'encode_prompt') or getattr(pipe, 'text_encoder', None) is None:
-            raise TypeError(f"prompt embeddings need a text-to-image pipeline with encode_prompt and its text encoder "
-                            f"(PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline), got a "
-                            f"{type(pipe).__name__}")
-        if getattr(pipe, 'text_encoder_2', None) is not None or hasattr(pipe, 'tokenizer_2'):
-            raise TypeError(f"prompt embeddings of a {type(pipe).__name__} (two text encoders, pooled embeddings and "
-                            "time ids: SDXL) are not supported yet: use an SD 1.x / 2.x or PixArt pipeline")
-        self.pipe, self.model, self.tokenizer = pipe, pipe.text_encoder, pipe.tokenizer
-        self.clean_caption, self.unet = clean_caption, hasattr(pipe, 'unet')
-        default = int(pipe.tokenizer.model_max_length) if self.unet else _call_default(pipe, 'max_sequence_length', 120)
-        if self.unet and max_sequence_length not in (None, default):
-            raise ValueError(f"a {type(pipe).__name__} encodes prompts at its tokenizer's model_max_length ({default}):"
-                             f" drop max_sequence_length={max_sequence_length}")
-        self.max_length = int(max_sequence_length or default)
-
-    @property
-    def context_shape(self) -> tuple[int, int]:
-        "(T, D + 1): the max sequence length, the text encoder's width and the mask channel."
-        c = self.model.config
-        return (self.max_length, int(getattr(c, 'd_model', None) or c.hidden_size) + 1)
-
-    @torch.no_grad()
-    def encode(self, prompts) -> torch.Tensor:
-        "Packed contexts (B, T, D + 1), float32 on the CPU, of `prompts` (the empty prompt: the negative embedding)."
-        dev = next(self.model.parameters()).device
-        if self.unet:
-            e = self.pipe.encode_prompt(check_prompts(prompts), device=dev, num_images_per_prompt=1,
-                                        do_classifier_free_guidance=False)[0]
-            return pack_prompts(e).cpu()
-        e, m, _, _ = self.pipe.encode_prompt(check_prompts(prompts), do_classifier_free_guidance=False, device=dev,
-                                             clean_caption=self.clean_caption, max_sequence_length=self.max_length)
-        return pack_prompts(e, m).cpu()
-
-    def record(self) -> dict:
-        "What a prompt-embedding cache stores about its encoder."
-        return dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
-                    config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
-                    source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #0b2b3265
-def tiny_sd_text_pipeline(clip_dir, seed: int = 0, max_length: int = 16):
-    """`tiny_sd_pipeline` (`integrations.unet_adapters`) with a text encoder: the random tiny CLIP of `write_tiny_clip`
-    (width 32, the UNet's cross_attention_dim) written into `clip_dir`, prompts of `max_length` tokens: for tests."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-    pipe, clip = tiny_sd_pipeline(seed), write_tiny_clip(clip_dir, width=32, seed=seed)
-    tok = CLIPTokenizer.from_pretrained(str(clip), local_files_only=True)
-    tok.model_max_length = max_length
-    te = CLIPTextModel.from_pretrained(str(clip), local_files_only=True).eval()
-    pipe.register_modules(text_encoder=te, tokenizer=tok)
-    return pipe
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #cf4a1d7c
-def empty_prompt_path(path) -> Path:
-    "Where `precompute_prompt_embeddings` puts the empty prompt's embedding: `NAME.empty.safetensors` beside `path`."
-    p = Path(path)
-    return p.with_name(p.name.removesuffix('.safetensors') + '.empty.safetensors')
-
-def precompute_prompt_embeddings(pipe, prompts, path, max_sequence_length: int | None = None, batch_size: int = 16,
-                                 dtype=torch.float32, clean_caption: bool = False, progress: bool = False):
-    """Encode `prompts` (one caption per image, a list of captions per image, or a `Path` to a caption file: see
-    `read_prompts`) with PixArt pipeline `pipe`'s own `encode_prompt` into the text-feature cache `path`, and the empty
-    prompt (classifier-free dropout) into `empty_prompt_path(path)`, both atomically. Returns (path, empty path)."""
-    enc = PromptEncoder(pipe, max_sequence_length, clean_caption)
-    prompts = read_prompts(prompts) if isinstance(prompts, Path) else prompts
-    path = precompute_text_features(prompts, enc, path, batch_size, dtype, progress)
-    return path, precompute_text_features([''], enc, empty_prompt_path(path), 1, dtype)
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #616b5201
-class PromptPixArtAdapter(PixArtAdapter):
-    "`PixArtAdapter` taking y as packed prompt contexts (B, T, D + 1) too, with the micro-conditions when needed."
-    def __init__(self, model: nn.Module, image_size: int | None = None):
-        super().__init__(model)
-        self.image_size = image_size                   # pixels of the square training images; None: 8 * img_size
-
-    def added_conditions(self, x) -> dict | None:
-        "PixArt-Alpha's (resolution, aspect ratio) of B square images, when the transformer embeds them."
-        if not self.model.use_additional_conditions: return None
-        S, B = float(self.image_size or 8 * self.img_size), x.shape[0]
-        return dict(resolution=x.new_tensor([[S, S]]).repeat(B, 1), aspect_ratio=x.new_ones(B, 1))
-
-    def text_cond(self, y, x):
-        "The `TextCond` of packed contexts `y` (a `TextCond` or anything else passes through)."
-        if not torch.is_tensor(y): return y
-        W = int(self.model.config.caption_channels) + 1
-        if y.ndim != 3 or y.shape[-1] != W:
-            raise ValueError(f"packed prompt contexts must have shape (B, T, {W}) (caption_channels and the mask "
-                             f"channel), got {tuple(y.shape)}: encode the captions with this pipeline's text encoder")
-        return unpack_prompts(y, self.added_conditions(x), self.model.dtype)
-
-    def check_input(self, x, timesteps, y=None): super().check_input(x, timesteps, self.text_cond(y, x))
-    def embed(self, x, timesteps, y=None): return super().embed(x, timesteps, self.text_cond(y, x))
-
-# %% ../../nbs/training/04aa_train_diffusers.ipynb #eacacb25
-class PromptUNetAdapter(UNet2DConditionAdapter):
-    """`UNet2DConditionAdapter` taking y as packed prompt contexts (B, T, D + 1) too: the CLIP hidden states of SD's
-    `encode_prompt`, then the mask channel (all ones: SD's UNet attends to every token)."""
-    def text_cond(self, y, x):
-        "The `UNetCond` of packed contexts `y` (a `UNetCond` or anything else passes through)."
-        if not torch.is_tensor(y): return y
-        W = int(self.model.config.cross_attention_dim) + 1
-        if y.ndim != 3 or y.shape[-1] != W:
-            raise ValueError(f"packed prompt contexts must have shape (B, T, {W}) (cross_attention_dim and the mask "
-                             f"channel), got {tuple(y.shape)}: encode the captions with this pipeline's text encoder")
-        return UNetCond(y[..., :-1].to(self.model.dtype))
-
-    def check_input(self, x, timesteps, y=None): super().check_input(x, timesteps, self.text_cond(y, x))
-    def embed(self, x, timesteps, y=None): return super().embed(x, timesteps, self.text_cond(y, x))
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #030a9c98
 class _NullLabels:
@@ -320,11 +180,16 @@ def check_prompt_cache(texts: TextFeatureCache, bb):
     if rec.get('kind') != PROMPT_KIND:
         raise ValueError(f"{texts.path} holds CLIP contexts (adadiff-text-features), not a diffusers pipeline's "
                          "prompt embeddings: write them with "
-                         "adadiff_nb.training.diffusers_heads.precompute_prompt_embeddings")
-    want = context_width(bb)
+                         "adadiff_nb.training.prompt_cache.precompute_prompt_embeddings")
+    want, pooled = context_width(bb), getattr(bb, 'pooled_dim', None)
     if width != want:
         raise ValueError(f"{texts.path} holds {width}-wide prompt embeddings but the {bb.model_class} takes "
                          f"{want}-wide ones: encode the captions with this pipeline's text encoder")
+    if rec.get('pooled_dim') != pooled:
+        got = f"{rec['pooled_dim']}-wide pooled" if rec.get('pooled_dim') else 'no pooled'
+        raise ValueError(f"{texts.path} holds prompt embeddings with {got} text embeddings but the "
+                         f"{bb.model_class} takes {f'{pooled}-wide ones (SDXL)' if pooled else 'none'}: encode the "
+                         f"captions with this pipeline's own text encoders (precompute_prompt_embeddings)")
 
 def prompt_data(latents, prompts, bb, flip: bool = True) -> LatentData:
     """(latent, packed prompt context) batches for text adapter `bb` (PixArt, SD): latent cache `latents` paired with
@@ -361,11 +226,12 @@ def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #738584b4
 def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter | UNet2DAdapter | PromptUNetAdapter:
-    "The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's or SD's taking packed prompt contexts."
+    "The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's, SD's or SDXL's taking packed prompts."
     check_trainable(type(tr).__name__)
     bb = make_adapter(tr)
     if isinstance(bb, PixArtAdapter): bb = PromptPixArtAdapter(tr)
-    elif isinstance(bb, UNet2DConditionAdapter): bb = PromptUNetAdapter(tr)
+    elif isinstance(bb, UNet2DConditionAdapter):
+        bb = (PromptSDXLAdapter if tr.config.addition_embed_type == 'text_time' else PromptUNetAdapter)(tr)
     tr.requires_grad_(False).eval()
     return bb
 
@@ -411,10 +277,14 @@ def _encode_captions(model, tr, vae, captions: Path, cache: Path, device) -> Pat
     except (ValueError, FileNotFoundError) as e: raise TrainInputError(f"text_features: {e}") from None
     if _same_captions(cache, caps): return cache
     pipe = _text_pipeline(model, tr, vae)
-    home = next(pipe.text_encoder.parameters()).device
-    pipe.text_encoder.to(device)
+    try: PromptEncoder(pipe)
+    except (TypeError, ValueError) as e: raise TrainInputError(f"text_features {captions}: {e}") from None
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, 'text_encoder_2', None)) if m is not None]
+    homes = [next(m.parameters()).device for m in encoders]
+    for m in encoders: m.to(device)
     try: return precompute_prompt_embeddings(pipe, caps, cache)[0]
-    finally: pipe.text_encoder.to(home)
+    finally:
+        for m, home in zip(encoders, homes): m.to(home)
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #3a1cd2c0
 def _prompt_setup(model, tr, vae, bb, cfg: TrainConfig, out: Path, device) -> tuple[Path | None, torch.Tensor | None]:
