@@ -450,9 +450,10 @@ def train_step(state: TrainState, batch: tuple, cfg: StepConfig) -> dict:
     eps = torch.randn(x0.shape, generator=state.noise)
     x0, eps, t = x0.to(dev), eps.to(dev), t.to(dev)
     x_t = sch.q_sample(x0, t, eps)
+    target = sch.target(x0, t, eps) if hasattr(sch, 'target') else eps      # a flow-matching schedule's velocity
     extra = dict(y=_drop_conditions(y, cfg, state.noise).to(dev)) if cfg.labels else {}
     model = cfg.forward if cfg.forward is not None else state.model
-    terms = cfg.loss_fn(model, x_t, sch.model_time(t).float(), eps, t, state.step, **extra)
+    terms = cfg.loss_fn(model, x_t, sch.model_time(t).float(), target, t, state.step, **extra)
     state.optimizer.zero_grad(set_to_none=True)
     gn = _backward_clip(terms['loss'], state, cfg)
     _check_finite(terms, gn, state.step, cfg.accelerator)

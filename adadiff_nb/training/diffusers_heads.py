@@ -22,10 +22,12 @@ from ..exits.early_exit import EarlyExitUViT
 from ..models.autoencoder import LatentAutoencoder, LatentCache, precompute_latents
 from ..integrations.diffusers import DiTAdapter, PixArtAdapter, make_adapter, write_exit_heads
 from ..integrations.unet_adapters import UNet2DAdapter, UNet2DConditionAdapter
+from ..integrations.transformer_adapters import SD3Adapter
 from ..models.text_encoder import TextFeatureCache, flat_prompts, read_prompts
 from .prompt_cache import (PROMPT_KIND, PromptEncoder, PromptPixArtAdapter, PromptSDXLAdapter,
                                               PromptUNetAdapter, empty_prompt_path, precompute_prompt_embeddings)
 from .prompt_cache import pack_prompts, unpack_prompts, tiny_sd_text_pipeline   # their old home
+from .flow_families import PromptSD3Adapter, flow_schedule, flow_training_error, shift_latents
 from .config import ConfigError, TrainConfig, load_train_config
 from .common import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConfig,
                                         load_empty_context, train_step, mix_seed)
@@ -39,14 +41,16 @@ __all__ = ['TRAINABLE', 'TEXT_ADAPTERS', 'check_trainable', 'load_diffusers_mode
            'latent_data', 'wrap_heads', 'measured_layer_ratios', 'train_diffusers']
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
-TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel', 'UNet2DModel', 'UNet2DConditionModel')
-TEXT_ADAPTERS = (PixArtAdapter, UNet2DConditionAdapter)      # adapters whose y is a prompt embedding
+TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel', 'UNet2DModel', 'UNet2DConditionModel',
+             'SD3Transformer2DModel')
+TEXT_ADAPTERS = (PixArtAdapter, UNet2DConditionAdapter, SD3Adapter)      # adapters whose y is a prompt embedding
 
 def check_trainable(name: str):
     "A clear error, before any data is read, for a diffusers model early exit runs on but cannot train heads for yet."
     if name not in diffusers_adapters():
         raise TrainInputError(f"{name} is not a supported diffusers model: early exit supports "
                               f"{sorted(diffusers_adapters())}")
+    if flow_training_error(name): raise TrainInputError(flow_training_error(name))
     if name not in TRAINABLE:
         raise TrainInputError(f"training exit heads for a {name} is not supported yet (enable_early_exit runs on it "
                               f"with heads copied from its output layer); adadiff-train --diffusers-model trains "
@@ -170,8 +174,10 @@ def pixel_data(data, bb) -> ImageBatches:
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #3ad2481c
 def context_width(bb) -> int:
-    "The prompt-embedding width text adapter `bb` takes: PixArt's caption_channels, a UNet's cross_attention_dim."
+    """The prompt-embedding width text adapter `bb` takes: PixArt's caption_channels, a UNet's cross_attention_dim,
+    SD3's joint_attention_dim."""
     c = bb.model.config
+    if isinstance(bb, SD3Adapter): return int(c.joint_attention_dim)
     return int(c.caption_channels if isinstance(bb, PixArtAdapter) else c.cross_attention_dim)
 
 def check_prompt_cache(texts: TextFeatureCache, bb):
@@ -188,8 +194,8 @@ def check_prompt_cache(texts: TextFeatureCache, bb):
     if rec.get('pooled_dim') != pooled:
         got = f"{rec['pooled_dim']}-wide pooled" if rec.get('pooled_dim') else 'no pooled'
         raise ValueError(f"{texts.path} holds prompt embeddings with {got} text embeddings but the "
-                         f"{bb.model_class} takes {f'{pooled}-wide ones (SDXL)' if pooled else 'none'}: encode the "
-                         f"captions with this pipeline's own text encoders (precompute_prompt_embeddings)")
+                         f"{bb.model_class} takes {f'{pooled}-wide ones (SDXL, SD3)' if pooled else 'none'}: encode "
+                         f"the captions with this pipeline's own text encoders (precompute_prompt_embeddings)")
 
 def prompt_data(latents, prompts, bb, flip: bool = True) -> LatentData:
     """(latent, packed prompt context) batches for text adapter `bb` (PixArt, SD): latent cache `latents` paired with
@@ -226,10 +232,12 @@ def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #738584b4
 def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter | UNet2DAdapter | PromptUNetAdapter:
-    "The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's, SD's or SDXL's taking packed prompts."
+    """The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's, SD's, SDXL's or SD3's taking packed
+    prompts."""
     check_trainable(type(tr).__name__)
     bb = make_adapter(tr)
     if isinstance(bb, PixArtAdapter): bb = PromptPixArtAdapter(tr)
+    elif isinstance(bb, SD3Adapter): bb = PromptSD3Adapter(tr)
     elif isinstance(bb, UNet2DConditionAdapter):
         bb = (PromptSDXLAdapter if tr.config.addition_embed_type == 'text_time' else PromptUNetAdapter)(tr)
     tr.requires_grad_(False).eval()
@@ -242,9 +250,14 @@ def wrap_heads(bb, heads_from_backbone: bool, exit_kw: dict) -> EarlyExitUViT:
     return EarlyExitUViT.wrap(bb, bb.head_class, heads_from_backbone, **exit_kw)
 
 def _wrap_frozen(bb, cfg: TrainConfig) -> EarlyExitUViT:
-    "The early-exit model around frozen adapter `bb` (heads copied from its output layer, or fresh)."
-    try: return wrap_heads(bb, cfg.model.heads_from_backbone, cfg.model.exit_kw).train()
+    """The early-exit model around frozen adapter `bb` (heads copied from its output layer, or fresh), everything but
+    the backbone trainable (heads deep-copied from a frozen output layer start frozen too)."""
+    try: ee = wrap_heads(bb, cfg.model.heads_from_backbone, cfg.model.exit_kw).train()
     except (TypeError, ValueError) as e: raise ConfigError(f"exit_kw {cfg.model.exit_kw}: {e}") from None
+    frozen = {id(p) for p in bb.model.parameters()}
+    for p in ee.parameters():
+        if id(p) not in frozen: p.requires_grad_(True)
+    return ee
 
 def _state(cfg: TrainConfig, ee, stream, acc) -> TrainState:
     o, seed, rank = cfg.optim, cfg.run.seed, acc.process_index
@@ -291,7 +304,7 @@ def _prompt_setup(model, tr, vae, bb, cfg: TrainConfig, out: Path, device) -> tu
     "(prompt cache, the empty prompt's packed context or None) of a PixArt / SD run; (None, None) for the others."
     d = cfg.data
     if not isinstance(bb, TEXT_ADAPTERS):
-        if d.text_features: raise TrainInputError(f"text_features applies to PixArt and Stable Diffusion; a "
+        if d.text_features: raise TrainInputError(f"text_features applies to PixArt, SD, SDXL and SD3; a "
                                                   f"{bb.model_class} is not text-conditioned: drop text_features")
         return None, None
     if not d.text_features:
@@ -337,33 +350,43 @@ def _loop(state: TrainState, step_cfg: StepConfig, steps: int, log_every: int, l
     return rows
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #40caacde
-def _check_unet(model, tr, cfg: TrainConfig):
-    "Refuse, before any data is read, a UNet (or its scheduler) adadiff-train cannot train heads on."
-    if type(tr).__name__ not in ('UNet2DModel', 'UNet2DConditionModel'): return
-    msg = unet_training_error(tr, scheduler_config(model), cfg.loss.schedule)
-    if msg: raise TrainInputError(msg)
+def _check_model(model, tr, cfg: TrainConfig, vae):
+    """Refuse, before any data is read, a UNet (or its scheduler) adadiff-train cannot train heads on; the schedule of
+    the run: SD3's `FlowMatchSchedule` (the pipeline's scheduler), else `loss.schedule`'s."""
+    name = type(tr).__name__
+    if name == 'SD3Transformer2DModel':
+        if vae is None:
+            raise TrainInputError(f"a {name} trains on its pipeline's latents, shifted by its VAE's shift_factor: pass "
+                                  "the pipeline directory (with vae/ and scheduler/), not the transformer alone")
+        try: return flow_schedule(scheduler_config(model), name)
+        except ValueError as e: raise TrainInputError(str(e)) from None
+    if name in ('UNet2DModel', 'UNet2DConditionModel'):
+        msg = unet_training_error(tr, scheduler_config(model), cfg.loss.schedule)
+        if msg: raise TrainInputError(msg)
+    return get_schedule(cfg.loss.schedule)
 
 def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command: str | None = None,
                     **overrides) -> dict:
     """Train exit heads + UEMs with the AdaDiff losses on the frozen transformer or UNet of `model` (a diffusers
-    pipeline or model directory, or object: DiT, DDPM's UNet2DModel, or PixArt / SD 1.x-2.x with `text_features`);
+    pipeline or model directory, or object: DiT, DDPM's UNet2DModel, or PixArt / SD 1.x-2.x / SDXL / SD3 with
+    `text_features`; SD3 with the flow-matching objective of its scheduler);
     `cfg`: an `adadiff-train` config (with `overrides`). Returns the losses per log row, the adapter directory
     `heads`, the log path and the measured layer ratios."""
     cfg = load_train_config(cfg if not isinstance(cfg, TrainConfig) else cfg.to_dict(), **overrides)
     tr, vae = load_diffusers_model(model)
-    _check_unet(model, tr, cfg)
+    sch = _check_model(model, tr, cfg, vae)
     acc, out = make_accelerator(cfg, early=True), Path(cfg.run.out).expanduser()
     bb = _frozen_adapter(tr.to(acc.device))
     text, null = _prompt_setup(model, tr, vae, bb, cfg, out, acc.device)
     ds = latent_data(cfg.data.data, bb, vae, out, acc.device, prompts=text, flip=cfg.data.flip)
     if text is not None: bb.image_size = int(ds.latents.metadata['image_size'])
+    if isinstance(bb, SD3Adapter): ds = shift_latents(ds, vae, ds.latents.scale_factor)
     torch.manual_seed(cfg.run.seed)
     ee = _wrap_frozen(bb, cfg)
     flip = isinstance(ds, ImageBatches) and cfg.data.flip                 # latent caches flip themselves
     stream = DataStream(ds, cfg.data.batch_size, cfg.run.seed, flip, acc.process_index, acc.num_processes)
     state = _state(cfg, ee, stream, acc)
     fwd, state.optimizer = acc.prepare(TrainForward(ee, True), state.optimizer)
-    sch = get_schedule(cfg.loss.schedule)
     step_cfg = StepConfig(sch, LoopLoss(cfg.loss, True), cfg.optim.grad_clip, cfg.optim.ema_every, acc.device,
                           bb.num_labels > 0 or text is not None, fwd, acc, list(ee.parameters()), cfg.loss.p_uncond,
                           bb.null_class, null)
@@ -383,7 +406,8 @@ def _finish(cfg, ee, state, ds, sch, rows, out: Path, command, acc, text=None) -
     card = dict(command=command or 'adadiff_nb.training.diffusers_heads.train_diffusers(...)', data=str(cfg.data.data),
                 images=len(ds), steps=state.step, batch_size=cfg.data.batch_size, lr=cfg.optim.lr,
                 final_losses={k: round(v, 5) for k, v in rows[-1].items() if k not in ('step', 'lr')},
-                layer_ratio={f'{k:g}': round(v, 4) for k, v in ratios.items()}, backbone='frozen')
+                layer_ratio={f'{k:g}': round(v, 4) for k, v in ratios.items()}, backbone='frozen',
+                objective=getattr(sch, 'kind', 'epsilon'))
     if text is not None: card.update(captions=str(text), p_uncond=cfg.loss.p_uncond)
     heads = write_exit_heads(final, out / 'exit_heads', card) if acc.is_main_process else None
     acc.wait_for_everyone()

@@ -74,21 +74,25 @@ def _config_dict(model) -> dict:
 
 # %% ../../nbs/training/04a9_prompt_cache.ipynb #d3918270
 class PromptEncoder:
-    """A diffusers PixArt, Stable Diffusion or SDXL pipeline's own `encode_prompt` as a text encoder: prompts -> packed
-    contexts (B, T, D + 1) (SD: the CLIP hidden states at the tokenizer's `model_max_length`, an all-ones mask; SDXL:
-    both encoders' hidden states, then the pooled embedding rows of `pack_sdxl_prompts`)."""
+    """A diffusers PixArt, Stable Diffusion, SDXL or SD3 pipeline's own `encode_prompt` as a text encoder: prompts ->
+    packed contexts (B, T, D + 1) (SD: the CLIP hidden states at the tokenizer's `model_max_length`, an all-ones mask;
+    SDXL: both encoders' hidden states, then the pooled embedding rows of `pack_sdxl_prompts`; SD3: its CLIP + T5
+    tokens (77 + max_sequence_length of joint_attention_dim), then its pooled CLIP embeddings' rows)."""
     def __init__(self, pipe, max_sequence_length: int | None = None, clean_caption: bool = False):
         if not hasattr(pipe, 'encode_prompt') or getattr(pipe, 'text_encoder', None) is None:
             raise TypeError(f"prompt embeddings need a text-to-image pipeline with encode_prompt and its text encoder "
                             f"(PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline / "
-                            f"StableDiffusionXLPipeline), got a {type(pipe).__name__} without one")
-        self.xl = getattr(pipe, 'text_encoder_2', None) is not None
+                            f"StableDiffusionXLPipeline / StableDiffusion3Pipeline), got a {type(pipe).__name__} "
+                            "without one")
+        self.xl, self.sd3 = getattr(pipe, 'text_encoder_2', None) is not None, hasattr(pipe, 'text_encoder_3')
         if hasattr(pipe, 'tokenizer_2') and not self.xl:
-            raise TypeError(f"a {type(pipe).__name__} encodes prompts with two text encoders, but its text_encoder_2 "
-                            "is None: load the pipeline with both (SDXL's pooled embeddings come from the second)")
+            raise TypeError(f"a {type(pipe).__name__} encodes prompts with two CLIP text encoders, but its "
+                            "text_encoder_2 is None: load the pipeline with both (the pooled embeddings need it)")
         self.pipe, self.model, self.tokenizer = pipe, pipe.text_encoder, pipe.tokenizer
         self.clean_caption, self.unet = clean_caption, hasattr(pipe, 'unet')
-        default = int(pipe.tokenizer.model_max_length) if self.unet else _call_default(pipe, 'max_sequence_length', 120)
+        fallback = 256 if self.sd3 else 120
+        default = int(pipe.tokenizer.model_max_length) if self.unet else _call_default(pipe, 'max_sequence_length',
+                                                                                      fallback)
         if self.unet and max_sequence_length not in (None, default):
             raise ValueError(f"a {type(pipe).__name__} encodes prompts at its tokenizer's model_max_length ({default}):"
                              f" drop max_sequence_length={max_sequence_length}")
@@ -96,33 +100,47 @@ class PromptEncoder:
 
     @property
     def pooled_dim(self) -> int | None:
-        "SDXL: the pooled text-embedding width (text_encoder_2's projection_dim); None for the other pipelines."
-        return int(self.pipe.text_encoder_2.config.projection_dim) if self.xl else None
+        """The pooled text-embedding width: SDXL's text_encoder_2 projection_dim, SD3's both CLIPs' together; None for
+        the other pipelines."""
+        if not self.xl: return None
+        P = int(self.pipe.text_encoder_2.config.projection_dim)
+        return P + int(self.model.config.projection_dim) if self.sd3 else P
 
     @property
     def config_hash(self) -> str:
-        "`TextEncoder.config_hash` of the text encoder (SDXL: of both, and the second tokenizer's vocabulary size)."
+        "`TextEncoder.config_hash` of the text encoder (SDXL, SD3: of all, and the other tokenizers' vocabulary size)."
         h = TextEncoder.config_hash.fget(self)
         if not self.xl: return h
         key = dict(first=h, model=_config_dict(self.pipe.text_encoder_2), vocab=len(self.pipe.tokenizer_2))
+        t5 = getattr(self.pipe, 'text_encoder_3', None)
+        if t5 is not None: key.update(t5=_config_dict(t5), vocab3=len(self.pipe.tokenizer_3))
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def context_shape(self) -> tuple[int, int]:
-        "(T, D + 1): the max sequence length (SDXL: + the pooled rows), the hidden width and the mask channel."
+        "(T, D + 1): the max sequence length (SDXL, SD3: + the pooled rows), the hidden width and the mask channel."
         c = self.model.config
-        D = int(getattr(c, 'd_model', None) or c.hidden_size)
-        if not self.xl: return (self.max_length, D + 1)
-        D += int(self.pipe.text_encoder_2.config.hidden_size)
-        return (self.max_length + pooled_rows(self.pooled_dim, D), D + 1)
+        D, T = int(getattr(c, 'd_model', None) or c.hidden_size), self.max_length
+        if self.sd3:
+            t5 = getattr(self.pipe, 'text_encoder_3', None)
+            D = int(t5.config.d_model if t5 is not None else self.pipe.transformer.config.joint_attention_dim)
+            T += int(self.pipe.tokenizer_max_length)
+        elif self.xl: D += int(self.pipe.text_encoder_2.config.hidden_size)
+        return (T + pooled_rows(self.pooled_dim, D), D + 1) if self.xl else (T, D + 1)
+
+    def _pooled_call(self, ps: list, cfg: bool) -> tuple:
+        "SDXL's / SD3's encode_prompt: (embeds, negative embeds, pooled, negative pooled)."
+        dev = next(self.model.parameters()).device
+        kw = dict(device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+        if self.sd3: return self.pipe.encode_prompt(ps, None, None, max_sequence_length=self.max_length, **kw)
+        return self.pipe.encode_prompt(ps, **kw)
 
     @torch.no_grad()
     def encode(self, prompts) -> torch.Tensor:
         "Packed contexts (B, T, D + 1), float32 on the CPU, of `prompts`."
         dev, ps = next(self.model.parameters()).device, check_prompts(prompts)
         if self.xl:
-            e, _, pooled, _ = self.pipe.encode_prompt(ps, device=dev, num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=False)
+            e, _, pooled, _ = self._pooled_call(ps, False)
             return pack_sdxl_prompts(e, pooled).cpu()
         if self.unet:
             e = self.pipe.encode_prompt(ps, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
@@ -134,16 +152,14 @@ class PromptEncoder:
     @torch.no_grad()
     def encode_unconditional(self, n: int = 1) -> torch.Tensor:
         """The pipeline's unconditional context (what its classifier-free guidance pairs with a prompt when no negative
-        prompt is given), `n` times: SDXL's negative embeddings (zeros when `force_zeros_for_empty_prompt`), else the
-        empty prompt's."""
+        prompt is given), `n` times: SDXL's / SD3's negative embeddings (SDXL: zeros when
+        `force_zeros_for_empty_prompt`), else the empty prompt's."""
         if not self.xl: return self.encode([''] * n)
-        dev = next(self.model.parameters()).device
-        _, ne, _, npool = self.pipe.encode_prompt([''] * n, device=dev, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=True)
+        _, ne, _, npool = self._pooled_call([''] * n, True)
         return pack_sdxl_prompts(ne, npool).cpu()
 
     def record(self) -> dict:
-        "What a prompt-embedding cache stores about its encoder (SDXL: also `pooled_dim`)."
+        "What a prompt-embedding cache stores about its encoder (SDXL, SD3: also `pooled_dim`)."
         rec = dict(kind=PROMPT_KIND, pipeline=type(self.pipe).__name__, context_shape=list(self.context_shape),
                    config_hash=self.config_hash, clean_caption=self.clean_caption, mask_channel=True,
                    source=str(getattr(self.pipe.config, '_name_or_path', None) or '') or None)
