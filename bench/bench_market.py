@@ -20,6 +20,12 @@ top of DeepCache (refused: a patched forward). cache-dit and diffusers' caches g
     OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --out results/market_dit_cpu.json
     OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --family flux --out results/market_flux_cpu.json
     OMP_NUM_THREADS=4 python bench/bench_market.py --threads 4 --family sd --out results/market_sd_cpu.json
+
+`--quality-n N` (a class-conditional DiTPipeline, e.g. the trained test bed: `--pipeline DIR --heads DIR/exit_heads`)
+then samples N images with every method that ran, untimed, on balanced class labels and the same noise
+(`adadiff_nb.experiments.market_quality.market_quality`): PSNR / MSE to plain per image, proxy-FD, KID and class
+accuracy against the offline CIFAR-10 test images at the pipeline's output size (the proxy classifier), pairs with
+early exit at the nearest speed-up, and early exit's speed-up at each accelerator's PSNR (`quality` in the JSON).
 """
 from __future__ import annotations
 import argparse, sys
@@ -27,7 +33,9 @@ from pathlib import Path
 import torch
 from adadiff_nb.experiments.exit_bench import add_timing_args, bench_main
 from adadiff_nb.experiments.market import (DIFFUSERS_CACHES, market_methods, market_sd_call_kwargs, market_sd_pipeline,
-                                           market_table, run_market)
+                                           market_table)
+from adadiff_nb.experiments.market_quality import (equal_fidelity_table, market_quality, quality_table, real_images,
+                                                   run_market)
 
 FAMILIES = ('dit', 'pixart', 'flux', 'sd3', 'sana', 'wan', 'sd', 'sdxl')
 UNET_FAMILIES = ('sd', 'sdxl')
@@ -63,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--deepcache-branch', type=int, default=0, help='DeepCache cache_branch_id')
     p.add_argument('--tome-ratios', type=float, nargs='*', default=None,
                    help='tomesd merge ratios (SD / SDXL default: 0.3 0.5; others: none)')
+    p.add_argument('--quality-n', type=int, default=0,
+                   help='images per method for the quality run (0: none; a multiple of the classes; DiTPipeline)')
+    p.add_argument('--quality-batch', type=int, default=50, help='images per call in the quality run')
+    p.add_argument('--classes', type=int, nargs='*', default=None,
+                   help="quality-run classes (default: the pipeline's id2label classes)")
+    p.add_argument('--no-real', action='store_true', help='quality run without proxy-FD / KID / accuracy')
+    p.add_argument('--n-boot', type=int, default=200, help='bootstrap draws of proxy-FD and KID')
     p.add_argument('--out', default='results/market_cpu.json')
     p.set_defaults(warmup=1)
     return p
@@ -101,6 +116,19 @@ def check_unet_args(a):
         require('tomesd', 'tomesd in the accelerator market', 'tome')
 
 
+def check_quality_args(a):
+    "The quality-run options."
+    if a.quality_n < 0 or a.quality_batch < 1 or a.n_boot < 2:
+        raise ValueError(f"--quality-n must be >= 0, --quality-batch >= 1, --n-boot >= 2, got {a.quality_n}, "
+                         f"{a.quality_batch}, {a.n_boot}")
+    if a.quality_n and not a.pipeline and a.family != 'dit':
+        raise ValueError(f"--quality-n needs a class-conditional DiT pipeline (--pipeline DIR or --family dit), "
+                         f"got --family {a.family}")
+    k = len(a.classes) if a.classes else 10
+    if a.quality_n % k:
+        raise ValueError(f"--quality-n must be a multiple of the {k} classes (balanced labels), got {a.quality_n}")
+
+
 def check_args(a):
     "Clear errors before building anything."
     resolve_defaults(a)
@@ -115,6 +143,7 @@ def check_args(a):
     bad = [c for c in a.diffusers_caches if c not in DIFFUSERS_CACHES]
     if bad: raise ValueError(f"--diffusers-caches {bad} unknown; use some of {' '.join(DIFFUSERS_CACHES)}")
     check_unet_args(a)
+    check_quality_args(a)
     if a.heads and not a.pipeline: raise ValueError("--heads needs --pipeline (trained heads belong to a saved model)")
     if a.pipeline and not Path(a.pipeline).is_dir(): raise ValueError(f"--pipeline {a.pipeline} is not a directory")
     if a.heads and not Path(a.heads).is_dir(): raise ValueError(f"--heads {a.heads} is not a directory")
@@ -150,8 +179,9 @@ def call_kwargs(pipe, a) -> dict:
     kw = dict(num_inference_steps=a.steps, output_type='np')
     name = type(pipe).__name__
     if name == 'DiTPipeline':
-        n = int(pipe.transformer.config.num_embeds_ada_norm)
-        return dict(kw, class_labels=[(97 * i + 1) % n for i in range(a.batch)], guidance_scale=a.guidance_scale)
+        n, ids = int(pipe.transformer.config.num_embeds_ada_norm), sorted(set(getattr(pipe, 'labels', {}).values()))
+        ys = [ids[i % len(ids)] for i in range(a.batch)] if ids else [(97 * i + 1) % n for i in range(a.batch)]
+        return dict(kw, class_labels=ys, guidance_scale=a.guidance_scale)          # a test bed: its trained classes
     if name.startswith('PixArt'):
         kw.update(prompt=[PROMPTS[i % len(PROMPTS)] for i in range(a.batch)], guidance_scale=a.guidance_scale,
                   clean_caption=False)
@@ -178,7 +208,24 @@ def run(a, log=print) -> dict:
     res = run_market(pipe, kw, ms, repeats=a.repeats, warmup=a.warmup, seed=a.seed, weights=weights, device=dev,
                      log=log)
     log(market_table(res))
+    if a.quality_n:
+        res['quality'] = run_quality(a, pipe, kw, ms, res, log)
     return dict(res, family=None if a.pipeline else a.family)
+
+
+def run_quality(a, pipe, kw, ms, res, log) -> dict:
+    "The quality run on --quality-n images per method, its tables printed."
+    real = clf = None
+    if not a.no_real:
+        from adadiff_nb.evaluation.metrics import load_proxy_classifier
+        clf = load_proxy_classifier()
+        size = int(pipe.transformer.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        real = real_images(size)
+    classes = a.classes if a.classes else None if getattr(pipe, 'labels', None) else list(range(10))
+    q = market_quality(pipe, kw, ms, res, a.quality_n, a.quality_batch, classes, real, clf, a.n_boot, a.seed, log)
+    log(quality_table(q, res))
+    log(equal_fidelity_table(q))
+    return q
 
 
 def main(argv=None) -> int:

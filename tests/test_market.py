@@ -12,10 +12,12 @@ import torch
 
 pytest.importorskip('diffusers')
 pytest.importorskip('cache_dit')
-from adadiff_nb.experiments.market import (PSNR_CAP, TINY_CACHE_DIT, MarketMethod, cache_dit_method,  # noqa: E402
+from adadiff_nb.experiments.market import (TINY_CACHE_DIT, MarketMethod, cache_dit_method,  # noqa: E402
                                            diffusers_cache_method, market_methods, market_sd_call_kwargs,
                                            market_sd_pipeline, market_table, module_attrs, module_forwards,
-                                           plain_method, run_market)
+                                           plain_method)
+from adadiff_nb.experiments.market_quality import (PSNR_CAP, equal_fidelity_table, market_quality,  # noqa: E402
+                                                   quality_table, run_market)
 from adadiff_nb.integrations.adapters import tiny_dit_pipeline  # noqa: E402
 from adadiff_nb.integrations.transformer_adapters import (tiny_call_kwargs, tiny_flux_pipeline,  # noqa: E402
                                                           tiny_sd3_pipeline)
@@ -199,3 +201,61 @@ def test_bench_market_sd_script(tmp_path):
     bad = subprocess.run([sys.executable, SCRIPT, '--family', 'sd', '--tome-ratios', '0.9'], capture_output=True,
                          text=True, env=ENV, timeout=300)
     assert bad.returncode == 2 and '--tome-ratios must lie in (0, 0.75]' in bad.stderr
+
+
+@pytest.fixture(scope='module')
+def testbed_dir(tmp_path_factory):
+    """A tiny random test bed (the testbed module's 'tiny' preset) saved as a pipeline folder: 8x8 images."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+    from adadiff_nb.training.testbed import save_testbed, testbed_dit_config, testbed_vae_config
+    torch.manual_seed(0)
+    dit, vae = DiTTransformer2DModel(**testbed_dit_config('tiny')), AutoencoderKL(**testbed_vae_config('tiny'))
+    return save_testbed(tmp_path_factory.mktemp('tb') / 'testbed', vae, dit, dtype=torch.float32)
+
+
+def test_quality_rows_pairs_and_errors(testbed_dir):
+    from diffusers import DiTPipeline
+    from adadiff_nb.evaluation.metrics import load_proxy_classifier
+    from adadiff_nb.experiments.market_quality import real_images
+    pipe = DiTPipeline.from_pretrained(testbed_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, output_type='np', guidance_scale=4.)
+    ms = market_methods(pipe, kw, thresholds=[0., 1.], cache_dit_default=False, cache_dit_thresholds=[.3],
+                        cache_dit_config=dict(TINY_CACHE_DIT, max_warmup_steps=1), diffusers_caches=[],
+                        compose=False)
+    res = run_market(pipe, dict(kw, class_labels=[1, 2]), ms, repeats=1, warmup=0)
+    q = market_quality(pipe, kw, ms, res, n=20, batch=10, real=real_images(8, 100), classifier=load_proxy_classifier(),
+                       n_boot=20)
+    rows = {r['method']: r for r in q['rows']}
+    for k in ('plain', 'early_exit 0'):                             # threshold 0: no exit, identical to plain
+        assert rows[k]['identical_to_plain'] and rows[k]['psnr'] == PSNR_CAP and rows[k]['proxy_fd_vs_full'] == 0
+        assert rows[k]['psnr_ci']['low'] == rows[k]['psnr_ci']['high'] == PSNR_CAP
+    e1 = rows['early_exit 1']
+    assert e1['psnr'] < PSNR_CAP and e1['psnr_ci']['low'] <= e1['psnr'] <= e1['psnr_ci']['high']
+    assert e1['proxy_fd'] > 0 and e1['proxy_fd_ci95'][0] <= e1['proxy_fd_ci95'][1] and e1['accuracy_ci']['n'] == 20
+    pair = q['pairs'][0]
+    assert pair['method'] == 'cache_dit 0.3' and pair['early_exit'] in ('early_exit 0', 'early_exit 1')
+    assert pair['psnr_difference']['low'] <= pair['psnr_difference']['mean'] <= pair['psnr_difference']['high']
+    assert 'proxy_fd_difference' in pair and q['settings']['classes'] == list(range(10))
+    assert '| early_exit 1 |' in quality_table(q, res) and '| cache_dit |' in equal_fidelity_table(q)
+    json.dumps(q)
+    with pytest.raises(ValueError, match='multiple of the 10 classes'):
+        market_quality(pipe, kw, ms, res, n=15)
+    with pytest.raises(ValueError, match='methods lacks'):
+        market_quality(pipe, kw, dict(plain=plain_method()), res, n=20)
+
+
+def test_bench_market_quality_script(testbed_dir, tmp_path):
+    out = tmp_path / 'market_q.json'
+    cmd = [sys.executable, SCRIPT, '--pipeline', str(testbed_dir), '--steps', '2', '--batch', '2', '--repeats', '1',
+           '--warmup', '0', '--thresholds', '1', '--cache-dit-thresholds', '--no-cache-dit', '--diffusers-caches',
+           '--no-compose', '--quality-n', '10', '--quality-batch', '10', '--n-boot', '10', '--threads', '1',
+           '--out', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    q = json.loads(out.read_text())['quality']
+    assert [x['method'] for x in q['rows']] == ['plain', 'early_exit 1'] and q['settings']['n'] == 10
+    assert q['rows'][0]['psnr'] == PSNR_CAP and 'proxy_fd' in q['rows'][1] and q['settings']['real_images'] > 1000
+    bad = subprocess.run([sys.executable, SCRIPT, '--family', 'flux', '--quality-n', '10', '--no-cache-dit'],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 2 and '--quality-n needs a class-conditional DiT pipeline' in bad.stderr

@@ -11,7 +11,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/experiments/market.html.md"""
 
 # %% ../../nbs/experiments/07f_market.ipynb #281a16bc
 from __future__ import annotations
-import ast, contextlib, inspect, io, logging, math, re, time
+import ast, contextlib, inspect, io, logging, re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,22 +21,17 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['DENOISERS', 'METHOD_FAMILIES', 'TINY_CACHE_DIT', 'BLOCK_LISTS', 'UNET_PARTS', 'DIFFUSERS_CACHES', 'DEEPCACHE_EXTRA',
-           'CALL_ERRORS', 'NOTES', 'UNET_NOTE', 'require_cache_dit', 'quiet_cache_dit', 'denoiser_name', 'denoiser',
-           'market_sd_pipeline', 'market_sd_call_kwargs', 'MarketMethod', 'plain_method', 'early_exit_stats',
-           'early_exit_method', 'static_exit_method', 'transformer_blocks', 'unet_blocks', 'is_unet', 'denoiser_blocks',
-           'cache_dit_reason', 'cache_dit_stats', 'module_forwards', 'put_back_forwards', 'cache_dit_method',
-           'diffusers_cache_reason', 'calibrate_mag_ratios', 'diffusers_cache_config', 'diffusers_cache_method',
+           'require_cache_dit', 'quiet_cache_dit', 'denoiser_name', 'denoiser', 'market_sd_pipeline',
+           'market_sd_call_kwargs', 'MarketMethod', 'plain_method', 'early_exit_stats', 'early_exit_method',
+           'static_exit_method', 'transformer_blocks', 'unet_blocks', 'is_unet', 'denoiser_blocks', 'cache_dit_reason',
+           'cache_dit_stats', 'module_forwards', 'put_back_forwards', 'cache_dit_method', 'diffusers_cache_reason',
+           'calibrate_mag_ratios', 'diffusers_cache_config', 'setting_json', 'diffusers_cache_method',
            'require_deepcache', 'unet_reason', 'deepcache_method', 'module_attrs', 'drop_new_attrs', 'tome_reason',
-           'tome_method', 'composed_method', 'market_methods', 'pipeline_images', 'count_block_work', 'hook_state',
-           'leftover', 'time_market', 'run_market', 'market_table', 'market_compare']
+           'tome_method', 'composed_method', 'market_methods', 'ci_text', 'market_table']
 
 # %% ../../nbs/experiments/07f_market.ipynb #331d35a9
 from ..extras import require
-from ..evaluation.cost import sync
-from ..evaluation.discrimination import jsonable
 from ..exits.early_exit import check_threshold
-from .exit_bench import run_environment
-from .schedule_baselines import PSNR_CAP, image_fidelity, paired_bootstrap
 from ..integrations.diffusers import disable_early_exit, enable_early_exit, exit_stats
 from ..integrations.unet_adapters import tiny_unet_call_kwargs
 
@@ -352,7 +347,7 @@ def diffusers_cache_config(pipe, name: str, steps: int, mag_ratios=None, **overr
 # %% ../../nbs/experiments/07f_market.ipynb #e896db78
 _SCALARS = (bool, int, float, str, type(None))
 
-def _setting(v):
+def setting_json(v):
     "`v` as a JSON value of the recorded settings (callables and tensors by their type name)."
     if isinstance(v, _SCALARS): return v
     if isinstance(v, (list, tuple)) and all(isinstance(x, _SCALARS) for x in v): return list(v)
@@ -377,7 +372,7 @@ def diffusers_cache_method(pipe, name: str, call_kwargs: dict | None = None, mag
             memo['ratios'] = calibrate_mag_ratios(p, call_kwargs, seed + 1)
         denoiser(p).enable_cache(diffusers_cache_config(p, name, steps, memo['ratios'], **overrides))
     cfg = vars(diffusers_cache_config(pipe, name, steps, [1.] * steps, **overrides))
-    settings = dict(cache=name, **{k: _setting(v) for k, v in cfg.items() if k != 'mag_ratios'})
+    settings = dict(cache=name, **{k: setting_json(v) for k, v in cfg.items() if k != 'mag_ratios'})
     return MarketMethod('diffusers_cache', settings, enable, lambda p: denoiser(p).disable_cache(), reason=None)
 
 # %% ../../nbs/experiments/07f_market.ipynb #04d6730c
@@ -573,247 +568,8 @@ def market_methods(pipe, call_kwargs: dict | None = None, thresholds=(.2, .4, .6
                                                                        out[f'deepcache {n}'])
     return out
 
-# %% ../../nbs/experiments/07f_market.ipynb #93519544
-def pipeline_images(out) -> torch.Tensor:
-    "The images (or video frames) of a pipeline output with `output_type` 'np' or 'pt', as a float tensor in [-1, 1]."
-    x = out.images if hasattr(out, 'images') else getattr(out, 'frames', None)
-    if x is None or isinstance(x, list):
-        raise ValueError("run the pipeline with output_type='np' or 'pt' (decoded images in [0, 1]); got "
-                         f"{type(x).__name__ if x is not None else 'no images'}")
-    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float().cpu() * 2 - 1
-
-@contextlib.contextmanager
-def count_block_work(transformer: nn.Module):
-    """Inside the block: a dict with 'rows', the batch rows entering the transformer's blocks (summed over block calls),
-    and 'flops', the FLOPs (2 x multiply-adds) of the `nn.Linear` layers inside the blocks that actually ran. On a
-    UNet the blocks are `unet_blocks` and 'conv_flops' adds the FLOPs of their `nn.Conv2d` layers."""
-    w, hooks = dict(rows=0, flops=0), []
-    if is_unet(transformer):
-        w['conv_flops'] = 0
-        def conv_post(mod, args, out):
-            w['conv_flops'] += 2 * out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-        hooks += [m.register_forward_hook(conv_post) for b in denoiser_blocks(transformer) for m in b.modules()
-                  if isinstance(m, nn.Conv2d)]
-    def block_pre(mod, args, kwargs):
-        h = args[0] if args else kwargs.get('hidden_states')
-        if torch.is_tensor(h): w['rows'] += int(h.shape[0])
-    def linear_pre(mod, args):
-        if args and torch.is_tensor(args[0]): w['flops'] += 2 * args[0].numel() * mod.out_features
-    for b in denoiser_blocks(transformer):
-        hooks.append(b.register_forward_pre_hook(block_pre, with_kwargs=True))
-        hooks += [m.register_forward_pre_hook(linear_pre) for m in b.modules() if isinstance(m, nn.Linear)]
-    try: yield w
-    finally:
-        for h in hooks: h.remove()
-
-# %% ../../nbs/experiments/07f_market.ipynb #e17f69d8
-def hook_state(pipe) -> dict:
-    """What accelerators change on a pipeline: the denoiser's (`denoiser`: transformer or UNet) instance attributes and
-    the class's `__call__`."""
-    name = denoiser_name(pipe)
-    tr = getattr(pipe, name)
-    return dict(name=name, attrs={k: id(v) if callable(v) else None for k, v in vars(tr).items()},
-                call=id(type(pipe).__dict__.get('__call__')), cls_attrs=sorted(vars(type(pipe))))
-
-def leftover(before: dict, after: dict) -> list[str]:
-    "What differs between two `hook_state`s, as short notes ('transformer.forward set', 'unet.forward set', ...)."
-    a, b, n = before['attrs'], after['attrs'], before.get('name', 'transformer')
-    notes = [f'{n}.{k} set' for k in b if k not in a] + [f'{n}.{k} removed' for k in a if k not in b]
-    notes += [f'{n}.{k} replaced' for k in a if k in b and a[k] != b[k]]
-    if before['call'] != after['call']: notes.append('pipeline class __call__ replaced')
-    notes += [f'pipeline class .{k} set' for k in after['cls_attrs'] if k not in before['cls_attrs']]
-    return notes
-
-
-# %% ../../nbs/experiments/07f_market.ipynb #bef561ff
-def _check_run_args(call_kwargs: dict, methods: dict, repeats: int, warmup: int, confidence: float, weights: str):
-    if not isinstance(call_kwargs, dict) or 'num_inference_steps' not in call_kwargs:
-        raise ValueError("call_kwargs must be the pipeline's keyword arguments, num_inference_steps included")
-    if call_kwargs.get('output_type') not in ('np', 'pt'):
-        raise ValueError(f"call_kwargs needs output_type='np' or 'pt' (fidelity compares decoded images), got "
-                         f"{call_kwargs.get('output_type')!r}")
-    if not methods or not all(isinstance(m, MarketMethod) for m in methods.values()):
-        raise ValueError("methods must be a non-empty dict of name -> MarketMethod (see market_methods)")
-    if 'plain' not in methods or methods['plain'].family != 'plain':
-        raise ValueError("methods must contain 'plain' = plain_method(): every speed-up and fidelity is against it")
-    for v, name, lo in ((repeats, 'repeats', 1), (warmup, 'warmup', 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if not 0 < confidence < 1: raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
-    if not isinstance(weights, str) or not weights:
-        raise ValueError("weights must say what the pipeline's weights are, e.g. 'random' or 'trained: <where>'")
-
-def _caller(pipe, call_kwargs: dict, seed: int):
-    "One pipeline call on noise `seed` (a fresh generator each time): its images in [-1, 1]."
-    def call():
-        with torch.no_grad():
-            return pipeline_images(pipe(**dict(call_kwargs, generator=torch.Generator().manual_seed(seed))))
-    return call
-
-# %% ../../nbs/experiments/07f_market.ipynb #af7becea
-def _check_restored(call, ref: torch.Tensor, name: str):
-    "Refuse to go on when the plain pipeline's output did not come back after method `name`."
-    again = call()
-    if not torch.equal(again, ref):
-        raise RuntimeError(f"{name}: after disabling it the plain pipeline's output differs (max |diff| "
-                           f"{(again - ref).abs().max():.3g}); the market's later rows would be measured on a changed "
-                           "pipeline: fix its disable function")
-
-def _refusal(m: MarketMethod, pipe, e: Exception, call, ref, name: str) -> dict:
-    "The row of a method whose enable refused (whatever it put on taken off again, the plain output checked)."
-    with contextlib.suppress(Exception): m.disable(pipe)
-    _check_restored(call, ref, name)
-    return dict(supported=False, reason=f"refused: {e}")
-
-def _work_ratios(work: dict, plain: dict) -> dict:
-    out = dict(block_rows_ratio=work['rows'] / max(plain['rows'], 1),
-               linear_flops_ratio=work['flops'] / max(plain['flops'], 1), linear_gflops=work['flops'] / 1e9)
-    if 'conv_flops' not in work: return out
-    both, both_plain = work['flops'] + work['conv_flops'], plain['flops'] + plain['conv_flops']
-    return dict(out, conv_flops_ratio=work['conv_flops'] / max(plain['conv_flops'], 1),
-                block_flops_ratio=both / max(both_plain, 1), block_gflops=both / 1e9)
-
-CALL_ERRORS = (AssertionError, RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)
-
-def _first_run(pipe, m: MarketMethod, call, ref: torch.Tensor, plain: dict, name: str) -> dict:
-    "One untimed call of method `m`: images, statistics, block rows; then disabled, and the plain output checked."
-    before = hook_state(pipe)
-    if m.enable is not None:
-        try: m.enable(pipe)
-        except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
-            return _refusal(m, pipe, e, call, ref, name)
-    try:
-        with count_block_work(denoiser(pipe)) as work: images = call()
-        stats = m.stats(pipe) if m.stats else {}
-    except CALL_ERRORS as e:                                  # a third-party accelerator failing inside the call
-        m.disable(pipe)
-        _check_restored(call, ref, name)
-        return dict(supported=False, reason=f"failed in the pipeline call: {type(e).__name__}: {e}",
-                    leftover=leftover(before, hook_state(pipe)))
-    except BaseException:
-        m.disable(pipe)
-        raise
-    m.disable(pipe)
-    _check_restored(call, ref, name)
-    reason = m.check(stats) if m.check else None
-    return dict(supported=reason is None, reason=reason, images=images, restored=True,
-                leftover=leftover(before, hook_state(pipe)),
-                compute=dict(_work_ratios(work, plain), **stats))
-
-# %% ../../nbs/experiments/07f_market.ipynb #8c60e5b6
-def _timed(call, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    call()
-    sync(device)
-    return time.perf_counter() - t0
-
-def time_market(pipe, methods: dict, call, repeats: int, warmup: int = 1, device=None) -> dict:
-    """{name: [seconds of each timed call]}: every round calls every method once, in a rotating order, with its
-    enable before and disable after the call (both untimed); `warmup` untimed rounds first."""
-    names, ts = list(methods), {k: [] for k in methods}
-    for r in range(warmup + repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            m = methods[k]
-            if m.enable is not None: m.enable(pipe)
-            try: t = _timed(call, device)
-            finally:
-                if m.disable is not None: m.disable(pipe)
-            if r >= warmup: ts[k].append(t)
-    return ts
-
-# %% ../../nbs/experiments/07f_market.ipynb #80336003
-def _interval(v: np.ndarray, confidence: float, seed: int) -> dict:
-    return paired_bootstrap(v, np.zeros_like(v), confidence, seed=seed)
-
-def _method_row(name: str, m: MarketMethod, first: dict, ref, times: dict, confidence: float, seed: int) -> dict:
-    "One row of the results: settings, and where the method ran, its fidelity, times and statistics."
-    row = dict(method=name, family=m.family, settings={k: _setting(v) for k, v in m.settings.items()},
-               supported=first['supported'], reason=first['reason'], leftover=first.get('leftover'))
-    if 'images' not in first: return row
-    row.update(restored=first['restored'], leftover=first['leftover'], compute=first['compute'])
-    if not first['supported']: return row
-    fid, s = image_fidelity(first['images'], ref), float(np.median(times[name]))
-    plain_s = float(np.median(times['plain']))
-    return dict(row, seconds=s, times=times[name], plain_seconds=plain_s, speedup=plain_s / s,
-                identical_to_plain=bool(torch.equal(first['images'], ref)),
-                mse=float(fid['mse'].mean()), mse_ci=_interval(fid['mse'], confidence, seed),
-                psnr=float(fid['psnr'].mean()), psnr_ci=_interval(fid['psnr'], confidence, seed),
-                mse_per_image=fid['mse'], psnr_per_image=fid['psnr'])
-
-# %% ../../nbs/experiments/07f_market.ipynb #766e5634
-_CONFIG_KEYS = ('num_layers', 'num_single_layers', 'num_attention_heads', 'attention_head_dim', 'sample_size',
-                'patch_size', 'block_out_channels', 'layers_per_block', 'down_block_types', 'up_block_types',
-                'cross_attention_dim', 'addition_embed_type')
-
-def _pipeline_record(pipe, call_kwargs: dict) -> dict:
-    name = denoiser_name(pipe)
-    tr = getattr(pipe, name)
-    conf = dict(tr.config)
-    return {'pipeline': type(pipe).__name__, name: type(tr).__name__, 'dtype': str(tr.dtype),
-            'parameters': sum(p.numel() for p in tr.parameters()),
-            'config': {k: _setting(conf[k]) for k in _CONFIG_KEYS if k in conf and conf[k] is not None},
-            'call': {k: _setting(v) for k, v in call_kwargs.items() if k != 'generator'}}
-
-NOTES = {'random': ("random weights: only the speed and the fidelity to the plain pipeline mean anything here; the "
-                    "early-exit heads are untrained copies of the transformer's output layer, the UEMs untrained")}
-UNET_NOTE = ("UNet: the exit adapters are untrained copies of the next-deeper level's first ResNet and the "
-             "output layer the UNet's own, the UEMs untrained, so where a threshold sends rows means nothing; the "
-             "static exits (static_exit d: every row at exit d) measure what exiting at level d costs")
-
-# %% ../../nbs/experiments/07f_market.ipynb #92e71eac
-def _note_cache_alone(methods: dict, first: dict):
-    "Add to a composition that did not compose how many steps its cache cached alone (when that row ran)."
-    for k, m in methods.items():
-        f = first[k]
-        if m.family != 'composed' or not m.parts or f['supported'] or 'compute' not in f: continue
-        alone = [first[j]['compute'] for j, o in methods.items() if o is m.parts[1] and 'compute' in first[j]]
-        if alone and 'n_cached_steps' in alone[0]:
-            f['reason'] += f"; alone, the same cache-dit setting cached {alone[0]['n_cached_steps']} steps"
-
-@torch.no_grad()
-def run_market(pipe, call_kwargs: dict, methods: dict, repeats: int = 5, warmup: int = 1, seed: int = 0,
-               confidence: float = .95, weights: str = 'random', device=None, log=None) -> dict:
-    """The market on `pipe`: `methods` ({name: `MarketMethod`}, 'plain' among them, e.g. `market_methods(pipe)`), each
-    called with `call_kwargs` (output_type 'np' or 'pt'; the generator is replaced by a fresh one of `seed` at every
-    call: the same noise for all), checked once untimed, then timed in turns (`repeats` rounds after `warmup`).
-    `weights`: what the pipeline's weights are ('random', or e.g. 'trained: <dir>'), recorded with the results.
-    JSON-ready; `log` gets one line per method."""
-    _check_run_args(call_kwargs, methods, repeats, warmup, confidence, weights)
-    call, t0 = _caller(pipe, call_kwargs, seed), time.time()
-    with count_block_work(denoiser(pipe)) as work: ref = call()
-    if not torch.equal(call(), ref):
-        raise RuntimeError("the plain pipeline gives different images on the same noise; make it deterministic "
-                           "(torch.use_deterministic_algorithms, one thread) before comparing methods")
-    plain = dict(supported=True, reason=None, images=ref, restored=True, leftover=[], compute=_work_ratios(work, work))
-    first = {k: _first_run(pipe, m, call, ref, work, k) if k != 'plain' else plain
-             for k, m in methods.items() if m.reason is None}
-    first.update({k: dict(supported=False, reason=m.reason) for k, m in methods.items() if m.reason is not None})
-    _note_cache_alone(methods, first)
-    runnable = {k: m for k, m in methods.items() if first[k]['supported']}
-    times = time_market(pipe, runnable, call, repeats, warmup, device)
-    out = [_method_row(k, m, first[k], ref, times, confidence, seed) for k, m in methods.items()]
-    if log:
-        for r in out: log(_log_line(r))
-    notes = [NOTES.get(weights, weights)] + ([UNET_NOTE] if denoiser_name(pipe) == 'unet' else [])
-    return jsonable(dict(kind='market', weights=weights, notes=notes, rows=out,
-                         pipeline=_pipeline_record(pipe, call_kwargs), plain_work=work,
-                         settings=dict(repeats=repeats, warmup=warmup, seed=seed, confidence=confidence,
-                                       psnr_cap=PSNR_CAP),
-                         environment=dict(run_environment(), device=str(device or 'cpu'),
-                                          threads=torch.get_num_threads()),
-                         run_seconds=round(time.time() - t0, 1)))
-
-# %% ../../nbs/experiments/07f_market.ipynb #5de8cb7c
-def _log_line(r: dict) -> str:
-    if 'seconds' not in r: return f"{r['method']:38s} not run: {r['reason']}"
-    c = r['compute']
-    work = (f"block FLOPs {c['block_flops_ratio']:.3f}" if 'block_flops_ratio' in c
-            else f"linear FLOPs {c['linear_flops_ratio']:.3f}")
-    return f"{r['method']:38s} {r['seconds']:.4f} s/call  {r['speedup']:.3f}x  PSNR {r['psnr']:.2f} dB  {work}"
-
 # %% ../../nbs/experiments/07f_market.ipynb #26fe28e4
-def _ci(c: dict, fmt: str) -> str: return f"{c['mean']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
+def ci_text(c: dict, fmt: str) -> str: return f"{c['mean']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
 
 def _compute_text(c: dict) -> str:
     parts = [f"linear FLOPs {c['linear_flops_ratio']:.3f}, block rows {c['block_rows_ratio']:.3f}"]
@@ -842,8 +598,8 @@ def market_table(res: dict) -> str:
             lines.append(f"| {r['method']} | {r['family']} | not run: {r['reason']} |" + ' |' * (len(head) - 3))
             continue
         rest = 'yes' + (f" ({'; '.join(r['leftover'])})" if r['leftover'] else '')
-        cells = [r['method'], r['family'], f"{r['seconds']:.4f}", f"{r['speedup']:.3f}x", _ci(r['psnr_ci'], '.2f'),
-                 _ci(r['mse_ci'], '.3g'), _compute_text(r['compute']), rest]
+        cells = [r['method'], r['family'], f"{r['seconds']:.4f}", f"{r['speedup']:.3f}x", ci_text(r['psnr_ci'], '.2f'),
+                 ci_text(r['mse_ci'], '.3g'), _compute_text(r['compute']), rest]
         lines.append('| ' + ' | '.join(cells) + ' |')
     p, s = res['pipeline'], res['settings']
     unet = 'unet' in p
@@ -857,16 +613,3 @@ def market_table(res: dict) -> str:
               f"FLOPs and block rows: {what}, measured by hooks, relative to plain's (`count_block_work`).",
               *[f"- {n}" for n in res['notes']]]
     return '\n'.join(lines)
-
-# %% ../../nbs/experiments/07f_market.ipynb #04c0f09a
-def market_compare(res: dict, a: str, b: str, metric: str = 'psnr', confidence: float | None = None) -> dict:
-    "Paired bootstrap interval of `metric` ('psnr' or 'mse') per image, method `a` minus `b`, of a `run_market` result."
-    rows = {r['method']: r for r in res['rows']}
-    if metric not in ('psnr', 'mse'): raise ValueError(f"metric must be 'psnr' or 'mse', got {metric!r}")
-    for k in (a, b):
-        if k not in rows: raise ValueError(f"no method {k!r} in the results; they hold {', '.join(rows)}")
-        if 'seconds' not in rows[k]: raise ValueError(f"{k!r} did not run: {rows[k]['reason']}")
-    conf = res['settings']['confidence'] if confidence is None else confidence
-    ci = paired_bootstrap(rows[a][f'{metric}_per_image'], rows[b][f'{metric}_per_image'], conf,
-                          seed=res['settings']['seed'])
-    return dict(ci, a=a, b=b, metric=metric, speedup_a=rows[a]['speedup'], speedup_b=rows[b]['speedup'])
