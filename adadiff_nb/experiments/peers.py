@@ -37,8 +37,9 @@ from ..evaluation.discrimination import jsonable
 from .bench import state_sha
 from .exit_bench import run_environment, time_interleaved
 from .sampling_bench import sampling_runs
-from .schedule_baselines import image_fidelity, paired_bootstrap
-from .controlled_plan import bootstrap_ci, fd_stat, reference, sample_quality, FD_REASON
+from .schedule_baselines import image_fidelity
+from .controlled_plan import bootstrap_ci, reference, sample_quality
+from .market_quality import pair_quality
 
 # %% ../../nbs/experiments/07g_peers.ipynb #2d4b432c
 @dataclass
@@ -277,14 +278,13 @@ def _pair(k: str, j: str, rows: dict, fid: dict, acts: dict, ref, ctx: dict) -> 
     """Peer `k` against early-exit point `j` on the same images: paired PSNR difference (k - j) and, with real
     images, the paired proxy-FD difference; both speed-ups, and a verdict."""
     rk, rj = rows[k], rows[j]
-    d = paired_bootstrap(fid[k]['psnr'], fid[j]['psnr'], ctx['confidence'], seed=ctx['seed'])
+    base = pair_quality(k, j, {x: dict(psnr_per_image=fid[x]['psnr']) for x in (k, j)},
+                        {x: rows[x]['measured_speedup'] for x in (k, j)}, acts, ref, ctx['n_boot'], ctx['seed'],
+                        ctx['confidence'])                                 # the market's paired statistics
+    d = base['psnr_difference']
     out = dict(peer=k, early_exit=j, peer_speedup=rk['measured_speedup'], early_exit_speedup=rj['measured_speedup'],
-               speedup_gap=rk['measured_speedup'] / rj['measured_speedup'] - 1, psnr_difference=d)
-    if ref is not None:
-        fk, fj = (fd_stat(acts[x], ref['mu'], ref['sigma']) for x in (k, j))
-        b = bootstrap_ci(lambda i: fk(i) - fj(i), len(acts[k]), ctx['n_boot'], ctx['seed'], ctx['confidence'],
-                         method='basic', reason=FD_REASON)
-        out['proxy_fd_difference'] = dict(mean=b['value'], low=b['ci'][0], high=b['ci'][1])
+               speedup_gap=rk['measured_speedup'] / rj['measured_speedup'] - 1, psnr_difference=d,
+               **{key: base[key] for key in ('proxy_fd_difference',) if key in base})
     side = 'peer closer to full' if d['low'] > 0 else 'early exit closer to full' if d['high'] < 0 else \
         'no clear difference'
     equal, gap = abs(out['speedup_gap']) <= ctx['time_tol'], out['speedup_gap']
