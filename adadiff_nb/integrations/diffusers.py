@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..exits.early_exit import EE_OPTIONS, EarlyExitUViT, check_threshold
+from .compose import check_compiled, uncompiled
 from ..evaluation.cost import eval_flops, full_eval_flops, sync
 from ..models.checkpoint import (CheckpointError, atomic_write, atomic_write_json, load_weights,
                                    read_safetensors_metadata, record_differences, save_safetensors)
@@ -48,16 +49,17 @@ _all_ = ['TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'ti
 POLICIES = ('joint', 'independent')
 
 def _split(obj):
-    "(pipeline or None, model) of a pipeline (its `transformer`, else its `unet`) or a bare transformer / UNet."
-    tr = getattr(obj, 'transformer', None)
+    """(pipeline or None, model) of a pipeline (its `transformer`, else its `unet`) or a bare transformer / UNet; the
+    module inside a `torch.compile` wrapper (`uncompiled`)."""
+    tr = uncompiled(getattr(obj, 'transformer', None))
     if isinstance(tr, nn.Module) and isinstance(getattr(obj, 'transformer_2', None), nn.Module):
         raise ValueError(f"this {type(obj).__name__} has two transformers (Wan 2.2's high- and low-noise experts, "
                          "`transformer` and `transformer_2`); early exit hooks one: enable it on one transformer "
                          "(enable_early_exit(pipe.transformer)) or use a one-transformer checkpoint (Wan 2.1)")
     if isinstance(tr, nn.Module): return obj, tr
-    unet = getattr(obj, 'unet', None)
+    unet = uncompiled(getattr(obj, 'unet', None))
     if isinstance(unet, nn.Module) and not isinstance(obj, nn.Module): return obj, unet   # DDPM, SD, SDXL pipelines
-    if isinstance(obj, nn.Module): return None, obj
+    if isinstance(obj, nn.Module): return None, uncompiled(obj)
     raise TypeError(f"expected a diffusers pipeline with a `transformer` or a `unet`, or such a model, got "
                     f"{type(obj).__name__}")
 
@@ -354,12 +356,13 @@ def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=N
     transformer); heads trained on other weights of the same config are refused unless `allow_other_weights`
     (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent'. `ee_cfg`: options of new heads
     (uem, uem_params, ...). Runs as a diffusers hook (`HOOK_NAME`) and leaves the pipeline's class alone; composes
-    with `pipe.enable_model_cpu_offload()` (before or after); diffusers' caches and sequential offload are refused
-    (`check_composable`). Everything is checked before anything changes: a failed call leaves the pipeline as it
-    was (early exit already enabled stays enabled, with its old heads and rule). Returns the pipeline (or
-    transformer)."""
+    with `pipe.enable_model_cpu_offload()` and `torch.compile` without fullgraph (`check_compiled`), before or after;
+    diffusers' caches and sequential offload are refused (`check_composable`). Everything is checked before anything
+    changes: a failed call leaves the pipeline as it was (early exit already enabled stays enabled, with its old heads
+    and rule). Returns the pipeline (or transformer)."""
     pipe, tr = _split(pipe_or_transformer)
     check_diffusers_version()
+    check_compiled(pipe_or_transformer)
     guidance_groups(torch.zeros(1), policy)                                  # checks the policy name
     bb = make_adapter(tr)
     check_composable(tr)
