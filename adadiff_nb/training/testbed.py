@@ -261,8 +261,9 @@ def train_testbed_heads(path, latents, steps: int = 1500, batch_size: int = 64, 
     return dict(res, heads=path / HEADS_DIR)
 
 # %% ../../nbs/training/04ac_testbed.ipynb #557d0f2f
-TESTBED_RECIPE = ["OMP_NUM_THREADS=2 python bench/build_testbed.py --out runs/cifar10_dit_testbed --vae-steps 2500 "
-                  "--dit-steps 12000 --head-steps 2000"]
+TESTBED_RECIPE = ["OMP_NUM_THREADS=1 python bench/build_testbed.py --out runs/cifar10_dit_testbed --vae-steps 1500 "
+                  "--dit-steps 10000 --head-steps 1500 --keep-parts",
+                  "cp -r runs/cifar10_dit_testbed adadiff_nb/assets/cifar10_dit_testbed"]
 
 def testbed_dir(check: bool = False) -> Path:
     "The shipped test bed's folder: the package's `assets/cifar10_dit_testbed`."
