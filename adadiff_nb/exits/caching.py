@@ -24,10 +24,10 @@ from ..evaluation.cost import backbone_flops, uem_flops
 from ..sampling.run import schedule_for
 
 # %% auto #0
-__all__ = ['CACHE_MODES', 'CACHE_METHODS', 'shallow_blocks', 'cached_block', 'full_steps', 'cache_layer_ratio', 'full_pass',
-           'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass', 'routed_pass', 'Router',
-           'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router', 'l2c_eval', 'AdaDiffCacheUViT',
-           'build_deepcache', 'build_adadiff_cache', 'build_l2c']
+__all__ = ['CACHE_MODES', 'CACHE_METHODS', 'check_int_range', 'shallow_blocks', 'cached_block', 'full_steps', 'cache_layer_ratio',
+           'full_pass', 'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass', 'routed_pass',
+           'Router', 'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router', 'l2c_eval',
+           'AdaDiffCacheUViT', 'build_deepcache', 'build_adadiff_cache', 'build_l2c']
 
 # %% ../../nbs/exits/06b_caching.ipynb #df0ceb16
 def _num_in(bb) -> int:
@@ -37,22 +37,22 @@ def _num_in(bb) -> int:
                         "the cache-exit combination need a U-ViT backbone")
     return len(bb.in_blocks)
 
-def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
-    "An integer in [lo, hi] (hi None: no upper bound), else a ValueError naming the range."
+def check_int_range(name: str, v, lo: int, hi: int | None = None, fix: str = '') -> int:
+    "An integer in [lo, hi] (hi None: no upper bound), else a ValueError naming the range (and `fix`, appended)."
     ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
     if not ok:
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
+        raise ValueError(f"{name} must be an integer {rng}, got {v!r}{fix}")
     return int(v)
 
 def shallow_blocks(num_in: int, branch: int) -> list:
     "Execution indices of the blocks a DeepCache step with `branch` k runs: in-blocks [0, k) and the last k blocks."
-    k, L = _check_int('branch', branch, 0, num_in), 2 * num_in + 1
+    k, L = check_int_range('branch', branch, 0, num_in), 2 * num_in + 1
     return list(range(k)) + list(range(L - k, L))
 
 def cached_block(num_in: int, branch: int) -> int:
     "The block whose output a DeepCache step with `branch` k reuses: the one before the first shallow out-block."
-    return 2 * num_in - _check_int('branch', branch, 0, num_in)
+    return 2 * num_in - check_int_range('branch', branch, 0, num_in)
 
 # %% ../../nbs/exits/06b_caching.ipynb #6bc91c03
 CACHE_MODES = ('uniform', 'quadratic')
@@ -67,7 +67,7 @@ def _power_steps(n: int, n_full: int, center: float, power: float) -> list:
 def full_steps(n: int, interval: int, mode: str = 'uniform', center: float | None = None,
                power: float = 1.4) -> list:
     "Steps (of `n` model calls) that run the full model: every `interval`-th ('uniform') or DeepCache's power law."
-    n, N = _check_int('steps', n, 1), _check_int('interval', interval, 1)
+    n, N = check_int_range('steps', n, 1), check_int_range('interval', interval, 1)
     if mode not in CACHE_MODES:
         raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
     n_full = math.ceil(n / N)
@@ -128,8 +128,8 @@ def shallow_pass(bb, x, t, y, cache: dict, branch: int, exit_fn: Callable | None
     reuse `cache[L - 1 - j]` (the deep state of their level j); `exit_fn(j, rows) -> (b,) bool` (`rows` an
     `ExitRows`: original indices `rows.rows`, tokens, skip stack, criterion context `per_row`) may let rows leave
     earlier, at depths [`min_branch`, `branch`)."""
-    k = _check_int('branch', branch, 0, _num_in(bb))
-    j0 = k if exit_fn is None else _check_int('min_branch', k if min_branch is None else min_branch, 0, k)
+    k = check_int_range('branch', branch, 0, _num_in(bb))
+    j0 = k if exit_fn is None else check_int_range('min_branch', k if min_branch is None else min_branch, 0, k)
     h, state = bb.embed(x, t, y)
     B = x.shape[0]
     rows, out, syncs = ExitRows(torch.arange(B, device=x.device), h, state, {}), [None], 0
@@ -184,7 +184,7 @@ class CachedModel(nn.Module):
     def __init__(self, backbone, steps: int | None = None, auto_reset: bool = True):
         super().__init__()
         self.backbone, self.auto_reset = backbone, bool(auto_reset)
-        self.steps = None if steps is None else _check_int('steps', steps, 1)
+        self.steps = None if steps is None else check_int_range('steps', steps, 1)
         self.record = getattr(backbone, 'record', None)
         self.reset()
 
@@ -250,7 +250,7 @@ class DeepCacheUViT(CachedModel):
     def __init__(self, backbone, interval: int = 3, branch: int = 1, mode: str = 'uniform', steps: int | None = None,
                  center: float | None = None, power: float = 1.4, auto_reset: bool = True):
         n_in = _num_in(backbone)
-        self.interval, self.branch = _check_int('interval', interval, 1), _check_int('branch', branch, 0, n_in)
+        self.interval, self.branch = check_int_range('interval', interval, 1), check_int_range('branch', branch, 0, n_in)
         if mode not in CACHE_MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
         if mode != 'uniform' and steps is None:
@@ -360,8 +360,8 @@ class L2CUViT(CachedModel):
     method = 'l2c'
 
     def __init__(self, backbone, steps: int, interval: int = 2, router_init: float = 0., auto_reset: bool = True):
-        self.interval = _check_int('interval', interval, 1)
-        super().__init__(backbone, _check_int('steps', steps, 1), auto_reset)
+        self.interval = check_int_range('interval', interval, 1)
+        super().__init__(backbone, check_int_range('steps', steps, 1), auto_reset)
         self.router = Router(self.steps, backbone.num_layers, router_init)
         self.register_buffer('mask', torch.ones(self.steps, backbone.num_layers, dtype=torch.bool), persistent=True)
 
@@ -451,7 +451,7 @@ def train_router(model: L2CUViT, traj: list, train_steps: int = 50, batch: int =
     g, opt, hist = torch.Generator().manual_seed(seed), torch.optim.Adam(model.router.parameters(), lr=lr), []
     n = len(traj[0]['x'])
     with _frozen(model.backbone), torch.enable_grad():
-        for _ in range(_check_int('train_steps', train_steps, 0)):
+        for _ in range(check_int_range('train_steps', train_steps, 0)):
             i = routed[int(torch.randint(len(routed), (1,), generator=g))]
             rows = torch.randperm(n, generator=g)[:batch].to(traj[0]['x'].device)
             mse, l1 = l2c_objective(model, traj, i, rows)
@@ -489,7 +489,7 @@ class AdaDiffCacheUViT(DeepCacheUViT):
                              "schedule")
         super().__init__(model.backbone, **deepcache_kw)
         self.ee, self.tau = model, check_threshold(threshold, 'threshold')
-        self.min_branch = _check_int('min_branch', min_branch, 0, self.branch)
+        self.min_branch = check_int_range('min_branch', min_branch, 0, self.branch)
 
     def cache_keys(self) -> set:
         L = self.num_layers

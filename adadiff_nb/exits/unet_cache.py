@@ -9,24 +9,15 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/exits/unet_cache.html.md"""
 
 # %% ../../nbs/exits/06bb_unet_cache.ipynb #41b602ce
 from __future__ import annotations
-import numbers
 import torch
 from ..models.unet import UNet, unet_flops
 from .early_exit import EarlyExitModel
-from .caching import CACHE_MODES, CachedModel, cache_layer_ratio, full_steps
+from .caching import CACHE_MODES, CachedModel, cache_layer_ratio, check_int_range, full_steps
 
 # %% auto #0
 __all__ = ['UNET_DEEPCACHE_KEYS', 'UNET_CACHE_METHODS', 'unet_of', 'DeepCacheUNet', 'build_unet_deepcache']
 
 # %% ../../nbs/exits/06bb_unet_cache.ipynb #e7ccb735
-def _int_in(name: str, v, lo: int, hi: int | None = None, fix: str = '') -> int:
-    "An integer in [lo, hi] (hi None: no upper bound), else a ValueError naming the range and `fix`."
-    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
-    if not ok:
-        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {v!r}{fix}")
-    return int(v)
-
 def unet_of(model) -> UNet:
     "The `UNet` of `model` (a `UNet` or an early-exit model on one, e.g. an `EarlyExitUNet`), else a clear TypeError."
     bb = model.backbone if isinstance(model, EarlyExitModel) else model
@@ -52,8 +43,8 @@ class DeepCacheUNet(CachedModel):
                  center: float | None = None, power: float = 1.4, auto_reset: bool = True):
         bb = unet_of(model)
         L = bb.num_layers
-        self.interval = _int_in('interval', interval, 1, fix='; 1 runs the full UNet every step, N every N-th step')
-        self.branch = _int_in('branch', branch, 0, L - 1, fix=f" (a level of this {L}-level UNet: 0 is the shallowest, "
+        self.interval = check_int_range('interval', interval, 1, fix='; 1 runs the full UNet every step, N every N-th step')
+        self.branch = check_int_range('branch', branch, 0, L - 1, fix=f" (a level of this {L}-level UNet: 0 is the shallowest, "
                               f"{L - 1} skips only the mid block)")
         if mode not in CACHE_MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..integrations.transformer_adapters import JointCond, SD3Adapter, tiny_sd3_pipeline
 from ..integrations.adapters import tiny_tokenizer
 from ..models.text_encoder import write_tiny_clip
-from .prompt_cache import pooled_rows, unpack_sdxl_prompts
+from .prompt_cache import split_pooled_contexts
 
 # %% auto #0
 __all__ = ['FLOW_MISSING', 'FlowMatchSchedule', 'tiny_sd3_text_pipeline', 'PromptSD3Adapter', 'flow_schedule', 'ShiftedLatents',
@@ -95,13 +95,8 @@ class PromptSD3Adapter(SD3Adapter):
     def text_cond(self, y, x):
         "The `JointCond` of packed SD3 contexts `y` (a `JointCond` or anything else passes through)."
         if not torch.is_tensor(y): return y
-        D = int(self.model.config.joint_attention_dim)
-        W, R = D + 1, pooled_rows(self.pooled_dim, D)
-        if y.ndim != 3 or y.shape[-1] != W or y.shape[1] <= R:
-            raise ValueError(f"packed SD3 prompt contexts must have shape (B, T + {R}, {W}) (the prompt tokens and {R} "
-                             f"pooled row(s), joint_attention_dim and the mask channel), got {tuple(y.shape)}: encode "
-                             "the captions with this pipeline's text encoders (precompute_prompt_embeddings)")
-        e, pooled = unpack_sdxl_prompts(y, self.pooled_dim)
+        e, pooled = split_pooled_contexts(y, int(self.model.config.joint_attention_dim), self.pooled_dim, 'SD3',
+                                          'joint_attention_dim')
         return JointCond(e.to(self.model.dtype), pooled.to(self.model.dtype))
 
     def check_input(self, x, timesteps, y=None): super().check_input(x, timesteps, self.text_cond(y, x))

@@ -24,7 +24,7 @@ from ..models.text_encoder import (TextEncoder, check_prompts, precompute_text_f
 __all__ = ['PROMPT_KIND', 'pack_prompts', 'unpack_prompts', 'pooled_rows', 'pack_sdxl_prompts', 'unpack_sdxl_prompts',
            'PromptEncoder', 'tiny_sd_text_pipeline', 'tiny_sdxl_text_pipeline', 'empty_prompt_path', 'Unconditional',
            'precompute_prompt_embeddings', 'PromptPixArtAdapter', 'PromptUNetAdapter', 'sdxl_pooled_dim',
-           'sdxl_time_ids', 'PromptSDXLAdapter']
+           'sdxl_time_ids', 'split_pooled_contexts', 'PromptSDXLAdapter']
 
 # %% ../../nbs/training/04a9_prompt_cache.ipynb #01be426b
 def pack_prompts(embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,6 +274,16 @@ def sdxl_time_ids(unet, image_size: int, pooled_dim: int | None = None) -> torch
     S, P = (int(image_size), int(image_size)), sdxl_pooled_dim(unet) if pooled_dim is None else int(pooled_dim)
     return StableDiffusionXLPipeline._get_add_time_ids(SimpleNamespace(unet=unet), S, (0, 0), S, torch.float32, P)
 
+def split_pooled_contexts(y, width: int, pooled_dim: int, what: str, width_name: str) -> tuple:
+    """(prompt embeddings, pooled embeddings) of packed contexts `y` (B, T + R, width + 1) with R pooled rows
+    (`pack_sdxl_prompts`: SDXL, SD3), else a clear error naming `what` model and its `width_name` config entry."""
+    W, R = width + 1, pooled_rows(pooled_dim, width)
+    if y.ndim != 3 or y.shape[-1] != W or y.shape[1] <= R:
+        raise ValueError(f"packed {what} prompt contexts must have shape (B, T + {R}, {W}) (the prompt embeddings and "
+                         f"{R} pooled row(s), {width_name} and the mask channel), got {tuple(y.shape)}: encode the "
+                         "captions with this pipeline's text encoders (precompute_prompt_embeddings)")
+    return unpack_sdxl_prompts(y, pooled_dim)
+
 class PromptSDXLAdapter(PromptUNetAdapter):
     """`PromptUNetAdapter` for an SDXL UNet: y = packed SDXL contexts (B, T + R, D + 1) (`pack_sdxl_prompts`), turned
     into a `UNetCond` whose added_cond_kwargs hold the pooled embeddings and the time ids of `image_size` pixels."""
@@ -285,13 +295,8 @@ class PromptSDXLAdapter(PromptUNetAdapter):
     def text_cond(self, y, x):
         "The `UNetCond` (with added_cond_kwargs) of packed SDXL contexts `y` (anything else passes through)."
         if not torch.is_tensor(y): return y
-        D = int(self.model.config.cross_attention_dim)
-        W, R = D + 1, pooled_rows(self.pooled_dim, D)
-        if y.ndim != 3 or y.shape[-1] != W or y.shape[1] <= R:
-            raise ValueError(f"packed SDXL prompt contexts must have shape (B, T + {R}, {W}) (the prompt embeddings "
-                             f"and {R} pooled row(s), cross_attention_dim and the mask channel), got {tuple(y.shape)}: "
-                             "encode the captions with this pipeline's text encoders (precompute_prompt_embeddings)")
-        e, pooled = unpack_sdxl_prompts(y, self.pooled_dim)
+        e, pooled = split_pooled_contexts(y, int(self.model.config.cross_attention_dim), self.pooled_dim, 'SDXL',
+                                          'cross_attention_dim')
         dt = self.model.dtype
         ids = sdxl_time_ids(self.model, self.image_size or 8 * self.img_size, self.pooled_dim)
         ids = ids.to(x.device, dt).repeat(x.shape[0], 1)
