@@ -16,11 +16,10 @@ from adadiff_nb.integrations.diffusers import (HOOK_NAME, disable_early_exit, en
                                                set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
 from adadiff_nb.integrations.transformer_adapters import (tiny_call_kwargs, tiny_flux_pipeline, tiny_sana_pipeline,
                                                           tiny_sd3_pipeline, tiny_wan_pipeline)
-from adadiff_nb.integrations.unet_adapters import (tiny_ddpm_pipeline, tiny_sd_pipeline, tiny_unet_call_kwargs,
-                                                   unet_backbone_specs)
-from adadiff_nb.models.registry import BACKBONES, register_backbone, unregister_backbone
+from adadiff_nb.integrations.unet_adapters import tiny_ddpm_pipeline, tiny_sd_pipeline, tiny_unet_call_kwargs
 
-from pipeline_helpers import one_line   # tests/pipeline_helpers.py
+from pipeline_helpers import count_offload_calls, one_line, unet_families   # tests/pipeline_helpers.py; the fixture
+#   registers the UNet families for this module
 
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
 PX = dict(num_inference_steps=2, height=8, width=8, use_resolution_binning=False, max_sequence_length=8,
@@ -30,16 +29,6 @@ BUILDERS = dict(dit=lambda: tiny_dit_pipeline(num_layers=3), pixart=lambda: tiny
                 ddpm=tiny_ddpm_pipeline, sd=tiny_sd_pipeline, sdxl=lambda: tiny_sd_pipeline(xl=True))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def unet_families():
-    "The UNet families in the backbone registry for these tests (what was registered before is put back after)."
-    specs = unet_backbone_specs()
-    prev = {s.family: BACKBONES.get(s.family) for s in specs}
-    for s in specs: register_backbone(s, replace=True)
-    yield
-    for f, p in prev.items():
-        if p is None: unregister_backbone(f)
-        else: register_backbone(p, replace=True)
 
 
 @pytest.fixture(autouse=True)
@@ -214,15 +203,6 @@ def test_guidance_threshold_0_and_pairing(family):
 
 # --- model CPU offload ----------------------------------------------------------------------------------------------
 
-def count_offload_calls(tr) -> list:
-    "Calls of accelerate's offload `pre_forward` on `tr` (it loads the model and moves its inputs)."
-    calls, hook = [], tr._hf_hook
-    real = hook.pre_forward
-    def pre_forward(module, *args, **kwargs):
-        calls.append(module)
-        return real(module, *args, **kwargs)
-    hook.pre_forward = pre_forward
-    return calls
 
 
 @pytest.mark.parametrize('family', ['flux', 'sd3', 'sana', 'wan'])

@@ -12,25 +12,14 @@ from adadiff_nb.integrations.diffusers import (ExitHeadsMismatchError, disable_e
                                                set_exit_threshold)
 from adadiff_nb.integrations.adapters import adapter_forward
 from adadiff_nb.integrations.unet_adapters import (DDPM_CIFAR10_CONFIG, UNet2DAdapter, load_ddpm_pipeline,
-                                                   tiny_ddpm_pipeline, tiny_sd_pipeline, tiny_unet_call_kwargs,
-                                                   unet_backbone_specs)
-from adadiff_nb.models.registry import BACKBONES, register_backbone, unregister_backbone
+                                                   tiny_ddpm_pipeline, tiny_sd_pipeline, tiny_unet_call_kwargs)
+from pipeline_helpers import unet_families   # tests/pipeline_helpers.py: registers the UNet families for this module
 
 torch.set_num_threads(1)
 BUILDERS = dict(ddpm=tiny_ddpm_pipeline, sd=tiny_sd_pipeline, sdxl=lambda: tiny_sd_pipeline(xl=True))
 FAMILIES = list(BUILDERS)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def unet_families():
-    "The UNet families in the backbone registry for these tests (what was registered before is put back after)."
-    specs = unet_backbone_specs()
-    prev = {s.family: BACKBONES.get(s.family) for s in specs}
-    for s in specs: register_backbone(s, replace=True)
-    yield
-    for f, p in prev.items():
-        if p is None: unregister_backbone(f)
-        else: register_backbone(p, replace=True)
 
 
 @pytest.fixture(scope='module')

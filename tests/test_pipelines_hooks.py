@@ -12,7 +12,7 @@ from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, appl
 from adadiff_nb.integrations.diffusers import (HOOK_NAME, disable_early_exit, early_exit_model, enable_early_exit,
                                                exit_stats, set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
 
-from pipeline_helpers import images, one_line   # tests/pipeline_helpers.py
+from pipeline_helpers import count_offload_calls, images, one_line   # tests/pipeline_helpers.py
 
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
 
@@ -22,15 +22,6 @@ def plain_state(tr) -> tuple:
     return tuple(tr.__dict__.get(k) for k in ('forward', '_diffusers_hook', '_hf_hook'))
 
 
-def count_offload_calls(tr) -> list:
-    "Calls of accelerate's offload `pre_forward` on `tr` (it loads the transformer and moves its inputs)."
-    calls, hook = [], tr._hf_hook
-    real = hook.pre_forward
-    def pre_forward(module, *args, **kwargs):
-        calls.append(module)
-        return real(module, *args, **kwargs)
-    hook.pre_forward = pre_forward
-    return calls
 
 
 def test_enable_registers_a_hook_and_disable_restores_exactly():
