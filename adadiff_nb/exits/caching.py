@@ -250,7 +250,8 @@ class DeepCacheUViT(CachedModel):
     def __init__(self, backbone, interval: int = 3, branch: int = 1, mode: str = 'uniform', steps: int | None = None,
                  center: float | None = None, power: float = 1.4, auto_reset: bool = True):
         n_in = _num_in(backbone)
-        self.interval, self.branch = check_int_range('interval', interval, 1), check_int_range('branch', branch, 0, n_in)
+        self.interval = check_int_range('interval', interval, 1)
+        self.branch = check_int_range('branch', branch, 0, n_in)
         if mode not in CACHE_MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
         if mode != 'uniform' and steps is None:

@@ -43,9 +43,11 @@ class DeepCacheUNet(CachedModel):
                  center: float | None = None, power: float = 1.4, auto_reset: bool = True):
         bb = unet_of(model)
         L = bb.num_layers
-        self.interval = check_int_range('interval', interval, 1, fix='; 1 runs the full UNet every step, N every N-th step')
-        self.branch = check_int_range('branch', branch, 0, L - 1, fix=f" (a level of this {L}-level UNet: 0 is the shallowest, "
-                              f"{L - 1} skips only the mid block)")
+        self.interval = check_int_range('interval', interval, 1,
+                                        fix='; 1 runs the full UNet every step, N every N-th step')
+        self.branch = check_int_range('branch', branch, 0, L - 1,
+                                      fix=f" (a level of this {L}-level UNet: 0 is the shallowest, {L - 1} skips only "
+                                      "the mid block)")
         if mode not in CACHE_MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
         if mode != 'uniform' and steps is None:
