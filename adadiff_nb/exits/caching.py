@@ -25,9 +25,9 @@ from ..sampling.run import schedule_for
 
 # %% auto #0
 __all__ = ['CACHE_MODES', 'CACHE_METHODS', 'check_int_range', 'shallow_blocks', 'cached_block', 'full_steps', 'cache_layer_ratio',
-           'full_pass', 'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass', 'routed_pass',
-           'Router', 'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router', 'l2c_eval',
-           'AdaDiffCacheUViT', 'build_deepcache', 'build_adadiff_cache', 'build_l2c']
+           'full_step_set', 'full_pass', 'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass',
+           'routed_pass', 'Router', 'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router',
+           'l2c_eval', 'AdaDiffCacheUViT', 'build_deepcache', 'build_adadiff_cache', 'build_l2c']
 
 # %% ../../nbs/exits/06b_caching.ipynb #df0ceb16
 def _num_in(bb) -> int:
@@ -88,6 +88,17 @@ def cache_layer_ratio(n: int, full: list, num_layers: int, cached_blocks: int) -
     "Analytic block-evaluation ratio of a run of `n` calls: full steps run all layers, the others `cached_blocks`."
     n_full = len(full)
     return (n_full * num_layers + (n - n_full) * cached_blocks) / (n * num_layers)
+
+def full_step_set(steps: int | None, interval: int, mode: str = 'uniform', center: float | None = None,
+                  power: float = 1.4) -> set | None:
+    """The full steps of a run of `steps` model calls (`full_steps`), checked; None without `steps` (uniform mode:
+    every `interval`-th call, decided as the run goes)."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
+    if mode != 'uniform' and steps is None:
+        raise ValueError(f"mode={mode!r} spaces the full steps over the whole run: pass steps (the sampler's "
+                         "number of model calls)")
+    return None if steps is None else set(full_steps(steps, interval, mode, center, power))
 
 # %% ../../nbs/exits/06b_caching.ipynb #c1001de5
 def full_pass(bb, x, t, y=None, keep=()) -> tuple:
@@ -252,13 +263,8 @@ class DeepCacheUViT(CachedModel):
         n_in = _num_in(backbone)
         self.interval = check_int_range('interval', interval, 1)
         self.branch = check_int_range('branch', branch, 0, n_in)
-        if mode not in CACHE_MODES:
-            raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
-        if mode != 'uniform' and steps is None:
-            raise ValueError(f"mode={mode!r} spaces the full steps over the whole run: pass steps (the sampler's "
-                             "number of model calls)")
         self.mode, self.center, self.power = mode, center, power
-        self._full = None if steps is None else set(full_steps(steps, interval, mode, center, power))
+        self._full = full_step_set(steps, self.interval, mode, center, power)
         super().__init__(backbone, steps, auto_reset)
 
     def is_full(self, i: int) -> bool:

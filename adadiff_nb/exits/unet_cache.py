@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from ..models.unet import UNet, unet_flops
 from .early_exit import EarlyExitModel
-from .caching import CACHE_MODES, CachedModel, cache_layer_ratio, check_int_range, full_steps
+from .caching import CachedModel, cache_layer_ratio, check_int_range, full_step_set, full_steps
 
 # %% auto #0
 __all__ = ['UNET_DEEPCACHE_KEYS', 'UNET_CACHE_METHODS', 'unet_of', 'DeepCacheUNet', 'build_unet_deepcache']
@@ -48,13 +48,8 @@ class DeepCacheUNet(CachedModel):
         self.branch = check_int_range('branch', branch, 0, L - 1,
                                       fix=f" (a level of this {L}-level UNet: 0 is the shallowest, {L - 1} skips only "
                                       "the mid block)")
-        if mode not in CACHE_MODES:
-            raise ValueError(f"mode={mode!r} is not supported; choose one of {list(CACHE_MODES)}")
-        if mode != 'uniform' and steps is None:
-            raise ValueError(f"mode={mode!r} spaces the full steps over the whole run: pass steps (the sampler's "
-                             "number of model calls)")
         self.mode, self.center, self.power = mode, center, power
-        self._full = None if steps is None else set(full_steps(steps, self.interval, mode, center, power))
+        self._full = full_step_set(steps, self.interval, mode, center, power)
         super().__init__(bb, steps, auto_reset)
 
     def is_full(self, i: int) -> bool:
