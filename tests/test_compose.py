@@ -5,15 +5,22 @@ torch.compile runs with an eager backend that counts the graphs dynamo hands it 
 count), so the tests check that dynamo really traced the hooked forward and are fast on a CPU: a compile wrapper
 (`pipe.transformer = torch.compile(...)`) or an in-place `model.compile()`, before or after enabling, gives bit for bit
 what the eager pipeline gives at threshold 0, at a threshold where rows exit and after disabling; `fullgraph=True` is
-refused in one line. Guidance batches: threshold 0 equals the plain guided call, and per-row thresholds where the two
-rows of a sample disagree show 'joint' pairing them and 'independent' not (Wan, and Flux's true CFG, run the two
-halves as separate forwards: their rows always exit on their own). Model CPU offload on Flux, SD3, Sana and Wan in
-either order: threshold 0 equals plain, accelerate's hook stays outermost, disabling restores."""
+refused in one line, made before enabling (when enabling) or after (at trace time, `FullgraphExitError`, before any
+graph). `early_exit_model(pipe).compile_exits()` on DiT and PixArt: the same output as eager (bit for bit with an eager
+backend, to float rounding with inductor). Guidance batches: threshold 0 equals the plain guided call, and per-row
+thresholds where the two rows of a sample disagree show 'joint' pairing them and 'independent' not (Wan, and Flux's
+true CFG, run the two halves as separate forwards: their rows always exit on their own, and an explicit
+policy='joint' there is warned about once). Model CPU offload on Flux, SD3, Sana and Wan in either order: threshold 0
+equals plain, accelerate's hook stays outermost, disabling restores."""
+import shutil, warnings
 import pytest
 import torch
 import torch._dynamo
-from adadiff_nb.integrations.diffusers import (HOOK_NAME, disable_early_exit, enable_early_exit, exit_stats,
-                                               set_exit_threshold, tiny_dit_pipeline, tiny_pixart_pipeline)
+from adadiff_nb.exits.runner import block_modules
+from adadiff_nb.integrations.compose import FullgraphExitError
+from adadiff_nb.integrations.diffusers import (HOOK_NAME, disable_early_exit, early_exit_model, enable_early_exit,
+                                               exit_stats, reset_exit_stats, set_exit_threshold, tiny_dit_pipeline,
+                                               tiny_pixart_pipeline)
 from adadiff_nb.integrations.transformer_adapters import (tiny_call_kwargs, tiny_flux_pipeline, tiny_sana_pipeline,
                                                           tiny_sd3_pipeline, tiny_wan_pipeline)
 from adadiff_nb.integrations.unet_adapters import tiny_ddpm_pipeline, tiny_sd_pipeline, tiny_unet_call_kwargs
@@ -162,13 +169,67 @@ def test_fullgraph_refused_before_anything_changes(family, how):
         enable_early_exit(tr if how == 'in place' else getattr(pipe, attr))    # the bare model too
 
 
-def test_fullgraph_compiled_after_enabling_fails_loudly():
-    "Nothing of early exit runs outside the compiled frame to refuse it: dynamo's own error, not a wrong image."
-    pipe = tiny_dit_pipeline(num_layers=2)
+@pytest.mark.parametrize('family', ['dit', 'flux'])
+@pytest.mark.parametrize('how', ['wrapper', 'in place'])
+def test_fullgraph_compiled_after_enabling_refused_in_one_line(family, how):
+    """A fullgraph compile made after enabling: our one-line error at trace time (no graph reached the backend, no
+    forward recorded), naming both fixes; without fullgraph the same pipeline then runs and equals eager."""
+    pipe = BUILDERS[family]()
+    tr, graphs = model_of(pipe), []
+    enable_early_exit(pipe, exit_layer=1)
+    ref = run(pipe, family)
+    if how == 'wrapper': pipe.transformer = torch.compile(tr, backend=counting_backend(graphs), fullgraph=True)
+    else: tr.compile(backend=counting_backend(graphs), fullgraph=True)
+    reset_exit_stats(pipe)
+    with pytest.raises(FullgraphExitError, match=r'^early exit cannot run under a torch.compile\(fullgraph') as e:
+        run(pipe, family)
+    msg = one_line(e)
+    assert 'compile it without fullgraph=True' in msg and 'early_exit_model(pipe).compile_exits()' in msg
+    assert isinstance(e.value, RuntimeError) and graphs == [] and exit_stats(pipe)['steps'] == 0
+    torch._dynamo.reset()
+    if how == 'wrapper': pipe.transformer = torch.compile(tr, backend=counting_backend(graphs))
+    else: tr.compile(backend=counting_backend(graphs))
+    assert torch.equal(run(pipe, family), ref) and graphs and (exit_stats(pipe)['exit_layers'] == 1).all()
+
+
+# --- compile_exits: the blocks compiled in place ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('family', ['dit', 'pixart'])
+def test_compile_exits_on_dit_and_pixart(family):
+    """early_exit_model(pipe).compile_exits() (the adapters' `block_modules`): threshold 0 = plain, a threshold where
+    some rows exit = eager, bit for bit (an eager backend); uncompiling restores the blocks."""
+    pipe = BUILDERS[family]()
+    plain = run(pipe, family)
+    torch.manual_seed(0)
     enable_early_exit(pipe, threshold=0.)
-    pipe.transformer = torch.compile(pipe.transformer, backend='eager', fullgraph=True)
-    with pytest.raises(torch._dynamo.exc.Unsupported):
-        run(pipe, 'dit')
+    ee, graphs = early_exit_model(pipe), []
+    blocks = block_modules(ee.backbone)
+    assert blocks == list(model_of(pipe).transformer_blocks)
+    ee.compile_exits(backend=counting_backend(graphs))
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert torch.equal(run(pipe, family), plain) and graphs
+    set_exit_threshold(pipe, 0.5)
+    def on(): ee.compile_exits(backend=counting_backend(graphs))
+    out, ex, ref, ex_ref = eager_and_compiled(pipe, family, on, ee.uncompile_exits)
+    L = ee.num_layers
+    assert (ex < L).any() and (ex == L).any() and torch.equal(ex, ex_ref) and torch.equal(out, ref)
+    assert all(b._compiled_call_impl is None for b in blocks)
+
+
+@pytest.mark.skipif(shutil.which('g++') is None and shutil.which('c++') is None,
+                    reason="inductor on the CPU needs a C++ compiler (apt-get install g++); .ci/run installs it")
+def test_compile_exits_inductor_dit():
+    "One real inductor compile of a DiT pipeline's blocks: the same exits as eager, outputs to float rounding."
+    pipe = tiny_dit_pipeline(num_layers=2)
+    torch.manual_seed(0)
+    enable_early_exit(pipe, threshold=0.5)
+    ref = run(pipe, 'dit')
+    ex_ref = exit_stats(pipe)['exit_layers']
+    assert len(ex_ref.unique()) > 1                                # rows exit at different layers
+    early_exit_model(pipe).compile_exits(buckets=(1, 2, 4))
+    out = run(pipe, 'dit')
+    assert torch.equal(exit_stats(pipe)['exit_layers'], ex_ref) and (out - ref).abs().max() < 1e-4
+    early_exit_model(pipe).uncompile_exits()
 
 
 # --- classifier-free guidance ---------------------------------------------------------------------------------------
@@ -190,7 +251,9 @@ def test_guidance_threshold_0_and_pairing(family):
     tau = torch.tensor([1., 0., 0., 1.] if one_forward else [1., 0.])
     for policy in ('joint', 'independent'):
         enable_early_exit(pipe, threshold=tau, policy=policy)
-        run(pipe, family, true_cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')                       # Wan / Flux under 'joint': the test below
+            run(pipe, family, true_cfg)
         st = exit_stats(pipe)
         e = st['exit_layers']
         assert st['guidance'] == (one_forward and policy == 'joint')
@@ -199,6 +262,41 @@ def test_guidance_threshold_0_and_pairing(family):
         else: assert torch.equal(e[:, 2:], e[:, [1, 0]]) and (e[:, 0] == 0).all() and (e[:, 1] > 0).all()
     disable_early_exit(pipe)
     assert torch.equal(run(pipe, family, true_cfg), plain)
+
+
+def joint_warnings(pipe, family, **enable) -> list:
+    "The split-guidance warnings of one call after enable_early_exit(pipe, **enable) (and of a second call)."
+    enable_early_exit(pipe, **enable)
+    out = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            run(pipe, family, true_cfg=family == 'flux')
+        out.append([str(x.message) for x in w if "policy='joint' cannot pair" in str(x.message)])
+    return out
+
+
+@pytest.mark.parametrize('family', ['wan', 'flux'])
+def test_explicit_joint_on_two_forward_guidance_warns_once(family):
+    """Wan and Flux's true CFG run the halves as two forwards, so 'joint' cannot act: asking for it explicitly warns,
+    once per enable_early_exit (the fix in the message); the default policy and 'independent' say nothing."""
+    pipe = BUILDERS[family]()
+    first, second = joint_warnings(pipe, family, threshold=0.5, policy='joint')
+    assert len(first) == 1 and second == [] and "pass policy='independent'" in first[0]
+    assert exit_stats(pipe)['policy'] == 'joint' and not exit_stats(pipe)['guidance']
+    assert joint_warnings(pipe, family, threshold=0.5) == [[], []]
+    assert joint_warnings(pipe, family, threshold=0.5, policy='independent') == [[], []]
+
+
+def test_explicit_joint_where_it_acts_does_not_warn():
+    "DiT batches both halves in one forward ('joint' pairs them); Flux without true CFG has no second forward."
+    assert joint_warnings(BUILDERS['dit'](), 'dit', threshold=0.5, policy='joint') == [[], []]
+    flux = BUILDERS['flux']()
+    enable_early_exit(flux, threshold=0.5, policy='joint')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        run(flux, 'flux')
+    assert not [x for x in w if 'cannot pair' in str(x.message)] and exit_stats(flux)['steps'] == 2
 
 
 # --- model CPU offload ----------------------------------------------------------------------------------------------

@@ -60,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config field')
     p.add_argument('--diffusers-model', default=None, metavar='PATH',
                    help='train exit heads + UEMs on the frozen transformer or UNet of this diffusers pipeline (or '
-                        'model) directory (DiT, PixArt, DDPM, SD 1.x/2.x); --data is then an image folder or a latent '
-                        'cache (adadiff-latents), for DDPM a data set name or image folder at the UNet size; PixArt '
-                        'and SD also need --text-features CAPTIONS (.json / .txt, or a precompute_prompt_embeddings '
-                        'cache); SD needs --schedule sd')
+                        'model) directory (DiT, PixArt, DDPM, SD 1.x/2.x, SDXL, SD3, Flux, Sana, Wan 2.1); --data is '
+                        'then an image folder or a latent cache (adadiff-latents), for DDPM a data set name or image '
+                        'folder at the UNet size; the text-to-image models also need --text-features CAPTIONS (.json '
+                        '/ .txt, or a precompute_prompt_embeddings cache); SD needs --schedule sd; SD3, Flux, Sana '
+                        'and Wan train on their scheduler\'s flow-matching objective (FLUX.1-dev at guidance 3.5, Wan '
+                        'on single-frame latents)')
     for sec, cls in SECTIONS.items():
         g = p.add_argument_group(f'{sec}: {cls.__doc__} (dicts and tuples as JSON, None as "none")')
         for f in fields(cls):

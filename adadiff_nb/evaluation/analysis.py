@@ -448,7 +448,7 @@ def uem_reliability(model, data=None, schedule=None, timesteps=10, n: int = 64, 
     if not _has_uems(model): raise ValueError(f"{type(model).__name__} has no UEMs (not an early-exit model)")
     sch, ts, x0, y = _setup(model, data, schedule, timesteps, n, seed)
     L, K, n = _num_layers(model), len(ts), len(x0)
-    per_pixel = getattr(model, 'uem_kind', 'linear') == 'linear'
+    per_pixel = getattr(model, 'uem_kind', 'linear') in ('linear', 'delta')
     use_max = per_pixel and getattr(model, 'uem_reduce', 'mean') == 'max'
     U, T, pix = _uem_samples(model, sch, ts, x0, y, batch, seed, use_max, per_pixel)
     uf, tf = U.transpose(1, 0, 2).reshape(L, -1), T.transpose(1, 0, 2).reshape(L, -1)   # (L, K*n)

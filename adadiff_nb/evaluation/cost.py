@@ -101,12 +101,14 @@ def _uem_dims(bb_config: dict) -> tuple:
 
 def _time_tabulated(ee_config: dict) -> bool:
     "A linear UEM with one weight group per exit (or one shared) tabulates its time part once per forward."
-    return ee_config.get('uem', 'linear') == 'linear' and ee_config.get('uem_params', 'per_layer') in (
+    return ee_config.get('uem', 'linear') in ('linear', 'delta') and ee_config.get('uem_params', 'per_layer') in (
         'per_layer', 'shared')
 
 def uem_flops(ee_config: dict, bb_config: dict) -> tuple[int, int]:
     """(per-sample, per-call) FLOPs of one UEM evaluation of an `EarlyExitUViT` config (U-ViT or DiT backbone). A
-    linear UEM runs on `uem_tokens` tokens; its time part is here unless tabulated (`uem_forward_flops`)."""
+    linear UEM runs on `uem_tokens` tokens; its time part is here unless tabulated (`uem_forward_flops`). A delta UEM
+    adds its change part on all tokens; at exit 0 it skips it, which this per-evaluation count does not see (an
+    overcount of that part, on the criterion's side)."""
     P, D, pd, T = _uem_dims(bb_config)
     Dt = ee_config.get('uem_time_dim') or D
     if ee_config.get('uem', 'linear') == 'attention':
@@ -114,7 +116,9 @@ def uem_flops(ee_config: dict, bb_config: dict) -> tuple[int, int]:
         # scores tokens @ (W_k^T q): P x D x H; pooling: P x H x D; value: H x hd x D = D x D; readout: D + Dt
         return 2 * P * D * H + 2 * P * H * D + 2 * D * D + 2 * (D + Dt), 2 * D * D
     time_part = 0 if _time_tabulated(ee_config) else 2 * Dt * pd
-    return 2 * uem_tokens(P, T) * D * pd + time_part, 0                         # per-token linear (+ time part)
+    tok = 2 * uem_tokens(P, T) * D * pd
+    if ee_config.get('uem') == 'delta': tok += 2 * T * D * pd     # + the change's direction (all tokens)
+    return tok + time_part, 0                                                  # per-token linear (+ time part)
 
 def uem_forward_flops(ee_config: dict, bb_config: dict, num_layers: int) -> int:
     """Per-sample FLOPs a criterion forward spends once, before its exits: a linear UEM's time part of every weight

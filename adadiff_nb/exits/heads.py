@@ -18,8 +18,8 @@ from ..models.dit import DiT, FinalLayer
 
 # %% auto #0
 __all__ = ['EXIT_HEADS', 'UEM_KINDS', 'UEM_PARAMS', 'UEM_REDUCE', 'UEM_COND', 'check_threshold', 'ExitHead', 'AdaLNExitHead',
-           'ExitCriterion', 'uem_tokens', 'on_patch_tokens', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'build_uem',
-           'EarlyExitOutput', 'layer_ratio']
+           'ExitCriterion', 'uem_tokens', 'on_patch_tokens', 'TimeAwareUEM', 'LinearUEM', 'AttentionUEM', 'DeltaUEM',
+           'build_uem', 'EarlyExitOutput', 'layer_ratio']
 
 # %% ../../nbs/exits/020_exit_heads.ipynb #a74c6434
 _TAU_HELP = "valid thresholds are in [0, 1] (0 = never exit early, 1 = always exit at exit 0)"
@@ -234,7 +234,10 @@ class LinearUEM(TimeAwareUEM):
         on the patch tokens without copying them (`on_patch_tokens`), the time part comes from `prepare`."""
         g = self.group(i, ctx.get('bucket'))
         tp = self.time_logits(ctx, g)
-        z = torch.sigmoid(on_patch_tokens(bb, h, lambda t: self.logits(t, g, tp)))   # (b, N, patch_dim)
+        return self.reduce_tokens(torch.sigmoid(on_patch_tokens(bb, h, lambda t: self.logits(t, g, tp))), bb, want_map)
+
+    def reduce_tokens(self, z, bb, want_map: bool):
+        "(u (b,), map or None) from the per-token uncertainties z (b, N, patch_dim): their mean or max, their image."
         u = z.mean(dim=(1, 2)) if self.reduce == 'mean' else z.amax(dim=(1, 2))
         return u, (unpatchify(z, bb.in_chans) if want_map else None)
 
@@ -281,20 +284,56 @@ class AttentionUEM(TimeAwareUEM):
         g_attn = i if self.attn_groups > 1 else 0
         return self(bb.patch_tokens(h), ctx['temb'], self.group(i, ctx.get('bucket')), g_attn), None
 
+# %% ../../nbs/exits/020_exit_heads.ipynb #960a3081
+class DeltaUEM(LinearUEM):
+    """A linear UEM that also reads what the last block changed (a per-sample signal the token state alone may
+    hide): per patch token, sigmoid(W LN(h_i) + W_d LN(h_i - h_{i-1}) + w_m log(rms(h_i - h_{i-1}) / rms(h_i)) + W_t
+    temb + b). The change's direction (LN) and its relative size (the log ratio) both enter; at exit 0, before any
+    block, the change part is zero. CALM's state-propagation measure is the training-free cousin of this input."""
+    needs_prev = True
+
+    def __init__(self, embed_dim: int, patch_dim: int, time_dim: int, groups: int, norm: bool = True):
+        super().__init__(embed_dim, patch_dim, time_dim, groups, norm)
+        self.delta_weight = nn.Parameter(torch.empty(groups, patch_dim, embed_dim))   # change-direction part of W
+        self.size_weight = nn.Parameter(torch.empty(groups, patch_dim))               # change-size part
+
+    def init_weights(self, bias: float = 0.):
+        super().init_weights(bias)
+        nn.init.trunc_normal_(self.delta_weight, std=0.02)
+        nn.init.zeros_(self.size_weight)
+
+    def delta_logits(self, h, prev, g):
+        "The change part (b, T, patch_dim) on all tokens of h, prev (b, T, D)."
+        dh = h - prev
+        size = (dh.pow(2).mean(-1, keepdim=True) + 1e-12).log() - (h.pow(2).mean(-1, keepdim=True) + 1e-12).log()
+        dirn = F.layer_norm(dh, (self.embed_dim,))
+        sw = self.size_weight[g]
+        size_part = .5 * size * (sw if isinstance(g, int) else sw[:, None])
+        return _gather_linear(dirn, self.delta_weight, None, g) + size_part
+
+    def uncertainty(self, i, bb, h, ctx, prev=None, want_map=False):
+        "As `LinearUEM.uncertainty`, plus the change part where a block ran before this exit (`prev` given)."
+        g = self.group(i, ctx.get('bucket'))
+        tp = self.time_logits(ctx, g)
+        z = on_patch_tokens(bb, h, lambda t: self.logits(t, g, tp))
+        if prev is not None: z = z + bb.patch_tokens(self.delta_logits(h, prev, g))
+        return self.reduce_tokens(torch.sigmoid(z), bb, want_map)
+
 # %% ../../nbs/exits/020_exit_heads.ipynb #615f5ef0
 EXIT_HEADS = ('per_layer', 'shared', 'skip_fusion')
-UEM_KINDS = ('linear', 'attention')
+UEM_KINDS = ('linear', 'attention', 'delta')
 UEM_PARAMS = ('per_layer', 'shared', 'per_timestep', 'per_layer_timestep')
 UEM_REDUCE = ('mean', 'max')
 UEM_COND = ('time', 'backbone')
 
 # %% ../../nbs/exits/020_exit_heads.ipynb #e9402f19
 def build_uem(bb: UViT, c: dict) -> ExitCriterion:
-    "The paper's UEM of early-exit config `c` (linear or attention, with its weight grouping) for backbone `bb`."
+    "The paper's UEM of early-exit config `c` (linear, attention or delta, with its weight grouping) for backbone `bb`."
     L, K = bb.num_layers, c['uem_time_buckets']
     groups = dict(per_layer=L, shared=1, per_timestep=K, per_layer_timestep=L * K)[c['uem_params']]
-    if c['uem'] == 'linear':
-        uem = LinearUEM(bb.embed_dim, bb.patch_size ** 2 * bb.in_chans, c['uem_time_dim'], groups, norm=c['uem_norm'])
+    if c['uem'] in ('linear', 'delta'):
+        cls = LinearUEM if c['uem'] == 'linear' else DeltaUEM
+        uem = cls(bb.embed_dim, bb.patch_size ** 2 * bb.in_chans, c['uem_time_dim'], groups, norm=c['uem_norm'])
     else:
         uem = AttentionUEM(bb.embed_dim, c['uem_time_dim'], groups, L if 'layer' in c['uem_params'] else 1,
                            num_heads=c['uem_heads'], norm=c['uem_norm'])

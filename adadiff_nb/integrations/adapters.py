@@ -157,6 +157,10 @@ class DiffusersBackbone(nn.Module):
         "The transformer's parameters (not registered here: the early-exit model's state holds the heads only)."
         return self.model.parameters(recurse)
 
+    def block_modules(self) -> list:
+        "The transformer blocks in run order (one per exit): what `EarlyExitModel.compile_exits` compiles."
+        return list(self.model.transformer_blocks)
+
     def patch_tokens(self, h):
         "The image tokens of `h`: all of them."
         return h

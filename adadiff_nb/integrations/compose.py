@@ -1,6 +1,7 @@
 """Which `torch.compile` of a diffusers transformer or UNet early exit runs under: `uncompiled` (the module inside a
 `torch.compile` wrapper, where early exit hooks), `compile_contexts` / `compiled_fullgraph` (the compiles on a
-module, wrapper or in place) and `check_compiled`, which refuses `fullgraph=True` in one line.
+module, wrapper or in place) and `check_compiled`, which refuses `fullgraph=True` in one line; `trace_check`, which
+refuses in one line, at trace time, a `fullgraph=True` compile made after enabling early exit.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/compose.html.md"""
 
@@ -8,11 +9,14 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/compose.html.md"""
 
 # %% ../../nbs/integrations/02h3_compose.ipynb #c3a00003
 from __future__ import annotations
+import functools
 
+import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['uncompiled', 'compile_contexts', 'compiled_fullgraph', 'check_compiled']
+__all__ = ['FULLGRAPH_FIX', 'uncompiled', 'compile_contexts', 'compiled_fullgraph', 'check_compiled', 'FullgraphExitError',
+           'one_graph_trace', 'refuse_one_graph', 'trace_check']
 
 # %% ../../nbs/integrations/02h3_compose.ipynb #c3a00006
 def uncompiled(m):
@@ -47,6 +51,9 @@ def compiled_fullgraph(m) -> bool:
     return any(getattr(c, 'fullgraph', False) is True for c in compile_contexts(m))
 
 # %% ../../nbs/integrations/02h3_compose.ipynb #c3a00010
+FULLGRAPH_FIX = ("compile it without fullgraph=True (dynamo then breaks the graph at the exits), compile the blocks "
+                 "with early_exit_model(pipe).compile_exits(), or call disable_early_exit(pipe) to keep the full graph")
+
 def _models(obj) -> list:
     "(name, module) of what early exit may hook in `obj`: a module itself, a pipeline's `transformer` and `unet`."
     out = [(type(uncompiled(obj)).__name__, obj)] if isinstance(obj, nn.Module) else []
@@ -62,6 +69,47 @@ def check_compiled(obj):
     for name, m in _models(obj):
         if compiled_fullgraph(m):
             raise RuntimeError(f"early exit cannot run under torch.compile(fullgraph=True) of {name}: its exits drop "
-                               "rows from the batch (data-dependent shapes), which one graph cannot hold; compile it "
-                               "without fullgraph=True (dynamo then breaks the graph at the exits), or call "
-                               "disable_early_exit(pipe) to keep the full graph")
+                               "rows from the batch (data-dependent shapes), which one graph cannot hold; "
+                               + FULLGRAPH_FIX)
+
+# %% ../../nbs/integrations/02h3_compose.ipynb #fdbd516f
+class FullgraphExitError(RuntimeError):
+    """Early exit traced into one graph (`torch.compile(fullgraph=True)` made after enabling it): raised at trace
+    time, before any compute. Its message is one line, whatever dynamo appends to its args on the way out."""
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.msg = msg
+
+    def __str__(self) -> str: return self.msg
+
+@functools.cache
+def _dynamo_error_class():
+    "FullgraphExitError as a dynamo `TorchRuntimeError`, which dynamo re-raises as it is (other errors get wrapped)."
+    try: from torch._dynamo.exc import TorchRuntimeError
+    except ImportError: return FullgraphExitError
+    return type('FullgraphExitError', (FullgraphExitError, TorchRuntimeError),
+                dict(__module__=__name__, __doc__=FullgraphExitError.__doc__))
+
+def one_graph_trace() -> bool:
+    "Whether dynamo is tracing, right now, a frame that allows no graph break (`fullgraph=True`); else False."
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except Exception: return False                                   # not tracing, or another torch
+    return bool(getattr(tx, 'one_graph', False) or getattr(tx, 'error_on_graph_break', False))
+
+# %% ../../nbs/integrations/02h3_compose.ipynb #13b9040d
+def refuse_one_graph() -> bool:
+    "Raise `FullgraphExitError` while dynamo traces early exit into one graph (`one_graph_trace`); else False."
+    if one_graph_trace():
+        raise _dynamo_error_class()("early exit cannot run under a torch.compile(fullgraph=True) made after "
+                                    "enable_early_exit: its exits drop rows from the batch (data-dependent shapes), "
+                                    f"which one graph cannot hold; {FULLGRAPH_FIX}")
+    return False
+
+@functools.cache
+def trace_check():
+    """`refuse_one_graph` marked with `torch.compiler.assume_constant_result`: dynamo runs it for real while it traces
+    a call to it. Call `trace_check()` once outside a trace (it may import dynamo; early exit's hook does when it is
+    made), and the function it returns where `torch.compiler.is_compiling()`."""
+    return torch.compiler.assume_constant_result(refuse_one_graph)

@@ -8,7 +8,7 @@ Docs: https://adadiff-nb.github.io/adadiff_nb/integrations/pipelines.html.md"""
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #197b64ce
 from __future__ import annotations
-import functools, hashlib, inspect, json, numbers, time, warnings
+import functools, inspect, numbers, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,34 +16,39 @@ import torch
 import torch.nn as nn
 
 from ..exits.early_exit import EE_OPTIONS, EarlyExitUViT, check_threshold
-from .compose import check_compiled, uncompiled
+from .compose import check_compiled, trace_check, uncompiled
 from ..evaluation.cost import eval_flops, full_eval_flops, sync
-from ..models.checkpoint import (CheckpointError, atomic_write, atomic_write_json, load_weights,
-                                   read_safetensors_metadata, record_differences, save_safetensors)
 # moved to integrations.adapters; still importable from here
 from .adapters import (TESTED_DIFFUSERS, check_diffusers_version, tiny_dit_pipeline,
                                               tiny_tokenizer, tiny_pixart_pipeline, DiffusersState, config_hash,
                                               DiffusersBackbone, dit_output, DiTOutputHead, DiTAdapter,
                                               adapter_forward, TextCond, pixart_output, PixArtOutputHead,
                                               PixArtAdapter, make_adapter, diffusers_layer_costs)
+# moved to integrations.adapter_files; still importable from here
+from .adapter_files import (ADAPTER_FORMAT, WEIGHTS_NAME, CONFIG_NAME, CARD_NAME,
+                                                   ExitHeadsMismatchError, FINGERPRINT_METHOD, weights_fingerprint,
+                                                   same_weights, check_base_weights, model_card, write_exit_heads,
+                                                   read_exit_heads, check_base_model, check_heads_fit)
 
 # %% auto #0
-__all__ = ['POLICIES', 'HOOK_NAME', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'FINGERPRINT_METHOD',
-           'guidance_groups', 'ExitControl', 'forward_arguments', 'EarlyExitHook', 'make_hook', 'cache_hooks',
-           'foreign_forward', 'check_composable', 'enable_early_exit', 'set_exit_threshold', 'disable_early_exit',
-           'early_exit_model', 'exit_stats', 'reset_exit_stats', 'ExitHeadsMismatchError', 'weights_fingerprint',
-           'same_weights', 'check_base_weights', 'model_card', 'write_exit_heads', 'save_exit_heads', 'read_exit_heads',
+__all__ = ['POLICIES', 'HOOK_NAME', 'guidance_groups', 'ExitControl', 'forward_arguments', 'split_guidance', 'EarlyExitHook',
+           'make_hook', 'cache_hooks', 'foreign_forward', 'check_composable', 'enable_early_exit', 'set_exit_threshold',
+           'disable_early_exit', 'early_exit_model', 'exit_stats', 'reset_exit_stats', 'save_exit_heads',
            'load_exit_heads', 'TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
            'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
            'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
-           'make_adapter', 'diffusers_layer_costs']
+           'make_adapter', 'diffusers_layer_costs', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
+           'ExitHeadsMismatchError', 'FINGERPRINT_METHOD', 'weights_fingerprint', 'same_weights', 'check_base_weights',
+           'model_card', 'write_exit_heads', 'read_exit_heads']
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #d2315d65
 # the moved names stay in this module's __all__
 _all_ = ['TESTED_DIFFUSERS', 'check_diffusers_version', 'tiny_dit_pipeline', 'tiny_tokenizer',
          'tiny_pixart_pipeline', 'DiffusersState', 'config_hash', 'DiffusersBackbone', 'dit_output', 'DiTOutputHead',
          'DiTAdapter', 'adapter_forward', 'TextCond', 'pixart_output', 'PixArtOutputHead', 'PixArtAdapter',
-         'make_adapter', 'diffusers_layer_costs']
+         'make_adapter', 'diffusers_layer_costs', 'ADAPTER_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME',
+         'ExitHeadsMismatchError', 'FINGERPRINT_METHOD', 'weights_fingerprint', 'same_weights', 'check_base_weights',
+         'model_card', 'write_exit_heads', 'read_exit_heads']
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #b5bf98cf
 POLICIES = ('joint', 'independent')
@@ -84,6 +89,8 @@ class ExitControl:
     seconds: float | None = None                  # wall clock of the last pipeline call
     original: dict = field(default_factory=dict)  # the forward (and registry) `disable_early_exit` restores
     card: dict = field(default_factory=dict)      # training facts for the adapter's model card
+    policy_asked: bool = False                    # `policy` passed explicitly (warned when 'joint' cannot act)
+    last_input: tuple | None = None               # (latents, timesteps) of the last forward: two-forward guidance
 
     @property
     def adapter(self) -> DiffusersBackbone: return self.model.backbone
@@ -120,6 +127,20 @@ def _output(bb, sample):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     return Transformer2DModelOutput(sample=sample)
 
+def split_guidance(ctl: ExitControl, x, t) -> bool:
+    """Whether this forward repeats the last one's latents `x` and timesteps `t` (two-forward guidance: Wan, Flux's
+    true CFG); checked only while an explicit policy='joint' has not been warned about (warns once)."""
+    if not (ctl.policy_asked and ctl.policy == 'joint'): return False
+    last, ctl.last_input = ctl.last_input, (x, t)
+    if last is None or last[0].shape != x.shape or not torch.equal(last[1], t): return False
+    if last[0] is not x and not torch.equal(last[0], x): return False
+    ctl.policy_asked, ctl.last_input = False, None                  # warned: stop looking
+    warnings.warn("policy='joint' cannot pair the guidance rows of this pipeline: it runs the conditional and "
+                  "unconditional halves as two transformer forwards (Wan, Flux's true CFG), and the first cannot "
+                  "wait for the second's uncertainties, so each row exits on its own, as under 'independent'; pass "
+                  "policy='independent' (or leave policy unset) to say so", stacklevel=2)
+    return True
+
 def _ee_forward(ctl: ExitControl, *args, **kwargs):
     """The hooked model forward (`transformer` or `unet`, arguments as its own `forward` takes them): the compaction
     forward, with what diffusers expects back."""
@@ -134,6 +155,7 @@ def _ee_forward(ctl: ExitControl, *args, **kwargs):
     p = next(ee.exit_heads.parameters(), None)
     if p is not None and (p.device != x.device or p.dtype != x.dtype): ee.to(device=x.device, dtype=x.dtype)
     groups = guidance_groups(x, ctl.policy)
+    if groups is None: split_guidance(ctl, x, t)
     with torch.no_grad():
         out = ee(x, t, y, exit_groups=groups if ctl.exit_layer is None else None, **ctl.rule(x.shape[0], x.device))
     ctl.records.append(dict(timestep=float(t[0]), exit_layer=out.exit_layer.cpu(), layers_run=out.layers_run,
@@ -148,12 +170,14 @@ HOOK_NAME = 'adadiff_early_exit'              # early exit's hook in the transfo
 class EarlyExitHook:
     """The hook `enable_early_exit` registers on the transformer (a diffusers `ModelHook`, see `make_hook`): its
     `new_forward` runs the compaction forward instead of the transformer's own. On a pipeline, the first forward after
-    the scheduler got new timesteps starts a call: the record is reset and `seconds` runs from there."""
+    the scheduler got new timesteps starts a call: the record is reset and `seconds` runs from there. Traced by dynamo
+    into one graph (a `fullgraph=True` compile made after enabling), it raises `FullgraphExitError` at trace time."""
     _is_stateful = False                      # not a cache: diffusers' `reset_stateful_hooks` leaves it alone
 
     def __init__(self, ctl: ExitControl, pipe=None):
         super().__init__()
         self.ctl, self.pipe, self.timesteps, self.t0 = ctl, pipe, None, None
+        self.check_trace = trace_check()          # refuses a fullgraph trace, at trace time (integrations.compose)
 
     def new_call(self) -> bool:
         "Whether the pipeline's scheduler holds timesteps this hook has not seen (`set_timesteps` ran: a new call)."
@@ -163,6 +187,7 @@ class EarlyExitHook:
         return True
 
     def new_forward(self, module, *args, **kwargs):
+        if torch.compiler.is_compiling(): self.check_trace()   # torch.compile(fullgraph=True) made after enabling
         starts = self.pipe is None or self.new_call()     # composability: once per pipeline call, not per step
         if starts:
             try: check_composable(module)
@@ -271,10 +296,10 @@ def _build_model(bb: DiffusersBackbone, heads, ee_cfg: dict,
     if isinstance(heads, EarlyExitUViT) and getattr(heads.backbone, 'model', None) is bb.model:
         return heads, {}                                                    # built around this very transformer
     sd, conf, card = _heads_record(heads)
-    _check_base(conf['base'], bb, src)
+    check_base_model(conf['base'], bb, src)
     check_base_weights(conf['base'], bb.model, src, allow_other_weights)
     m = _wrap(bb, False, {k: conf[k] for k in EE_OPTIONS if k in conf and k != 'backbone_arch'})
-    _check_heads_fit(m, sd, src)
+    check_heads_fit(m, sd, src)
     p = next(bb.parameters())
     m.load_state_dict({k: v.to(device=p.device, dtype=p.dtype) for k, v in sd.items()})
     return m, card
@@ -346,7 +371,7 @@ def _transaction(tr, change):
         raise
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #e5a1b001
-def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=None, policy: str = 'joint',
+def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=None, policy: str | None = None,
                       exit_layer: int | None = None, allow_other_weights: bool = False, **ee_cfg):
     """Attach exit heads and UEMs to a diffusers pipeline's transformer (its `unet` when it has none), or to a bare
     transformer / UNet: `pipe(...)` then runs per-sample early exits. `threshold` in [0, 1] (0: output unchanged, 1:
@@ -354,7 +379,8 @@ def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=N
     leave `threshold` at 0 or None); `heads`: None (copies of the model's output layer), an adapter directory
     (`save_exit_heads`) or an `EarlyExitUViT` trained on this model (used as it is when built around this
     transformer); heads trained on other weights of the same config are refused unless `allow_other_weights`
-    (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent'. `ee_cfg`: options of new heads
+    (`check_base_weights`). `policy` for guidance batches: 'joint' or 'independent' (None: 'joint', without
+    the warning `split_guidance` gives where the halves are two forwards). `ee_cfg`: options of new heads
     (uem, uem_params, ...). Runs as a diffusers hook (`HOOK_NAME`) and leaves the pipeline's class alone; composes
     with `pipe.enable_model_cpu_offload()` and `torch.compile` without fullgraph (`check_compiled`), before or after;
     diffusers' caches and sequential offload are refused (`check_composable`). Everything is checked before anything
@@ -363,13 +389,13 @@ def enable_early_exit(pipe_or_transformer, threshold: float | None = 0., heads=N
     pipe, tr = _split(pipe_or_transformer)
     check_diffusers_version()
     check_compiled(pipe_or_transformer)
-    guidance_groups(torch.zeros(1), policy)                                  # checks the policy name
+    guidance_groups(torch.zeros(1), policy or 'joint')                       # checks the policy name
     bb = make_adapter(tr)
     check_composable(tr)
     _check_no_inner_hooks(tr)
     rule = _exit_rule(bb.num_layers, threshold, exit_layer)
     ee, card = _build_model(bb, heads, ee_cfg, allow_other_weights)
-    ctl = ExitControl(ee, *rule, policy=policy, card=card)
+    ctl = ExitControl(ee, *rule, policy=policy or 'joint', card=card, policy_asked=policy is not None)
     def change():
         reg = _registry(tr)
         if reg is not None and reg.get_hook(HOOK_NAME) is not None: _detach(tr)
@@ -460,158 +486,17 @@ def reset_exit_stats(pipe):
     ctl = _control(pipe)
     ctl.records, ctl.seconds = [], None
 
-# %% ../../nbs/integrations/02h_pipelines.ipynb #a243f824
-ADAPTER_FORMAT = 'adadiff_nb.exit_heads/1'
-WEIGHTS_NAME, CONFIG_NAME, CARD_NAME = 'exit_heads.safetensors', 'config.json', 'README.md'
-
-class ExitHeadsMismatchError(CheckpointError):
-    "Exit heads trained for a different base model."
-
-def _base_text(base: dict) -> str:
-    w = base.get('weights') or {}
-    return (f"{base.get('model_class')} (config hash {base.get('config_hash')}, {base.get('num_layers')} blocks"
-            + (f", weights {w.get('sha256')}" if w else '') + ')')
-
-def _check_base(base: dict, bb: DiffusersBackbone, source):
-    "Refuse heads whose base model (class, config hash, layer count) is not `bb`'s."
-    mine = {k: bb.config[k] for k in ('model_class', 'config_hash', 'num_layers')}
-    theirs = {k: base.get(k) for k in mine}
-    if theirs != mine:
-        raise ExitHeadsMismatchError(f"the exit heads of {source} were made for {theirs}, but this pipeline's "
-                                     f"transformer is {mine}; load heads trained for this model (or train new ones "
-                                     "with adadiff-train --diffusers-model)")
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #e5a1b003
-FINGERPRINT_METHOD = 'adadiff_nb.weights_sample/1'
-
-def _least_precise(dtypes) -> str:
-    return max(dtypes, key=lambda d: torch.finfo(getattr(torch, d)).eps, default='float32')
-
-def weights_fingerprint(model: nn.Module, values: int = 256) -> dict:
-    """A cheap fingerprint of `model`'s weights: a hash of every floating tensor's name and shape (`structure`), a
-    deterministic sample of at least `values` entries spread over all of them (`sample`, float32), its `sha256`, and
-    the least precise `dtype` of those tensors."""
-    named = sorted((k, v) for k, v in model.state_dict().items() if v.is_floating_point() and v.numel())
-    per = max(1, -(-values // max(len(named), 1)))
-    struct, picks = hashlib.sha256(), []
-    for k, v in named:
-        struct.update(f'{k}:{tuple(v.shape)};'.encode())
-        flat = v.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(per, flat.numel())).round().long().to(flat.device)
-        picks.append(flat[idx].float().cpu())
-    sample = torch.cat(picks) if picks else torch.zeros(0)
-    return dict(method=FINGERPRINT_METHOD, structure=struct.hexdigest()[:16],
-                sha256=hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16],
-                dtype=_least_precise({str(v.dtype).removeprefix('torch.') for _, v in named}), sample=sample.tolist())
-
-def same_weights(a: dict, b: dict) -> bool:
-    """Whether fingerprints `a` and `b` are of the same weights: same structure and equal samples, or samples equal to
-    the precision of the less precise side when one was taken in fp16 / bf16."""
-    if a.get('structure') != b.get('structure') or len(a['sample']) != len(b['sample']): return False
-    if a['sha256'] == b['sha256']: return True
-    eps = torch.finfo(getattr(torch, _least_precise([a['dtype'], b['dtype']]))).eps
-    if eps <= torch.finfo(torch.float32).eps: return False
-    return bool(torch.allclose(torch.tensor(a['sample']), torch.tensor(b['sample']), rtol=eps, atol=1e-7))
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #e5a1b005
-def check_base_weights(base: dict, model: nn.Module, source, allow_other_weights: bool = False):
-    """Refuse heads (adapter config's `base`) trained on other weights than `model`'s (`weights_fingerprint`), unless
-    `allow_other_weights` (then warn); heads without a fingerprint (older adapters) pass with a warning."""
-    theirs = base.get('weights')
-    if not isinstance(theirs, dict) or theirs.get('method') != FINGERPRINT_METHOD:
-        warnings.warn(f"the exit heads of {source} record no fingerprint of the weights they were trained on (an "
-                      "older adapter), so only the config is checked: make sure they were trained on this checkpoint, "
-                      "and re-save them with save_exit_heads(pipe, path) to add one", stacklevel=4)
-        return
-    mine = weights_fingerprint(model)
-    if same_weights(theirs, mine): return
-    what = (f"the exit heads of {source} were trained on other weights of this {type(model).__name__} config "
-            f"(weights {theirs['sha256']}, this transformer's {mine['sha256']})")
-    if not allow_other_weights:
-        raise ExitHeadsMismatchError(f"{what}: load heads trained on this checkpoint, or pass "
-                                     "allow_other_weights=True to attach them anyway (e.g. on a fine-tune of theirs)")
-    warnings.warn(f"{what}; attached anyway (allow_other_weights=True): their exits may be miscalibrated",
-                  stacklevel=4)
-
-# %% ../../nbs/integrations/02h_pipelines.ipynb #482a203f
-def model_card(conf: dict, card: dict) -> str:
-    "The README.md of an adapter directory: base model, training command, data, steps and measured layer ratio."
-    base = conf['base']
-    w = base.get('weights') or {}
-    rows = [('base model', f"`{base['model_class']}` (config hash `{base['config_hash']}`, {base['num_layers']} "
-                           "blocks" + (f", weights `{w['sha256']}` ({w['dtype']})" if w else '') + ')'),
-            ('early exit', f"uem={conf.get('uem')}, uem_params={conf.get('uem_params')}")]
-    rows += [(k.replace('_', ' '), f'`{v}`' if k == 'command' else v) for k, v in card.items()]
-    lines = ['# Exit heads (adadiff_nb adapter)', '',
-             'Exit heads and uncertainty estimators for early exit on a frozen diffusers transformer. Attach with',
-             '`adadiff_nb.integrations.diffusers.load_exit_heads(pipe, path)` or '
-             '`enable_early_exit(pipe, heads=path)`.', '',
-             '| | |', '|---|---|', *[f'| {k} | {v} |' for k, v in rows]]
-    return '\n'.join(lines) + '\n'
-
 # %% ../../nbs/integrations/02h_pipelines.ipynb #f0e4f8c0
-def write_exit_heads(ee: EarlyExitUViT, path, card: dict | None = None) -> Path:
-    """Write the heads and UEMs of early-exit model `ee` (around an adapter) to directory `path`, with a model card and
-    the fingerprint of the transformer's weights."""
-    import adadiff_nb
-    path, card = Path(path), dict(card or {})
-    path.mkdir(parents=True, exist_ok=True)
-    base = dict(ee.backbone.config, weights=weights_fingerprint(ee.backbone.model))
-    conf = dict({k: v for k, v in ee.config.items() if k != 'backbone'}, format=ADAPTER_FORMAT, base=base,
-                library_version=adadiff_nb.__version__)
-    save_safetensors(ee.state_dict(), path / WEIGHTS_NAME, {'adadiff_nb': conf})
-    atomic_write_json(path / CONFIG_NAME, dict(conf, card=card))
-    atomic_write(path / CARD_NAME, lambda f: f.write(model_card(conf, card)), mode='w')
-    return path
-
 def save_exit_heads(pipe, path, **card) -> Path:
     """Write the exit heads and UEMs of an enabled pipeline to directory `path` (safetensors + config.json +
-    README.md). `card`: facts for the model card (command, data, steps, layer_ratio, ...), added to those recorded
-    at training."""
+    README.md, `write_exit_heads`). `card`: facts for the model card (command, data, steps, layer_ratio, ...), added
+    to those recorded at training."""
     ctl = _control(pipe)
     return write_exit_heads(ctl.model, path, {**ctl.card, **card})
 
 # %% ../../nbs/integrations/02h_pipelines.ipynb #e5a1b006
-def _embedded_config(p: Path, conf: dict) -> dict:
-    "The config embedded in the heads file (it wins), after refusing or warning where config.json differs."
-    meta = read_safetensors_metadata(p / WEIGHTS_NAME).get('adadiff_nb')
-    if not isinstance(meta, dict): return conf
-    diff = record_differences(meta, conf, ignore=('card',))
-    if any(k.split('.')[0] == 'base' for k in diff):
-        raise ExitHeadsMismatchError(f"{p}: {CONFIG_NAME} is for {_base_text(conf.get('base', {}))} but {WEIGHTS_NAME} "
-                                     f"was written for {_base_text(meta.get('base', {}))}: the two files come from "
-                                     "different adapters; copy both from one save_exit_heads directory")
-    if diff:
-        warnings.warn(f"{p / CONFIG_NAME} differs from the config embedded in {WEIGHTS_NAME} (at "
-                      f"{', '.join(diff[:6])}); using the embedded one, written with these heads: to make them agree, "
-                      "re-save them with save_exit_heads(pipe, path)", stacklevel=5)
-    return dict(meta, card=conf.get('card', {}))
-
-def _check_heads_fit(m: EarlyExitUViT, sd: dict, source):
-    "One clear error when the heads' state dict does not fit the early-exit model their config describes."
-    own = m.state_dict()
-    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise CheckpointError(f"the heads of {source} do not fit the early-exit model their config describes "
-                              f"({len(bad)} keys missing, unexpected or of another shape, e.g. {bad[:3]}): the "
-                              "weights and config come from different adapters; copy both from one save_exit_heads "
-                              "directory")
-
-def read_exit_heads(path) -> tuple[dict, dict, dict]:
-    """(state dict, config, model-card facts) of an adapter directory. The config embedded in the heads file wins
-    over a differing config.json (with a warning); the two describing different base models is refused."""
-    p = Path(path).expanduser()
-    try: conf = json.loads((p / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p} is not an exit-heads directory written by save_exit_heads ({e})") from None
-    if conf.get('format') != ADAPTER_FORMAT:
-        raise CheckpointError(f"{p / CONFIG_NAME} has format {conf.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    sd = load_weights(p / WEIGHTS_NAME)
-    conf = _embedded_config(p, conf)
-    return sd, conf, conf.get('card', {})
-
-def load_exit_heads(pipe, path, threshold: float | None = 0., policy: str = 'joint', exit_layer: int | None = None,
-                    allow_other_weights: bool = False):
+def load_exit_heads(pipe, path, threshold: float | None = 0., policy: str | None = None,
+                    exit_layer: int | None = None, allow_other_weights: bool = False):
     """Enable early exit on `pipe` with the heads of adapter directory `path` (refused for a different base model, or
     for other weights of the same config unless `allow_other_weights`)."""
     return enable_early_exit(pipe, threshold=threshold, heads=path, policy=policy, exit_layer=exit_layer,

@@ -74,10 +74,6 @@ class TokenTransformerAdapter(DiffusersBackbone):
                                  "(LoRA scales, IP-adapter inputs): fuse LoRA weights into the transformer "
                                  "(pipe.fuse_lora()) or call disable_early_exit(pipe) to run with them")
 
-    def block_modules(self) -> list:
-        "The transformer blocks in run order (one per exit)."
-        return list(self.model.transformer_blocks)
-
     def remember(self, x, timesteps, y):
         "Keep the inputs of this forward (references) for `layer_costs`."
         self._probe = (x, timesteps, y)

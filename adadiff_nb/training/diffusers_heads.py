@@ -22,12 +22,15 @@ from ..exits.early_exit import EarlyExitUViT
 from ..models.autoencoder import LatentAutoencoder, LatentCache, precompute_latents
 from ..integrations.diffusers import DiTAdapter, PixArtAdapter, make_adapter, write_exit_heads
 from ..integrations.unet_adapters import UNet2DAdapter, UNet2DConditionAdapter
-from ..integrations.transformer_adapters import SD3Adapter
+from ..integrations.transformer_adapters import FluxAdapter, SanaAdapter, SD3Adapter, WanAdapter
 from ..models.text_encoder import TextFeatureCache, flat_prompts, read_prompts
 from .prompt_cache import (PROMPT_KIND, PromptEncoder, PromptPixArtAdapter, PromptSDXLAdapter,
                                               PromptUNetAdapter, empty_prompt_path, precompute_prompt_embeddings)
 from .prompt_cache import pack_prompts, unpack_prompts, tiny_sd_text_pipeline   # their old home
-from .flow_families import PromptSD3Adapter, flow_schedule, flow_training_error, shift_latents
+from .flow_families import PromptSD3Adapter, flow_match_config, flow_schedule, flow_training_error
+from .flow_families import shift_latents                   # its old home
+from .flow_pipelines import (flow_autoencoder, flow_training_adapter, prompt_encoder,
+                                                transformer_latents)
 from .config import ConfigError, TrainConfig, load_train_config
 from .common import (DataStream, EMA, LatentData, WarmupLR, TrainState, StepConfig,
                                         load_empty_context, train_step, mix_seed)
@@ -36,14 +39,16 @@ from .loop import CSVLog, LoopLoss, TrainInputError, TrainForward, LossMeter, ma
 from ..models.registry import diffusers_adapters
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'TEXT_ADAPTERS', 'check_trainable', 'load_diffusers_model', 'scheduler_config', 'pipeline_schedule',
-           'unet_training_error', 'ImageBatches', 'pixel_data', 'context_width', 'check_prompt_cache', 'prompt_data',
-           'latent_data', 'wrap_heads', 'measured_layer_ratios', 'train_diffusers']
+__all__ = ['TRAINABLE', 'FLOW_ADAPTERS', 'TEXT_ADAPTERS', 'check_trainable', 'load_diffusers_model', 'scheduler_config',
+           'pipeline_schedule', 'unet_training_error', 'ImageBatches', 'pixel_data', 'context_width',
+           'check_prompt_cache', 'prompt_data', 'latent_data', 'wrap_heads', 'measured_layer_ratios',
+           'wan_training_error', 'flow_run_schedule', 'train_diffusers']
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #b1535352
 TRAINABLE = ('DiTTransformer2DModel', 'PixArtTransformer2DModel', 'UNet2DModel', 'UNet2DConditionModel',
-             'SD3Transformer2DModel')
-TEXT_ADAPTERS = (PixArtAdapter, UNet2DConditionAdapter, SD3Adapter)      # adapters whose y is a prompt embedding
+             'SD3Transformer2DModel', 'FluxTransformer2DModel', 'SanaTransformer2DModel', 'WanTransformer3DModel')
+FLOW_ADAPTERS = (SD3Adapter, FluxAdapter, SanaAdapter, WanAdapter)  # flow matching on their pipeline's latents
+TEXT_ADAPTERS = (PixArtAdapter, UNet2DConditionAdapter, *FLOW_ADAPTERS)  # adapters whose y is a prompt embedding
 
 def check_trainable(name: str):
     "A clear error, before any data is read, for a diffusers model early exit runs on but cannot train heads for yet."
@@ -79,8 +84,8 @@ def load_diffusers_model(src) -> tuple[nn.Module, nn.Module | None]:
         tr = _model_class(idx[key][1]).from_pretrained(p, subfolder=key)
         vae = None
         if (idx.get('vae') or [None])[0]:
-            from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(p, subfolder='vae')
+            import diffusers
+            vae = getattr(diffusers, idx['vae'][1]).from_pretrained(p, subfolder='vae')     # Sana's, Wan's own
         return tr, vae
     if (p / 'config.json').is_file():
         name = json.loads((p / 'config.json').read_text()).get('_class_name')
@@ -142,11 +147,17 @@ class _NullLabels:
         z, _ = self.cache.get_batch(idx)
         return z, torch.full((len(z),), self.fill, dtype=torch.long)
 
-def _encode_folder(p: Path, bb, vae, cache: Path, device) -> Path:
-    "Encode the image folder `p` with `vae` into the latent cache `cache` once (reused when it exists)."
+def _encode_folder(p: Path, bb, vae, cache: Path, device, img_size: int | None = None) -> Path:
+    """Encode the image folder `p` with `vae` (`flow_autoencoder`: Sana's DC-AE, Wan's video VAE on single frames, else
+    an AutoencoderKL) into the latent cache `cache` once (reused when it exists), at `img_size` pixels (default: the
+    adapter's img_size; any-resolution transformers need it)."""
     if not cache.is_file():
-        ae = LatentAutoencoder(vae).to(device)
-        precompute_latents(_data.get_dataset(p, img_size=bb.img_size * ae.downsample, flip=False), ae, cache)
+        ae = flow_autoencoder(vae).to(device)
+        size = img_size or bb.img_size * ae.downsample
+        if not size:
+            raise TrainInputError(f"a {bb.model_class} takes any resolution: pass img_size (--img-size, pixels) to "
+                                  f"encode the image folder {p}, or a latent cache")
+        precompute_latents(_data.get_dataset(p, img_size=size, flip=False), ae, cache)
     return cache
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #cc69e09f
@@ -174,9 +185,10 @@ def pixel_data(data, bb) -> ImageBatches:
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #3ad2481c
 def context_width(bb) -> int:
-    """The prompt-embedding width text adapter `bb` takes: PixArt's caption_channels, a UNet's cross_attention_dim,
-    SD3's joint_attention_dim."""
+    """The prompt-embedding width text adapter `bb` takes: its `context_dim` (the Flux, Sana and Wan training
+    adapters'), PixArt's caption_channels, a UNet's cross_attention_dim, SD3's joint_attention_dim."""
     c = bb.model.config
+    if getattr(bb, 'context_dim', None): return int(bb.context_dim)
     if isinstance(bb, SD3Adapter): return int(c.joint_attention_dim)
     return int(c.caption_channels if isinstance(bb, PixArtAdapter) else c.cross_attention_dim)
 
@@ -200,26 +212,29 @@ def check_prompt_cache(texts: TextFeatureCache, bb):
 def prompt_data(latents, prompts, bb, flip: bool = True) -> LatentData:
     """(latent, packed prompt context) batches for text adapter `bb` (PixArt, SD): latent cache `latents` paired with
     prompt cache `prompts` (`precompute_prompt_embeddings` of the same images in the same order), a caption drawn per
-    read."""
+    read. An adapter of any resolution (`img_size` 0: Flux, Sana, Wan) takes the cache's latent side."""
     try:
         ds = LatentData(Path(latents).expanduser(), Path(prompts).expanduser(), flip=flip)
+        if not bb.img_size: bb.img_size = int(ds.latents.latent_shape[1])     # any-resolution: the cache's
         ds.latents.check_model(bb)
         check_prompt_cache(ds.texts, bb)
     except (ValueError, FileNotFoundError) as e: raise TrainInputError(f"data {latents}: {e}") from None
     return ds
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #21c0ab22
-def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True, prompts=None, flip: bool = True):
+def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True, prompts=None, flip: bool = True,
+                img_size: int | None = None):
     """The training latents for adapter `bb`: a latent cache (.safetensors) or an image folder, encoded with `vae`
-    into `work/latents.safetensors` (default: beside the folder) the first time; for PixArt and SD paired with the
-    prompt cache `prompts` (`prompt_data`); for a pixel-space UNet2DModel the images themselves (`pixel_data`)."""
+    into `work/latents.safetensors` (default: beside the folder) the first time (at `img_size` pixels: default the
+    model's); for the text-conditioned models paired with the prompt cache `prompts` (`prompt_data`); for a
+    pixel-space UNet2DModel the images themselves (`pixel_data`)."""
     if isinstance(bb, UNet2DAdapter): return pixel_data(path, bb)
     p, fill = Path(path).expanduser(), bb.null_class if bb.null_class is not None else 0
     if p.suffix != '.safetensors':
         if vae is None:
             raise TrainInputError(f"data {p} is an image folder, but no autoencoder came with the model: pass a "
                                   "pipeline directory (with vae/) or a latent cache (adadiff-latents ... --out F)")
-        p = _encode_folder(p, bb, vae, Path(work or p.parent) / 'latents.safetensors', device)
+        p = _encode_folder(p, bb, vae, Path(work or p.parent) / 'latents.safetensors', device, img_size)
     if isinstance(bb, TEXT_ADAPTERS):
         if prompts is None:
             raise TrainInputError(f"a {bb.model_class} is text-conditioned: pass the prompt embeddings of the images "
@@ -232,10 +247,11 @@ def latent_data(path, bb, vae=None, work=None, device='cpu', labels: bool = True
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #738584b4
 def _frozen_adapter(tr) -> DiTAdapter | PromptPixArtAdapter | UNet2DAdapter | PromptUNetAdapter:
-    """The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's, SD's, SDXL's or SD3's taking packed
-    prompts."""
+    """The training adapter of `tr`, frozen: DiT's or a UNet2DModel's, PixArt's, SD's, SDXL's, SD3's, Flux's, Sana's or
+    Wan's taking packed prompts (`flow_pipelines.flow_training_adapter`: on latents (B, C, H, W))."""
     check_trainable(type(tr).__name__)
-    bb = make_adapter(tr)
+    try: bb = flow_training_adapter(tr) or make_adapter(tr)
+    except ValueError as e: raise TrainInputError(str(e)) from None
     if isinstance(bb, PixArtAdapter): bb = PromptPixArtAdapter(tr)
     elif isinstance(bb, SD3Adapter): bb = PromptSD3Adapter(tr)
     elif isinstance(bb, UNet2DConditionAdapter):
@@ -290,12 +306,12 @@ def _encode_captions(model, tr, vae, captions: Path, cache: Path, device) -> Pat
     except (ValueError, FileNotFoundError) as e: raise TrainInputError(f"text_features: {e}") from None
     if _same_captions(cache, caps): return cache
     pipe = _text_pipeline(model, tr, vae)
-    try: PromptEncoder(pipe)
+    try: enc = prompt_encoder(pipe)
     except (TypeError, ValueError) as e: raise TrainInputError(f"text_features {captions}: {e}") from None
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, 'text_encoder_2', None)) if m is not None]
     homes = [next(m.parameters()).device for m in encoders]
     for m in encoders: m.to(device)
-    try: return precompute_prompt_embeddings(pipe, caps, cache)[0]
+    try: return precompute_prompt_embeddings(enc, caps, cache)[0]
     finally:
         for m, home in zip(encoders, homes): m.to(home)
 
@@ -350,26 +366,65 @@ def _loop(state: TrainState, step_cfg: StepConfig, steps: int, log_every: int, l
     return rows
 
 # %% ../../nbs/training/04aa_train_diffusers.ipynb #40caacde
+def _pipeline_config(model) -> dict:
+    "The pipeline config of `model` (its model_index.json, or a loaded pipeline's config); {} for a model alone."
+    if isinstance(model, (str, Path)):
+        f = Path(model).expanduser() / 'model_index.json'
+        return json.loads(f.read_text()) if f.is_file() else {}
+    return dict(model.config) if hasattr(model, 'components') else {}
+
+def wan_training_error(model) -> str | None:
+    "Why exit heads cannot train on the Wan pipeline `model` (None: they can): Wan 2.2's two-stage or TI2V pipelines."
+    c = _pipeline_config(model)
+    two = (c.get('transformer_2') or [None])[0] is not None or c.get('boundary_ratio') is not None
+    if not two and not c.get('expand_timesteps'): return None
+    what = "two-stage pipeline (transformer_2, boundary_ratio)" if two else "TI2V pipeline (expand_timesteps)"
+    return (f"this WanPipeline is Wan 2.2's {what}: exit heads train on a one-transformer Wan pipeline with one "
+            "timestep per row (Wan 2.1 text-to-video)")
+
 def _check_model(model, tr, cfg: TrainConfig, vae):
-    """Refuse, before any data is read, a UNet (or its scheduler) adadiff-train cannot train heads on; the schedule of
-    the run: SD3's `FlowMatchSchedule` (the pipeline's scheduler), else `loss.schedule`'s."""
+    """Refuse, before any data is read, a model (or its scheduler) adadiff-train cannot train heads on; the schedule
+    of the run: None for a flow transformer (SD3, Flux, Sana, Wan: `flow_run_schedule` once the latents' size is
+    known), else `loss.schedule`'s."""
     name = type(tr).__name__
-    if name == 'SD3Transformer2DModel':
+    if name in [a.model_class for a in FLOW_ADAPTERS]:
         if vae is None:
-            raise TrainInputError(f"a {name} trains on its pipeline's latents, shifted by its VAE's shift_factor: pass "
-                                  "the pipeline directory (with vae/ and scheduler/), not the transformer alone")
-        try: return flow_schedule(scheduler_config(model), name)
+            raise TrainInputError(f"a {name} trains on its pipeline's latents (its VAE's shift or normalisation, its "
+                                  "scheduler's sigmas): pass the pipeline directory (with vae/ and scheduler/), not "
+                                  "the transformer alone")
+        try: flow_match_config(scheduler_config(model), name)
         except ValueError as e: raise TrainInputError(str(e)) from None
+        msg = wan_training_error(model) if name == 'WanTransformer3DModel' else None
+        if msg: raise TrainInputError(msg)
+        return None
     if name in ('UNet2DModel', 'UNet2DConditionModel'):
         msg = unet_training_error(tr, scheduler_config(model), cfg.loss.schedule)
         if msg: raise TrainInputError(msg)
     return get_schedule(cfg.loss.schedule)
 
+def flow_run_schedule(model, bb):
+    """The `FlowMatchSchedule` of a run of flow adapter `bb` (its img_size set from the data) on pipeline `model`: its
+    scheduler's training sigmas, shifted at the training latents' image tokens when the scheduler shifts by the
+    resolution (Flux's `calculate_shift`), the transformer's timestep_scale (Sana) applied to the model time."""
+    c = bb.model.config
+    tokens, scale = (bb.img_size // bb.patch_size) ** 2, float(getattr(c, 'timestep_scale', None) or 1.)
+    try: return flow_schedule(scheduler_config(model), bb.model_class, tokens, scale)
+    except ValueError as e: raise TrainInputError(str(e)) from None
+
+def _flow_data(ds, bb, vae, model) -> tuple:
+    """(the latents of `ds` as flow adapter `bb`'s transformer sees them, the run's schedule); the cache must come
+    from the pipeline's VAE `vae`."""
+    try: ds.latents.check_autoencoder(flow_autoencoder(vae))
+    except ValueError as e:
+        raise TrainInputError(f"data {ds.latents.path}: {e}: encode the images with this pipeline's VAE "
+                              "(precompute_latents(images, flow_autoencoder(pipe.vae), path))") from None
+    return transformer_latents(ds, vae, ds.latents.scale_factor), flow_run_schedule(model, bb)
+
 def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command: str | None = None,
                     **overrides) -> dict:
     """Train exit heads + UEMs with the AdaDiff losses on the frozen transformer or UNet of `model` (a diffusers
-    pipeline or model directory, or object: DiT, DDPM's UNet2DModel, or PixArt / SD 1.x-2.x / SDXL / SD3 with
-    `text_features`; SD3 with the flow-matching objective of its scheduler);
+    pipeline or model directory, or object: DiT, DDPM's UNet2DModel, or PixArt / SD 1.x-2.x / SDXL / SD3 / Flux /
+    Sana / Wan with `text_features`; SD3, Flux, Sana and Wan with the flow-matching objective of their scheduler);
     `cfg`: an `adadiff-train` config (with `overrides`). Returns the losses per log row, the adapter directory
     `heads`, the log path and the measured layer ratios."""
     cfg = load_train_config(cfg if not isinstance(cfg, TrainConfig) else cfg.to_dict(), **overrides)
@@ -378,9 +433,10 @@ def train_diffusers(model, cfg: TrainConfig | dict | str | None = None, command:
     acc, out = make_accelerator(cfg, early=True), Path(cfg.run.out).expanduser()
     bb = _frozen_adapter(tr.to(acc.device))
     text, null = _prompt_setup(model, tr, vae, bb, cfg, out, acc.device)
-    ds = latent_data(cfg.data.data, bb, vae, out, acc.device, prompts=text, flip=cfg.data.flip)
+    ds = latent_data(cfg.data.data, bb, vae, out, acc.device, prompts=text, flip=cfg.data.flip,
+                     img_size=cfg.data.img_size)
     if text is not None: bb.image_size = int(ds.latents.metadata['image_size'])
-    if isinstance(bb, SD3Adapter): ds = shift_latents(ds, vae, ds.latents.scale_factor)
+    if isinstance(bb, FLOW_ADAPTERS): ds, sch = _flow_data(ds, bb, vae, model)
     torch.manual_seed(cfg.run.seed)
     ee = _wrap_frozen(bb, cfg)
     flip = isinstance(ds, ImageBatches) and cfg.data.flip                 # latent caches flip themselves
@@ -409,6 +465,7 @@ def _finish(cfg, ee, state, ds, sch, rows, out: Path, command, acc, text=None) -
                 layer_ratio={f'{k:g}': round(v, 4) for k, v in ratios.items()}, backbone='frozen',
                 objective=getattr(sch, 'kind', 'epsilon'))
     if text is not None: card.update(captions=str(text), p_uncond=cfg.loss.p_uncond)
+    if isinstance(bb, FluxAdapter) and bb.model.config.guidance_embeds: card.update(guidance=bb.guidance)
     heads = write_exit_heads(final, out / 'exit_heads', card) if acc.is_main_process else None
     acc.wait_for_everyone()
     return dict(step=state.step, rows=rows, losses=rows[-1], heads=heads, log=out / 'logs' / 'train.csv',

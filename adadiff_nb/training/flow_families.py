@@ -1,4 +1,4 @@
-"""The flow-matching objective of diffusers' rectified-flow pipelines (SD3, Flux, Sana, Wan: `FlowMatchEulerDiscreteScheduler`), the packed prompt condition of `StableDiffusion3Pipeline` and its training adapter: what `adadiff_nb.training.diffusers_heads` trains SD3 exit heads with, and the one-line reasons the other flow families cannot train yet.
+"""The flow-matching objective of diffusers' rectified-flow pipelines (SD3, Flux, Sana, Wan: `FlowMatchEulerDiscreteScheduler`, or DPM-Solver / UniPC on flow sigmas), the packed prompt condition of `StableDiffusion3Pipeline` and its training adapter: what `adadiff_nb.training.diffusers_heads` trains SD3 exit heads with (Flux, Sana, Wan: `adadiff_nb.training.flow_pipelines`), and the one-line reason a flow family cannot train, where one cannot.
 
 Docs: https://adadiff-nb.github.io/adadiff_nb/training/flow_families.html.md"""
 
@@ -15,21 +15,27 @@ from ..models.text_encoder import write_tiny_clip
 from .prompt_cache import split_pooled_contexts
 
 # %% auto #0
-__all__ = ['FLOW_MISSING', 'FlowMatchSchedule', 'tiny_sd3_text_pipeline', 'PromptSD3Adapter', 'flow_schedule', 'ShiftedLatents',
-           'shift_latents', 'flow_training_error']
+__all__ = ['FLOW_SIGMA_SCHEDULERS', 'FLOW_MISSING', 'FLOW_TRAINABLE', 'FlowMatchSchedule', 'tiny_sd3_text_pipeline',
+           'PromptSD3Adapter', 'flow_match_config', 'flow_schedule', 'ShiftedLatents', 'shift_latents',
+           'flow_training_error']
 
 # %% ../../nbs/training/04a9b_flow_families.ipynb #f3ad7216
 class FlowMatchSchedule:
     """The training noise of a `FlowMatchEulerDiscreteScheduler` pipeline (config `sched`, a dict; None: the defaults):
     times `t` are indices into its training sigmas sorted ascending (`T` of them), x_t = (1 - s) x0 + s eps and the
-    target is the velocity eps - x0. A drop-in for `train_step`'s `NoiseSchedule` (`sample_t`, `q_sample`, `target`,
-    `model_time`, `T`)."""
+    target is the velocity eps - x0. `mu`: the resolution-dependent shift of a dynamic-shifting scheduler (Flux's
+    `calculate_shift` of the image sequence length; None: its unshifted sigmas); `time_scale`: the factor the
+    pipeline multiplies the transformer's timestep by (Sana's timestep_scale). A drop-in for `train_step`'s
+    `NoiseSchedule` (`sample_t`, `q_sample`, `target`, `model_time`, `T`)."""
     kind = 'flow_match'
 
-    def __init__(self, sched: dict | None = None):
+    def __init__(self, sched: dict | None = None, mu: float | None = None, time_scale: float = 1.):
         from diffusers import FlowMatchEulerDiscreteScheduler
         s = FlowMatchEulerDiscreteScheduler.from_config(dict(sched or {}))
-        self.sigmas = s.sigmas[:s.config.num_train_timesteps].float().flip(0)        # ascending
+        sig = s.sigmas[:s.config.num_train_timesteps].float()
+        if s.config.use_dynamic_shifting and mu is not None: sig = s.time_shift(float(mu), 1.0, sig)
+        if s.config.shift_terminal: sig = s.stretch_shift_to_terminal(sig)
+        self.sigmas, self.mu, self.time_scale = sig.float().flip(0), mu, float(time_scale)     # ascending
         self.T, self.num_train_timesteps = len(self.sigmas), int(s.config.num_train_timesteps)
 
     def sigma(self, t) -> torch.Tensor:
@@ -42,8 +48,9 @@ class FlowMatchSchedule:
         return torch.randint(0, self.T, (n,), generator=generator).to(device)
 
     def model_time(self, t) -> torch.Tensor:
-        "The transformer's timestep at times `t`: s * num_train_timesteps (the pipeline's `t` at that sigma)."
-        return self.sigma(t) * self.num_train_timesteps
+        """The transformer's timestep at times `t`: s * num_train_timesteps (the pipeline's `t` at that sigma), times
+        `time_scale`."""
+        return self.sigma(t) * (self.num_train_timesteps * self.time_scale)
 
     def noise(self, x0, t, eps) -> tuple[torch.Tensor, torch.Tensor]:
         "(x_t, velocity target eps - x0) of clean latents `x0`, noise `eps` at times `t`."
@@ -103,14 +110,35 @@ class PromptSD3Adapter(SD3Adapter):
     def embed(self, x, timesteps, y=None): return super().embed(x, timesteps, self.text_cond(y, x))
 
 # %% ../../nbs/training/04a9b_flow_families.ipynb #a4de31b1
-def flow_schedule(sched: dict | None, name: str = 'transformer') -> FlowMatchSchedule:
-    "The `FlowMatchSchedule` of a flow pipeline's scheduler config `sched` (None: the defaults) for a `name`."
-    cls = (sched or {}).get('_class_name', 'FlowMatchEulerDiscreteScheduler')
-    if cls != 'FlowMatchEulerDiscreteScheduler':
-        raise ValueError(f"the pipeline's scheduler is a {cls}, but exit heads on a {name} train with the "
-                         "flow-matching objective of FlowMatchEulerDiscreteScheduler: load the pipeline with its "
-                         "original scheduler")
-    return FlowMatchSchedule(sched)
+FLOW_SIGMA_SCHEDULERS = ('DPMSolverMultistepScheduler', 'UniPCMultistepScheduler')
+
+def flow_match_config(sched: dict | None, name: str = 'transformer') -> dict:
+    """`FlowMatchEulerDiscreteScheduler` config of a flow pipeline's scheduler config `sched`: itself, or for a
+    DPM-Solver / UniPC scheduler on flow sigmas (Sana's, Wan's: use_flow_sigmas, flow_prediction) the Euler config
+    with the same training sigmas (shift = its flow_shift); else a clear error."""
+    s = dict(sched or {})
+    cls = s.get('_class_name', 'FlowMatchEulerDiscreteScheduler')
+    if cls == 'FlowMatchEulerDiscreteScheduler': return s
+    if cls in FLOW_SIGMA_SCHEDULERS and s.get('use_flow_sigmas') and s.get('prediction_type') == 'flow_prediction':
+        return dict(num_train_timesteps=int(s.get('num_train_timesteps', 1000)), shift=float(s.get('flow_shift', 1.)))
+    raise ValueError(f"the pipeline's scheduler is a {cls} without flow sigmas, but exit heads on a {name} train "
+                     "with the flow-matching objective of FlowMatchEulerDiscreteScheduler: load the pipeline with its "
+                     "original scheduler")
+
+def flow_schedule(sched: dict | None, name: str = 'transformer', image_seq_len: int | None = None,
+                  time_scale: float = 1.) -> FlowMatchSchedule:
+    """The `FlowMatchSchedule` of a flow pipeline's scheduler config `sched` (None: the defaults) for a `name`; a
+    dynamic-shifting scheduler (Flux's) shifted by `mu` = diffusers' `calculate_shift` of `image_seq_len` (the image
+    tokens of the training latents), as the pipeline shifts it at that resolution; `time_scale`: `FlowMatchSchedule`."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    s, mu = flow_match_config(sched, name), None
+    if s.get('use_dynamic_shifting'):
+        if image_seq_len is None:
+            raise ValueError(f"the scheduler of this {name} shifts its sigmas by the image resolution "
+                             "(use_dynamic_shifting): pass image_seq_len, the image tokens of the training latents")
+        keys = ('base_image_seq_len', 'max_image_seq_len', 'base_shift', 'max_shift')
+        mu = calculate_shift(int(image_seq_len), *[s.get(k, d) for k, d in zip(keys, (256, 4096, 0.5, 1.15))])
+    return FlowMatchSchedule(s, mu, time_scale)
 
 class ShiftedLatents:
     """Latent data `ds` (`get_batch(idx) -> (z, y)`, any other attribute passes through) with `shift` subtracted from
@@ -132,16 +160,12 @@ def shift_latents(ds, vae, scale_factor: float | None = None):
     return ShiftedLatents(ds, shift * scale)
 
 # %% ../../nbs/training/04a9b_flow_families.ipynb #23de17be
-FLOW_MISSING = {
-    'FluxTransformer2DModel': ("its packed 2x2 latent tokens with txt_ids / img_ids, the guidance embedding of "
-                               "FLUX.1-dev and the T5 + pooled CLIP prompt cache of FluxPipeline.encode_prompt"),
-    'SanaTransformer2DModel': ("the Gemma prompt cache of SanaPipeline.encode_prompt (with its complex human "
-                               "instruction and attention mask) and the DC-AE latent cache"),
-    'WanTransformer3DModel': ("video latents (B, C, F, H, W) from the Wan VAE (single frames or short clips) and the "
-                              "UMT5 prompt cache of WanPipeline.encode_prompt")}
+FLOW_MISSING: dict = {}          # flow transformer class -> what adadiff-train lacks to train its heads (none now)
+FLOW_TRAINABLE = ('SD3Transformer2DModel', 'FluxTransformer2DModel', 'SanaTransformer2DModel', 'WanTransformer3DModel')
 
 def flow_training_error(name: str) -> str | None:
     "Why exit heads cannot be trained on diffusers flow transformer class `name` yet (None: they can, or not flow)."
     if name not in FLOW_MISSING: return None
     return (f"training exit heads on a {name} is not supported yet: adadiff-train lacks {FLOW_MISSING[name]} "
-            "(enable_early_exit runs on it with heads copied from its output layer); SD3Transformer2DModel trains")
+            f"(enable_early_exit runs on it with heads copied from its output layer); {', '.join(FLOW_TRAINABLE)} "
+            "train")

@@ -21,10 +21,10 @@ from ..models.text_encoder import (TextEncoder, check_prompts, precompute_text_f
                                             write_tiny_clip)
 
 # %% auto #0
-__all__ = ['PROMPT_KIND', 'pack_prompts', 'unpack_prompts', 'pooled_rows', 'pack_sdxl_prompts', 'unpack_sdxl_prompts',
-           'PromptEncoder', 'tiny_sd_text_pipeline', 'tiny_sdxl_text_pipeline', 'empty_prompt_path', 'Unconditional',
-           'precompute_prompt_embeddings', 'PromptPixArtAdapter', 'PromptUNetAdapter', 'sdxl_pooled_dim',
-           'sdxl_time_ids', 'split_pooled_contexts', 'PromptSDXLAdapter']
+__all__ = ['PROMPT_KIND', 'FLOW_PIPELINES', 'pack_prompts', 'unpack_prompts', 'pooled_rows', 'pack_sdxl_prompts',
+           'unpack_sdxl_prompts', 'PromptEncoder', 'tiny_sd_text_pipeline', 'tiny_sdxl_text_pipeline',
+           'empty_prompt_path', 'Unconditional', 'precompute_prompt_embeddings', 'PromptPixArtAdapter',
+           'PromptUNetAdapter', 'sdxl_pooled_dim', 'sdxl_time_ids', 'split_pooled_contexts', 'PromptSDXLAdapter']
 
 # %% ../../nbs/training/04a9_prompt_cache.ipynb #01be426b
 def pack_prompts(embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +62,7 @@ def unpack_sdxl_prompts(c: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor,
 
 # %% ../../nbs/training/04a9_prompt_cache.ipynb #10ab347c
 PROMPT_KIND = 'diffusers_prompt'
+FLOW_PIPELINES = ('FluxPipeline', 'SanaPipeline', 'WanPipeline')   # flow_pipelines' encoders
 
 def _call_default(pipe, name: str, fallback):
     "The default of argument `name` of the pipeline's `__call__`."
@@ -79,6 +80,10 @@ class PromptEncoder:
     SDXL: both encoders' hidden states, then the pooled embedding rows of `pack_sdxl_prompts`; SD3: its CLIP + T5
     tokens (77 + max_sequence_length of joint_attention_dim), then its pooled CLIP embeddings' rows)."""
     def __init__(self, pipe, max_sequence_length: int | None = None, clean_caption: bool = False):
+        if type(self) is PromptEncoder and type(pipe).__name__ in FLOW_PIPELINES:
+            raise TypeError(f"a {type(pipe).__name__} encodes prompts its own way: use "
+                            "adadiff_nb.training.flow_pipelines.prompt_encoder(pipe) (and pass it to "
+                            "precompute_prompt_embeddings)")
         if not hasattr(pipe, 'encode_prompt') or getattr(pipe, 'text_encoder', None) is None:
             raise TypeError(f"prompt embeddings need a text-to-image pipeline with encode_prompt and its text encoder "
                             f"(PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline / "
@@ -212,10 +217,12 @@ class Unconditional:
 def precompute_prompt_embeddings(pipe, prompts, path, max_sequence_length: int | None = None, batch_size: int = 16,
                                  dtype=torch.float32, clean_caption: bool = False, progress: bool = False):
     """Encode `prompts` (one caption per image, a list of captions per image, or a `Path` to a caption file: see
-    `read_prompts`) with pipeline `pipe`'s own `encode_prompt` (`PromptEncoder`) into the text-feature cache `path`,
-    and the pipeline's unconditional prompt (classifier-free dropout; `PromptEncoder.encode_unconditional`) into
-    `empty_prompt_path(path)`, both atomically. Returns (path, empty path)."""
-    enc = PromptEncoder(pipe, max_sequence_length, clean_caption)
+    `read_prompts`) with pipeline `pipe`'s own `encode_prompt` (`PromptEncoder`; or `pipe` is a `PromptEncoder`
+    already: Flux, Sana, Wan ones from `adadiff_nb.training.flow_pipelines.prompt_encoder`) into the text-feature
+    cache `path`, and the pipeline's unconditional prompt (classifier-free dropout;
+    `PromptEncoder.encode_unconditional`) into `empty_prompt_path(path)`, both atomically. Returns (path, empty
+    path)."""
+    enc = pipe if isinstance(pipe, PromptEncoder) else PromptEncoder(pipe, max_sequence_length, clean_caption)
     prompts = read_prompts(prompts) if isinstance(prompts, Path) else prompts
     path = precompute_text_features(prompts, enc, path, batch_size, dtype, progress)
     return path, precompute_text_features([''], Unconditional(enc), empty_prompt_path(path), 1, dtype)
