@@ -4,17 +4,15 @@ flow_pipelines`, `adadiff_nb.training.diffusers_heads`): the final exit's loss i
 MSE on the pipeline's packed tokens, the schedule is shifted at the training latents' size as the pipeline shifts it,
 and a few steps on CIFAR images through the real command give finite losses, moved heads, an untouched transformer
 and an adapter directory that keeps the pipeline's output at threshold 0 and is refused on another base."""
-import csv, json, math
+import json, math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from pipeline_helpers import check_trained_heads
 from adadiff_nb import data as adata
-from adadiff_nb.apps.train_cli import main
-from adadiff_nb.integrations.diffusers import ExitHeadsMismatchError, disable_early_exit, enable_early_exit
-from adadiff_nb.integrations.transformer_adapters import tiny_call_kwargs, tiny_flux_pipeline
+from adadiff_nb.integrations.transformer_adapters import tiny_flux_pipeline
 from adadiff_nb.models.autoencoder import precompute_latents
 from adadiff_nb.models.text_encoder import TextFeatureCache
 from adadiff_nb.training.config import load_train_config
@@ -88,34 +86,8 @@ class _Ones:
     def get_batch(self, idx): return torch.ones(len(idx), 1, 4, 4), torch.zeros(len(idx))
 
 
-def same_output(pipe, heads) -> bool:
-    "Threshold 0 with the trained heads gives exactly the plain pipeline's output."
-    plain = pipe(**tiny_call_kwargs(pipe)).images
-    enable_early_exit(pipe, heads=heads, threshold=0.)
-    try: ee = pipe(**tiny_call_kwargs(pipe)).images
-    finally: disable_early_exit(pipe)
-    return bool((torch.as_tensor(ee) == torch.as_tensor(plain)).all())
-
-
 def test_flux_heads_through_the_cli(flux, tmp_path):
-    out, d = tmp_path / 'run', flux['dir']
-    argv = ['--diffusers-model', str(d / 'pipe'), '--data', str(d / 'latents.safetensors'),
-            '--text-features', str(d / 'captions.json'), '--p-uncond', '0.2', '--out', str(out), *RUN]
-    assert main(argv) == 0
-    with open(out / 'logs' / 'train.csv') as f: ls = [float(r['loss']) for r in csv.DictReader(f)]
-    assert len(ls) == 2 and all(math.isfinite(v) for v in ls)
-    heads, pipe = out / 'exit_heads', flux['pipe']
-    assert all(torch.equal(v, flux['sd'][k]) for k, v in pipe.transformer.state_dict().items())
-    conf = json.loads((heads / 'config.json').read_text())
-    card = conf['card']
-    assert (conf['base']['model_class'], card['objective'], card['guidance']) == ('FluxTransformer2DModel',
-                                                                                  'flow_match', 3.5)
-    w = load_file(heads / 'exit_heads.safetensors')
-    own = pipe.transformer.proj_out.weight
-    moved = [k for k, v in w.items() if k.endswith('proj_out.weight') and not torch.equal(v, own)]
-    assert len(moved) == len([k for k in w if k.endswith('proj_out.weight')]) == 4
-    assert same_output(pipe, heads)
-    with pytest.raises(ExitHeadsMismatchError, match='other weights'):
-        enable_early_exit(tiny_flux_pipeline(seed=1, guidance_embeds=True), heads=heads)
-    with pytest.raises(ExitHeadsMismatchError, match='were made for'):
-        enable_early_exit(tiny_flux_pipeline(num_layers=3, guidance_embeds=True), heads=heads)
+    conf = check_trained_heads(flux, tmp_path, RUN, 'FluxTransformer2DModel', 4,
+                               lambda: tiny_flux_pipeline(seed=1, guidance_embeds=True),
+                               lambda: tiny_flux_pipeline(num_layers=3, guidance_embeds=True))
+    assert conf['card']['guidance'] == 3.5

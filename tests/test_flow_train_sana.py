@@ -5,17 +5,16 @@ complex human instruction, the final exit's loss is the transformer's own flow-m
 images through the real command give finite losses, moved heads, an untouched transformer and an adapter directory
 that keeps the pipeline's output at threshold 0 and is refused on another base; a latent cache of another autoencoder
 is refused before training."""
-import csv, json, math
+import json, math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from pipeline_helpers import check_trained_heads
 from adadiff_nb import data as adata
 from adadiff_nb.apps.train_cli import main
-from adadiff_nb.integrations.diffusers import ExitHeadsMismatchError, disable_early_exit, enable_early_exit
-from adadiff_nb.integrations.transformer_adapters import tiny_call_kwargs, tiny_sana_pipeline, tiny_sd3_pipeline
+from adadiff_nb.integrations.transformer_adapters import tiny_sana_pipeline, tiny_sd3_pipeline
 from adadiff_nb.models.autoencoder import LatentAutoencoder, precompute_latents
 from adadiff_nb.models.text_encoder import TextFeatureCache
 from adadiff_nb.training.config import load_train_config
@@ -81,35 +80,9 @@ def test_schedule_is_the_dpm_solvers_flow_sigmas(sana):
     assert sch.time_scale == 1.0
 
 
-def same_output(pipe, heads) -> bool:
-    "Threshold 0 with the trained heads gives exactly the plain pipeline's output."
-    plain = pipe(**tiny_call_kwargs(pipe)).images
-    enable_early_exit(pipe, heads=heads, threshold=0.)
-    try: ee = pipe(**tiny_call_kwargs(pipe)).images
-    finally: disable_early_exit(pipe)
-    return bool((torch.as_tensor(ee) == torch.as_tensor(plain)).all())
-
-
 def test_sana_heads_through_the_cli(sana, tmp_path):
-    out, d = tmp_path / 'run', sana['dir']
-    argv = ['--diffusers-model', str(d / 'pipe'), '--data', str(d / 'latents.safetensors'),
-            '--text-features', str(d / 'captions.json'), '--p-uncond', '0.2', '--out', str(out), *RUN]
-    assert main(argv) == 0
-    with open(out / 'logs' / 'train.csv') as f: ls = [float(r['loss']) for r in csv.DictReader(f)]
-    assert len(ls) == 2 and all(math.isfinite(v) for v in ls)
-    heads, pipe = out / 'exit_heads', sana['pipe']
-    assert all(torch.equal(v, sana['sd'][k]) for k, v in pipe.transformer.state_dict().items())
-    conf = json.loads((heads / 'config.json').read_text())
-    assert (conf['base']['model_class'], conf['card']['objective']) == ('SanaTransformer2DModel', 'flow_match')
-    w = load_file(heads / 'exit_heads.safetensors')
-    own = pipe.transformer.proj_out.weight
-    moved = [k for k, v in w.items() if k.endswith('proj_out.weight') and not torch.equal(v, own)]
-    assert len(moved) == len([k for k in w if k.endswith('proj_out.weight')]) == 3
-    assert same_output(pipe, heads)
-    with pytest.raises(ExitHeadsMismatchError, match='other weights'):
-        enable_early_exit(tiny_sana_pipeline(seed=1), heads=heads)
-    with pytest.raises(ExitHeadsMismatchError, match='were made for'):
-        enable_early_exit(tiny_sana_pipeline(num_layers=4), heads=heads)
+    check_trained_heads(sana, tmp_path, RUN, 'SanaTransformer2DModel', 3, lambda: tiny_sana_pipeline(seed=1),
+                        lambda: tiny_sana_pipeline(num_layers=4))
 
 
 def test_latents_of_another_autoencoder_are_refused(sana, tmp_path, capsys):

@@ -5,16 +5,14 @@ forward is the transformer's, the exit loss at the final head is the model's own
 through the real command give finite losses, moved heads, an untouched transformer and an adapter directory that keeps
 the pipeline's output at threshold 0 and is refused on another base. Flux, Sana and Wan train too
 (tests/test_flow_train_flux.py, _sana.py, _wan.py)."""
-import csv, json, math
+import json, math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from adadiff_nb.apps.train_cli import main
-from adadiff_nb.integrations.diffusers import ExitHeadsMismatchError, disable_early_exit, enable_early_exit
-from adadiff_nb.integrations.transformer_adapters import tiny_call_kwargs, tiny_sd3_pipeline
+from pipeline_helpers import check_trained_heads
+from adadiff_nb.integrations.transformer_adapters import tiny_sd3_pipeline
 from adadiff_nb.models.autoencoder import LatentAutoencoder, precompute_latents
 from adadiff_nb.models.text_encoder import TextFeatureCache
 from adadiff_nb.training.config import load_train_config
@@ -76,34 +74,6 @@ def test_final_exit_loss_is_the_flow_matching_mse(sd3, tmp_path):
     assert math.isfinite(float(terms['loss'].detach())) and terms['l_simple'] > 0
 
 
-def same_output(pipe, heads) -> bool:
-    "Threshold 0 with the trained heads gives exactly the plain pipeline's output."
-    plain = pipe(**tiny_call_kwargs(pipe)).images
-    enable_early_exit(pipe, heads=heads, threshold=0.)
-    try: ee = pipe(**tiny_call_kwargs(pipe)).images
-    finally: disable_early_exit(pipe)
-    return bool((torch.as_tensor(ee) == torch.as_tensor(plain)).all())
-
-
 def test_sd3_heads_through_the_cli(sd3, tmp_path):
-    out, d = tmp_path / 'run', sd3['dir']
-    argv = ['--diffusers-model', str(d / 'pipe'), '--data', str(d / 'latents.safetensors'),
-            '--text-features', str(d / 'captions.json'), '--p-uncond', '0.2', '--out', str(out), *RUN]
-    assert main(argv) == 0
-    with open(out / 'logs' / 'train.csv') as f: ls = [float(r['loss']) for r in csv.DictReader(f)]
-    assert len(ls) == 2 and all(math.isfinite(v) for v in ls)
-    heads, pipe = out / 'exit_heads', sd3['pipe']
-    assert all(torch.equal(v, sd3['sd'][k]) for k, v in pipe.transformer.state_dict().items())
-    conf = json.loads((heads / 'config.json').read_text())
-    assert (conf['base']['model_class'], conf['card']['objective']) == ('SD3Transformer2DModel', 'flow_match')
-    w = load_file(heads / 'exit_heads.safetensors')
-    own = pipe.transformer.proj_out.weight
-    moved = [k for k, v in w.items() if k.endswith('proj_out.weight') and not torch.equal(v, own)]
-    assert len(moved) == len([k for k in w if k.endswith('proj_out.weight')]) > 0
-    assert same_output(pipe, heads)
-    with pytest.raises(ExitHeadsMismatchError, match='other weights'):
-        enable_early_exit(tiny_sd3_pipeline(seed=1), heads=heads)
-    with pytest.raises(ExitHeadsMismatchError, match='were made for'):
-        enable_early_exit(tiny_sd3_pipeline(num_layers=4), heads=heads)
-
-
+    check_trained_heads(sd3, tmp_path, RUN, 'SD3Transformer2DModel', None, lambda: tiny_sd3_pipeline(seed=1),
+                        lambda: tiny_sd3_pipeline(num_layers=4))
