@@ -39,15 +39,39 @@ def _check_rows(res):
         lo, hi = r['proxy_fd_ci95']
         assert lo <= hi and r['n_samples'] == res['config']['n'] and r['speedup_source'] == 'interleaved'
         assert (r['psnr_vs_full'] is None) == (r['method'] == 'full')
+        assert (r['own_full'] is None) == (r['seeds'][0] != res['config']['seeds'][0]), (r['method'], r['own_full'])
         want = {'proxy_fd', 'kid'} | ({'psnr_vs_full', 'proxy_fd_vs_full'} if r['method'] != 'full' else set())
-        assert set(r['ci_method']) == want and all(m.split()[0] in ('BCa', 'basic', 'percentile')
+        want |= {'psnr_vs_own_full'} if r['own_full'] else set()
+        assert set(r['ci_method']) == want and all(m.split()[0] in ('BCa', 'basic', 'percentile', 'identical')
                                                    for m in r['ci_method'].values()), r['ci_method']
-        assert all(r['ci_method'][k] == f'basic (BCa: {FD_REASON})' for k in want - {'kid', 'psnr_vs_full'})
+        miss = abs(1 - r['layer_ratio'] - r['target_reduction']) > res['config']['target_tol'] + 1e-9
+        assert r['off_target'] == (miss and r['method'] not in ('full', 'full_ft', 'adadiff_full'))
+        fd_keys = want - {'kid', 'psnr_vs_full', 'psnr_vs_own_full'}
+        assert all(r['ci_method'][k] == f'basic (BCa: {FD_REASON})' for k in fd_keys)
     assert res['config']['bootstrap'] == BOOTSTRAP                    # part of the cache key: FD's interval
     for steps in {r['budget_steps'] for r in rows}:                 # equal training images per budget group
         assert len({r['train_images'] for r in rows if r['budget_steps'] == steps}) == 1
     b0 = res['config']['budgets'][0]
     assert {r['train_images'] for r in rows if r['budget_steps'] == b0} == {b0 * res['config']['batch_size']}
+
+
+def _check_own_full(res):
+    "Fidelity to each method's own full depth: 100 dB where the row is that model, the backbone's for a cache on it."
+    s0, rows = res['config']['seeds'][0], res['rows']
+    first = [r for r in rows if r['seeds'][0] == s0]
+    for r in first:
+        if r['method'] in ('full', 'full_ft', 'adadiff_full', 'small'):
+            assert r['psnr_vs_own_full'] == 100. and r['ci_method']['psnr_vs_own_full'] == 'identical images', r
+        if r['method'] in ('deepcache', 'l2c'):
+            assert r['own_full'] == 'backbone' and abs(r['psnr_vs_own_full'] - r['psnr_vs_full']) < 1e-9
+        own = dict(adadiff="adadiff's model at threshold 0", calm="calm's model at threshold 0",
+                   ase="ase's model at every layer")
+        own.update(dict.fromkeys(('static', 'adadiff_cache', 'adadiff_cache_exit'), own['adadiff']))
+        if r['method'] in own:
+            assert r['own_full'] == own[r['method']], (r['method'], r['own_full'])
+            assert r['psnr_vs_own_full'] < 100.
+    ft = [r for r in first if r['method'] == 'full_ft']
+    assert {r['budget_steps'] for r in ft} == set(res['config']['budgets']) and all(r['psnr_vs_full'] < 100 for r in ft)
 
 
 def _check_report(res):
@@ -62,7 +86,8 @@ def _check_report(res):
     untestable = {c['source'] + ': ' + c['claim'] for c in cl if c['verdict'] == VERDICTS[2]}
     assert 'AdaDiff Table 4: AdaDiff beats a small model of matched GFLOPs trained from scratch' in untestable
     assert all('small model' in u or 'noise-easy' in u for u in untestable), untestable   # the tiny ASE is symmetric
-    assert {r['method'] for r in matched_table(res)} >= {'adadiff', 'ase', 'deepcache', 'l2c', 'adadiff_cache'}
+    assert {r['method'] for r in matched_table(res)} >= {'adadiff', 'ase', 'deepcache', 'l2c', 'adadiff_cache',
+                                                        'adadiff_cache_exit', 'full_ft'}
     fig = pareto_figure(res, x='layer_ratio')
     assert len(pareto_figure(res).data) > 10 and sum(' steps, ' in a.text for a in fig.layout.annotations) == 2
     assert sum(d.showlegend is not False for d in fig.data) == len({d.name for d in fig.data})   # one entry each
@@ -79,6 +104,8 @@ def test_quick_run_plan_and_resume(tmp_path):
     assert set(ABLATIONS) <= set(small['methods']) and {'ase', 'berxit', 'calm', 'small'} <= set(small['methods'])
     assert 'adadiff' in big['methods'] and small['best_baseline'] in big['methods']
     assert len(big['methods']) < len(small['methods'])               # the big budget only for the leaders
+    assert 'full_ft' in small['methods'] and 'full_ft' in big['methods']   # the fine-tuned full model: every budget
+    _check_own_full(res)
     for plan in res['budgets']:                                        # two seeds: AdaDiff and the best baseline
         for m in plan['repeat_seeds']:
             seeds = {r['seeds'][0] for r in rows if r['method'] == m and r['budget_steps'] == plan['steps']}

@@ -27,7 +27,8 @@ from ..sampling.run import schedule_for
 __all__ = ['CACHE_MODES', 'CACHE_METHODS', 'check_int_range', 'shallow_blocks', 'cached_block', 'full_steps', 'cache_layer_ratio',
            'full_step_set', 'full_pass', 'shallow_pass', 'CacheOutput', 'CachedModel', 'DeepCacheUViT', 'residual_pass',
            'routed_pass', 'Router', 'router_mask', 'L2CUViT', 'trajectories', 'l2c_objective', 'train_router',
-           'l2c_eval', 'AdaDiffCacheUViT', 'build_deepcache', 'build_adadiff_cache', 'build_l2c']
+           'l2c_eval', 'AdaDiffCacheUViT', 'exit_full_pass', 'AdaDiffCacheExitUViT', 'build_deepcache',
+           'build_adadiff_cache', 'build_adadiff_cache_exit', 'build_l2c']
 
 # %% ../../nbs/exits/06b_caching.ipynb #df0ceb16
 def _num_in(bb) -> int:
@@ -522,6 +523,58 @@ class AdaDiffCacheUViT(DeepCacheUViT):
         eps, depth, syncs = shallow_pass(self.backbone, x, t, y, self.cache, self.branch, exit_fn, self.min_branch)
         return eps, 2 * depth, syncs, unc
 
+# %% ../../nbs/exits/06b_caching.ipynb #ad731404
+def _put(out: list, rows: torch.Tensor, eps: torch.Tensor, B: int):
+    "Write the outputs `eps` of original rows `rows` into out[0] (the (B, ...) result, made on first use)."
+    if out[0] is None and len(rows) == B:
+        out[0] = eps
+        return
+    if out[0] is None:
+        out[0] = eps.new_zeros((B, *eps.shape[1:]))
+    out[0].index_copy_(0, rows, eps)
+
+def exit_full_pass(ee: EarlyExitModel, x, t, y, tau: float, keep, cache: dict, unc: torch.Tensor) -> tuple:
+    """A full step with exits -> (noise prediction, depth (B,) long, host syncs, refreshed cache). A row leaves at
+    the first exit i >= `ee.first_exit` with u_i < `tau` (exit head on its tokens after i blocks), else runs every
+    block; the outputs of blocks `keep` refresh the rows of `cache` that reach them (the others keep theirs).
+    `unc` (B, L) receives the UEM values."""
+    bb, B, L = ee.backbone, x.shape[0], ee.num_layers
+    h, state = bb.embed(x, t, y)
+    rows = ExitRows(torch.arange(B, device=x.device), h, state, ee.criterion_context(t, state))
+    out, syncs, new = [None], 0, dict(cache)
+    depth = torch.full((B,), L, dtype=torch.long, device=x.device)
+    for i in range(L):
+        if i >= ee.first_exit:
+            u, _ = ee.uem.uncertainty(i, bb, rows.h, rows.per_row)
+            unc[rows.rows, i] = u.detach().float()
+            leave, rows = rows.split(u < tau)
+            syncs += 1                                                        # nonzero() reads the mask
+            if len(leave.rows):
+                _put(out, leave.rows, ee.exit_output(i, leave.h, leave.state), B)
+                depth[leave.rows] = i
+            if not len(rows.rows):
+                return out[0], depth, syncs, new
+        rows.h = bb.run_block(i, rows.h, rows.state)
+        if i in keep:
+            new[i] = rows.h if len(rows.rows) == B else new[i].index_copy(0, rows.rows, rows.h)
+    _put(out, rows.rows, bb.decode(rows.h, rows.state), B)
+    return out[0], depth, syncs, new
+
+
+# %% ../../nbs/exits/06b_caching.ipynb #b4db8b77
+class AdaDiffCacheExitUViT(AdaDiffCacheUViT):
+    """`AdaDiffCacheUViT` whose full steps (after the first, which fills the cache) run the early-exit model with
+    the threshold (`exit_full_pass`): rows may exit there too. Threshold 0: `AdaDiffCacheUViT` / DeepCache."""
+    method = 'adadiff_cache_exit'
+
+    def _step(self, i, x, t, y):
+        if not (self.is_full(i) and self.cache):
+            return super()._step(i, x, t, y)
+        unc = torch.full((x.shape[0], self.num_layers), float('nan'), device=x.device)
+        eps, depth, syncs, self.cache = exit_full_pass(self.ee, x, t, y, self.tau, self.cache_keys(), self.cache, unc)
+        return eps, depth, syncs, unc
+
+
 # %% ../../nbs/exits/06b_caching.ipynb #b014a671
 _DC_KEYS = ('interval', 'branch', 'mode', 'steps', 'center', 'power')
 _L2C_TRAIN = dict(train_steps=50, batch=8, lr=0.05, l1_weight=0.01, seed=0)
@@ -546,6 +599,11 @@ def build_adadiff_cache(model, cfg: dict | None = None, train=None) -> AdaDiffCa
     "The early-exit + cache combination of an `EarlyExitModel` (no training of its own)."
     return AdaDiffCacheUViT(model, **_check_cfg('adadiff_cache', cfg, (*_DC_KEYS, 'threshold', 'min_branch')))
 
+def build_adadiff_cache_exit(model, cfg: dict | None = None, train=None) -> AdaDiffCacheExitUViT:
+    "`build_adadiff_cache` whose full steps exit too (`AdaDiffCacheExitUViT`); the same keys."
+    keys = (*_DC_KEYS, 'threshold', 'min_branch')
+    return AdaDiffCacheExitUViT(model, **_check_cfg('adadiff_cache_exit', cfg, keys))
+
 # %% ../../nbs/exits/06b_caching.ipynb #67c76a05
 def build_l2c(model, cfg: dict | None = None, train: Callable | None = None) -> L2CUViT:
     "Learning-to-Cache on the backbone of `model`: routers trained (here, or by `train(model, cfg)`), then budgeted."
@@ -569,4 +627,5 @@ def build_l2c(model, cfg: dict | None = None, train: Callable | None = None) -> 
         return m.set_budget(threshold=cfg['router_threshold'])
     return m.set_budget(remove=cfg.get('remove', 0.3))
 
-CACHE_METHODS = dict(deepcache=build_deepcache, l2c=build_l2c, adadiff_cache=build_adadiff_cache)
+CACHE_METHODS = dict(deepcache=build_deepcache, l2c=build_l2c, adadiff_cache=build_adadiff_cache,
+                     adadiff_cache_exit=build_adadiff_cache_exit)

@@ -22,7 +22,7 @@ from ..evaluation.cost import layer_costs, full_eval_flops
 from ..exits.calibrate import sampler_model_times
 from ..models.default_model import default_model_dir
 from ..evaluation.analysis import layer_mse_by_timestep, loss_by_timestep, uem_reliability
-from .methods import FULL, cost_model
+from .methods import FULL, cost_model, fixed_rule
 
 # %% auto #0
 __all__ = ['CONTROLLED_LINE', 'evaluate_unit', 'unit_key', 'load_unit', 'backbone_quality', 'exit_trend', 'probes', 'row_id',
@@ -30,7 +30,8 @@ __all__ = ['CONTROLLED_LINE', 'evaluate_unit', 'unit_key', 'load_unit', 'backbon
            'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality', 'ABLATIONS', 'DERIVED', 'BASELINES',
            'CACHE_NAMES', 'TRAINING_FREE', 'rule_kind', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit',
            'sampling_model', 'calibrate_cache_threshold', 'CONTROLLED', 'CONTROLLED_MINIMA', 'controlled_config',
-           'SCORE_SLACK', 'trained_methods', 'budget_plan']
+           'SCORE_SLACK', 'trained_methods', 'budget_plan', 'ALWAYS', 'UEM_CACHES', 'TARGET_TOL', 'own_fidelity',
+           'off_target', 'own_full_rule']
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #70b277c4
 # statistics, methods, settings and the budget plan (`adadiff_nb.experiments.controlled_plan`); its public names
@@ -40,11 +41,14 @@ from .controlled_plan import (BOOTSTRAP, FD_REASON, bootstrap_ci, fd_stat, kid_s
                                                     TRAINING_FREE, rule_kind, rule_alias, cache_methods, known_methods,
                                                     unit_cfg, build_unit, sampling_model, sample_rows,
                                                     calibrate_cache_threshold, CONTROLLED, CONTROLLED_MINIMA,
-                                                    controlled_config, SCORE_SLACK, trained_methods, budget_plan)
+                                                    controlled_config, SCORE_SLACK, trained_methods, budget_plan,
+                                                    ALWAYS, UEM_CACHES, TARGET_TOL, own_fidelity, off_target,
+                                                    own_full_rule)
 _all_ = ['BOOTSTRAP', 'FD_REASON', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality', 'ABLATIONS',
          'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'rule_kind', 'cache_methods', 'known_methods',
          'unit_cfg', 'build_unit', 'sampling_model', 'calibrate_cache_threshold', 'CONTROLLED', 'CONTROLLED_MINIMA',
-         'controlled_config', 'SCORE_SLACK', 'trained_methods', 'budget_plan']
+         'controlled_config', 'SCORE_SLACK', 'trained_methods', 'budget_plan', 'ALWAYS', 'UEM_CACHES', 'TARGET_TOL',
+         'own_fidelity', 'off_target', 'own_full_rule']
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #c6a4e23c
 def _targets_of(method: str, cfg: dict) -> list:
@@ -67,7 +71,7 @@ def _row(method, target, r, q, ctx, unit) -> dict:
     free = unit['steps'] == 0
     row = dict(method=method, budget_steps=unit['steps'], batch_size=0 if free else cfg['batch_size'],
                train_images=0 if free else unit['steps'] * cfg['batch_size'], seeds=[unit['seed']],
-               target_reduction=0. if method == 'full' else target, layer_ratio=ratio,
+               target_reduction=0. if method == FULL or method in ALWAYS else target, layer_ratio=ratio,
                ideal_speedup=1 / ratio if ratio > 0 else None,
                measured_speedup=ctx['full_batch_s'] / r['median_batch_seconds'] if ctx['full_batch_s'] else 1.,
                speedup_source='sequential', gflops_per_eval=st['gflops_per_eval'],
@@ -76,39 +80,70 @@ def _row(method, target, r, q, ctx, unit) -> dict:
     return row
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #7a3b9411
+def _rule_of(name: str, model, target: float, ctx: dict) -> tuple:
+    "(rule, calibration) of `name` at `target`: a UEM cache calibrated through its own cache, else `method_exit_rule`."
+    if name in UEM_CACHES:
+        calib = calibrate_cache_threshold(model, target, ctx, method=name)
+        return dict(threshold=calib['threshold']), calib
+    return method_exit_rule(rule_alias(name), model, target, ctx['cfg'], ctx['x_C'], ctx['L'])
+
+def _own_fields(samples, own: dict | None, ctx: dict) -> dict:
+    """psnr_vs_own_full of `samples` (interval, `ci_method`) against the unit's own full-depth images and `own_full`
+    naming them (sampled once, on first use); own_full None where not computed (a later seed, no full images)."""
+    ref = None
+    if own is not None and own['rule'] is None: ref = samples if own['what'] == 'itself' else ctx.get('full')
+    elif own is not None:
+        if 'images' not in own:
+            cfg = ctx['cfg']
+            run = sample_rows(ctx['model'], ctx['x_T'], cfg, cfg['batch'], meter=False, **own['rule'])
+            own['images'] = run.images.clamp(-1, 1)
+        ref = own['images']
+    if ref is None: return dict(own_full=None, psnr_vs_own_full=None, ci_method={})
+    return dict(own_fidelity(samples, ref, ctx['cfg']['n_boot'], ctx['cfg']['seed']), own_full=own['what'])
+
 def evaluate_unit(method: str, unit: dict, ctx: dict, log=print) -> tuple:
     """(rows, the full model's images or None): rows of `method`'s model (and its derived methods) at each of their
-    targets, against the fixed references."""
+    targets, against the fixed references and, at the first seed, against the model's own full depth
+    (`own_full_rule`; a derived method that is that full depth, like adadiff_full, runs first and gives its images)."""
     cfg, rows = ctx['cfg'], []
     model, info = ctx['model'], ctx['info']
-    for name in _methods_of_unit(method, cfg):
+    what, own_rule = own_full_rule(method, model)
+    own = dict(what=what, rule=own_rule) if unit['seed'] == cfg['seeds'][0] else None
+    names = _methods_of_unit(method, cfg)
+    first = [n for n in names if own_rule is not None and fixed_rule(n) == own_rule]
+    for name in first + [n for n in names if n not in first]:
         for target in _targets_of(name, cfg):
-            if name == 'adadiff_cache':
-                calib = calibrate_cache_threshold(model, target, ctx)
-                rule = dict(threshold=calib['threshold'])
-            else: rule, calib = method_exit_rule(rule_alias(name), model, target, cfg, ctx['x_C'], ctx['L'])
+            rule, calib = _rule_of(name, model, target, ctx)
             sm, srule = sampling_model(name, model, target, rule, cfg)
             r = sample_timed(sm, ctx['x_T'], cfg, cfg['batch'], **srule)
+            if name in first and own is not None: own.setdefault('images', r['samples'])
             q = sample_quality(r['samples'], ctx['ref'], ctx.get('full'), cfg['n_boot'], cfg['seed'])
-            row = dict(_row(name, target, r, q, ctx, unit), **_rule_fields(rule),
+            of = _own_fields(r['samples'], own, ctx)
+            q['ci_method'].update(of.pop('ci_method'))
+            row = dict(_row(name, target, r, q, ctx, unit), **of, **_rule_fields(rule),
                        training={k: v for k, v in info.items() if k != 'schedule_calibration'})
+            row['off_target'] = off_target(row, cfg['target_tol'])
             if calib is not None: row['calibration'] = {k: calib[k] for k in ('achieved_reduction', 'within_tol')}
             rows.append(row)
             log(f"  {name:28s} b{unit['steps']} s{unit['seed']} target {target:.2f}: ratio {row['layer_ratio']:.3f} "
-                f"proxy-FD {row['proxy_fd']:.3f} {row['proxy_fd_ci95']} KID {row['kid']:.4f}")
+                f"proxy-FD {row['proxy_fd']:.3f} {row['proxy_fd_ci95']} KID {row['kid']:.4f}"
+                + (' OFF TARGET' if row['off_target'] else ''))
     return rows, r['samples'] if method == 'full' else None
+
 
 # %% ../../nbs/experiments/07b_controlled.ipynb #54526c41
 _EVAL_KEYS = ('base', 'n', 'batch', 'steps', 'sampler', 'sampler_opts', 'schedule', 'targets', 'n_boot', 'calib_n',
               'tol', 'calib_max_iter', 'data', 'ref_split', 'lr', 'weight_decay', 'batch_size', 'img_size',
               'bootstrap')
 
+_ROWS_VERSION = 2    # 2: psnr_vs_own_full, own_full, off_target in every row
+
 def unit_key(cfg: dict, unit: dict, backbone_sha: str) -> str:
     "The hash of everything that decides a unit's rows."
     ms = _methods_of_unit(unit['method'], cfg)
     caches = {k: cfg.get(k) for k in ('deepcache', 'adadiff_cache')} if set(ms) & set(CACHE_NAMES) else {}
     return spec_key(dict({k: cfg.get(k) for k in _EVAL_KEYS}, backbone=backbone_sha, methods=ms, seed0=cfg['seeds'][0],
-                     **caches, **unit))
+                     rows=_ROWS_VERSION, target_tol=cfg.get('target_tol'), **caches, **unit))
 
 def _unit_file(work: Path, unit: dict) -> Path:
     return Path(work) / 'rows' / f"{unit['method']}_b{unit['steps']}_s{unit['seed']}.json"
@@ -282,14 +317,16 @@ def seed_summary(rows: list) -> list:
     for (m, s, t), rs in groups.items():
         row = {k: rs[0][k] for k in ('method', 'budget_steps', 'train_images', 'target_reduction', 'n_samples')}
         row['seeds'] = sorted(x['seeds'][0] for x in rs)
-        for k in ('proxy_fd', 'kid', 'psnr_vs_full', 'proxy_fd_vs_full', 'layer_ratio', 'ideal_speedup',
-                  'measured_speedup'):
+        row['off_target'] = any(x.get('off_target', False) for x in rs)
+        row['own_full'] = next((x['own_full'] for x in rs if x.get('own_full')), None)
+        for k in ('proxy_fd', 'kid', 'psnr_vs_full', 'psnr_vs_own_full', 'proxy_fd_vs_full', 'layer_ratio',
+                  'ideal_speedup', 'measured_speedup'):
             v = [x[k] for x in rs if x.get(k) is not None]
             if not v: continue
             row[k], row[f'{k}_by_seed'] = float(np.mean(v)), v
             if len(v) > 1: row[f'{k}_seed_std'] = float(np.std(v, ddof=1))
-            if f'{k}_ci95' in rs[0]:
-                row[f'{k}_ci95_span'] = [min(x[f'{k}_ci95'][0] for x in rs), max(x[f'{k}_ci95'][1] for x in rs)]
+            cs = [x[f'{k}_ci95'] for x in rs if x.get(f'{k}_ci95')]          # the seeds that have an interval
+            if cs: row[f'{k}_ci95_span'] = [min(c[0] for c in cs), max(c[1] for c in cs)]
         out.append(row)
     return out
 

@@ -15,19 +15,20 @@ import torch
 from .bench import (comparison_config, build_methods, cached_model, spec_key, state_sha,
                                           make_finetuner, train_info, COUNT_MINIMA, check_comparison, check_count,
                                           check_seed, check_reductions)
-from ..exits.early_exit import EarlyExitUViT
+from ..exits.early_exit import EarlyExitUViT, EarlyExitModel
 from ..exits.baselines import adadiff_train_loss
 from ..sampling.run import sample_batches
 from ..evaluation.metrics import (compute_activations, stats_from_activations, frechet_distance,
                                            polynomial_kernel, psnr)
 from ..evaluation.analysis import bootstrap_interval
-from .methods import METHODS, FULL, method_spec, method_names
+from .methods import METHODS, FULL, method_spec, method_names, resolve, cost_model
 
 # %% auto #0
-__all__ = ['BOOTSTRAP', 'FD_REASON', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'CONTROLLED',
-           'CONTROLLED_MINIMA', 'SCORE_SLACK', 'bootstrap_ci', 'fd_stat', 'kid_stat', 'reference', 'sample_quality',
-           'rule_kind', 'rule_alias', 'cache_methods', 'known_methods', 'unit_cfg', 'build_unit', 'sampling_model',
-           'sample_rows', 'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan']
+__all__ = ['BOOTSTRAP', 'FD_REASON', 'TARGET_TOL', 'ABLATIONS', 'DERIVED', 'BASELINES', 'CACHE_NAMES', 'TRAINING_FREE', 'ALWAYS',
+           'UEM_CACHES', 'CONTROLLED', 'CONTROLLED_MINIMA', 'SCORE_SLACK', 'bootstrap_ci', 'fd_stat', 'kid_stat',
+           'reference', 'sample_quality', 'own_fidelity', 'off_target', 'rule_kind', 'rule_alias', 'cache_methods',
+           'known_methods', 'unit_cfg', 'build_unit', 'sampling_model', 'own_full_rule', 'sample_rows',
+           'calibrate_cache_threshold', 'controlled_config', 'trained_methods', 'budget_plan']
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #f547348a
 BOOTSTRAP = ("scipy.stats.bootstrap: 'basic' for proxy-FD and its paired difference (BCa not attempted); "
@@ -108,6 +109,26 @@ def sample_quality(samples, ref: dict, full=None, n_boot: int = 200, seed: int =
         _store(q, 'proxy_fd_vs_full', d)
     return q
 
+# %% ../../nbs/experiments/07b0_controlled_plan.ipynb #a1be4764
+TARGET_TOL = 0.02    # a row whose achieved layer reduction misses its target by more is `off_target`
+
+def own_fidelity(samples, own, n_boot: int = 200, seed: int = 0) -> dict:
+    """psnr_vs_own_full of `samples` against `own`, the images of the method's own full-depth model from the same
+    noise, with its bootstrap 95% interval and its interval in `ci_method`; 100 dB for identical images."""
+    if own is samples or torch.equal(own, samples):
+        return dict(psnr_vs_own_full=100., psnr_vs_own_full_ci95=[100., 100.],
+                    ci_method=dict(psnr_vs_own_full='identical images'))
+    p = psnr(samples, own, reduction='none', max_db=100.).numpy()
+    q = dict(ci_method={})
+    _store(q, 'psnr_vs_own_full', bootstrap_ci(lambda i: p[i].mean(), len(p), n_boot=n_boot, seed=seed))
+    return q
+
+def off_target(row: dict, tol: float = TARGET_TOL) -> bool:
+    "Whether a non-reference row's achieved layer reduction misses its target by more than `tol`."
+    if row['method'] in METHODS and METHODS[row['method']].kind == 'reference': return False
+    return abs(1. - row['layer_ratio'] - row['target_reduction']) > tol + 1e-9
+
+
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #0f279abe
 # views of the method registry (`adadiff_nb.experiments.methods.METHODS`) taken at import
 ABLATIONS = {n: dict(METHODS[n].options, note=METHODS[n].note) for n in method_names(kind='ablation')}
@@ -115,6 +136,8 @@ DERIVED = {n: s.parent for n, s in METHODS.items() if s.parent}      # run on th
 BASELINES = method_names(where=lambda s: s.baseline)
 CACHE_NAMES = method_names(kind='cache')
 TRAINING_FREE = method_names(where=lambda s: s.training_free)
+ALWAYS = method_names(kind='reference', where=lambda s: not (s.training_free or s.parent))   # every budget
+UEM_CACHES = ('adadiff_cache', 'adadiff_cache_exit')          # the cache with the early-exit model's UEM
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #e6233bcf
 def rule_kind(method: str) -> str:
@@ -135,16 +158,19 @@ def cache_methods() -> dict:
 
 def known_methods() -> tuple:
     "Every method the controlled runner can build: the harness's, the ablations, the available caching peers."
-    return (method_names(harness='bench') + method_names(kind='ablation')
+    return (method_names(harness='bench') + ALWAYS + method_names(kind='ablation')
             + tuple(m for m in method_names(kind='cache') if m in cache_methods()))
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #bb0435c9
+def _common(cfg: dict, backbone) -> dict:
+    "What every fine-tuned model's cache key holds: the backbone, data, schedule, seed and optimiser settings."
+    return dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
+                lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
+
 def _build_ablation(name: str, cfg: dict, backbone, work: Path, log=print) -> tuple:
     "(model, info) of ablation `name`, fine-tuned from `backbone` for cfg['finetune_steps'] steps (cached)."
     s, K = method_spec(name), cfg['finetune_steps']
-    spec = dict(s.options, note=s.note)
-    common = dict(backbone=state_sha(backbone), data=cfg['data'], schedule=cfg['schedule'], seed=cfg['seed'],
-                  lr=cfg['lr'], batch_size=cfg['batch_size'], weight_decay=cfg['weight_decay'])
+    spec, common = dict(s.options, note=s.note), _common(cfg, backbone)
     def b():
         log(f'  {name}: fine-tuning {K} steps ({spec["note"]})')
         m = EarlyExitUViT.from_backbone(copy.deepcopy(backbone), **spec.get('ee', {}))
@@ -153,6 +179,19 @@ def _build_ablation(name: str, cfg: dict, backbone, work: Path, log=print) -> tu
         return r['model'], dict(train_info(r), ablation=spec['note'])
     return cached_model(work, name, dict(common, method=name, steps=K, ablation={k: v for k, v in spec.items()
                                                                               if k != 'note'}), b, log)
+
+# %% ../../nbs/experiments/07b0_controlled_plan.ipynb #f8a80813
+def _build_full_ft(name: str, cfg: dict, backbone, work: Path, log=print) -> tuple:
+    """(model, info) of reference `name` ('full_ft'): a copy of `backbone` fine-tuned with its spec's loss (L_simple,
+    `diffusion_loss`) for cfg['finetune_steps'] steps on the budget's images, like every exit method (cached)."""
+    s, K = method_spec(name), cfg['finetune_steps']
+    def b():
+        log(f'  {name}: fine-tuning {K} steps ({s.note})')
+        torch.manual_seed(cfg['seed'])
+        r = make_finetuner(cfg)(copy.deepcopy(backbone), resolve(s.loss), K)
+        return r['model'], train_info(r)
+    return cached_model(work, name, dict(_common(cfg, backbone), method=name, steps=K, loss=s.loss), b, log)
+
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #fb6fe33b
 def unit_cfg(cfg: dict, steps: int, seed: int) -> dict:
@@ -164,6 +203,7 @@ def build_unit(method: str, cfg: dict, backbone, work: Path, steps: int, seed: i
     ucfg, uwork = unit_cfg(cfg, steps, seed), Path(work) / f'b{steps}_s{seed}'
     if method == FULL: return backbone, dict(trained='backbone as given')
     if method in method_names(kind='ablation'): return _build_ablation(method, ucfg, backbone, uwork, log)
+    if method in ALWAYS: return _build_full_ft(method, ucfg, backbone, uwork, log)
     if method == 'deepcache': return cache_methods()[method](backbone, dict(cfg['deepcache'])), dict(training_free=True)
     if method == 'l2c': return _build_l2c(ucfg, backbone, uwork, log)
     if method not in method_names(harness='bench'):
@@ -201,9 +241,21 @@ def sampling_model(method: str, model, target: float, rule: dict, cfg: dict) -> 
         cap = float(model.routed.sum()) / model.steps
         return model.set_budget(remove=min(target, int(cap * model.steps * model.num_layers) /
                                            (model.steps * model.num_layers))), {}
-    if method == 'adadiff_cache':
+    if method in UEM_CACHES:                        # both read the settings of 'adadiff_cache'
         return cache_methods()[method](model, dict(cfg['adadiff_cache'], threshold=float(rule['threshold']))), {}
     return model, rule
+
+# %% ../../nbs/experiments/07b0_controlled_plan.ipynb #87da61f6
+def own_full_rule(method: str, model) -> tuple:
+    """(what `method`'s own full-depth images are, sampler options) for `model`, the unit's model: an early-exit
+    model at threshold 0 (a UEM) or at every layer (a schedule); 'backbone' (the full row's images) for a cache on
+    the backbone; 'itself' (no exits: the full model, `full_ft`, the small model)."""
+    if isinstance(model, EarlyExitModel):
+        if model.uem.dynamic: return f"{method}'s model at threshold 0", dict(threshold=0.)
+        return f"{method}'s model at every layer", dict(exit_layers=model.num_layers)
+    if method in CACHE_NAMES: return 'backbone', None
+    return 'itself', None
+
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #171b5695
 def sample_rows(model, x, cfg: dict, batch: int | None = None, seed_offset: int = 7, **kw):
@@ -212,9 +264,11 @@ def sample_rows(model, x, cfg: dict, batch: int | None = None, seed_offset: int 
     return sample_batches(model, cfg['sampler'], cfg['steps'], x_T=x, batch_size=batch or len(x),
                           seed=cfg['seed'] + seed_offset, **kw)
 
-def calibrate_cache_threshold(model, target: float, ctx: dict, iters: int = 8) -> dict:
-    "Threshold of AdaDiff + cache (`model`: the early-exit model) whose reduction on the calibration noise is `target`."
-    cfg, build = ctx['cfg'], cache_methods()['adadiff_cache']
+def calibrate_cache_threshold(model, target: float, ctx: dict, iters: int = 8,
+                              method: str = 'adadiff_cache') -> dict:
+    """Threshold of the UEM cache `method` (`UEM_CACHES`; `model`: the early-exit model) whose reduction on the
+    calibration noise is `target` (bisection; the closest one tried when none is within cfg['tol'])."""
+    cfg, build = ctx['cfg'], cache_methods()[method]
     def reduction(tau):
         run = sample_rows(build(model, dict(cfg['adadiff_cache'], threshold=tau)), ctx['x_C'], cfg, seed_offset=3)
         return 1. - run.stats['layer_ratio']
@@ -235,13 +289,15 @@ _UNTRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != '
 _TRAINED = list(method_names(harness='controlled', where=lambda s: s.kind != 'cache' and not _untrained(s)))
 CONTROLLED = {
     'full': dict(base='cifar16_cpu', budgets=[300, 1500], batch_size=64, seeds=[0, 1], n=1024, batch=64, steps=50,
-                 targets=[0.4, 0.25, 0.55], promote=3, n_boot=200, time_repeats=3, time_warmup=1,
+                 targets=[0.4, 0.25, 0.55], target_tol=TARGET_TOL, promote=3, n_boot=200, time_repeats=3,
+                 time_warmup=1,
                  deepcache=dict(interval=3), adadiff_cache=dict(interval=3, branch=2),
                  compare_backbones=['default'], probe_n=256,
                  methods=_UNTRAINED + _TRAINED + list(CACHE_NAMES),
                  description='uvit_cpu16 backbone (16x16 CIFAR-10 subset); every method fine-tuned on the same images '
                              'per budget'),
     'quick': dict(base='tiny', budgets=[4, 8], batch_size=8, seeds=[0, 1], n=24, batch=12, steps=4, targets=[0.4, 0.2],
+                  target_tol=0.15,                       # 5 blocks, 2 calibration runs: the points land coarsely
                   promote=2, n_boot=20, time_repeats=1, time_warmup=0, calib_n=8, calib_max_iter=2, tol=0.1,
                   deepcache=dict(interval=2), adadiff_cache=dict(interval=2, branch=2),
                   compare_backbones=[], probe_n=8,
@@ -281,6 +337,9 @@ def _check_plan(cfg: dict):
     if not cfg['seeds']: raise ValueError("seeds must name at least one training seed (e.g. 0,1)")
     for s in cfg['seeds']: check_seed(s, 'seeds')
     check_reductions(cfg['targets'], 'targets')
+    t = cfg['target_tol']
+    if not (isinstance(t, (int, float)) and 0 <= t < 1):
+        raise ValueError(f"target_tol must be a layer reduction tolerance in [0, 1) (e.g. 0.02), got {t!r}")
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #bf36a363
 SCORE_SLACK = 0.05   # a point that removes less than target - SCORE_SLACK of the layers cannot lead at `target`
@@ -300,15 +359,16 @@ def trained_methods(cfg: dict) -> list:
 
 # %% ../../nbs/experiments/07b0_controlled_plan.ipynb #29363aa3
 def budget_plan(cfg: dict, rows: list, k: int) -> dict:
-    """Budget `k`'s methods (all trained ones at k = 0, else the `promote` leaders of budget k-1, AdaDiff and budget
-    k-1's best baseline) and, once its first seed is done, the best baseline, which with AdaDiff gets further seeds."""
+    """Budget `k`'s methods (all trained ones at k = 0, else the `promote` leaders of budget k-1, AdaDiff, budget
+    k-1's best baseline and the references of `ALWAYS`) and, once its first seed is done, the best baseline,
+    which with AdaDiff gets further seeds."""
     trained, t0 = trained_methods(cfg), cfg['targets'][0]
     if k == 0: methods = trained
     else:
-        prev = cfg['budgets'][k - 1]
-        lead = sorted(trained, key=lambda m: (_score(rows, m, prev, t0), trained.index(m)))[:cfg['promote']]
+        prev, ranked = cfg['budgets'][k - 1], [m for m in trained if m not in ALWAYS]
+        lead = sorted(ranked, key=lambda m: (_score(rows, m, prev, t0), ranked.index(m)))[:cfg['promote']]
         best_prev = budget_plan(cfg, rows, k - 1)['best_baseline']
-        methods = [m for m in trained if m in lead or m in ('adadiff', best_prev)]
+        methods = [m for m in trained if m in lead or m in ('adadiff', best_prev) or m in ALWAYS]
     steps = cfg['budgets'][k]
     base = [m for m in methods if m in BASELINES]
     best = min(base, key=lambda m: (_score(rows, m, steps, t0), base.index(m))) if base else None

@@ -15,11 +15,11 @@ from .methods import method_names, method_families
 from ..evaluation.analysis import spearman_corr, LOG_TICKS
 
 # %% auto #0
-__all__ = ['VERDICTS', 'REPORT_FAMILIES', 'ci', 'fmt', 'bootstrap_note', 'compare', 'points', 'point', 'pareto_front',
-           'fd_at_speedup', 'matched_table', 'matched_markdown', 'at_layer_ratio', 'matched_pair', 'ranking_claim',
-           'fig1_claim', 'fig3_claim', 'fig6_claim', 'trend_claim', 'noise_easy_claim', 'vs_full', 'full_depth_claim',
-           'small_claim', 'claims', 'claims_markdown', 'ablation_table', 'report_styles', 'far_behind', 'pareto_figure',
-           'probe_figure']
+__all__ = ['VERDICTS', 'REPORT_FAMILIES', 'ci', 'fmt', 'bootstrap_note', 'compare', 'points', 'point', 'not_run', 'ranked_point',
+           'pareto_front', 'fd_at_speedup', 'matched_table', 'matched_markdown', 'at_layer_ratio', 'matched_pair',
+           'ranking_claim', 'fig1_claim', 'fig3_claim', 'fig6_claim', 'trend_claim', 'noise_easy_claim', 'vs_full',
+           'full_depth_claim', 'small_claim', 'claims', 'claims_markdown', 'ablation_table', 'report_styles',
+           'far_behind', 'pareto_figure', 'probe_figure']
 
 # %% ../../nbs/experiments/07c_controlled_report.ipynb #ebbb65cb
 VERDICTS = ('reproduced', 'not reproduced', 'not testable at this scale')
@@ -56,6 +56,20 @@ def point(res: dict, method: str, budget: int, target: float) -> dict | None:
     "The summary row of `method` at `budget` and target reduction `target` (None when absent)."
     return next((r for r in res['summary'] if r['method'] == method and r['budget_steps'] == budget
                  and abs(r['target_reduction'] - target) < 1e-9), None)
+
+# %% ../../nbs/experiments/07c_controlled_report.ipynb #dd2537e7
+def not_run(res: dict, budget: int) -> list:
+    """The trained methods of `res` (rows at some budget > 0) with no row at `budget`: not run there (the larger
+    budgets train only the promoted methods), so never ranked there."""
+    ms = dict.fromkeys(r['method'] for r in res['summary'] if r['budget_steps'] > 0)
+    at = {r['method'] for r in res['summary'] if r['budget_steps'] == budget}
+    return [m for m in ms if m not in at]
+
+def ranked_point(res: dict, method: str, budget: int, target: float) -> dict | None:
+    "`point`, unless its row is `off_target` (its achieved reduction misses the target: not ranked at it)."
+    r = point(res, method, budget, target)
+    return None if r is None or r.get('off_target') else r
+
 
 # %% ../../nbs/experiments/07c_controlled_report.ipynb #bee23f31
 def _speed(r: dict, x: str) -> float:
@@ -94,7 +108,8 @@ def matched_table(res: dict, speedups=(1.5, 2.), x: str = 'measured_speedup') ->
     return out
 
 def matched_markdown(res: dict, speedups=(1.5, 2.), x: str = 'measured_speedup') -> str:
-    "`matched_table` as a markdown table, each budget's rows sorted by proxy-FD at the first speed-up."
+    """`matched_table` as a markdown table, each budget's rows sorted by proxy-FD at the first speed-up (only the
+    methods run at that budget), then one line per budget naming the trained methods not run there."""
     fmt = lambda v: '-' if v is None else f'{v:.2f}'
     rows = sorted(matched_table(res, speedups, x),
                   key=lambda r: (r['budget_steps'], r[f'proxy_fd_at_{speedups[0]:g}x'] or float('inf')))
@@ -103,7 +118,9 @@ def matched_markdown(res: dict, speedups=(1.5, 2.), x: str = 'measured_speedup')
     lines = [f"| {r['budget_steps']} / {r['train_images']} | {r['method']} | {len(r['seeds'])} | "
              + ' | '.join(fmt(r[f'proxy_fd_at_{s:g}x']) for s in speedups) + f" | {r['max_speedup']:.2f}x |"
              for r in rows]
-    return '\n'.join([head] + lines)
+    miss = [f"*{b} steps: not run at this budget (not ranked here): {', '.join(ms)}*"
+            for b in sorted({r['budget_steps'] for r in rows if r['budget_steps'] > 0}) if (ms := not_run(res, b))]
+    return '\n'.join([head] + lines + ([''] + miss if miss else []))
 
 # %% ../../nbs/experiments/07c_controlled_report.ipynb #074360ef
 _SIGN = dict(better='<', worse='>', tie='~')
@@ -126,8 +143,8 @@ def at_layer_ratio(pts: list, ratio: float, slack: float = 0.03) -> dict | None:
 
 def matched_pair(res: dict, m: str, o: str, b: int, t0: float):
     """(m's row, o's row, matched): o interpolated at m's primary layer ratio, else m at o's; else the two primary
-    points (matched False). None when either has no primary point at budget `b`."""
-    a, r = point(res, m, b, t0), point(res, o, b, t0)
+    points (matched False). None when either has no primary point at budget `b` or it is `off_target`."""
+    a, r = ranked_point(res, m, b, t0), ranked_point(res, o, b, t0)
     if a is None or r is None: return None
     if (x := at_layer_ratio(points(res, o, b, 'layer_ratio'), a['layer_ratio'])): return a, x, True
     if (x := at_layer_ratio(points(res, m, b, 'layer_ratio'), r['layer_ratio'])): return x, r, True
@@ -140,10 +157,22 @@ def _outcome(a: dict, r: dict, matched: bool) -> str:
     cheaper = a['layer_ratio'] <= r['layer_ratio']
     return c if (c == 'better') == cheaper else 'tie'
 
+def _unranked(res: dict, ms, b: int, t0: float) -> list:
+    "Why each of `ms` that has no ranked primary point at budget `b` is not ranked there: not run, or off target."
+    out = []
+    for m in ms:
+        if m in not_run(res, b): out.append(f"{m} not run at this budget")
+        elif (r := point(res, m, b, t0)) is not None and r.get('off_target'):
+            out.append(f"{m} off target (reduction {1 - r['layer_ratio']:.3f} for {r['target_reduction']:g}), "
+                       "not ranked")
+    return out
+
 def ranking_claim(res: dict, claim: str, source: str, method: str, others, figure: str = 'pareto') -> dict:
-    """`method` better than each of `others` at equal layer ratio (see above) at every budget where both have points."""
+    """`method` better than each of `others` at equal layer ratio (see above) at every budget where both have ranked
+    points; the evidence names, per budget, the methods not run there or off target (never ranked)."""
     t0, ev, outcomes = res['config']['targets'][0], [], []
     for b in _budgets(res):
+        if (skip := _unranked(res, dict.fromkeys([method, *others]), b, t0)): ev.append(f"b{b}: {', '.join(skip)}")
         for o in others:
             pair = matched_pair(res, method, o, b, t0)
             if pair is None: continue
@@ -153,7 +182,9 @@ def ranking_claim(res: dict, claim: str, source: str, method: str, others, figur
             at = (f"ratio {a['layer_ratio']:.3f}" if matched else
                   f"ratios {a['layer_ratio']:.3f} / {r['layer_ratio']:.3f}, unmatched")
             ev.append(f"b{b} ({at}): {method} {fmt(a)} {_SIGN[c]} {o} {fmt(r)}")
-    if not outcomes: return _claim(claim, source, VERDICTS[2], f"no {method} row beside any of {list(others)}", figure)
+    if not outcomes:
+        return _claim(claim, source, VERDICTS[2], '; '.join([f"no {method} row beside any of {list(others)}", *ev]),
+                      figure)
     verdict = VERDICTS[0] if all(c == 'better' for c in outcomes) else VERDICTS[1]
     why = '' if verdict == VERDICTS[0] else (' (a compared method is significantly better)' if 'worse' in outcomes
                                               else ' (intervals overlap)')
@@ -284,13 +315,14 @@ def _vs(res: dict, m: str, base: str, b: int, t0: float) -> str:
     return '-' if pair is None else _outcome(*pair)
 
 def ablation_table(res: dict) -> list:
-    "AdaDiff and its ablations at the first budget's primary target, best first, each against AdaDiff at equal ratio."
+    """AdaDiff and its ablations at the first budget's primary target, best first, each against AdaDiff at equal ratio;
+    an `off_target` row last, 'off target (not ranked)'."""
     b, t0 = _budgets(res)[0], res['config']['targets'][0]
     rows = [r for m in ['adadiff', *method_names(kind='ablation')] if (r := point(res, m, b, t0)) is not None]
+    vs = lambda r: 'off target (not ranked)' if r.get('off_target') else _vs(res, r['method'], 'adadiff', b, t0)
     return [dict(method=r['method'], note=res.get('ablations', {}).get(r['method'], 'AdaDiff as the paper defines it'),
-                 proxy_fd=r['proxy_fd'], ci=ci(r), layer_ratio=r['layer_ratio'], seeds=r['seeds'],
-                 vs_adadiff=_vs(res, r['method'], 'adadiff', b, t0))
-            for r in sorted(rows, key=lambda r: r['proxy_fd'])]
+                 proxy_fd=r['proxy_fd'], ci=ci(r), layer_ratio=r['layer_ratio'], seeds=r['seeds'], vs_adadiff=vs(r))
+            for r in sorted(rows, key=lambda r: (bool(r.get('off_target')), r['proxy_fd']))]
 
 # %% ../../nbs/experiments/07c_controlled_report.ipynb #c1a8fd52
 REPORT_FAMILIES = method_families()   # every registered method by colour family (at import; `report_styles` is live)
