@@ -206,3 +206,17 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith('adadiff-bench: error: ') and msg in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'empty']
+
+
+def test_committed_comparison_backbone_loads():
+    "The comparison backbone in the repository (issue 21 item 5) is a uvit_cpu16 that the comparison loads as given."
+    import torch
+    from adadiff_nb.data import repo_root
+    from adadiff_nb.experiments.bench import load_backbone
+    from adadiff_nb.models.uvit import UViT, create_uvit
+    d = repo_root() / 'adadiff_nb' / 'assets' / 'cifar16_backbone'
+    b = load_backbone(d)
+    assert isinstance(b, UViT) and dict(b.config) == dict(create_uvit('uvit_cpu16').config)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in b.parameters())
+    rec = json.loads((d / 'config.json').read_text())
+    assert 'adadiff-train --config cpu16_backbone --steps 4500' in rec['recipe'][0]
