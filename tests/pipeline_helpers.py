@@ -83,3 +83,23 @@ def check_trained_heads(fam: dict, tmp_path, run_args, model_class: str, n_heads
     with pytest.raises(ExitHeadsMismatchError, match='were made for'):
         enable_early_exit(other_depth(), heads=heads)
     return conf
+
+
+FLOW_RUN = ['--steps', '4', '--batch-size', '4', '--lr', '1e-3', '--warmup-steps', '0', '--ema-decay', '0.5',
+            '--log-every', '2', '--device', 'cpu', '--progress', 'false']     # two logged steps of adadiff-train
+CIFAR_NAMES = ['airplane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def saved_flow_family(d, pipe, img_size: int) -> dict:
+    """A flow family's training fixture: `pipe` saved under d/'pipe', latents (its own `flow_autoencoder`) of 8 CIFAR
+    images at `img_size` and one caption each; {'dir', 'pipe', 'img', 'sd' (the transformer's weights)}."""
+    import json
+    from adadiff_nb import data as adata
+    from adadiff_nb.models.autoencoder import precompute_latents
+    from adadiff_nb.training.flow_pipelines import flow_autoencoder
+    pipe.save_pretrained(d / 'pipe')
+    ds = adata.get_dataset('cifar10_slice', img_size=img_size, flip=False)
+    img, lab = torch.stack([torch.as_tensor(ds[i][0]) for i in range(8)]), [int(ds[i][1]) for i in range(8)]
+    precompute_latents(img, flow_autoencoder(pipe.vae), d / 'latents.safetensors')
+    (d / 'captions.json').write_text(json.dumps([f'a photo of a {CIFAR_NAMES[k]}' for k in lab]))
+    return dict(dir=d, pipe=pipe, img=img, sd={k: v.clone() for k, v in pipe.transformer.state_dict().items()})

@@ -4,43 +4,32 @@ flow_pipelines`, `adadiff_nb.training.diffusers_heads`): the final exit's loss i
 MSE on the pipeline's packed tokens, the schedule is shifted at the training latents' size as the pipeline shifts it,
 and a few steps on CIFAR images through the real command give finite losses, moved heads, an untouched transformer
 and an adapter directory that keeps the pipeline's output at threshold 0 and is refused on another base."""
-import json, math
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_helpers import check_trained_heads
-from adadiff_nb import data as adata
+from pipeline_helpers import FLOW_RUN, check_trained_heads, saved_flow_family
 from adadiff_nb.integrations.transformer_adapters import tiny_flux_pipeline
-from adadiff_nb.models.autoencoder import precompute_latents
 from adadiff_nb.models.text_encoder import TextFeatureCache
 from adadiff_nb.training.config import load_train_config
 from adadiff_nb.training.diffusers_heads import flow_run_schedule, wrap_heads
 from adadiff_nb.training.flow_families import FlowMatchSchedule
-from adadiff_nb.training.flow_pipelines import (PromptFluxAdapter, flow_autoencoder, pack_flux_latents,
-                                                flux_image_ids, prompt_encoder, tiny_flux_text_pipeline,
-                                                transformer_latents, unpack_flux_latents)
+from adadiff_nb.training.flow_pipelines import (PromptFluxAdapter, pack_flux_latents, flux_image_ids, prompt_encoder,
+                                                tiny_flux_text_pipeline, transformer_latents, unpack_flux_latents)
 from adadiff_nb.training.loop import LoopLoss
 from adadiff_nb.training.prompt_cache import precompute_prompt_embeddings, unpack_sdxl_prompts
 
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
-RUN = ['--steps', '4', '--batch-size', '4', '--lr', '1e-3', '--warmup-steps', '0', '--ema-decay', '0.5',
-       '--log-every', '2', '--device', 'cpu', '--progress', 'false']
-NAMES = ['airplane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+RUN = FLOW_RUN
 
 
 @pytest.fixture(scope='module')
 def flux(tmp_path_factory):
     "A tiny guidance-distilled Flux pipeline (saved), latents of 8 CIFAR images at 16x16, a caption each."
     d = tmp_path_factory.mktemp('flux')
-    pipe = tiny_flux_text_pipeline(d / 'clip', guidance_embeds=True)
-    pipe.save_pretrained(d / 'pipe')
-    ds = adata.get_dataset('cifar10_slice', img_size=16, flip=False)
-    img, lab = torch.stack([torch.as_tensor(ds[i][0]) for i in range(8)]), [int(ds[i][1]) for i in range(8)]
-    precompute_latents(img, flow_autoencoder(pipe.vae), d / 'latents.safetensors')
-    (d / 'captions.json').write_text(json.dumps([f'a photo of a {NAMES[k]}' for k in lab]))
-    return dict(dir=d, pipe=pipe, sd={k: v.clone() for k, v in pipe.transformer.state_dict().items()})
+    return saved_flow_family(d, tiny_flux_text_pipeline(d / 'clip', guidance_embeds=True), 16)
 
 
 def test_final_exit_loss_is_the_flux_flow_matching_mse(flux, tmp_path):

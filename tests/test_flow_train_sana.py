@@ -5,14 +5,13 @@ complex human instruction, the final exit's loss is the transformer's own flow-m
 images through the real command give finite losses, moved heads, an untouched transformer and an adapter directory
 that keeps the pipeline's output at threshold 0 and is refused on another base; a latent cache of another autoencoder
 is refused before training."""
-import json, math
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_helpers import check_trained_heads
-from adadiff_nb import data as adata
+from pipeline_helpers import FLOW_RUN, check_trained_heads, saved_flow_family
 from adadiff_nb.apps.train_cli import main
 from adadiff_nb.integrations.transformer_adapters import tiny_sana_pipeline, tiny_sd3_pipeline
 from adadiff_nb.models.autoencoder import LatentAutoencoder, precompute_latents
@@ -20,28 +19,19 @@ from adadiff_nb.models.text_encoder import TextFeatureCache
 from adadiff_nb.training.config import load_train_config
 from adadiff_nb.training.diffusers_heads import flow_run_schedule, wrap_heads
 from adadiff_nb.training.flow_families import FlowMatchSchedule
-from adadiff_nb.training.flow_pipelines import (PromptSanaAdapter, call_default, flow_autoencoder, prompt_encoder,
-                                                tiny_sana_text_pipeline)
+from adadiff_nb.training.flow_pipelines import PromptSanaAdapter, call_default, prompt_encoder, tiny_sana_text_pipeline
 from adadiff_nb.training.loop import LoopLoss
 from adadiff_nb.training.prompt_cache import pack_prompts, precompute_prompt_embeddings
 
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
-RUN = ['--steps', '4', '--batch-size', '4', '--lr', '1e-3', '--warmup-steps', '0', '--ema-decay', '0.5',
-       '--log-every', '2', '--device', 'cpu', '--progress', 'false']
-NAMES = ['airplane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+RUN = FLOW_RUN
 
 
 @pytest.fixture(scope='module')
 def sana(tmp_path_factory):
     "A tiny Sana pipeline (saved), DC-AE latents of 8 CIFAR images at 16x16, a caption each."
     d = tmp_path_factory.mktemp('sana')
-    pipe = tiny_sana_text_pipeline()
-    pipe.save_pretrained(d / 'pipe')
-    ds = adata.get_dataset('cifar10_slice', img_size=16, flip=False)
-    img, lab = torch.stack([torch.as_tensor(ds[i][0]) for i in range(8)]), [int(ds[i][1]) for i in range(8)]
-    precompute_latents(img, flow_autoencoder(pipe.vae), d / 'latents.safetensors')
-    (d / 'captions.json').write_text(json.dumps([f'a photo of a {NAMES[k]}' for k in lab]))
-    return dict(dir=d, pipe=pipe, img=img, sd={k: v.clone() for k, v in pipe.transformer.state_dict().items()})
+    return saved_flow_family(d, tiny_sana_text_pipeline(), 16)
 
 
 def test_sana_prompt_cache_is_the_pipelines_encode_prompt(sana, tmp_path):

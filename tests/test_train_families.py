@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_helpers import check_trained_heads
+from pipeline_helpers import FLOW_RUN, check_trained_heads
 from adadiff_nb.integrations.transformer_adapters import tiny_sd3_pipeline
 from adadiff_nb.models.autoencoder import LatentAutoencoder, precompute_latents
 from adadiff_nb.models.text_encoder import TextFeatureCache
@@ -22,8 +22,7 @@ from adadiff_nb.training.loop import LoopLoss
 from adadiff_nb.training.prompt_cache import precompute_prompt_embeddings, unpack_sdxl_prompts
 
 pytestmark = pytest.mark.usefixtures('one_thread')               # tests/conftest.py
-RUN = ['--steps', '4', '--batch-size', '4', '--lr', '1e-3', '--warmup-steps', '0', '--ema-decay', '0.5',
-       '--log-every', '2', '--device', 'cpu', '--progress', 'false']
+RUN = FLOW_RUN
 COLOURS = ['red', 'green', 'blue']
 
 

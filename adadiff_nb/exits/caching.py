@@ -120,18 +120,22 @@ def _finish_rows(bb, j: int, h_cached, state: BlockState) -> torch.Tensor:
     return bb.decode(h, state)
 
 # %% ../../nbs/exits/06b_caching.ipynb #51ff2f6e
+def _put(out: list, rows: torch.Tensor, eps: torch.Tensor, B: int):
+    "Write the outputs `eps` of original rows `rows` into out[0] (the (B, ...) result, made on first use)."
+    if out[0] is None and len(rows) == B:
+        out[0] = eps
+        return
+    if out[0] is None:
+        out[0] = eps.new_zeros((B, *eps.shape[1:]))
+    out[0].index_copy_(0, rows, eps)
+
 def _emit(bb, out, rows: ExitRows, j: int, cache: dict, depth: torch.Tensor):
     "Rows `rows` leave at depth j: their outputs go to `out` (a list holding the (B, ...) result or None)."
     h_c = cache[bb.num_layers - 1 - j]
     h_c = h_c if len(rows.rows) == len(h_c) else h_c[rows.rows]
     eps = _finish_rows(bb, j, h_c, rows.state)
     depth[rows.rows] = j
-    if out[0] is None and len(rows.rows) == len(depth):
-        out[0] = eps
-        return
-    if out[0] is None:
-        out[0] = eps.new_zeros((len(depth), *eps.shape[1:]))
-    out[0].index_copy_(0, rows.rows, eps)
+    _put(out, rows.rows, eps, len(depth))
 
 # %% ../../nbs/exits/06b_caching.ipynb #2d890981
 def shallow_pass(bb, x, t, y, cache: dict, branch: int, exit_fn: Callable | None = None,
@@ -524,15 +528,6 @@ class AdaDiffCacheUViT(DeepCacheUViT):
         return eps, 2 * depth, syncs, unc
 
 # %% ../../nbs/exits/06b_caching.ipynb #ad731404
-def _put(out: list, rows: torch.Tensor, eps: torch.Tensor, B: int):
-    "Write the outputs `eps` of original rows `rows` into out[0] (the (B, ...) result, made on first use)."
-    if out[0] is None and len(rows) == B:
-        out[0] = eps
-        return
-    if out[0] is None:
-        out[0] = eps.new_zeros((B, *eps.shape[1:]))
-    out[0].index_copy_(0, rows, eps)
-
 def exit_full_pass(ee: EarlyExitModel, x, t, y, tau: float, keep, cache: dict, unc: torch.Tensor) -> tuple:
     """A full step with exits -> (noise prediction, depth (B,) long, host syncs, refreshed cache). A row leaves at
     the first exit i >= `ee.first_exit` with u_i < `tau` (exit head on its tokens after i blocks), else runs every

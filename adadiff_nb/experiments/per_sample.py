@@ -36,8 +36,8 @@ def rule_exits(score, tau, first: int = 0) -> np.ndarray:
     s = np.asarray(score, np.float64)
     L = s.shape[0]
     taus = np.atleast_1d(np.asarray(tau, np.float64))
-    below = s[None, first:] < taus[:, None, None]                                   # (K, L - first, n)
-    e = np.where(below.any(1), below.argmax(1) + first, L)
+    e = exits_at(s[None, first:], taus[:, None, None])                              # (K, n), over exits first..L-1
+    e = np.where(e < L - first, e + first, L)
     return e if np.ndim(tau) else e[0]
 
 # %% ../../nbs/experiments/07ea_per_sample.ipynb #ef139d0a
